@@ -1,0 +1,395 @@
+"""The EAGLE-3 draft head as a transformers model.
+
+One decoder layer reads the fused features of three target layers (`fc`), or its own previous
+output when it drafts further ahead, together with the embedding of the next token, and predicts
+the token after that over a (possibly reduced) draft vocabulary. Parameter and buffer names equal
+the keys of published EAGLE-3 checkpoints (`fc`, `midlayer.*`, `norm`, `lm_head`, `d2t`, `t2d`), so
+official, SpecForge and SGLang heads load without renaming.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import (
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+from transformers.utils import ModelOutput
+
+from .configuration_eagle3 import Eagle3Config, default_target_layer_ids
+
+
+@dataclass
+class Eagle3DraftOutput(ModelOutput):
+    """Output of one draft step.
+
+    Args:
+        logits: draft-vocabulary logits, `(batch, seq, draft_vocab_size)`.
+        hidden_states: the PRE-norm output of the decoder layer, `(batch, seq, hidden_size)`; this is
+            what the next draft step reads as its hidden input.
+        cache: the head's KV cache, when one was passed or `use_cache` was set. (Named `cache` as in
+            transformers >= 5.24, whose outputs also answer to `past_key_values`.)
+    """
+
+    logits: torch.FloatTensor | None = None
+    hidden_states: torch.FloatTensor | None = None
+    cache: Cache | None = None
+
+
+def expand_attention_mask(
+    attention_mask: torch.Tensor | None,
+    query_length: int,
+    past_length: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    batch_size: int,
+) -> torch.Tensor:
+    """Turn any mask the head accepts into the additive float 4D mask `(batch, 1, q, past + q)`.
+
+    - 4D float: used as is (trees and training build their own).
+    - 4D bool: True means "may attend"; converted, because eager attention would add it as 0/1.
+    - 2D `(batch, past + q)` padding mask or None: causal over the query block, padding masked.
+    """
+    min_value = torch.finfo(dtype).min
+    if attention_mask is not None and attention_mask.dim() == 4:
+        if attention_mask.dtype == torch.bool:
+            return torch.zeros(attention_mask.shape, dtype=dtype, device=device).masked_fill(
+                ~attention_mask, min_value
+            )
+        return attention_mask.to(dtype)
+    kv_length = past_length + query_length
+    query_positions = torch.arange(past_length, kv_length, device=device)
+    key_positions = torch.arange(kv_length, device=device)
+    allowed = key_positions[None, :] <= query_positions[:, None]
+    allowed = allowed[None, None].expand(batch_size, 1, query_length, kv_length)
+    if attention_mask is not None:
+        if attention_mask.shape[-1] != kv_length:
+            raise ValueError(
+                f"2D attention_mask has length {attention_mask.shape[-1]}, expected past + current = {kv_length}."
+            )
+        allowed = allowed & attention_mask[:, None, None, :].bool()
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, min_value)
+
+
+class Eagle3Attention(nn.Module):
+    """Llama attention whose projections read `[embedding ; hidden]`, i.e. `2 * hidden_size` features."""
+
+    def __init__(self, config: Eagle3Config, layer_idx: int = 0):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        in_features = 2 * config.hidden_size
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(in_features, config.num_attention_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(in_features, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(in_features, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor,
+        past_key_values: Cache | None = None,
+    ) -> torch.Tensor:
+        hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+        attention_interface: Callable = eager_attention_forward
+        if self.config._attn_implementation != "eager":
+            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        attn_output, _ = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+        )
+        attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
+        return self.o_proj(attn_output)
+
+
+class Eagle3DecoderLayer(nn.Module):
+    """The head's single layer: normalise hidden and embedding apart, attend over both, then a SwiGLU MLP."""
+
+    def __init__(self, config: Eagle3Config, layer_idx: int = 0):
+        super().__init__()
+        self.hidden_norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = Eagle3Attention(config, layer_idx)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor,
+        past_key_values: Cache | None = None,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        # Embedding first, then hidden: the released heads were trained with this order.
+        attn_input = torch.cat([self.input_layernorm(inputs_embeds), self.hidden_norm(hidden_states)], dim=-1)
+        hidden_states = residual + self.self_attn(attn_input, position_embeddings, attention_mask, past_key_values)
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + hidden_states
+
+
+class Eagle3PreTrainedModel(PreTrainedModel):
+    config: Eagle3Config
+    config_class = Eagle3Config
+    base_model_prefix = "eagle3"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["Eagle3DecoderLayer"]
+    # Trees and training-time test need arbitrary 4D masks: flash attention cannot take them, and
+    # flex attention would need a BlockMask of its own.
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    # The frozen input embedding is the target's: attached at run time, not saved, not expected on load.
+    _keys_to_ignore_on_save = ["embed_tokens.weight"]
+    _keys_to_ignore_on_load_missing = [r"embed_tokens\.weight"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, Eagle3DraftModel):
+            module.d2t.zero_()
+            module.t2d.fill_(module.config.draft_vocab_size == module.config.vocab_size)
+
+
+class Eagle3DraftModel(Eagle3PreTrainedModel):
+    """EAGLE-3 draft head.
+
+    Inputs are aligned as in the released heads: at position `t` the head combines the target
+    features of position `t` with the embedding of token `t + 1` and predicts token `t + 2`.
+    Call `attach_target(target)` before use: it checks the head fits the target and shares the
+    target's input embedding.
+    """
+
+    def __init__(self, config: Eagle3Config):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.fc = nn.Linear(3 * config.target_hidden_size, config.hidden_size, bias=False)
+        self.midlayer = Eagle3DecoderLayer(config)
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.draft_vocab_size, bias=False)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        # d2t[i] = target_id(i) - i; t2d[j] = whether target id j is in the draft vocabulary.
+        self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
+        self.register_buffer("t2d", torch.ones(config.vocab_size, dtype=torch.bool))
+        self.has_target_embeddings = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    # ------------------------------------------------------------------ target
+    def check_target(self, target: PreTrainedModel | PreTrainedConfig) -> None:
+        """Raise a clear error when this head was not made for `target` (a model or its config)."""
+        target_config = target if isinstance(target, PreTrainedConfig) else target.config
+        text_config = target_config.get_text_config()
+        name = getattr(target_config, "_name_or_path", "") or text_config.model_type
+        problems = []
+        if text_config.hidden_size != self.config.target_hidden_size:
+            problems.append(
+                f"hidden size: the head's fc expects 3 x {self.config.target_hidden_size} target features, "
+                f"the target has hidden_size {text_config.hidden_size}"
+            )
+        if text_config.vocab_size != self.config.vocab_size:
+            problems.append(
+                f"vocabulary: the head has vocab_size {self.config.vocab_size}, the target {text_config.vocab_size}"
+            )
+        if text_config.hidden_size != self.config.hidden_size:
+            problems.append(
+                f"embedding width: the head embeds tokens with the target's table, which is {text_config.hidden_size} "
+                f"wide, but the head's hidden_size is {self.config.hidden_size}"
+            )
+        layer_ids = self.config.target_layer_ids or []
+        if layer_ids and max(layer_ids) >= text_config.num_hidden_layers:
+            problems.append(
+                f"layers: the head reads target layers {layer_ids}, the target has only {text_config.num_hidden_layers}"
+            )
+        if problems:
+            made_for = self.config.target_name_or_path or "another target"
+            raise ValueError(
+                f"This EAGLE-3 head (made for {made_for}) does not fit the target {name}: "
+                + "; ".join(problems)
+                + ". Load the head trained for this target, or train one with `hf-eagle3 train`."
+            )
+
+    def attach_target(self, target: PreTrainedModel) -> Eagle3DraftModel:
+        """Check the head fits `target`, then share the target's frozen input embedding.
+
+        The head needs the target's token embedding; published heads do not store it. Sharing avoids
+        a second copy of the largest tensor; it is copied only when device or dtype differ.
+        """
+        self.check_target(target)
+        if self.config.target_layer_ids is None:
+            self.config.target_layer_ids = default_target_layer_ids(target.config.get_text_config().num_hidden_layers)
+        if self.config.target_num_hidden_layers is None:
+            self.config.target_num_hidden_layers = target.config.get_text_config().num_hidden_layers
+        weight = target.get_input_embeddings().weight
+        mine = self.embed_tokens.weight
+        if weight.device == mine.device and weight.dtype == mine.dtype:
+            self.embed_tokens.weight = (
+                weight if not weight.requires_grad else nn.Parameter(weight.detach(), requires_grad=False)
+            )
+        else:
+            with torch.no_grad():
+                mine.copy_(weight.to(device=mine.device, dtype=mine.dtype))
+        self.embed_tokens.weight.requires_grad_(False)
+        self.has_target_embeddings = True
+        return self
+
+    # ------------------------------------------------------------------ vocabularies
+    def draft_to_target_ids(self, draft_ids: torch.LongTensor) -> torch.LongTensor:
+        """Map draft-vocabulary ids to target ids (`target = draft + d2t[draft]`)."""
+        return draft_ids + self.d2t[draft_ids]
+
+    def target_to_draft_ids(self, target_ids: torch.LongTensor) -> torch.LongTensor:
+        """Map target ids to draft ids; ids outside the draft vocabulary become -1."""
+        draft_targets = torch.arange(self.config.draft_vocab_size, device=self.d2t.device) + self.d2t
+        inverse = torch.full((self.config.vocab_size,), -1, dtype=torch.long, device=self.d2t.device)
+        inverse[draft_targets] = torch.arange(self.config.draft_vocab_size, device=self.d2t.device)
+        return inverse[target_ids]
+
+    def draft_logits_to_target_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Scatter draft-vocabulary logits into the full target vocabulary, `-inf` elsewhere."""
+        if not self.config.uses_draft_vocab:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))
+        index = self.draft_to_target_ids(torch.arange(self.config.draft_vocab_size, device=logits.device))
+        return full.index_copy_(-1, index, logits)
+
+    def check_vocab_maps(self) -> None:
+        """Raise when a reduced draft vocabulary has no valid `d2t`/`t2d` maps (e.g. they were never loaded)."""
+        if not self.config.uses_draft_vocab:
+            return
+        targets = self.draft_to_target_ids(torch.arange(self.config.draft_vocab_size, device=self.d2t.device))
+        valid = (
+            bool((targets >= 0).all())
+            and bool((targets < self.config.vocab_size).all())
+            and targets.unique().numel() == self.config.draft_vocab_size
+            and int(self.t2d.sum()) == self.config.draft_vocab_size
+            and bool(self.t2d[targets.clamp(0, self.config.vocab_size - 1)].all())
+        )
+        if not valid:
+            raise ValueError(
+                f"The head predicts over a draft vocabulary of {self.config.draft_vocab_size} ids (target vocabulary "
+                f"{self.config.vocab_size}) but its d2t/t2d maps are missing or inconsistent. Load a checkpoint that "
+                "contains them, or build them with `hf_eagle3.build_vocab_maps` from your training data."
+            )
+
+    # ------------------------------------------------------------------ forward
+    def project_target_features(self, target_hidden_states: torch.Tensor) -> torch.Tensor:
+        """Fuse the concatenated (low, mid, high) target features into the head's width."""
+        expected = 3 * self.config.target_hidden_size
+        if target_hidden_states.shape[-1] != expected:
+            raise ValueError(
+                f"Target features have width {target_hidden_states.shape[-1]}, the head expects 3 x "
+                f"{self.config.target_hidden_size} = {expected} (the three target layers concatenated)."
+            )
+        return self.fc(target_hidden_states.to(self.fc.weight.dtype))
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary logits from pre-norm hidden states."""
+        return self.lm_head(self.norm(hidden_states))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        hidden_states: torch.Tensor | None = None,
+        target_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> Eagle3DraftOutput:
+        r"""Run one draft step over many positions at once.
+
+        Args:
+            input_ids: target-vocabulary ids of the NEXT tokens (one ahead of the features).
+            hidden_states: the head's own previous pre-norm outputs, width `hidden_size`.
+            target_hidden_states: concatenated target features, width `3 * target_hidden_size`; fused by `fc`.
+                Pass exactly one of `hidden_states` and `target_hidden_states`.
+            attention_mask: a 2D padding mask over past + current positions, or a 4D mask
+                `(batch, 1, q, past + q)`, additive float (0 / dtype min) or boolean (True = attend).
+            position_ids: real token positions; default: continue after the cache.
+            logits_to_keep: if > 0, compute logits for the last that many positions only.
+        """
+        if (hidden_states is None) == (target_hidden_states is None):
+            raise ValueError(
+                "Pass exactly one of `hidden_states` (head width) and `target_hidden_states` (3 target layers)."
+            )
+        if target_hidden_states is not None:
+            hidden_states = self.project_target_features(target_hidden_states)
+        elif hidden_states.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"`hidden_states` must have the head's width {self.config.hidden_size}, got {hidden_states.shape[-1]}; "
+                "pass concatenated target features as `target_hidden_states` instead."
+            )
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("Pass `input_ids` (or `inputs_embeds`).")
+            if not self.has_target_embeddings:
+                raise ValueError(
+                    "The head has no token embedding yet: published EAGLE-3 heads reuse the target's. "
+                    "Call `draft.attach_target(target)` first."
+                )
+            inputs_embeds = self.embed_tokens(input_ids)
+        inputs_embeds = inputs_embeds.to(hidden_states.dtype)
+
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        batch_size, query_length = hidden_states.shape[:2]
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past_length, past_length + query_length, device=hidden_states.device)
+            position_ids = position_ids.unsqueeze(0).expand(batch_size, -1)
+        mask = expand_attention_mask(
+            attention_mask, query_length, past_length, hidden_states.dtype, hidden_states.device, batch_size
+        )
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        hidden_states = self.midlayer(inputs_embeds, hidden_states, position_embeddings, mask, past_key_values)
+        kept = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+        return Eagle3DraftOutput(logits=self.compute_logits(kept), hidden_states=hidden_states, cache=past_key_values)
+
+
+__all__ = ["Eagle3DraftModel", "Eagle3DraftOutput", "Eagle3PreTrainedModel", "expand_attention_mask"]

@@ -1,0 +1,66 @@
+"""Tiny random targets and heads built from configs: no hub, CPU, float32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from hf_eagle3 import Eagle3Config, Eagle3DraftModel
+
+ARCHITECTURES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+    # Qwen3 has a head_dim that differs from hidden_size / num_attention_heads.
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 24}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+}
+
+
+def make_target(arch: str = "llama", vocab_size: int = 96, num_hidden_layers: int = 6, seed: int = 0, **overrides):
+    """A tiny random causal LM of the given architecture (GQA: 4 heads, 2 KV heads)."""
+    config_class, model_class, extra = ARCHITECTURES[arch]
+    values = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    values.update(extra)
+    values.update(overrides)
+    torch.manual_seed(seed)
+    return model_class(config_class(**values)).eval()
+
+
+def make_head(target, draft_vocab_size: int | None = None, seed: int = 0, **overrides) -> Eagle3DraftModel:
+    """A random head fitted to `target`, with a valid (arbitrary) draft vocabulary when reduced."""
+    torch.manual_seed(seed)
+    config = Eagle3Config.from_target_config(target.config, draft_vocab_size=draft_vocab_size, **overrides)
+    head = Eagle3DraftModel(config).eval()
+    if config.uses_draft_vocab:
+        ids = torch.randperm(config.vocab_size)[: config.draft_vocab_size].sort().values
+        head.d2t.copy_(ids - torch.arange(config.draft_vocab_size))
+        head.t2d.zero_()
+        head.t2d[ids] = True
+    return head.attach_target(target)
+
+
+@pytest.fixture(params=sorted(ARCHITECTURES))
+def arch(request) -> str:
+    return request.param
