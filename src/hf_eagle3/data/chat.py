@@ -1,0 +1,251 @@
+"""Chat data to token ids with an assistant-only loss mask, in the target's own chat template.
+
+A head learns to draft what the target writes, so the loss covers the assistant turns only: their
+content and the end-of-turn token that stops generation (a head that drafts it lets generation end
+inside a draft). The separator a template prints after the end-of-turn token (ChatML's newline) is not
+learned: the target never generates it.
+
+`datasets` and `trl` are imported inside the functions that need them: the GPU machine does not
+install them, and the rest of the package must import there.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+Message = dict[str, str]
+
+# ShareGPT speakers -> chat-template roles. ShareGPT dumps name the assistant after the service it
+# was collected from, so all of those map to "assistant".
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+}
+CHAT_ROLES = {"system", "user", "assistant"}
+
+
+def load_chat_dataset(data: str, split: str = "train"):
+    """Load chat data from a JSONL/JSON/Parquet file, a `save_to_disk` folder, a dataset folder or a Hub id."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    if os.path.isfile(data):
+        builders = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+        extension = os.path.splitext(data)[1].lower()
+        if extension not in builders:
+            raise ValueError(f"Unsupported data file {data!r}: use .jsonl, .json or .parquet.")
+        return load_dataset(builders[extension], data_files=data, split="train")
+    saved_markers = ("state.json", "dataset_dict.json")  # what `save_to_disk` writes
+    if os.path.isdir(data) and any(os.path.isfile(os.path.join(data, name)) for name in saved_markers):
+        dataset = load_from_disk(data)
+        if isinstance(dataset, DatasetDict):
+            if split not in dataset:
+                raise ValueError(f"{data!r} has splits {sorted(dataset)}, not {split!r}: pass --split.")
+            dataset = dataset[split]
+        return dataset
+    return load_dataset(data, split=split)
+
+
+def _check_messages(messages: Any, source: str) -> list[Message]:
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+        raise ValueError(f"{source} must be a non-empty list of messages, got {messages!r}.")
+    checked = []
+    for message in messages:
+        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+            raise ValueError(f"{source}: every message needs 'role' and 'content', got {message!r}.")
+        if message["role"] not in CHAT_ROLES:
+            raise ValueError(f"{source}: unknown role {message['role']!r}; expected one of {sorted(CHAT_ROLES)}.")
+        if not isinstance(message["content"], str):
+            raise ValueError(f"{source}: message content must be text, got {type(message['content']).__name__}.")
+        checked.append({"role": message["role"], "content": message["content"]})
+    return checked
+
+
+def to_messages(example: Mapping[str, Any], index: int | None = None) -> list[Message]:
+    """One row of chat data as a list of `{"role", "content"}` messages.
+
+    Accepted layouts: `messages` (TRL/OpenAI conversational), `conversations` with `from`/`value`
+    (ShareGPT) and `prompt` + `completion` message lists (TRL prompt-completion).
+    """
+    source = "row" if index is None else f"row {index}"
+    if example.get("messages") is not None:
+        return _check_messages(example["messages"], f"{source} 'messages'")
+    if example.get("conversations") is not None:
+        turns = example["conversations"]
+        if not isinstance(turns, Sequence) or isinstance(turns, str):
+            raise ValueError(f"{source} 'conversations' must be a list of turns, got {turns!r}.")
+        messages = []
+        for turn in turns:
+            if not isinstance(turn, Mapping) or "from" not in turn or "value" not in turn:
+                raise ValueError(f"{source}: ShareGPT turns need 'from' and 'value', got {turn!r}.")
+            speaker = str(turn["from"]).lower()
+            if speaker not in SHAREGPT_ROLES:
+                raise ValueError(
+                    f"{source}: unknown ShareGPT speaker {turn['from']!r}; expected {sorted(SHAREGPT_ROLES)}."
+                )
+            messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn["value"]})
+        return _check_messages(messages, f"{source} 'conversations'")
+    if example.get("prompt") is not None and example.get("completion") is not None:
+        return _check_messages(list(example["prompt"]) + list(example["completion"]), f"{source} prompt+completion")
+    raise ValueError(
+        f"{source} has columns {sorted(example)}; chat data needs 'messages' (role/content), 'conversations' "
+        "(ShareGPT from/value) or 'prompt' + 'completion' message lists."
+    )
+
+
+def get_assistant_mask_template(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The tokenizer's chat template with `{% generation %}` markers, or None when none can be obtained.
+
+    Markers are what `apply_chat_template(..., return_assistant_tokens_mask=True)` needs. The tokenizer's
+    own template is used when it has them; otherwise TRL's patched training template for known
+    templates. None means `tokenize_conversation` falls back to locating assistant turns itself.
+    """
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    if not tokenizer.chat_template:
+        raise ValueError(
+            f"{type(tokenizer).__name__} has no chat template, so there are no assistant turns to learn. "
+            "Use the instruct model's tokenizer, or pass a Jinja template (`--chat_template FILE`)."
+        )
+    template = tokenizer.chat_template
+    if isinstance(template, dict):
+        template = template["default"]
+    if has_generation_markers(template):
+        return template
+    try:
+        return get_training_chat_template(tokenizer) or template
+    except ValueError:
+        # TRL raises for templates it has no training variant of (SmolLM2's ChatML among them).
+        return None
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _assistant_mask_by_prefixes(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> dict[str, list[int]]:
+    """Assistant mask for templates without generation markers, from rendered prefixes of the conversation.
+
+    The text an assistant message adds is what rendering the conversation through it adds to rendering
+    the conversation before it with the generation prompt. That holds for any template that renders
+    earlier turns the same whatever follows (prefix-preserving), which is checked, not assumed.
+    """
+    if not tokenizer.is_fast:
+        raise ValueError("Locating assistant turns needs a fast tokenizer (character offsets); load it with use_fast.")
+    text = _render(tokenizer, messages, add_generation_prompt=False)
+    spans = []
+    for position, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:position], add_generation_prompt=True)
+        through = _render(tokenizer, messages[: position + 1], add_generation_prompt=False)
+        if not (through.startswith(before) and text.startswith(through)):
+            raise ValueError(
+                "The chat template renders earlier turns differently depending on what follows (e.g. it drops "
+                "reasoning from past turns), so assistant tokens cannot be located. Pass a template with "
+                "{% generation %} / {% endgeneration %} around assistant output (`--chat_template FILE`)."
+            )
+        spans.append((len(before), len(through)))
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    loss_mask = [
+        int(any(start < span_end and end > span_start for span_start, span_end in spans))
+        for start, end in encoding["offset_mapping"]
+    ]
+    return {"input_ids": list(encoding["input_ids"]), "loss_mask": loss_mask}
+
+
+def _drop_trailing_separators(tokenizer: PreTrainedTokenizerBase, input_ids: list[int], loss_mask: list[int]) -> None:
+    """Unmask whitespace-only tokens that end an assistant span (the separator after the end-of-turn token)."""
+    for position in range(len(input_ids) - 1, 0, -1):
+        span_ends_here = loss_mask[position] and (position + 1 == len(loss_mask) or not loss_mask[position + 1])
+        if span_ends_here and loss_mask[position - 1] and not tokenizer.decode([input_ids[position]]).strip():
+            loss_mask[position] = 0
+
+
+def tokenize_conversation(
+    tokenizer: PreTrainedTokenizerBase, messages: list[Message], mask_template: str | None
+) -> dict[str, list[int]]:
+    """`input_ids`, `attention_mask` and `loss_mask` (1 on assistant tokens) of one conversation.
+
+    Args:
+        mask_template: `get_assistant_mask_template(tokenizer)`: a template with generation markers, or
+            None to locate assistant turns from rendered prefixes.
+    """
+    if not any(message["role"] == "assistant" for message in messages):
+        raise ValueError(
+            "conversation has no assistant message, so nothing to learn; add assistant turns or let the target "
+            "write them (`--regenerate`)."
+        )
+    if mask_template is None:
+        encoded = _assistant_mask_by_prefixes(tokenizer, messages)
+    else:
+        # apply_chat_template tokenises without adding special tokens: the template already has them.
+        output = tokenizer.apply_chat_template(
+            messages, chat_template=mask_template, return_dict=True, return_assistant_tokens_mask=True
+        )
+        encoded = {"input_ids": list(output["input_ids"]), "loss_mask": list(output["assistant_masks"])}
+    _drop_trailing_separators(tokenizer, encoded["input_ids"], encoded["loss_mask"])
+    if not any(encoded["loss_mask"]):
+        raise ValueError(
+            "the chat template marked no assistant tokens; check that it prints assistant content "
+            "(or pass one that does with `--chat_template FILE`)."
+        )
+    encoded["attention_mask"] = [1] * len(encoded["input_ids"])
+    return encoded
+
+
+def tokenize_conversations(
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: Iterable[list[Message]],
+    max_length: int | None = None,
+    truncate: bool = False,
+):
+    """Tokenise conversations into a `datasets.Dataset` of `input_ids`, `attention_mask`, `loss_mask`.
+
+    Conversations longer than `max_length` tokens are dropped, as the EAGLE reference does, or cut to
+    `max_length` with `truncate=True` (dropped anyway when no assistant token survives the cut).
+
+    Returns:
+        The dataset and counts: conversations seen, kept, dropped as too long, dropped for no assistant token
+        left after truncation, and the tokens and loss-masked tokens kept.
+    """
+    from datasets import Dataset
+
+    mask_template = get_assistant_mask_template(tokenizer)
+    columns: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "loss_mask": []}
+    counts = dict.fromkeys(
+        ("conversations", "kept", "dropped_too_long", "dropped_no_loss_tokens", "tokens", "loss_tokens"), 0
+    )
+    for index, messages in enumerate(conversations):
+        counts["conversations"] += 1
+        try:
+            encoded = tokenize_conversation(tokenizer, messages, mask_template)
+        except ValueError as error:
+            raise ValueError(f"Conversation {index}: {error}") from error
+        if max_length is not None and len(encoded["input_ids"]) > max_length:
+            if not truncate:
+                counts["dropped_too_long"] += 1
+                continue
+            encoded = {name: values[:max_length] for name, values in encoded.items()}
+            if not any(encoded["loss_mask"]):
+                counts["dropped_no_loss_tokens"] += 1
+                continue
+        for name, values in encoded.items():
+            columns[name].append(values)
+        counts["kept"] += 1
+        counts["tokens"] += len(encoded["input_ids"])
+        counts["loss_tokens"] += sum(encoded["loss_mask"])
+    if not counts["kept"]:
+        raise ValueError(
+            f"No conversation left to train on ({counts}). Raise max_length or pass truncate=True (`--truncate`)."
+        )
+    return Dataset.from_dict(columns), counts

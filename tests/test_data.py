@@ -1,0 +1,283 @@
+"""Data preparation: assistant-only masks in two chat templates, draft vocabulary maps, target-written data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_head, make_target
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+from trl.chat_template_utils import llama3_chat_template
+
+from hf_eagle3.data import (
+    build_vocab_maps,
+    count_loss_tokens,
+    filter_prompts,
+    generate_texts,
+    get_assistant_mask_template,
+    load_vocab_map,
+    regenerate_conversations,
+    save_vocab_map,
+    synthesize_prompts,
+    to_messages,
+    tokenize_conversation,
+    tokenize_conversations,
+    user_turn_prefix,
+)
+from hf_eagle3.data.cli import main as prepare_data_main
+
+# SmolLM2-Instruct's template: ChatML with a default system prompt. TRL has no training variant of it.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Llama 3 layout written differently from Meta's template, so TRL does not recognise it.
+LLAMA3_STYLE_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+# Drops earlier assistant turns, as reasoning templates drop earlier thoughts: not prefix-preserving.
+FORGETFUL_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'assistant' or loop.last %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = [
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
+CONVERSATION = [
+    {"role": "user", "content": "What is two plus two?"},
+    {"role": "assistant", "content": "Two plus two is four."},
+    {"role": "user", "content": "And the cat?"},
+    {"role": "assistant", "content": "The cat sat on the mat."},
+]
+
+
+@pytest.fixture(scope="module")
+def byte_level_tokenizer() -> Tokenizer:
+    """A byte-level BPE like GPT-2/Qwen/Llama 3 (any text encodes), trained in milliseconds."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    corpus = [message["content"] for message in CONVERSATION] + ["system user assistant helpful"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(corpus * 20, trainer)
+    return tokenizer
+
+
+def make_tokenizer(byte_level_tokenizer: Tokenizer, template: str | None) -> PreTrainedTokenizerFast:
+    if template is not None and "start_header_id" in template:
+        special = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
+    else:
+        special = {"eos_token": "<|im_end|>", "pad_token": "<|im_end|>"}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=byte_level_tokenizer, **special)
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+@pytest.fixture
+def chatml(byte_level_tokenizer) -> PreTrainedTokenizerFast:
+    return make_tokenizer(byte_level_tokenizer, CHATML_TEMPLATE)
+
+
+def masked_spans(tokenizer, encoded) -> list[str]:
+    """The text of each run of loss-masked tokens."""
+    spans, current = [], []
+    for token, masked in zip(encoded["input_ids"], encoded["loss_mask"] + [0], strict=False):
+        if masked:
+            current.append(token)
+        elif current:
+            spans.append(tokenizer.decode(current))
+            current = []
+    return spans + ([tokenizer.decode(current)] if current else [])
+
+
+@pytest.mark.parametrize(
+    "template, end_of_turn, via_trl",
+    [
+        (CHATML_TEMPLATE, "<|im_end|>", False),
+        (LLAMA3_STYLE_TEMPLATE, "<|eot_id|>", False),
+        (llama3_chat_template, "<|eot_id|>", True),
+    ],
+    ids=["chatml", "llama3-style", "llama3-trl"],
+)
+def test_loss_mask_is_assistant_content_and_end_of_turn(byte_level_tokenizer, template, end_of_turn, via_trl):
+    tokenizer = make_tokenizer(byte_level_tokenizer, template)
+    mask_template = get_assistant_mask_template(tokenizer)
+    assert (mask_template is not None) == via_trl
+    encoded = tokenize_conversation(tokenizer, CONVERSATION, mask_template)
+    assert encoded["input_ids"] == tokenizer.apply_chat_template(CONVERSATION, return_dict=True)["input_ids"]
+    assert encoded["attention_mask"] == [1] * len(encoded["input_ids"])
+    expected = [message["content"] + end_of_turn for message in CONVERSATION if message["role"] == "assistant"]
+    assert masked_spans(tokenizer, encoded) == expected
+    # Marker template (TRL) and rendered-prefix fallback agree.
+    assert tokenize_conversation(tokenizer, CONVERSATION, None) == encoded
+
+
+def test_chat_formats_and_bad_rows():
+    sharegpt = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+    expected = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert to_messages(sharegpt) == expected
+    assert to_messages({"messages": expected, "id": 3}) == expected
+    assert to_messages({"prompt": expected[:1], "completion": expected[1:]}) == expected
+    with pytest.raises(ValueError, match="row 7 has columns \\['text'\\]"):
+        to_messages({"text": "plain"}, index=7)
+    with pytest.raises(ValueError, match="unknown ShareGPT speaker 'robot'"):
+        to_messages({"conversations": [{"from": "robot", "value": "beep"}]})
+    with pytest.raises(ValueError, match="unknown role 'narrator'"):
+        to_messages({"messages": [{"role": "narrator", "content": "once"}]})
+
+
+def test_bad_chat_data_errors(byte_level_tokenizer, chatml):
+    with pytest.raises(ValueError, match="no chat template"):
+        get_assistant_mask_template(make_tokenizer(byte_level_tokenizer, None))
+    with pytest.raises(ValueError, match="Conversation 1: conversation has no assistant message"):
+        tokenize_conversations(chatml, [CONVERSATION, CONVERSATION[:1]])
+    with pytest.raises(ValueError, match="renders earlier turns differently"):
+        tokenize_conversation(make_tokenizer(byte_level_tokenizer, FORGETFUL_TEMPLATE), CONVERSATION, None)
+    empty_answers = "{% for message in messages %}{% if message['role'] == 'user' %}{{ message['content'] }}{% endif %}{% endfor %}"
+    with pytest.raises(ValueError, match="marked no assistant tokens"):
+        tokenize_conversation(make_tokenizer(byte_level_tokenizer, empty_answers), CONVERSATION, None)
+
+
+def test_long_conversations_dropped_or_truncated(chatml):
+    full = len(tokenize_conversation(chatml, CONVERSATION, None)["input_ids"])
+    short = CONVERSATION[:2]
+    short_length = len(tokenize_conversation(chatml, short, None)["input_ids"])
+    dataset, counts = tokenize_conversations(chatml, [CONVERSATION, short], max_length=short_length)
+    assert counts["kept"] == 1 and counts["dropped_too_long"] == 1 and dataset.num_rows == 1
+    assert counts["tokens"] == short_length
+    dataset, counts = tokenize_conversations(chatml, [CONVERSATION, short], max_length=full - 3, truncate=True)
+    assert counts["kept"] == 2 and [len(ids) for ids in dataset["input_ids"]] == [full - 3, short_length]
+    assert sorted(dataset.column_names) == ["attention_mask", "input_ids", "loss_mask"]
+    # The first assistant token sits past a 20-token cut: nothing left to learn.
+    with pytest.raises(ValueError, match="No conversation left"):
+        tokenize_conversations(chatml, [CONVERSATION], max_length=20, truncate=True)
+
+
+def test_vocab_maps_invert_and_cover():
+    counts = torch.tensor([0, 5, 1, 9, 0, 3, 2, 0])
+    d2t, t2d, coverage = build_vocab_maps(counts, draft_vocab_size=3, vocab_size=8)
+    kept = torch.arange(3) + d2t
+    assert kept.tolist() == [1, 3, 5] and t2d.nonzero().flatten().tolist() == [1, 3, 5]
+    assert coverage == pytest.approx(17 / 20)
+    # Fewer distinct ids than draft ids: padded with the lowest unused ids, still ascending.
+    d2t, t2d, coverage = build_vocab_maps({3: 4, 6: 1}, draft_vocab_size=4, vocab_size=8)
+    assert (torch.arange(4) + d2t).tolist() == [0, 1, 3, 6] and coverage == 1.0
+    # A head's own maps take them and map both ways.
+    head = make_head(make_target(vocab_size=8, num_hidden_layers=4), draft_vocab_size=4)
+    head.d2t.copy_(d2t)
+    head.t2d.copy_(t2d)
+    head.check_vocab_maps()
+    draft_ids = torch.arange(4)
+    assert torch.equal(head.target_to_draft_ids(head.draft_to_target_ids(draft_ids)), draft_ids)
+    with pytest.raises(ValueError, match="must be between 1 and the target's vocab_size \\(8\\)"):
+        build_vocab_maps(counts, draft_vocab_size=9, vocab_size=8)
+    with pytest.raises(ValueError, match="No loss-masked tokens"):
+        build_vocab_maps(torch.zeros(8, dtype=torch.long), draft_vocab_size=2, vocab_size=8)
+
+
+def test_vocab_maps_count_loss_tokens_only_and_round_trip(tmp_path):
+    rows = [{"input_ids": [4, 4, 7, 2], "loss_mask": [0, 1, 1, 0]}, {"input_ids": [7, 9], "loss_mask": [1, 1]}]
+    assert count_loss_tokens(rows, 10).tolist() == [0, 0, 0, 0, 1, 0, 0, 2, 0, 1]
+    d2t, t2d, coverage = build_vocab_maps(rows, draft_vocab_size=2, vocab_size=10)
+    assert (torch.arange(2) + d2t).tolist() == [4, 7] and coverage == pytest.approx(3 / 4)
+    save_vocab_map(tmp_path, d2t, t2d)
+    loaded_d2t, loaded_t2d = load_vocab_map(tmp_path)
+    assert torch.equal(loaded_d2t, d2t) and torch.equal(loaded_t2d, t2d)
+    save_vocab_map(tmp_path / "bad.safetensors", torch.tensor([4, 4]), t2d)
+    with pytest.raises(ValueError, match="do not describe the same draft vocabulary"):
+        load_vocab_map(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="outside the target vocabulary"):
+        count_loss_tokens(rows, 8)
+
+
+def test_user_turn_prefix_and_prompt_filter(byte_level_tokenizer, chatml):
+    assert user_turn_prefix(chatml) == "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    llama3 = make_tokenizer(byte_level_tokenizer, LLAMA3_STYLE_TEMPLATE)
+    assert user_turn_prefix(llama3) == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
+    seen = set()
+    assert filter_prompts(["  Tell me a joke. ", "", "short", "tell me  a JOKE."], min_length=6, seen=seen) == [
+        "Tell me a joke."
+    ]
+    assert filter_prompts(["Tell me a joke.", "Write a poem."], min_length=6, seen=seen) == ["Write a poem."]
+
+
+@pytest.fixture
+def tiny_target(chatml):
+    return make_target("llama", vocab_size=len(chatml), num_hidden_layers=2)
+
+
+def test_batched_left_padded_generation_matches_one_by_one(chatml, tiny_target):
+    prompts = [
+        chatml.apply_chat_template(CONVERSATION[: end + 1], tokenize=False, add_generation_prompt=True)
+        for end in (0, 2)
+    ]
+    prompts.append(user_turn_prefix(chatml))
+    batched = generate_texts(tiny_target, chatml, prompts, max_new_tokens=6, batch_size=3)
+    assert batched == [generate_texts(tiny_target, chatml, [prompt], max_new_tokens=6)[0] for prompt in prompts]
+
+
+def test_regenerate_keeps_user_turns_and_replaces_answers(chatml, tiny_target):
+    conversations = [CONVERSATION, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]]
+    regenerated = regenerate_conversations(tiny_target, chatml, conversations, max_new_tokens=4, batch_size=2)
+    assert [[message["role"] for message in messages] for messages in regenerated] == [
+        ["user", "assistant", "user", "assistant"],
+        ["system", "user", "assistant"],
+    ]
+    assert regenerated[0][0] == CONVERSATION[0] and regenerated[0][2] == CONVERSATION[2]
+    assert regenerated[0][1]["content"] != CONVERSATION[1]["content"]
+    with pytest.raises(ValueError, match="Conversation 0 has no user message"):
+        regenerate_conversations(tiny_target, chatml, [[{"role": "system", "content": "x"}]], max_new_tokens=2)
+
+
+def test_synthesize_prompts_are_distinct(chatml, tiny_target):
+    torch.manual_seed(0)
+    prompts = synthesize_prompts(tiny_target, chatml, 5, max_new_tokens=6, batch_size=4, min_length=1)
+    assert len(prompts) == 5 and len({" ".join(prompt.lower().split()) for prompt in prompts}) == 5
+    with pytest.raises(ValueError, match="needs sampling"):
+        synthesize_prompts(tiny_target, chatml, 5, temperature=0.0)
+
+
+def test_prepare_data_cli_end_to_end(tmp_path, chatml, tiny_target, capsys):
+    from datasets import load_from_disk
+
+    target_dir = tmp_path / "target"
+    tiny_target.save_pretrained(target_dir)
+    chatml.save_pretrained(target_dir)
+    data_file = tmp_path / "sharegpt.jsonl"
+    turns = [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in CONVERSATION]
+    data_file.write_text(json.dumps({"conversations": turns}) + "\n")
+    output_dir = tmp_path / "prepared"
+    common = ["--target", str(target_dir), "--output_dir", str(output_dir), "--draft_vocab_size", "64"]
+    assert prepare_data_main([*common, "--data", str(data_file)]) == 0
+    dataset = load_from_disk(str(output_dir))
+    assert dataset[0] == tokenize_conversation(chatml, CONVERSATION, None)
+    assert "cover 100.00% of the tokens to learn" in capsys.readouterr().out
+
+    generated = [*common, "--synthesize", "3", "--max_prompt_tokens", "6", "--max_new_tokens", "5"]
+    assert prepare_data_main([*generated, "--min_prompt_length", "1", "--batch_size", "2"]) == 0
+    dataset = load_from_disk(str(output_dir))
+    d2t, t2d = load_vocab_map(output_dir)
+    assert dataset.num_rows == 3 and d2t.shape == (64,) and t2d.shape == (len(chatml),)
+    lines = (output_dir / "conversations.jsonl").read_text().splitlines()
+    assert [[m["role"] for m in json.loads(line)["messages"]] for line in lines] == [["user", "assistant"]] * 3
+    summary = json.loads((output_dir / "prepare_data_summary.json").read_text())
+    assert summary["kept"] == 3 and 0 < summary["coverage"] <= 1
+
+    with pytest.raises(ValueError, match="exceeds the target's vocab_size"):
+        prepare_data_main([*common[:-1], str(len(chatml) + 1), "--data", str(data_file)])
+    with pytest.raises(ValueError, match="Nothing to prepare"):
+        prepare_data_main(common)
