@@ -1,0 +1,444 @@
+"""EAGLE-2 dynamic draft trees verified in one target forward: the default EAGLE-3 decoding mode.
+
+Each step the head grows a tree of likely continuations of the last emitted token (the root), one
+head forward per level; the `total_tokens - 1` best nodes by cumulative draft log-probability are
+verified together with the root by ONE target forward under a tree attention mask; the longest path
+the target agrees with is kept in both KV caches and the rest is dropped. Greedy output is
+token-identical to the target decoding alone, sampled output has exactly the target's distribution.
+
+transformers' `_assisted_decoding` verifies one chain and crops its cache from the end, so the tree
+needs its own loop: `tree_assisted_decoding` takes the same arguments and returns the same outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers.cache_utils import DynamicCache
+from transformers.generation import GenerateDecoderOnlyOutput, GenerationConfig, LogitsProcessorList
+from transformers.generation.stopping_criteria import StoppingCriteriaList
+
+from .._compat import cache_kwargs, output_cache
+from ..target_features import TargetFeatureCapture
+from .kv_cache import check_tree_cache, keep_cache_positions
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+    from transformers.generation.streamers import BaseStreamer
+
+    from ..modeling_eagle3 import Eagle3DraftModel
+
+# Attention implementations that apply an arbitrary additive 4D mask (flash attention only knows causal).
+TREE_ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
+# Arguments `_assisted_decoding` takes by name that are not model inputs.
+_NON_MODEL_KWARGS = ("inputs_tensor", "assistant_model", "assistant_tokenizer", "tokenizer")
+
+
+@dataclass
+class DraftTree:
+    """A draft tree, nodes in level order: node 0 is the root (the last emitted token), parents precede children.
+
+    Args:
+        tokens: target-vocabulary token of each node, `(n,)`.
+        parents: index of each node's parent, `(n,)`; the root's entry is 0.
+        depths: distance from the root, `(n,)`; node `i` sits at position `root_position + depths[i]`.
+        ancestors: `(n, n)` boolean, `ancestors[i, j]` when node `j` is node `i` or one of its ancestors,
+            i.e. what node `i` may attend to inside the tree.
+        scores: cumulative draft log-probability of each node's path, `(n,)`, 0 for the root; what the tree was
+            pruned by.
+    """
+
+    tokens: torch.LongTensor
+    parents: torch.LongTensor
+    depths: torch.LongTensor
+    ancestors: torch.BoolTensor
+    scores: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.tokens.numel()
+
+    def attention_mask(self, padding_mask: torch.Tensor | None, past_length: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive float mask `(1, 1, n, past_length + n)` in `dtype` for a stock transformers model.
+
+        Every node sees the cached prefix (minus padding, from the 2D `padding_mask`), its ancestors and itself.
+        Float, not boolean: eager attention adds a boolean mask as 0/1 instead of masking.
+        """
+        allowed = self.ancestors
+        if past_length:
+            prefix = (
+                torch.ones(past_length, dtype=torch.bool, device=allowed.device)
+                if padding_mask is None
+                else padding_mask[0, :past_length].to(device=allowed.device, dtype=torch.bool)
+            )
+            allowed = torch.cat([prefix.expand(len(self), past_length), allowed], dim=1)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+
+    def position_ids(self, root_position: int) -> torch.LongTensor:
+        """Real token positions of the nodes, `(1, n)`: siblings share a position."""
+        return (self.depths + root_position)[None]
+
+    def children(self) -> list[list[int]]:
+        """Children of every node, best draft score first (one host transfer; used by the acceptance walk)."""
+        children: list[list[int]] = [[] for _ in range(len(self))]
+        for node, parent in enumerate(self.parents.tolist()[1:], start=1):
+            children[parent].append(node)
+        return children
+
+
+@torch.no_grad()
+def build_draft_tree(
+    draft_model: Eagle3DraftModel,
+    root_token: torch.LongTensor,
+    root_hidden: torch.Tensor,
+    root_logits: torch.Tensor,
+    cache: DynamicCache,
+    root_position: int,
+    padding_mask: torch.Tensor | None,
+    total_tokens: int,
+    depth: int,
+    top_k: int,
+) -> DraftTree:
+    """Grow the dynamic draft tree (reference section 4, steps 2-3) with `depth - 1` head forwards.
+
+    Args:
+        root_token: the last emitted token, `()`; it is not in either KV cache yet.
+        root_hidden / root_logits: the head's pre-norm output `(hidden,)` and draft logits `(draft_vocab,)` at the
+            position before the root, i.e. its prediction of the root's child.
+        cache: the head's KV cache, holding exactly the positions before the root. Tree levels are appended while
+            drafting and cropped away before returning.
+        padding_mask: 2D `(1, >= cache length)` padding mask of the sequence, or None.
+        total_tokens: nodes to verify, root included; depth: most draft tokens on a path; top_k: branching.
+    """
+    device = root_hidden.device
+    past_length = cache.get_seq_length()
+    prefix = (
+        torch.ones(past_length, dtype=torch.bool, device=device)
+        if padding_mask is None
+        else padding_mask[0, :past_length].to(device=device, dtype=torch.bool)
+    )
+    identity = torch.eye(top_k, dtype=torch.bool, device=device)
+
+    # Level 1: the root's top_k children. Every candidate of every level is kept for the final rerank.
+    scores, draft_ids = root_logits.float().log_softmax(-1).topk(top_k)
+    frontier_tokens = draft_model.draft_to_target_ids(draft_ids)
+    frontier_hidden = root_hidden.expand(top_k, -1)
+    frontier_ids = torch.arange(top_k, device=device)
+    # Which earlier frontier entries of the head cache each frontier node descends from.
+    frontier_ancestors = torch.zeros(top_k, 0, dtype=torch.bool, device=device)
+    all_scores, all_tokens = [scores], [frontier_tokens]
+    all_parents = [torch.full((top_k,), -1, device=device)]
+    all_depths = [torch.ones(top_k, dtype=torch.long, device=device)]
+    num_candidates = top_k
+
+    for level in range(1, depth):
+        tree_part = torch.cat([frontier_ancestors, identity], dim=1)
+        mask = torch.cat([prefix.expand(top_k, -1), tree_part], dim=1)[None, None]
+        # A level-d node predicts its children at the position of its parent's successor: root_position + d - 1.
+        position_ids = torch.full((1, top_k), root_position + level - 1, device=device)
+        out = draft_model(
+            input_ids=frontier_tokens[None],
+            hidden_states=frontier_hidden[None],
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        child_scores, child_ids = out.logits[0].float().log_softmax(-1).topk(top_k)
+        cumulative = (scores[:, None] + child_scores).flatten()
+        tokens = draft_model.draft_to_target_ids(child_ids).flatten()
+        all_scores.append(cumulative)
+        all_tokens.append(tokens)
+        all_parents.append(frontier_ids.repeat_interleave(top_k))
+        all_depths.append(torch.full((top_k * top_k,), level + 1, device=device))
+
+        scores, best = cumulative.topk(top_k)
+        parent_slot = best // top_k
+        frontier_tokens = tokens[best]
+        frontier_hidden = out.hidden_states[0, parent_slot]
+        frontier_ancestors = tree_part[parent_slot]
+        frontier_ids = best + num_candidates
+        num_candidates += top_k * top_k
+    if depth > 1:
+        cache.crop(-top_k * (depth - 1))
+
+    # Rerank: the best total_tokens - 1 candidates. A child never outscores its parent (log-probs are <= 0) and a
+    # stable sort puts a parent (lower index) before an equal-scoring child, so the kept set is ancestor-closed.
+    candidate_scores = torch.cat(all_scores)
+    order = torch.sort(candidate_scores, descending=True, stable=True).indices
+    selected = order[: total_tokens - 1].sort().values
+    node_of = torch.zeros(num_candidates + 1, dtype=torch.long, device=device)
+    node_of[selected + 1] = torch.arange(1, selected.numel() + 1, device=device)
+    zero = torch.zeros(1, dtype=torch.long, device=device)
+    parents = torch.cat([zero, node_of[torch.cat(all_parents)[selected] + 1]])
+    tokens = torch.cat([root_token.view(1), torch.cat(all_tokens)[selected]])
+    depths = torch.cat([zero, torch.cat(all_depths)[selected]])
+
+    # Pointer jumping: after `depth` hops from every node, all of its ancestors have been marked.
+    n = tokens.numel()
+    ancestors = torch.eye(n, dtype=torch.bool, device=device)
+    rows = torch.arange(n, device=device)
+    hop = parents
+    for _ in range(depth):
+        ancestors[rows, hop] = True
+        hop = parents[hop]
+    scores = torch.cat([candidate_scores.new_zeros(1), candidate_scores[selected]])
+    return DraftTree(tokens=tokens, parents=parents, depths=depths, ancestors=ancestors, scores=scores)
+
+
+def sample_with_candidates(probs: torch.Tensor, candidates: torch.LongTensor) -> tuple[int, int | None]:
+    """Sample one token from `probs` `(vocab,)`, trying draft `candidates` `(m,)` first; exact for any candidates.
+
+    Candidate `x_i` is accepted with probability `p(x_i)` renormalised after zeroing the earlier, rejected
+    candidates (reference section 4, step 5, with one-hot draft distributions); if all are rejected the token is
+    drawn from `p` with every candidate zeroed. Each token's overall probability is exactly `p`. Returns the
+    token and the index of the accepted candidate, or None when the token came from the residual.
+    """
+    if candidates.numel():
+        candidate_probs = probs[candidates]
+        # Mass left after zeroing the earlier candidates: rejecting x_1..x_{i-1} renormalises by it.
+        remaining = 1 - (candidate_probs.cumsum(0) - candidate_probs)
+        accept_probs = candidate_probs / remaining.clamp_min(torch.finfo(probs.dtype).tiny)
+        accepted = torch.rand(candidates.numel(), device=probs.device, dtype=probs.dtype) < accept_probs
+        first = int(torch.where(accepted.any(), accepted.int().argmax(), -1))
+        if first >= 0:
+            return int(candidates[first]), first
+        residual = probs.index_fill(0, candidates, 0)
+        # Only float rounding can leave no residual mass (the candidates held all of it); p itself is then exact.
+        probs = torch.where(residual.sum() > 0, residual, probs)
+    return int(torch.multinomial(probs, 1)), None
+
+
+@dataclass
+class _StepResult:
+    """What one pass over a verified tree produced."""
+
+    tokens: list[int]  # emitted tokens, in order
+    visited: list[int]  # tree nodes whose successor was emitted: the positions both caches keep
+    num_accepted: int  # emitted tokens that were draft nodes
+    finished: bool
+
+
+def _accept(
+    logits: torch.Tensor,
+    children: list[list[int]],
+    tree_tokens: list[int],
+    candidate_tokens: torch.LongTensor,
+    input_ids: torch.LongTensor,
+    logits_processor: LogitsProcessorList,
+    stopping_criteria: StoppingCriteriaList,
+    do_sample: bool,
+    scores: tuple | None,
+    raw_logits: tuple | None,
+) -> tuple[_StepResult, torch.LongTensor, tuple | None, tuple | None]:
+    """Walk the tree from the root, emitting one token per visited node as `_sample` would at that position.
+
+    Processors and warpers see exactly the sequence `_sample` would give them (prefix plus accepted tokens), so
+    repetition penalties and the like stay exact. A token matching a child moves the walk to that child; any other
+    token (the target's correction or bonus) ends the step. Stopping criteria are checked after every token.
+    """
+    node, visited, emitted, num_accepted, finished = 0, [], [], 0, False
+    while True:
+        node_logits = logits[node : node + 1]
+        processed = logits_processor(input_ids, node_logits)
+        kids = children[node]
+        if do_sample:
+            token, hit = sample_with_candidates(processed[0].softmax(-1), candidate_tokens[kids])
+        else:
+            token = int(processed[0].argmax())
+            kid_tokens = [tree_tokens[kid] for kid in kids]
+            hit = kid_tokens.index(token) if token in kid_tokens else None
+        visited.append(node)
+        emitted.append(token)
+        input_ids = torch.cat([input_ids, input_ids.new_tensor([[token]])], dim=-1)
+        if scores is not None:
+            scores += (processed,)
+        if raw_logits is not None:
+            raw_logits += (node_logits,)
+        num_accepted += hit is not None
+        finished = bool(stopping_criteria(input_ids, scores).any())
+        if hit is None or finished:
+            break
+        node = kids[hit]
+    return _StepResult(emitted, visited, num_accepted, finished), input_ids, scores, raw_logits
+
+
+def _check_tree_inputs(
+    model: PreTrainedModel,
+    input_ids: torch.LongTensor,
+    candidate_generator: Any,
+    generation_config: GenerationConfig,
+    synced_gpus: bool,
+    model_kwargs: dict[str, Any],
+) -> None:
+    """Clear errors for what tree decoding cannot do, before any forward runs."""
+    if input_ids.shape[0] != 1:
+        raise ValueError(
+            f"EAGLE-3 tree decoding supports batch size 1, got {input_ids.shape[0]} sequences. Call generate once per "
+            "prompt."
+        )
+    if model_kwargs.get("inputs_embeds") is not None:
+        raise ValueError("EAGLE-3 decoding embeds the prompt tokens itself: pass `input_ids`, not `inputs_embeds`.")
+    if not model_kwargs.get("use_cache", True):
+        raise ValueError("EAGLE-3 decoding requires `use_cache=True`.")
+    if synced_gpus:
+        raise ValueError("EAGLE-3 tree decoding does not support `synced_gpus` (DeepSpeed ZeRO-3 / FSDP generation).")
+    if generation_config.return_dict_in_generate and (
+        generation_config.output_attentions or generation_config.output_hidden_states
+    ):
+        raise ValueError(
+            "EAGLE-3 tree decoding cannot return attentions or hidden states (tree forwards have no per-token ones); "
+            "drop `output_attentions`/`output_hidden_states` or use chain mode."
+        )
+    implementation = model.config.get_text_config()._attn_implementation
+    if implementation not in TREE_ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"EAGLE-3 tree decoding verifies the draft tree with a 4D attention mask, which the target's attention "
+            f"implementation {implementation!r} cannot take. Load the target with attn_implementation='sdpa' (or "
+            "'eager'), e.g. `model.set_attn_implementation('sdpa')`, or use chain mode."
+        )
+    draft_vocab = candidate_generator.draft_model.config.draft_vocab_size
+    total_tokens, depth, top_k = candidate_generator.total_tokens, candidate_generator.depth, candidate_generator.top_k
+    if total_tokens < 2 or depth < 1 or not 1 <= top_k <= draft_vocab:
+        raise ValueError(
+            f"Invalid draft tree shape total_tokens={total_tokens}, depth={depth}, top_k={top_k}: need total_tokens >= 2 "
+            f"(root plus at least one draft node), depth >= 1 and 1 <= top_k <= the draft vocabulary ({draft_vocab})."
+        )
+    cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+    check_tree_cache(cache, generation_config.max_length)
+
+
+@torch.no_grad()
+def tree_assisted_decoding(
+    model: PreTrainedModel,
+    input_ids: torch.LongTensor,
+    candidate_generator: Any,
+    logits_processor: LogitsProcessorList,
+    stopping_criteria: StoppingCriteriaList,
+    generation_config: GenerationConfig,
+    synced_gpus: bool = False,
+    streamer: BaseStreamer | None = None,
+    **model_kwargs,
+) -> GenerateDecoderOnlyOutput | torch.LongTensor:
+    """EAGLE-3 decoding with dynamic draft trees; a drop-in for `GenerationMixin._assisted_decoding`.
+
+    `candidate_generator` supplies the attached head (`draft_model`), the tree shape (`total_tokens`: nodes verified
+    per step, root included; `depth`: most draft tokens per step = head forwards per step; `top_k`), the target
+    layers to read (`feature_layer_ids`) and `stats` (an `Eagle3GenerationStats`, updated once per verification).
+    `model_kwargs` are what `generate` passes to `_assisted_decoding`: the cache, attention mask, position ids.
+    """
+    for name in _NON_MODEL_KWARGS:
+        model_kwargs.pop(name, None)
+    _check_tree_inputs(model, input_ids, candidate_generator, generation_config, synced_gpus, model_kwargs)
+    draft_model: Eagle3DraftModel = candidate_generator.draft_model
+    total_tokens, depth, top_k = candidate_generator.total_tokens, candidate_generator.depth, candidate_generator.top_k
+    stats = candidate_generator.stats
+    do_sample = generation_config.do_sample
+    return_dict = generation_config.return_dict_in_generate
+    scores = () if return_dict and generation_config.output_scores else None
+    raw_logits = () if return_dict and generation_config.output_logits else None
+    padding_mask = model_kwargs.get("attention_mask")
+    position_ids = model_kwargs.get("position_ids")
+    prompt_length = input_ids.shape[1]
+    if position_ids is None:
+        position_ids = torch.arange(prompt_length, device=input_ids.device)[None]
+    cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+    cache.activate_past_recording()
+    draft_cache = DynamicCache()
+
+    with TargetFeatureCapture(model, candidate_generator.feature_layer_ids) as capture:
+        # Prefill: the target encodes the prompt and emits the first token itself, as `_sample` does.
+        model_inputs = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
+        if "logits_to_keep" in model_inputs:
+            model_inputs["logits_to_keep"] = 1
+        outputs = model(**model_inputs, return_dict=True)
+        features = capture.pop()
+        first_logits = outputs.logits[0, -1:].float()
+        step, input_ids, scores, raw_logits = _accept(
+            first_logits,
+            [[]],
+            [],
+            input_ids.new_empty(0),
+            input_ids,
+            logits_processor,
+            stopping_criteria,
+            do_sample,
+            scores,
+            raw_logits,
+        )
+        if streamer is not None:
+            streamer.put(input_ids[:, prompt_length:].cpu())
+        finished = step.finished
+        # Position of the root (the newest token); transformers derives positions from the padding mask.
+        root_position = int(position_ids[0, -1]) + 1
+        if padding_mask is not None:
+            padding_mask = torch.cat([padding_mask, padding_mask.new_ones(1, 1)], dim=-1)
+        # The head encodes the prompt: features of position t with the embedding of token t + 1.
+        head_inputs = dict(
+            input_ids=input_ids[:, 1:],
+            target_hidden_states=features,
+            attention_mask=padding_mask[:, :-1] if padding_mask is not None else None,
+            position_ids=position_ids,
+        )
+
+        while not finished:
+            draft = draft_model(**head_inputs, past_key_values=draft_cache, use_cache=True, logits_to_keep=1)
+            prefix_length = input_ids.shape[1] - 1
+            tree = build_draft_tree(
+                draft_model,
+                input_ids[0, -1],
+                draft.hidden_states[0, -1],
+                draft.logits[0, -1],
+                draft_cache,
+                root_position,
+                padding_mask,
+                total_tokens,
+                depth,
+                top_k,
+            )
+            outputs = model(
+                input_ids=tree.tokens[None],
+                attention_mask=tree.attention_mask(padding_mask, prefix_length, model.dtype),
+                position_ids=tree.position_ids(root_position),
+                use_cache=True,
+                return_dict=True,
+                **cache_kwargs(cache),
+            )
+            features = capture.pop()
+            step, input_ids, scores, raw_logits = _accept(
+                outputs.logits[0].float(),
+                tree.children(),
+                tree.tokens.tolist(),
+                tree.tokens,
+                input_ids,
+                logits_processor,
+                stopping_criteria,
+                do_sample,
+                scores,
+                raw_logits,
+            )
+            visited = torch.tensor(step.visited, device=tree.tokens.device)
+            keep_cache_positions(output_cache(outputs), prefix_length, visited)
+            stats.record(step.num_accepted, len(step.tokens))
+            if streamer is not None:
+                streamer.put(input_ids[:, -len(step.tokens) :].cpu())
+            finished = step.finished
+            num_new = len(step.tokens)
+            if padding_mask is not None:
+                padding_mask = torch.cat([padding_mask, padding_mask.new_ones(1, num_new)], dim=-1)
+            # The head encodes the kept nodes (old root and accepted drafts) with the embeddings of their successors.
+            head_inputs = dict(
+                input_ids=input_ids[:, -num_new:],
+                target_hidden_states=features[:, visited],
+                attention_mask=padding_mask[:, :-1] if padding_mask is not None else None,
+                position_ids=torch.arange(root_position, root_position + num_new, device=input_ids.device)[None],
+            )
+            root_position += num_new
+
+    if streamer is not None:
+        streamer.end()
+    if return_dict:
+        return GenerateDecoderOnlyOutput(sequences=input_ids, scores=scores, logits=raw_logits, **cache_kwargs(cache))
+    return input_ids
