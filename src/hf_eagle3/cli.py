@@ -7,7 +7,9 @@ import sys
 
 # subcommand -> (module, function, one-line help). Modules import lazily: `hf-eagle3 --help` stays fast
 # and a subcommand only needs the dependencies of its own job.
-COMMANDS: dict[str, tuple[str, str, str]] = {}
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "convert": ("hf_eagle3.checkpoint_formats", "convert_main", "convert a draft head to another checkpoint layout"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

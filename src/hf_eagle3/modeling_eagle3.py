@@ -9,6 +9,7 @@ official, SpecForge and SGLang heads load without renaming.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from transformers.models.llama.modeling_llama import (
 )
 from transformers.utils import ModelOutput
 
+from . import checkpoint_formats
 from .configuration_eagle3 import Eagle3Config, default_target_layer_ids
 
 
@@ -314,6 +316,69 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
                 f"{self.config.vocab_size}) but its d2t/t2d maps are missing or inconsistent. Load a checkpoint that "
                 "contains them, or build them with `hf_eagle3.build_vocab_maps` from your training data."
             )
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Load a head from a local directory or hub repo, in this library's layout or a published one.
+
+        Official EAGLE-3, SpecForge/SGLang and speculators/vLLM checkpoints are detected from their config and
+        converted on load (layer ids translated, keys renamed, loaded strictly); this library's own saves go to
+        transformers' loader. Foreign layouts take `dtype` (default: as saved), `attn_implementation`, one-device
+        `device_map`, the hub options and Eagle3Config fields as overrides (e.g. `target_layer_ids`).
+        """
+        if kwargs.get("config") is None and pretrained_model_name_or_path is not None:
+            hub_kwargs = checkpoint_formats.split_hub_kwargs(kwargs)
+            files = checkpoint_formats.CheckpointFiles(pretrained_model_name_or_path, **hub_kwargs)
+            config = files.read_config()
+            layout = checkpoint_formats.detect_layout(config, os.fspath(pretrained_model_name_or_path))
+            if layout != checkpoint_formats.NATIVE_LAYOUT:
+                return checkpoint_formats.load_converted(
+                    cls, pretrained_model_name_or_path, layout, files, config, **kwargs
+                )
+            kwargs.update(hub_kwargs)
+        with checkpoint_formats.explaining_corrupt_safetensors(str(pretrained_model_name_or_path)):
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        # `d2t`/`t2d` absent from a save are silently zero-initialised by transformers: refuse such a head.
+        (loaded[0] if isinstance(loaded, tuple) else loaded).check_vocab_maps()
+        return loaded
+
+    def save_pretrained(
+        self,
+        save_directory,
+        *args,
+        format: str = checkpoint_formats.NATIVE_LAYOUT,
+        target_max_position_embeddings: int | None = None,
+        **kwargs,
+    ):
+        """Save the head, in this library's layout or one another tool reads.
+
+        Args:
+            format: "hf-eagle3" (this library, transformers' saver), "eagle3" (official EAGLE-3 releases),
+                "specforge" / "sglang" (layer ids written as "output of layer", ours minus one) or "vllm" /
+                "speculators" (`Eagle3Speculator`). Foreign layouts take `max_shard_size` as their only option.
+            target_max_position_embeddings: the target's context length; the saved `max_position_embeddings` is
+                raised to cover it, because serving engines stop drafting beyond the head's.
+        """
+        layout = checkpoint_formats.checkpoint_layout(format)
+        if layout == checkpoint_formats.NATIVE_LAYOUT:
+            with checkpoint_formats.covering_max_positions(self.config, target_max_position_embeddings):
+                return super().save_pretrained(save_directory, *args, **kwargs)
+        if args:
+            raise TypeError(f"save_pretrained(format={format!r}) takes options by keyword only.")
+        return checkpoint_formats.save_converted(
+            self, save_directory, layout, target_max_position_embeddings, **kwargs
+        )
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload the head and a model card rendered for it (target, usage, training data, acceptance).
+
+        Takes `format`, `target_max_position_embeddings`, the card fields (`base_model`, `training_data`,
+        `datasets`, `acceptance`, `license`, `tags`) and the usual commit options; see `hf_eagle3.hub.push_to_hub`.
+        """
+        from .hub import push_to_hub  # the card template machinery (jinja2) is needed only when publishing
+
+        return push_to_hub(self, repo_id, **kwargs)
 
     # ------------------------------------------------------------------ forward
     def project_target_features(self, target_hidden_states: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,287 @@
+"""Every published EAGLE-3 layout loads with the native model's logits, and every export loads back equal.
+
+The fixture checkpoints are written here by hand, in each tool's own layout (config fields and key names as the
+reference describes), not by this library's exporter, so import and export are checked independently.
+"""
+
+import json
+
+import pytest
+import torch
+from conftest import make_head, make_target
+from safetensors.torch import load_file, save_file
+
+from hf_eagle3 import Eagle3DraftModel
+from hf_eagle3.checkpoint_formats import FORMATS
+from hf_eagle3.cli import main as cli_main
+
+FEATURES = torch.randn(1, 5, 3 * 64, generator=torch.Generator().manual_seed(0))
+IDS = torch.randint(0, 96, (1, 5), generator=torch.Generator().manual_seed(1))
+
+
+def assert_same_logits(loaded: Eagle3DraftModel, head: Eagle3DraftModel, target) -> None:
+    loaded.attach_target(target)
+    assert isinstance(loaded, Eagle3DraftModel)
+    torch.testing.assert_close(
+        loaded(IDS, target_hidden_states=FEATURES).logits, head(IDS, target_hidden_states=FEATURES).logits
+    )
+
+
+def llama_config(head: Eagle3DraftModel, **extra) -> dict:
+    """The head's layer as the LlamaConfig dict the official and SpecForge releases ship."""
+    config = head.config
+    return {
+        "model_type": "llama",
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": config.rms_norm_eps,
+        "max_position_embeddings": 2048,
+        "vocab_size": config.vocab_size,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        **extra,
+    }
+
+
+def published_weights(head: Eagle3DraftModel, with_maps: bool = True) -> dict[str, torch.Tensor]:
+    """The released keys: `fc`, `midlayer.*`, `norm`, `lm_head`, `d2t`, `t2d`; no `embed_tokens`."""
+    skipped = {"embed_tokens.weight"} | (set() if with_maps else {"d2t", "t2d"})
+    return {key: tensor.clone() for key, tensor in head.state_dict().items() if key not in skipped}
+
+
+def write(directory, config: dict, weights: dict[str, torch.Tensor], weights_file: str = "model.safetensors"):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    if weights_file.endswith(".safetensors"):
+        save_file(weights, directory / weights_file)
+    else:
+        torch.save(weights, directory / weights_file)
+    return directory
+
+
+def write_official(directory, head, weights_file="model.safetensors", with_maps=True):
+    # One official release says num_hidden_layers 40 and is still a one-layer head.
+    config = llama_config(
+        head,
+        architectures=["LlamaForCausalLM"],
+        num_hidden_layers=40,
+        draft_vocab_size=head.config.draft_vocab_size,
+        target_hidden_size=head.config.target_hidden_size,
+    )
+    return write(directory, config, published_weights(head, with_maps), weights_file)
+
+
+def write_specforge(directory, head, output_layer_ids):
+    config = llama_config(
+        head,
+        architectures=["LlamaForCausalLMEagle3"],
+        num_hidden_layers=1,
+        draft_vocab_size=head.config.draft_vocab_size,
+        eagle_config={"eagle_aux_hidden_state_layer_ids": output_layer_ids, "use_aux_hidden_state": True},
+    )
+    return write(directory, config, published_weights(head))
+
+
+def write_speculators(directory, head, layer_ids, **extra):
+    weights = {key.replace("midlayer.", "layers.0."): tensor for key, tensor in published_weights(head).items()}
+    weights["embed_tokens.weight"] = head.embed_tokens.weight.detach().clone()
+    config = {
+        "architectures": ["Eagle3Speculator"],
+        "speculators_model_type": "eagle3",
+        "speculators_version": "0.3.0",
+        "draft_vocab_size": head.config.draft_vocab_size,
+        "norm_before_residual": False,
+        "target_hidden_size": None,
+        "eagle_aux_hidden_state_layer_ids": layer_ids,
+        "speculators_config": {
+            "algorithm": "eagle3",
+            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": 3}],
+            "verifier": {"name_or_path": "org/target", "architectures": ["LlamaForCausalLM"]},
+        },
+        "transformer_layer_config": llama_config(head, num_hidden_layers=1),
+        **extra,
+    }
+    return write(directory, config, weights)
+
+
+@pytest.mark.parametrize("weights_file", ["model.safetensors", "pytorch_model.bin"])
+def test_official_release_loads(tmp_path, arch, weights_file):
+    target = make_target(arch)
+    head = make_head(target, draft_vocab_size=40)
+    loaded = Eagle3DraftModel.from_pretrained(write_official(tmp_path, head, weights_file))
+    assert loaded.config.target_layer_ids is None  # implied by the target: filled in on attach
+    assert_same_logits(loaded, head, target)
+    assert loaded.config.target_layer_ids == head.config.target_layer_ids == [2, 3, 3]
+    assert torch.equal(loaded.d2t, head.d2t) and torch.equal(loaded.t2d, head.t2d)
+
+
+def test_official_release_without_maps_loads_when_vocabularies_are_equal(tmp_path):
+    target = make_target()
+    head = make_head(target)
+    assert_same_logits(Eagle3DraftModel.from_pretrained(write_official(tmp_path, head, with_maps=False)), head, target)
+
+
+def test_specforge_head_loads_with_layer_ids_shifted(tmp_path, arch):
+    target = make_target(arch)
+    head = make_head(target, draft_vocab_size=40, target_layer_ids=[1, 3, 5])
+    loaded = Eagle3DraftModel.from_pretrained(write_specforge(tmp_path, head, output_layer_ids=[0, 2, 4]))
+    assert loaded.config.target_layer_ids == [1, 3, 5]
+    assert_same_logits(loaded, head, target)
+
+
+def test_speculators_head_loads(tmp_path, arch):
+    target = make_target(arch)
+    head = make_head(target, draft_vocab_size=40, target_layer_ids=[1, 3, 5])
+    loaded = Eagle3DraftModel.from_pretrained(write_speculators(tmp_path, head, layer_ids=[1, 3, 5]))
+    assert loaded.config.target_layer_ids == [1, 3, 5]
+    assert loaded.config.target_name_or_path == "org/target"
+    assert_same_logits(loaded, head, target)
+
+
+@pytest.mark.parametrize("format", list(FORMATS))
+def test_every_export_loads_back_equal(tmp_path, format):
+    target = make_target(arch := "qwen3")
+    head = make_head(target, draft_vocab_size=40, **({} if format == "eagle3" else {"target_layer_ids": [1, 3, 5]}))
+    head.save_pretrained(tmp_path, format=format, target_max_position_embeddings=4096)
+    config = json.loads((tmp_path / "config.json").read_text())
+    keys = set(load_file(tmp_path / "model.safetensors"))
+    layout = FORMATS[format]
+    if layout == "speculators":
+        assert config["architectures"] == ["Eagle3Speculator"] and config["norm_before_residual"] is False
+        assert config["eagle_aux_hidden_state_layer_ids"] == [1, 3, 5]
+        assert config["transformer_layer_config"]["max_position_embeddings"] == 4096
+        assert "layers.0.self_attn.q_proj.weight" in keys and "embed_tokens.weight" in keys
+    else:
+        assert config["max_position_embeddings"] == 4096
+        assert "midlayer.self_attn.q_proj.weight" in keys and "embed_tokens.weight" not in keys
+    if layout == "specforge":
+        assert config["architectures"] == ["LlamaForCausalLMEagle3"]
+        assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [0, 2, 4]
+    if layout == "eagle3":
+        assert config["architectures"] == ["LlamaForCausalLM"] and config["draft_vocab_size"] == 40
+    assert head.config.max_position_embeddings == 512  # the model itself is unchanged
+    loaded = Eagle3DraftModel.from_pretrained(tmp_path)
+    assert_same_logits(loaded, head, target)
+    assert loaded.config.target_layer_ids == head.config.target_layer_ids, arch
+    assert loaded.config.max_position_embeddings == 4096
+
+
+def test_sharded_export_loads_back(tmp_path):
+    target = make_target()
+    head = make_head(target, draft_vocab_size=40)
+    head.save_pretrained(tmp_path, format="sglang", max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert_same_logits(Eagle3DraftModel.from_pretrained(tmp_path), head, target)
+
+
+def test_export_refuses_layer_ids_the_format_cannot_hold(tmp_path):
+    head = make_head(make_target(), target_layer_ids=[0, 3, 5])
+    with pytest.raises(ValueError, match="official EAGLE-3 layout cannot store target layer ids"):
+        head.save_pretrained(tmp_path, format="eagle3")
+    with pytest.raises(ValueError, match="include 0"):
+        head.save_pretrained(tmp_path, format="sglang")
+    with pytest.raises(ValueError, match="Unknown checkpoint format 'gguf'"):
+        head.save_pretrained(tmp_path, format="gguf")
+
+
+def test_native_round_trip_covers_target_positions(tmp_path):
+    target = make_target()
+    head = make_head(target, draft_vocab_size=40)
+    head.save_pretrained(tmp_path, target_max_position_embeddings=8192)
+    assert json.loads((tmp_path / "config.json").read_text())["max_position_embeddings"] == 8192
+    assert head.config.max_position_embeddings == 512
+    assert_same_logits(Eagle3DraftModel.from_pretrained(tmp_path), head, target)
+
+
+def test_convert_cli_translates_and_covers_the_target(tmp_path, capsys):
+    target = make_target(max_position_embeddings=1024)
+    target.config.save_pretrained(tmp_path / "target")
+    head = make_head(target, draft_vocab_size=40)
+    write_official(tmp_path / "official", head)
+    assert cli_main(["convert", str(tmp_path / "official"), str(tmp_path / "sglang"), "--to", "sglang",
+                     "--target", str(tmp_path / "target")]) == 0  # fmt: skip
+    assert "[1, 2, 2]" in capsys.readouterr().out
+    config = json.loads((tmp_path / "sglang" / "config.json").read_text())
+    assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 2, 2]  # [2, 3, 3] minus one
+    assert config["max_position_embeddings"] == 2048  # the head's own already covers the target's 1024
+    cli_main(["convert", str(tmp_path / "sglang"), str(tmp_path / "vllm"), "--to", "vllm",
+              "--target-max-position-embeddings", "32768"])  # fmt: skip
+    config = json.loads((tmp_path / "vllm" / "config.json").read_text())
+    assert config["eagle_aux_hidden_state_layer_ids"] == [2, 3, 3]
+    assert config["transformer_layer_config"]["max_position_embeddings"] == 32768
+    assert_same_logits(Eagle3DraftModel.from_pretrained(tmp_path / "vllm"), head, target)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_missing_vocab_maps_with_a_reduced_vocabulary_raise(tmp_path):
+    head = make_head(make_target(), draft_vocab_size=40)
+    with pytest.raises(ValueError, match="d2t/t2d maps are missing"):
+        Eagle3DraftModel.from_pretrained(write_official(tmp_path / "official", head, with_maps=False))
+    head.save_pretrained(tmp_path / "native")
+    weights = load_file(tmp_path / "native" / "model.safetensors")
+    del weights["d2t"], weights["t2d"]
+    save_file(weights, tmp_path / "native" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="d2t/t2d maps are missing"):
+        Eagle3DraftModel.from_pretrained(tmp_path / "native")
+
+
+def test_tensor_of_wrong_shape_raises(tmp_path):
+    head = make_head(make_target(), draft_vocab_size=40)
+    directory = write_official(tmp_path, head)
+    config = json.loads((directory / "config.json").read_text())
+    config["intermediate_size"] = 128
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"midlayer\.mlp\.down_proj\.weight is \(64, 96\), the config implies"):
+        Eagle3DraftModel.from_pretrained(directory)
+
+
+def test_missing_and_unknown_tensors_raise(tmp_path):
+    head = make_head(make_target())
+    weights = published_weights(head)
+    del weights["fc.weight"]
+    write(
+        tmp_path / "incomplete", llama_config(head, architectures=["LlamaForCausalLM"], draft_vocab_size=96), weights
+    )
+    with pytest.raises(ValueError, match=r"lacks tensors of the EAGLE-3 head: \['fc.weight'\]"):
+        Eagle3DraftModel.from_pretrained(tmp_path / "incomplete")
+    weights = published_weights(head) | {"fc_norm.weight": torch.ones(64)}
+    write(tmp_path / "variant", llama_config(head, architectures=["LlamaForCausalLM"], draft_vocab_size=96), weights)
+    with pytest.raises(ValueError, match=r"does not have: \['fc_norm.weight'\]"):
+        Eagle3DraftModel.from_pretrained(tmp_path / "variant")
+
+
+def test_speculators_variant_raises(tmp_path):
+    head = make_head(make_target())
+    with pytest.raises(ValueError, match=r"sets \['norm_before_residual'\]"):
+        Eagle3DraftModel.from_pretrained(write_speculators(tmp_path, head, None, norm_before_residual=True))
+
+
+def test_unrecognised_layout_raises(tmp_path):
+    target = make_target()
+    target.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="not a recognised EAGLE-3 checkpoint"):
+        Eagle3DraftModel.from_pretrained(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no config.json"):
+        Eagle3DraftModel.from_pretrained(tmp_path / "empty")
+    with pytest.raises(ValueError, match="neither a local directory nor a hub repo id"):
+        Eagle3DraftModel.from_pretrained(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("layout", ["official", "native"])
+def test_truncated_safetensors_raise(tmp_path, layout):
+    head = make_head(make_target())
+    if layout == "official":
+        write_official(tmp_path, head)
+    else:
+        head.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        Eagle3DraftModel.from_pretrained(tmp_path)
