@@ -3,12 +3,38 @@
 from transformers import AutoConfig, AutoModel
 
 from .configuration_eagle3 import Eagle3Config
+from .decoding import (
+    Eagle3CandidateGenerator,
+    Eagle3GenerateDecoderOnlyOutput,
+    Eagle3GenerationStats,
+    disable_eagle3_generation,
+    enable_eagle3_generation,
+)
 from .model_card import create_model_card
 from .modeling_eagle3 import Eagle3DraftModel, Eagle3DraftOutput
+from .offline_models import OFFLINE_TARGETS, OfflineModelError, OfflineTarget, load_target, materialize_gguf
 
 AutoConfig.register(Eagle3Config.model_type, Eagle3Config)
 AutoModel.register(Eagle3Config, Eagle3DraftModel)
+# `target.generate(..., assistant_model=draft)` runs EAGLE-3 from here on; `disable_eagle3_generation()` undoes it.
+enable_eagle3_generation()
 
 __version__ = "0.1.0"
 
-__all__ = ["Eagle3Config", "Eagle3DraftModel", "Eagle3DraftOutput", "__version__", "create_model_card"]
+__all__ = [
+    "Eagle3CandidateGenerator",
+    "Eagle3Config",
+    "Eagle3DraftModel",
+    "Eagle3DraftOutput",
+    "Eagle3GenerateDecoderOnlyOutput",
+    "Eagle3GenerationStats",
+    "OFFLINE_TARGETS",
+    "OfflineModelError",
+    "OfflineTarget",
+    "__version__",
+    "create_model_card",
+    "disable_eagle3_generation",
+    "enable_eagle3_generation",
+    "load_target",
+    "materialize_gguf",
+]
