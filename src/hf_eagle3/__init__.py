@@ -13,6 +13,7 @@ from .decoding import (
 from .model_card import create_model_card
 from .modeling_eagle3 import Eagle3DraftModel, Eagle3DraftOutput
 from .offline_models import OFFLINE_TARGETS, OfflineModelError, OfflineTarget, load_target, materialize_gguf
+from .trainer import Eagle3DataCollator, Eagle3FeatureDataset, Eagle3Trainer, Eagle3TrainingArguments, prepare_features
 
 AutoConfig.register(Eagle3Config.model_type, Eagle3Config)
 AutoModel.register(Eagle3Config, Eagle3DraftModel)
@@ -24,10 +25,14 @@ __version__ = "0.1.0"
 __all__ = [
     "Eagle3CandidateGenerator",
     "Eagle3Config",
+    "Eagle3DataCollator",
     "Eagle3DraftModel",
     "Eagle3DraftOutput",
+    "Eagle3FeatureDataset",
     "Eagle3GenerateDecoderOnlyOutput",
     "Eagle3GenerationStats",
+    "Eagle3Trainer",
+    "Eagle3TrainingArguments",
     "OFFLINE_TARGETS",
     "OfflineModelError",
     "OfflineTarget",
@@ -37,4 +42,5 @@ __all__ = [
     "enable_eagle3_generation",
     "load_target",
     "materialize_gguf",
+    "prepare_features",
 ]

@@ -1,0 +1,58 @@
+"""Training arguments of `Eagle3Trainer`: the TTT recipe on top of `transformers.TrainingArguments`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class Eagle3TrainingArguments(TrainingArguments):
+    r"""
+    `TrainingArguments` plus the EAGLE-3 training-time-test recipe.
+
+    Optimiser defaults follow the EAGLE-3 paper (AdamW betas (0.9, 0.95), gradient clipping 0.5) except the
+    learning rate: the paper's 5e-5 goes with ~500k samples on 8B targets; 1e-4 converges in the few epochs a
+    small head on tens of thousands of samples gets. Pass `learning_rate=5e-5` for the paper's recipe.
+
+    Args:
+        ttt_steps: how many steps the head is unrolled on its own outputs (training-time test). The
+            reference code uses 7; a head drafts well about as deep as it was trained.
+        step_loss_decay: step k's loss is weighted `step_loss_decay**k`.
+        max_length: longer samples are truncated to this many tokens by the default collator.
+        target_logits_chunk_size: positions whose full-vocabulary target logits are upcast to float32 at once
+            when restricting them to the draft vocabulary; lower it if that step runs out of memory.
+    """
+
+    ttt_steps: int = field(default=7, metadata={"help": "Training-time-test unroll length (reference code: 7)."})
+    step_loss_decay: float = field(default=0.8, metadata={"help": "Step k's loss is weighted step_loss_decay**k."})
+    max_length: int | None = field(
+        default=2048, metadata={"help": "Samples longer than this are truncated by the default collator."}
+    )
+    target_logits_chunk_size: int = field(
+        default=1024,
+        metadata={"help": "Positions of full-vocabulary target logits upcast to float32 at a time."},
+    )
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (paper: 5e-5 at 8B scale)."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2, as in the EAGLE-3 paper."})
+    max_grad_norm: float = field(default=0.5, metadata={"help": "Gradient clipping, as in the EAGLE-3 paper."})
+    # Rows carry `loss_mask` (and precomputed features offline), which the head's forward does not take.
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the dataset columns TTT needs."})
+    # Every trainable parameter of the head gets a gradient each step; the unused-parameter search of DDP
+    # would only cost time (and the head is called once per TTT step within one backward).
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "DDP unused-parameter search; every head parameter is used."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.ttt_steps < 1:
+            raise ValueError(f"ttt_steps must be at least 1, got {self.ttt_steps}.")
+        if not 0 < self.step_loss_decay <= 1:
+            raise ValueError(f"step_loss_decay must lie in (0, 1], got {self.step_loss_decay}.")
+        if self.max_length is not None and self.max_length < self.ttt_steps + 2:
+            raise ValueError(
+                f"max_length ({self.max_length}) leaves no position to score: TTT step k predicts token t + k + 2, "
+                f"so samples need more than ttt_steps + 1 = {self.ttt_steps + 1} tokens."
+            )

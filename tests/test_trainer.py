@@ -1,0 +1,212 @@
+import pytest
+import torch
+from conftest import make_head, make_target
+from huggingface_hub.errors import StrictDataclassClassValidationError
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from hf_eagle3 import Eagle3Config, Eagle3DraftModel
+from hf_eagle3.trainer import (
+    Eagle3DataCollator,
+    Eagle3FeatureDataset,
+    Eagle3Trainer,
+    Eagle3TrainingArguments,
+    prepare_features,
+)
+
+
+def make_rows(num_rows: int = 8, length: int = 12, vocab_size: int = 96, seed: int = 0) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(num_rows):
+        size = length - i % 3  # uneven lengths exercise padding
+        ids = torch.randint(3, vocab_size, (size,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "loss_mask": [0] * 3 + [1] * (size - 3)})
+    return rows
+
+
+def make_args(tmp_path, **overrides) -> Eagle3TrainingArguments:
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=4,
+        max_steps=2,
+        logging_steps=1,
+        ttt_steps=2,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        seed=0,
+    )
+    values.update(overrides)
+    return Eagle3TrainingArguments(**values)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_training_logs_per_step_metrics_and_eval_acceptance(tmp_path):
+    target = make_target()
+    head = make_head(target, draft_vocab_size=50)
+    args = make_args(tmp_path, eval_strategy="steps", eval_steps=2)
+    trainer = Eagle3Trainer(
+        model=head, target_model=target, args=args, train_dataset=make_rows(), eval_dataset=make_rows(4, seed=1)
+    )
+    before = trainable_state(head)
+    trainer.train()
+    train_logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert {"loss_step_0", "loss_step_1", "acc_step_0", "acc_step_1"} <= train_logs[0].keys()
+    eval_log = next(log for log in trainer.state.log_history if "eval_loss" in log)
+    assert {"eval_loss_step_1", "eval_acc_step_1", "eval_acceptance_length"} <= eval_log.keys()
+    assert 1.0 <= eval_log["eval_acceptance_length"] <= 3.0
+    # Weighted sum of step losses: loss = loss_0 + 0.8 * loss_1 (one micro-batch per logging step here).
+    assert train_logs[0]["loss"] > train_logs[0]["loss_step_0"]
+    assert all(not torch.equal(before[n], p) for n, p in trainable_state(head).items())
+    assert not any(p.requires_grad for p in target.parameters())
+
+
+def test_resumed_run_continues_like_uninterrupted(tmp_path):
+    rows = make_rows(8)
+
+    def run(output_dir, max_steps, resume=None):
+        target = make_target()
+        head = make_head(target, draft_vocab_size=50)
+        args = make_args(
+            tmp_path, output_dir=str(output_dir), max_steps=max_steps, save_strategy="steps", save_steps=2
+        )
+        trainer = Eagle3Trainer(model=head, target_model=target, args=args, train_dataset=rows)
+        trainer.train(resume_from_checkpoint=resume)
+        return head, trainer
+
+    uninterrupted, _ = run(tmp_path / "full", 4)
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    assert (checkpoint / "optimizer.pt").exists() and (checkpoint / "scheduler.pt").exists()
+    # The checkpoint is a complete head: it loads on its own (the embedding comes from the target).
+    reloaded = Eagle3DraftModel.from_pretrained(checkpoint)
+    assert reloaded.config.draft_vocab_size == 50
+    resumed, trainer = run(tmp_path / "resumed", 4, resume=str(checkpoint))
+    assert trainer.state.global_step == 4
+    for name, value in trainable_state(uninterrupted).items():
+        torch.testing.assert_close(trainable_state(resumed)[name], value)
+
+
+def test_gradient_accumulation_matches_larger_batch(tmp_path):
+    """Two micro-batches of one row must step exactly like one batch of two (no double or missing scaling)."""
+    rows = make_rows(1) * 2  # identical rows: per-micro-batch means equal the batch mean
+    results = []
+    for batch_size, accumulation in ((2, 1), (1, 2)):
+        target = make_target()
+        head = make_head(target, draft_vocab_size=50)
+        # Plain SGD, no clipping: the update is proportional to the gradient, so any mis-scaling shows.
+        args = make_args(
+            tmp_path,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            max_steps=1,
+            optim="sgd",
+            max_grad_norm=0.0,
+            learning_rate=0.1,
+        )
+        trainer = Eagle3Trainer(model=head, target_model=target, args=args, train_dataset=rows)
+        trainer.train()
+        results.append((trainable_state(head), trainer.state.log_history[0]["loss"]))
+    (big, big_loss), (accumulated, accumulated_loss) = results
+    assert accumulated_loss == pytest.approx(big_loss, rel=1e-5)
+    for name, value in big.items():
+        torch.testing.assert_close(accumulated[name], value)
+
+
+def test_offline_features_give_the_online_loss_and_resume(tmp_path):
+    target = make_target()
+    head = make_head(target, draft_vocab_size=50)
+    rows = make_rows(5)
+    features_dir = prepare_features(
+        target, rows, tmp_path / "features", head.config.target_layer_ids, samples_per_shard=2, batch_size=2
+    )
+    shards = sorted(features_dir.glob("features-*.safetensors"))
+    assert len(shards) == 3
+    dataset = Eagle3FeatureDataset(features_dir)
+    assert len(dataset) == 5 and dataset[4]["input_ids"].tolist() == rows[4]["input_ids"]
+
+    args = make_args(tmp_path)
+    online = Eagle3Trainer(model=head, target_model=target, args=args, train_dataset=rows)
+    online_loss = online.compute_loss(head, online.data_collator(rows))
+    # Offline needs no target: the head gets its embedding and the target's projection from the features.
+    offline_head = Eagle3DraftModel(head.config).eval()
+    offline_head.load_state_dict(
+        {k: v for k, v in head.state_dict().items() if k != "embed_tokens.weight"}, strict=False
+    )
+    offline = Eagle3Trainer(model=offline_head, args=args, train_dataset=dataset)
+    assert offline.target_model is None
+    offline_loss = offline.compute_loss(offline_head, offline.data_collator([dataset[i] for i in range(5)]))
+    torch.testing.assert_close(offline_loss, online_loss)
+    offline.train()
+
+    # Resumable: a missing shard is written again, finished ones are skipped.
+    shards[1].unlink()
+    with pytest.raises(ValueError, match="incomplete"):
+        Eagle3FeatureDataset(features_dir)
+    untouched = shards[0].stat().st_mtime_ns
+    prepare_features(target, rows, features_dir, head.config.target_layer_ids, samples_per_shard=2, batch_size=2)
+    assert shards[1].exists() and shards[0].stat().st_mtime_ns == untouched
+    with pytest.raises(ValueError, match="different settings"):
+        prepare_features(target, rows, features_dir, head.config.target_layer_ids, samples_per_shard=3)
+
+
+def test_bad_data_gets_clear_errors(tmp_path):
+    target = make_target()
+    head = make_head(target, draft_vocab_size=50)
+    args = make_args(tmp_path)
+    empty = [{"input_ids": row["input_ids"], "loss_mask": [0] * len(row["input_ids"])} for row in make_rows(3)]
+    with pytest.raises(ValueError, match="no token to learn"):
+        Eagle3Trainer(model=head, target_model=target, args=args, train_dataset=empty)
+    with pytest.raises(ValueError, match="lacks the column"):
+        Eagle3Trainer(model=head, target_model=target, args=args, train_dataset=[{"input_ids": [5, 6, 7]}])
+    with pytest.raises(ValueError, match="outside the target vocabulary"):
+        Eagle3DataCollator(vocab_size=96)([{"input_ids": [5, 200, 7], "loss_mask": [1, 1, 1]}])
+    with pytest.raises(StrictDataclassClassValidationError, match="larger than the target vocabulary"):
+        Eagle3Config.from_target_config(target.config, draft_vocab_size=97)
+    broken = make_head(target, draft_vocab_size=50)
+    broken.t2d.zero_()  # maps never loaded
+    with pytest.raises(ValueError, match="d2t/t2d"):
+        Eagle3Trainer(model=broken, target_model=target, args=args, train_dataset=make_rows())
+    with pytest.raises(ValueError, match="does not fit"):
+        Eagle3Trainer(model=head, target_model=make_target(vocab_size=128), args=args, train_dataset=make_rows())
+
+
+def test_head_for_lora_adapted_target(tmp_path):
+    """A PeftModel target: the head learns from the ADAPTED model's features and logits."""
+    base = make_target()
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    target = get_peft_model(base, lora)
+    head = make_head(base, draft_vocab_size=50)
+    trainer = Eagle3Trainer(model=head, target_model=target, args=make_args(tmp_path), train_dataset=make_rows())
+    batch = trainer.data_collator(make_rows(2))
+    features, logits = trainer.target_outputs(batch)
+    torch.testing.assert_close(logits, target(**batch).logits)
+    with target.disable_adapter():
+        assert not torch.allclose(logits, target(**batch).logits)
+    trainer.train()
+
+
+def test_lora_on_existing_head_trains_saves_loads_and_merges(tmp_path):
+    target = make_target()
+    head = make_head(target, draft_vocab_size=50)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "fc"])
+    model = get_peft_model(head, lora)
+    frozen = {n: p.detach().clone() for n, p in head.named_parameters() if "lora_" not in n}
+    trainer = Eagle3Trainer(model=model, target_model=target, args=make_args(tmp_path), train_dataset=make_rows())
+    trainer.train()
+    assert all(torch.equal(p, frozen[n]) for n, p in head.named_parameters() if "lora_" not in n)
+
+    model.save_pretrained(tmp_path / "adapter")
+    fresh = make_head(target, draft_vocab_size=50)  # same seed: the same base weights the adapter was trained on
+    loaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter")
+    features, ids = torch.randn(1, 6, 3 * 64), torch.randint(3, 96, (1, 6))
+    with torch.no_grad():
+        expected = model(input_ids=ids, target_hidden_states=features).logits
+        torch.testing.assert_close(loaded(input_ids=ids, target_hidden_states=features).logits, expected)
+        merged = loaded.merge_and_unload()
+        assert isinstance(merged, Eagle3DraftModel)
+        torch.testing.assert_close(merged(input_ids=ids, target_hidden_states=features).logits, expected)
