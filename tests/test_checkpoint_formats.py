@@ -135,6 +135,24 @@ def test_specforge_head_loads_with_layer_ids_shifted(tmp_path, arch):
     assert_same_logits(loaded, head, target)
 
 
+def test_vllm_llama_config_loads_with_layer_ids_as_they_are(tmp_path):
+    target = make_target()
+    head = make_head(target, draft_vocab_size=40, target_layer_ids=[1, 3, 5])
+    config = llama_config(
+        head, architectures=["Eagle3LlamaForCausalLM"], draft_vocab_size=40, eagle_aux_hidden_state_layer_ids=[1, 3, 5]
+    )
+    loaded = Eagle3DraftModel.from_pretrained(write(tmp_path, config, published_weights(head)))
+    assert loaded.config.target_layer_ids == [1, 3, 5]
+    assert_same_logits(loaded, head, target)
+
+
+def test_foreign_checkpoint_keeps_its_dtype_unless_told(tmp_path):
+    head = make_head(make_target(), draft_vocab_size=40).to(torch.bfloat16)
+    directory = write_official(tmp_path, head)
+    assert Eagle3DraftModel.from_pretrained(directory).dtype == torch.bfloat16
+    assert Eagle3DraftModel.from_pretrained(directory, dtype=torch.float32).fc.weight.dtype == torch.float32
+
+
 def test_speculators_head_loads(tmp_path, arch):
     target = make_target(arch)
     head = make_head(target, draft_vocab_size=40, target_layer_ids=[1, 3, 5])
@@ -254,6 +272,19 @@ def test_missing_and_unknown_tensors_raise(tmp_path):
     write(tmp_path / "variant", llama_config(head, architectures=["LlamaForCausalLM"], draft_vocab_size=96), weights)
     with pytest.raises(ValueError, match=r"does not have: \['fc_norm.weight'\]"):
         Eagle3DraftModel.from_pretrained(tmp_path / "variant")
+
+
+def test_native_save_missing_or_extra_tensors_raise(tmp_path):
+    head = make_head(make_target())
+    head.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({**weights, "fc_norm.weight": torch.ones(64)}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"does not have: \['fc_norm.weight'\]"):
+        Eagle3DraftModel.from_pretrained(tmp_path)
+    del weights["lm_head.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks tensors of the EAGLE-3 head: \['lm_head.weight'\]"):
+        Eagle3DraftModel.from_pretrained(tmp_path)
 
 
 def test_speculators_variant_raises(tmp_path):

@@ -11,6 +11,9 @@ Four layouts hold the same one-layer head under different configs, key names and
   `LlamaConfig` as `transformer_layer_config`, `layers.0.` instead of `midlayer.`, `embed_tokens.weight` saved and
   layer ids in our numbering.
 
+vLLM's own `Eagle3LlamaForCausalLM` config (SpecForge's keys, layer ids numbered as ours) is read too, never written:
+exports for vLLM use the speculators layout.
+
 Serving engines skip keys they do not know, so a wrong export starts fine and drafts badly; this module therefore
 loads strictly and names every mismatch. Weights are read from safetensors, or from `.bin` with
 `torch.load(weights_only=True)`: nothing in a checkpoint is ever executed.
@@ -42,6 +45,8 @@ NATIVE_LAYOUT = "hf-eagle3"
 OFFICIAL_LAYOUT = "eagle3"
 SPECFORGE_LAYOUT = "specforge"
 SPECULATORS_LAYOUT = "speculators"
+# vLLM's own name for the SpecForge-style layout, whose layer ids vLLM reads as "input of layer"; read only.
+VLLM_LLAMA_LAYOUT = "vllm-llama"
 
 # Names accepted by `save_pretrained(format=...)` and `hf-eagle3 convert --to`, mapped to the layout they write.
 # SGLang reads SpecForge's layout; vLLM reads several, but only the speculators one carries layer ids in a numbering
@@ -58,6 +63,7 @@ FORMATS: dict[str, str] = {
 SPECFORGE_ARCHITECTURE = "LlamaForCausalLMEagle3"
 SPECULATORS_ARCHITECTURE = "Eagle3Speculator"
 OFFICIAL_ARCHITECTURE = "LlamaForCausalLM"
+VLLM_ARCHITECTURE = "Eagle3LlamaForCausalLM"
 
 # Keyword arguments of `from_pretrained` that say where to find files, passed on to `hf_hub_download`.
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
@@ -97,6 +103,8 @@ def detect_layout(config: dict[str, Any], source: str = "the checkpoint") -> str
         return SPECULATORS_LAYOUT
     if config.get("model_type") == Eagle3Config.model_type:
         return NATIVE_LAYOUT
+    if VLLM_ARCHITECTURE in architectures:
+        return VLLM_LLAMA_LAYOUT
     if SPECFORGE_ARCHITECTURE in architectures or "eagle_config" in config:
         return SPECFORGE_LAYOUT
     if OFFICIAL_ARCHITECTURE in architectures and "draft_vocab_size" in config:
@@ -161,17 +169,22 @@ def config_from_checkpoint(config: dict[str, Any], layout: str, **overrides) -> 
         # The official and SpecForge configs are the head's LlamaConfig itself. One official release says
         # `num_hidden_layers: 40` and is still a one-layer head, so that field is not read; the weights decide.
         values = _head_dimensions(config)
+        eagle_config = config.get("eagle_config") or {}
+        if eagle_config.get("use_aux_hidden_state") is False:
+            raise ValueError(
+                "This head sets `eagle_config.use_aux_hidden_state: false`: it reads the target's last layer only "
+                "(EAGLE-1/2 style), not the three feature layers of EAGLE-3."
+            )
         values["target_layer_ids"] = None
         if layout == SPECFORGE_LAYOUT:
-            eagle_config = config.get("eagle_config") or {}
-            if eagle_config.get("use_aux_hidden_state") is False:
-                raise ValueError(
-                    "This SpecForge head sets `eagle_config.use_aux_hidden_state: false`: it reads the target's "
-                    "last layer only (EAGLE-1/2 style), not the three feature layers of EAGLE-3."
-                )
-            output_ids = eagle_config.get("eagle_aux_hidden_state_layer_ids")
             # SpecForge/SGLang number "output of layer i", which is the input of layer i + 1 (ours).
+            output_ids = eagle_config.get("eagle_aux_hidden_state_layer_ids")
             values["target_layer_ids"] = [i + 1 for i in output_ids] if output_ids else None
+        elif layout == VLLM_LLAMA_LAYOUT:
+            # vLLM reads them at the top level or in `eagle_config`, numbered as ours.
+            values["target_layer_ids"] = config.get("eagle_aux_hidden_state_layer_ids") or eagle_config.get(
+                "eagle_aux_hidden_state_layer_ids"
+            )
     values["draft_vocab_size"] = config.get("draft_vocab_size")
     values["target_hidden_size"] = config.get("target_hidden_size")
     known = {field.name for field in dataclasses.fields(Eagle3Config)}
@@ -415,6 +428,19 @@ def load_state_dict_strictly(model: Eagle3DraftModel, state_dict: dict[str, torc
         )
     model.load_state_dict(state_dict, strict=False)
     model.check_vocab_maps()
+
+
+def check_loading_info(loading_info: dict[str, Any], source: str) -> None:
+    """Raise on the tensors transformers' loader reported missing or unexpected in one of our own saves."""
+    missing = sorted(set(loading_info["missing_keys"]) - set(OPTIONAL_KEYS))
+    unexpected = sorted(loading_info["unexpected_keys"])
+    if missing:
+        raise ValueError(f"{source} lacks tensors of the EAGLE-3 head: {missing}. The checkpoint is incomplete.")
+    if unexpected:
+        raise ValueError(
+            f"{source} holds tensors an EAGLE-3 head does not have: {unexpected}. It was saved by a different model "
+            "or an incompatible version of this library."
+        )
 
 
 def load_converted(

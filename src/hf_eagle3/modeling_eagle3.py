@@ -9,7 +9,6 @@ official, SpecForge and SGLang heads load without renaming.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -327,21 +326,32 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         transformers' loader. Foreign layouts take `dtype` (default: as saved), `attn_implementation`, one-device
         `device_map`, the hub options and Eagle3Config fields as overrides (e.g. `target_layer_ids`).
         """
-        if kwargs.get("config") is None and pretrained_model_name_or_path is not None:
+        source = str(pretrained_model_name_or_path)
+        if pretrained_model_name_or_path is not None:
             hub_kwargs = checkpoint_formats.split_hub_kwargs(kwargs)
             files = checkpoint_formats.CheckpointFiles(pretrained_model_name_or_path, **hub_kwargs)
             config = files.read_config()
-            layout = checkpoint_formats.detect_layout(config, os.fspath(pretrained_model_name_or_path))
+            layout = checkpoint_formats.detect_layout(config, source)
             if layout != checkpoint_formats.NATIVE_LAYOUT:
+                if kwargs.get("config") is not None:
+                    raise ValueError(
+                        f"{source} is a {layout} checkpoint, converted from its own config: pass Eagle3Config "
+                        "fields as keyword overrides instead of `config`."
+                    )
                 return checkpoint_formats.load_converted(
                     cls, pretrained_model_name_or_path, layout, files, config, **kwargs
                 )
             kwargs.update(hub_kwargs)
-        with checkpoint_formats.explaining_corrupt_safetensors(str(pretrained_model_name_or_path)):
-            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        # `d2t`/`t2d` absent from a save are silently zero-initialised by transformers: refuse such a head.
-        (loaded[0] if isinstance(loaded, tuple) else loaded).check_vocab_maps()
-        return loaded
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        with checkpoint_formats.explaining_corrupt_safetensors(source):
+            model, loading_info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        # transformers only warns about missing or unexpected tensors and initialises the missing ones at random;
+        # a head loaded that way drafts garbage, so refuse it (missing d2t/t2d are judged by check_vocab_maps).
+        checkpoint_formats.check_loading_info(loading_info, source)
+        model.check_vocab_maps()
+        return (model, loading_info) if output_loading_info else model
 
     def save_pretrained(
         self,
