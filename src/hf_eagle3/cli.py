@@ -8,6 +8,7 @@ import sys
 # subcommand -> (module, function, one-line help). Modules import lazily: `hf-eagle3 --help` stays fast
 # and a subcommand only needs the dependencies of its own job.
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "demo": ("hf_eagle3.demo", "main", "answer a few prompts with and without the shipped SmolLM2 head"),
     "convert": ("hf_eagle3.checkpoint_formats", "convert_main", "convert a draft head to another checkpoint layout"),
 }
 
