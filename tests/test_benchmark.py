@@ -1,0 +1,110 @@
+"""benchmarks/run_benchmark.py end to end on a tiny random target and head: CPU, 2 prompts, 8 tokens."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_head, make_target
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+from transformers import PreTrainedTokenizerFast
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run_benchmark.py"
+spec = importlib.util.spec_from_file_location("run_benchmark", SCRIPT)
+run_benchmark = importlib.util.module_from_spec(spec)
+sys.modules["run_benchmark"] = run_benchmark  # dataclasses look their module up there
+spec.loader.exec_module(run_benchmark)
+
+ROW_KEYS = {"method", "task", "temperature", "tokens_per_s", "speedup", "mean_accept_len", "greedy_identical"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A saved tiny target with a word-level tokenizer and chat template, a saved random head, and prompts."""
+    root = tmp_path_factory.mktemp("tiny")
+    backend = Tokenizer(WordLevel({f"w{i}": i for i in range(96)}, unk_token="w0"))
+    backend.pre_tokenizer = Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="w2", pad_token="w0")
+    tokenizer.chat_template = "{% for message in messages %}w1 {{ message['content'] }} {% endfor %}w3"
+    target = make_target("llama")
+    target.save_pretrained(root / "target")
+    tokenizer.save_pretrained(root / "target")
+    make_head(target, draft_vocab_size=64).save_pretrained(root / "head")
+    prompts = root / "tiny_task.jsonl"
+    rows = [{"turns": ["w5 w6 w7 w8 w5 w6 w7"]}, {"prompt": "w9 w10 w11 w9 w10"}, {"turns": ["unused"]}]
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return root, prompts
+
+
+def measure(tiny, output_dir: Path, *extra: str) -> dict:
+    root, prompts = tiny
+    argv = ["measure", "--target", str(root / "target"), "--head", str(root / "head"), "--prompts", str(prompts)]
+    argv += ["--limit", "2", "--max_new_tokens", "8", "--device", "cpu", "--output_dir", str(output_dir), *extra]
+    assert run_benchmark.main(argv) == 0
+    return json.loads((output_dir / "target.json").read_text())
+
+
+METHODS = ["plain", "prompt_lookup", "eagle3_chain_n3", "eagle3_tree_t8_d3_k2"]
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny, tmp_path_factory):
+    pytest.importorskip("matplotlib")
+    output_dir = tmp_path_factory.mktemp("results")
+    return output_dir, measure(tiny, output_dir, "--methods", *METHODS, "--temperatures", "0", "1")
+
+
+def test_measure_writes_json_table_and_plot(full_run):
+    output_dir, payload = full_run
+    assert {"target", "device", "versions", "command", "date", "results"} <= set(payload)
+    assert payload["target"] == "target" and payload["versions"]["transformers"]
+    rows = payload["results"]
+    assert [(row["method"], row["temperature"]) for row in rows] == [(m, t) for t in (0.0, 1.0) for m in METHODS]
+    for row in rows:
+        assert ROW_KEYS <= set(row) and row["task"] == "tiny_task" and row["prompts"] == 2
+        assert row["tokens_per_s"] > 0 and row["speedup"] > 0
+    greedy = {row["method"]: row for row in rows if row["temperature"] == 0}
+    # Plain generate makes one token per forward; EAGLE-3 is lossless even with a random head.
+    assert greedy["plain"]["mean_accept_len"] == 1.0 and greedy["plain"]["speedup"] == 1.0
+    assert all(row["greedy_identical"] for row in greedy.values())
+    assert greedy["eagle3_tree_t8_d3_k2"]["generate_kwargs"] == {
+        "eagle3_mode": "tree",
+        "eagle3_total_tokens": 8,
+        "eagle3_depth": 3,
+        "eagle3_top_k": 2,
+    }
+    assert greedy["eagle3_tree_t8_d3_k2"]["mean_accept_len"] >= 1.0
+    assert all(row["greedy_identical"] is None for row in rows if row["temperature"] == 1)
+    table = (output_dir / "target.md").read_text()
+    assert "| 0 | tiny_task | eagle3_chain_n3 | 2 |" in table
+    assert (output_dir / "target.png").stat().st_size > 0
+
+
+def test_partial_runs_merge(tiny, full_run, tmp_path):
+    output_dir, first = full_run
+    second = measure(tiny, tmp_path / "b", "--methods", "plain", "--temperatures", "0", "--no_plot", "--seed", "1")
+    argv = ["merge", str(output_dir / "target.json"), str(tmp_path / "b" / "target.json")]
+    assert run_benchmark.main([*argv, "--output_dir", str(tmp_path / "merged"), "--no_plot"]) == 0
+    merged = json.loads((tmp_path / "merged" / "target.json").read_text())
+    # The later run's row replaces the earlier one for the same (method, task, temperature).
+    assert merged["results"] == [second["results"][0], *first["results"][1:]]
+    assert merged["command"] == f"{first['command']} ; {second['command']}"
+    assert len(merged["merged_runs"]) == 2
+
+
+def test_bad_requests_are_explained(tiny, tmp_path):
+    with pytest.raises(ValueError, match="Unknown method 'eagle3_tree_x4'"):
+        run_benchmark.parse_method("eagle3_tree_x4")
+    root, prompts = tiny
+    with pytest.raises(SystemExit, match="need a trained head, and there is none at"):
+        argv = ["measure", "--target", str(root / "target"), "--head", str(tmp_path), "--prompts", str(prompts)]
+        run_benchmark.main([*argv, "--methods", "plain", "eagle3_chain"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "no turns"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1 has neither a `turns` list nor a `prompt` string"):
+        run_benchmark.load_prompts(bad, limit=None)
