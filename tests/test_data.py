@@ -220,14 +220,30 @@ def tiny_target(chatml):
     return make_target("llama", vocab_size=len(chatml), num_hidden_layers=2)
 
 
+@pytest.fixture
+def chatty_target(chatml):
+    """A tiny target that ends its turn after a few sampled tokens, as an instruct model does.
+
+    Every embedding gets a large first coordinate, which survives the random layers, and the
+    end-of-turn row of `lm_head` reads it: the end-of-turn logit is about 4 where the others are
+    near 0, so sampling stops with probability ~0.07 per token (distinct prompts of ~14 tokens).
+    """
+    target = make_target("llama", vocab_size=len(chatml), num_hidden_layers=2, seed=1)
+    with torch.no_grad():
+        target.model.embed_tokens.weight[:, 0] = 10.0
+        target.lm_head.weight[chatml.eos_token_id, 0] = 0.4
+    return target
+
+
 def test_batched_left_padded_generation_matches_one_by_one(chatml, tiny_target):
     prompts = [
         chatml.apply_chat_template(CONVERSATION[: end + 1], tokenize=False, add_generation_prompt=True)
         for end in (0, 2)
     ]
     prompts.append(user_turn_prefix(chatml))
-    batched = generate_texts(tiny_target, chatml, prompts, max_new_tokens=6, batch_size=3)
-    assert batched == [generate_texts(tiny_target, chatml, [prompt], max_new_tokens=6)[0] for prompt in prompts]
+    batched, finished = generate_texts(tiny_target, chatml, prompts, max_new_tokens=6, batch_size=3)
+    assert len(finished) == 3
+    assert batched == [generate_texts(tiny_target, chatml, [prompt], max_new_tokens=6)[0][0] for prompt in prompts]
 
 
 def test_regenerate_keeps_user_turns_and_replaces_answers(chatml, tiny_target):
@@ -243,19 +259,26 @@ def test_regenerate_keeps_user_turns_and_replaces_answers(chatml, tiny_target):
         regenerate_conversations(tiny_target, chatml, [[{"role": "system", "content": "x"}]], max_new_tokens=2)
 
 
-def test_synthesize_prompts_are_distinct(chatml, tiny_target):
+def test_synthesize_prompts_are_finished_and_distinct(chatml, tiny_target, chatty_target):
     torch.manual_seed(0)
-    prompts = synthesize_prompts(tiny_target, chatml, 5, max_new_tokens=6, batch_size=4, min_length=1)
+    texts, finished = generate_texts(chatty_target, chatml, [user_turn_prefix(chatml)] * 8, 40, temperature=1.0)
+    assert any(finished) and all(
+        len(chatml.encode(text)) < 40 for text, done in zip(texts, finished, strict=True) if done
+    )
+    prompts = synthesize_prompts(chatty_target, chatml, 5, max_new_tokens=40, batch_size=4, min_length=1)
     assert len(prompts) == 5 and len({" ".join(prompt.lower().split()) for prompt in prompts}) == 5
+    # The plain random target hardly ever ends a turn: its cut prompts are all discarded.
+    with pytest.raises(ValueError, match="wrote no usable prompt in 1 batches"):
+        synthesize_prompts(tiny_target, chatml, 2, max_new_tokens=3, batch_size=2, min_length=1, max_rounds=1)
     with pytest.raises(ValueError, match="needs sampling"):
         synthesize_prompts(tiny_target, chatml, 5, temperature=0.0)
 
 
-def test_prepare_data_cli_end_to_end(tmp_path, chatml, tiny_target, capsys):
+def test_prepare_data_cli_end_to_end(tmp_path, chatml, chatty_target, capsys):
     from datasets import load_from_disk
 
     target_dir = tmp_path / "target"
-    tiny_target.save_pretrained(target_dir)
+    chatty_target.save_pretrained(target_dir)
     chatml.save_pretrained(target_dir)
     data_file = tmp_path / "sharegpt.jsonl"
     turns = [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in CONVERSATION]
@@ -267,8 +290,8 @@ def test_prepare_data_cli_end_to_end(tmp_path, chatml, tiny_target, capsys):
     assert dataset[0] == tokenize_conversation(chatml, CONVERSATION, None)
     assert "cover 100.00% of the tokens to learn" in capsys.readouterr().out
 
-    generated = [*common, "--synthesize", "3", "--max_prompt_tokens", "6", "--max_new_tokens", "5"]
-    assert prepare_data_main([*generated, "--min_prompt_length", "1", "--batch_size", "2"]) == 0
+    generated = [*common, "--synthesize", "3", "--max_prompt_tokens", "40", "--min_prompt_length", "1"]
+    assert prepare_data_main([*generated, "--max_new_tokens", "5", "--temperature", "1", "--batch_size", "2"]) == 0
     dataset = load_from_disk(str(output_dir))
     d2t, t2d = load_vocab_map(output_dir)
     assert dataset.num_rows == 3 and d2t.shape == (64,) and t2d.shape == (len(chatml),)

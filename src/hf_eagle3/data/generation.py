@@ -42,11 +42,15 @@ def generate_texts(
     batch_size: int = 16,
     temperature: float = 0.0,
     top_p: float = 1.0,
-) -> list[str]:
+) -> tuple[list[str], list[bool]]:
     """Continue already-rendered prompts in batches; greedy when `temperature == 0`.
 
     Prompts are tokenised without extra special tokens (rendered chat templates carry their own BOS),
     left-padded on the model's device, and each continuation is cut at its first end-of-turn token.
+
+    Returns:
+        The continuations, and for each whether it ended with an end-of-turn token (False: cut at
+        `max_new_tokens`).
     """
     stop_ids = _stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
@@ -57,6 +61,7 @@ def generate_texts(
     # Batching prompts of similar length wastes less compute on padding.
     order = sorted(range(len(prompts)), key=lambda index: len(encoded[index]))
     texts: list[str] = [""] * len(prompts)
+    finished: list[bool] = [False] * len(prompts)
     for start in range(0, len(order), batch_size):
         batch = [encoded[index] for index in order[start : start + batch_size]]
         width = max(len(ids) for ids in batch)
@@ -74,9 +79,10 @@ def generate_texts(
             **sampling,
         )
         for index, new_tokens in zip(order[start : start + batch_size], output[:, width:].tolist(), strict=True):
-            end = next((position for position, token in enumerate(new_tokens) if token in stop_ids), len(new_tokens))
+            end = next((position for position, token in enumerate(new_tokens) if token in stop_ids), None)
+            finished[index] = end is not None
             texts[index] = tokenizer.decode(new_tokens[:end], skip_special_tokens=True)
-    return texts
+    return texts, finished
 
 
 def regenerate_conversations(
@@ -115,10 +121,17 @@ def regenerate_conversations(
             tokenizer.apply_chat_template(regenerated[index], tokenize=False, add_generation_prompt=True)
             for index in active
         ]
-        answers = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, top_p)
+        answers, finished = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, top_p)
         for index, answer in zip(active, answers, strict=True):
             regenerated[index].append({"role": "assistant", "content": answer})
-        logger.info("Answered turn %d of %d conversations.", turn + 1, len(active))
+        # A cut answer still is the target's text; only its closing end-of-turn token is not what it would write.
+        logger.info(
+            "Answered turn %d of %d conversations (%d cut at max_new_tokens=%d).",
+            turn + 1,
+            len(active),
+            finished.count(False),
+            max_new_tokens,
+        )
     return regenerated
 
 
@@ -171,8 +184,8 @@ def synthesize_prompts(
 ) -> list[str]:
     """Let an instruct target write `num_prompts` distinct user prompts (Magpie).
 
-    The model continues the template's user-turn prefix with sampling; empty, too short and duplicate
-    prompts are discarded and sampling goes on until enough are kept, for at most `max_rounds`
+    The model continues the template's user-turn prefix with sampling; unfinished (cut at
+    `max_new_tokens`), empty, too short and duplicate prompts are discarded and sampling goes on until enough are kept, for at most `max_rounds`
     batches (default: four times what `num_prompts` needs), after which fewer are returned with a warning.
     """
     if num_prompts <= 0:
@@ -184,8 +197,11 @@ def synthesize_prompts(
     seen: set[str] = set()
     prompts: list[str] = []
     for _ in range(max_rounds):
-        texts = generate_texts(model, tokenizer, [prefix] * batch_size, max_new_tokens, batch_size, temperature, top_p)
-        prompts += filter_prompts(texts, min_length, seen)
+        texts, finished = generate_texts(
+            model, tokenizer, [prefix] * batch_size, max_new_tokens, batch_size, temperature, top_p
+        )
+        # A prompt cut at max_new_tokens is an unfinished question: the model is left to guess what was asked.
+        prompts += filter_prompts([text for text, done in zip(texts, finished, strict=True) if done], min_length, seen)
         if len(prompts) >= num_prompts:
             return prompts[:num_prompts]
     if not prompts:
