@@ -3,6 +3,14 @@
 from transformers import AutoConfig, AutoModel
 
 from .configuration_eagle3 import Eagle3Config
+from .data import (
+    build_vocab_maps,
+    load_vocab_map,
+    regenerate_conversations,
+    save_vocab_map,
+    synthesize_prompts,
+    tokenize_conversations,
+)
 from .decoding import (
     Eagle3CandidateGenerator,
     Eagle3GenerateDecoderOnlyOutput,
@@ -37,10 +45,16 @@ __all__ = [
     "OfflineModelError",
     "OfflineTarget",
     "__version__",
+    "build_vocab_maps",
     "create_model_card",
     "disable_eagle3_generation",
     "enable_eagle3_generation",
     "load_target",
+    "load_vocab_map",
     "materialize_gguf",
     "prepare_features",
+    "regenerate_conversations",
+    "save_vocab_map",
+    "synthesize_prompts",
+    "tokenize_conversations",
 ]
