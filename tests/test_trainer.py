@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from conftest import make_head, make_target
@@ -210,3 +212,62 @@ def test_lora_on_existing_head_trains_saves_loads_and_merges(tmp_path):
         merged = loaded.merge_and_unload()
         assert isinstance(merged, Eagle3DraftModel)
         torch.testing.assert_close(merged(input_ids=ids, target_hidden_states=features).logits, expected)
+
+
+def write_cli_inputs(tmp_path):
+    """A saved tiny target and `prepare-data`-style rows (JSONL) with their draft-vocabulary map."""
+    from hf_eagle3.data.vocab import build_vocab_maps, save_vocab_map
+
+    target = make_target()
+    target.save_pretrained(tmp_path / "target")
+    rows = make_rows(6)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    with open(data_dir / "train.jsonl", "w") as file:
+        file.writelines(json.dumps(row) + "\n" for row in rows)
+    d2t, t2d, _ = build_vocab_maps(rows, 50, 96)
+    save_vocab_map(tmp_path / "vocab_map.safetensors", d2t, t2d)
+    return target, d2t
+
+
+def test_cli_train_online_from_yaml_resumes_and_exports(tmp_path):
+    from hf_eagle3.cli import main
+
+    _, d2t = write_cli_inputs(tmp_path)
+    output_dir = tmp_path / "head"
+    (tmp_path / "train.yaml").write_text(
+        f"target: {tmp_path / 'target'}\ndata: {tmp_path / 'data' / 'train.jsonl'}\n"
+        f"vocab_map: {tmp_path / 'vocab_map.safetensors'}\noutput_dir: {output_dir}\nmax_steps: 2\n"
+        "per_device_train_batch_size: 2\nttt_steps: 2\nuse_cpu: true\nreport_to: none\nsave_steps: 1\nlogging_steps: 1\n"
+        "disable_tqdm: true\nexport_format: vllm\n"
+    )
+    assert main(["train", str(tmp_path / "train.yaml")]) == 0
+    head = Eagle3DraftModel.from_pretrained(output_dir)
+    assert torch.equal(head.d2t, d2t) and head.config.draft_vocab_size == 50
+    assert (output_dir / "export-vllm" / "config.json").exists()
+    # Resuming from the last checkpoint with a higher step budget continues from step 2.
+    args = ["train", "--target", str(tmp_path / "target"), "--data", str(tmp_path / "data" / "train.jsonl")]
+    args += ["--vocab_map", str(tmp_path / "vocab_map.safetensors"), "--output_dir", str(output_dir)]
+    args += ["--max_steps", "3", "--per_device_train_batch_size", "2", "--ttt_steps", "2", "--use_cpu"]
+    args += ["--report_to", "none", "--disable_tqdm", "true", "--resume_from_checkpoint", "latest"]
+    args += ["--logging_steps", "1"]
+    assert main(args) == 0
+    state = json.loads((output_dir / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    # Steps 1-2 come from the first run, whose linear schedule spanned 2 steps (a fresh 3-step run logs 6.7e-5).
+    assert [log["learning_rate"] for log in state["log_history"] if "loss" in log][:2] == pytest.approx([1e-4, 5e-5])
+
+
+def test_cli_prepare_features_then_train_offline(tmp_path):
+    from hf_eagle3.cli import main
+
+    write_cli_inputs(tmp_path)
+    features = tmp_path / "features"
+    common = ["--target", str(tmp_path / "target"), "--data", str(tmp_path / "data" / "train.jsonl")]
+    assert main(["prepare-features", *common, "--output_dir", str(features), "--samples_per_shard", "4"]) == 0
+    args = ["train", "--data", str(features), "--vocab_map", str(tmp_path / "vocab_map.safetensors")]
+    args += ["--output_dir", str(tmp_path / "head"), "--max_steps", "1", "--per_device_train_batch_size", "2"]
+    args += ["--ttt_steps", "2", "--use_cpu", "--report_to", "none", "--disable_tqdm", "true"]
+    assert main(args) == 0
+    head = Eagle3DraftModel.from_pretrained(tmp_path / "head")
+    assert head.config.draft_vocab_size == 50 and head.config.target_layer_ids == [2, 3, 3]

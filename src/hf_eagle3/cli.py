@@ -11,6 +11,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("hf_eagle3.demo", "main", "answer a few prompts with and without the shipped SmolLM2 head"),
     "convert": ("hf_eagle3.checkpoint_formats", "convert_main", "convert a draft head to another checkpoint layout"),
     "prepare-data": ("hf_eagle3.data.cli", "main", "tokenise chat data (or let the target write it) + draft vocab"),
+    "train": ("hf_eagle3.trainer.cli", "train", "train an EAGLE-3 head with training-time test (Eagle3Trainer)"),
+    "prepare-features": (
+        "hf_eagle3.trainer.cli",
+        "prepare_features_main",
+        "write target features for offline training",
+    ),
 }
 
 

@@ -1,0 +1,226 @@
+"""`hf-eagle3 train` and `hf-eagle3 prepare-features`, over `HfArgumentParser` (flags, or one YAML/JSON file)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import HfArgumentParser, set_seed
+
+from ..configuration_eagle3 import Eagle3Config, default_target_layer_ids
+from ..data.vocab import VOCAB_MAP_NAME, load_vocab_map
+from ..modeling_eagle3 import Eagle3DraftModel
+from .eagle3_config import Eagle3TrainingArguments
+from .eagle3_trainer import Eagle3Trainer
+from .offline_features import FEATURES_CONFIG_NAME, Eagle3FeatureDataset, prepare_features
+
+
+@dataclass
+class TargetArguments:
+    """Which target to load and how."""
+
+    target: str | None = field(
+        default=None,
+        metadata={
+            "help": "Target model: a local checkpoint, a Hub id, a .gguf file or an offline target name (smollm2, "
+            "qwen-coder). Not needed when --data holds precomputed features."
+        },
+    )
+    target_dtype: str = field(
+        default="auto", metadata={"help": "Dtype of the frozen target: auto (bfloat16 on GPU, else float32), ..."}
+    )
+    target_layer_ids: list[int] | None = field(
+        default=None,
+        metadata={"help": "Target feature layers (inputs of decoder layers i); default 2, L//2, L-3."},
+    )
+
+
+@dataclass
+class TrainScriptArguments(TargetArguments):
+    """What to train on and what to train: data, head configuration, export."""
+
+    data: str | None = field(
+        default=None,
+        metadata={
+            "help": "Training data: a `hf-eagle3 prepare-data` output folder, a JSONL/JSON/Parquet file of rows with "
+            "input_ids and loss_mask, or a `hf-eagle3 prepare-features` folder (offline training)."
+        },
+    )
+    eval_data: str | None = field(default=None, metadata={"help": "Evaluation data, in any form --data takes."})
+    vocab_map: str | None = field(
+        default=None,
+        metadata={
+            "help": "vocab_map.safetensors (d2t/t2d) of a reduced draft vocabulary; default: the one inside --data."
+        },
+    )
+    draft_vocab_size: int | None = field(
+        default=None, metadata={"help": "Draft vocabulary size; must match --vocab_map. Default: its size, or full."}
+    )
+    head: str | None = field(
+        default=None, metadata={"help": "Start from this trained head (a directory or Hub id) instead of a new one."}
+    )
+    export_format: str | None = field(
+        default=None,
+        metadata={
+            "help": "Also save the final head in a serving layout: eagle3, specforge, sglang, vllm, speculators."
+        },
+    )
+
+
+@dataclass
+class PrepareFeaturesArguments(TargetArguments):
+    """`hf-eagle3 prepare-features`: run the target once over tokenised data and write feature shards."""
+
+    data: str | None = field(default=None, metadata={"help": "Tokenised data (input_ids, loss_mask), as for train."})
+    output_dir: str | None = field(default=None, metadata={"help": "Feature directory to write (or resume)."})
+    samples_per_shard: int = field(default=512, metadata={"help": "Samples per safetensors shard."})
+    batch_size: int = field(default=8, metadata={"help": "Target forward batch size."})
+    max_length: int | None = field(default=2048, metadata={"help": "Truncate samples to this many tokens."})
+    device: str = field(default="auto", metadata={"help": "Device of the target; auto picks cuda when present."})
+
+
+def _parse(argv: list[str], dataclass_types, prog: str):
+    parser = HfArgumentParser(dataclass_types, prog=prog)
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(os.path.abspath(argv[0]))
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(argv)
+
+
+def _load_target(args: TargetArguments, device: str | None = None):
+    from transformers import AutoModelForCausalLM
+
+    from ..offline_models import get_offline_target, load_target
+
+    dtype = args.target_dtype
+    if dtype == "auto":
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if get_offline_target(args.target) is not None or args.target.endswith(".gguf"):
+        target, _ = load_target(args.target, dtype=dtype, device=device)
+        return target
+    # Training needs no tokenizer (the data is tokenised), so a checkpoint without one is fine here.
+    target = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype)
+    return target.to(device).eval() if device is not None else target.eval()
+
+
+def _load_rows(path: str):
+    """Tokenised rows, or the precomputed features of `prepare-features`."""
+    if (Path(path) / FEATURES_CONFIG_NAME).exists():
+        return Eagle3FeatureDataset(path)
+    from ..data.chat import load_chat_dataset
+
+    return load_chat_dataset(path)
+
+
+def build_head(args: TrainScriptArguments, target_config) -> Eagle3DraftModel:
+    """A new head fitted to the target (or `--head`), with the draft vocabulary of `--vocab_map`."""
+    vocab_map = args.vocab_map
+    if vocab_map is None and args.data is not None:
+        candidate = Path(args.data) / VOCAB_MAP_NAME
+        vocab_map = str(candidate) if candidate.exists() else None
+    d2t = t2d = None
+    if vocab_map is not None:
+        d2t, t2d = load_vocab_map(vocab_map)
+        if args.draft_vocab_size is not None and args.draft_vocab_size != len(d2t):
+            raise ValueError(
+                f"--draft_vocab_size {args.draft_vocab_size} differs from the {len(d2t)} ids of {vocab_map}; drop the "
+                "flag, or rebuild the map with that size (`hf-eagle3 prepare-data --draft_vocab_size`)."
+            )
+    if args.head is not None:
+        head = Eagle3DraftModel.from_pretrained(args.head)
+    else:
+        draft_vocab_size = len(d2t) if d2t is not None else args.draft_vocab_size
+        if (
+            draft_vocab_size is not None
+            and draft_vocab_size < target_config.get_text_config().vocab_size
+            and d2t is None
+        ):
+            raise ValueError(
+                f"A draft vocabulary of {draft_vocab_size} ids needs its d2t/t2d maps: pass --vocab_map (written by "
+                "`hf-eagle3 prepare-data` as vocab_map.safetensors)."
+            )
+        config = Eagle3Config.from_target_config(
+            target_config, draft_vocab_size=draft_vocab_size, target_layer_ids=args.target_layer_ids
+        )
+        head = Eagle3DraftModel(config)
+    if d2t is not None:
+        if len(d2t) != head.config.draft_vocab_size or len(t2d) != head.config.vocab_size:
+            raise ValueError(
+                f"{vocab_map} maps {len(d2t)} draft ids over {len(t2d)} target ids, the head has "
+                f"{head.config.draft_vocab_size} over {head.config.vocab_size}."
+            )
+        head.d2t.copy_(d2t)
+        head.t2d.copy_(t2d)
+    return head
+
+
+def train(argv: list[str]) -> int:
+    """`hf-eagle3 train`: train (or resume training) an EAGLE-3 head; the final head lands in --output_dir."""
+    script_args, training_args = _parse(argv, (TrainScriptArguments, Eagle3TrainingArguments), "hf-eagle3 train")
+    if script_args.data is None:
+        raise ValueError("Pass --data: the output of `hf-eagle3 prepare-data` or of `hf-eagle3 prepare-features`.")
+    set_seed(training_args.seed)
+    train_dataset = _load_rows(script_args.data)
+    eval_dataset = _load_rows(script_args.eval_data) if script_args.eval_data else None
+    offline = isinstance(train_dataset, Eagle3FeatureDataset)
+    if script_args.target is None and not offline:
+        raise ValueError("Pass --target: online training runs the target on every batch.")
+    target = _load_target(script_args) if script_args.target is not None else None
+    target_config = target.config if target is not None else train_dataset.target_config
+    head = build_head(script_args, target_config)
+    if target is not None:
+        head.attach_target(target)
+    if head.config.target_name_or_path is None:
+        head.config.target_name_or_path = script_args.target or train_dataset.features_config["target_name_or_path"]
+
+    trainer = Eagle3Trainer(
+        model=head, target_model=target, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset
+    )
+    resume = training_args.resume_from_checkpoint
+    if resume is not None and resume.lower() in {"true", "latest"}:
+        resume = True  # the newest checkpoint in --output_dir
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(training_args.output_dir)
+    if eval_dataset is not None:
+        trainer.evaluate()
+    if script_args.export_format is not None and trainer.is_world_process_zero():
+        export_dir = Path(training_args.output_dir) / f"export-{script_args.export_format}"
+        head.save_pretrained(
+            export_dir,
+            format=script_args.export_format,
+            target_max_position_embeddings=target_config.get_text_config().max_position_embeddings,
+        )
+        print(f"Saved the head in the {script_args.export_format!r} layout to {export_dir}")
+    return 0
+
+
+def prepare_features_main(argv: list[str]) -> int:
+    """`hf-eagle3 prepare-features`: write target features for offline training (resumable)."""
+    (args,) = _parse(argv, (PrepareFeaturesArguments,), "hf-eagle3 prepare-features")
+    if args.target is None or args.data is None or args.output_dir is None:
+        raise ValueError("Pass --target, --data (tokenised rows) and --output_dir.")
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    target = _load_target(args, device=device)
+    layer_ids = args.target_layer_ids or default_target_layer_ids(target.config.get_text_config().num_hidden_layers)
+    rows = _load_rows(args.data)
+    path = prepare_features(
+        target,
+        rows,
+        args.output_dir,
+        layer_ids,
+        samples_per_shard=args.samples_per_shard,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+    )
+    vocab_map = Path(args.data) / VOCAB_MAP_NAME
+    if vocab_map.exists():  # `hf-eagle3 train --data FEATURES` then finds the draft vocabulary there too
+        shutil.copyfile(vocab_map, path / VOCAB_MAP_NAME)
+    print(f"Wrote features of {len(rows)} samples (target layers {layer_ids}) to {path}")
+    return 0
+
+
+__all__ = ["PrepareFeaturesArguments", "TrainScriptArguments", "build_head", "prepare_features_main", "train"]
