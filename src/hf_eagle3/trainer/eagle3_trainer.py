@@ -201,6 +201,12 @@ class Eagle3Trainer(Trainer):
             # whole batch, the largest tensor of the step. The target runs in the dtype it was loaded in.
             if getattr(target_model, "hf_device_map", None) is None:
                 target_model.to(self.accelerator.device)
+            shared = draft.embed_tokens.weight is target_model.get_input_embeddings().weight
+            if self.is_fsdp_enabled and shared:
+                # FSDP flattens and shards the head's parameters in place; the target must keep its own embedding.
+                draft.embed_tokens.weight = nn.Parameter(
+                    draft.embed_tokens.weight.detach().clone(), requires_grad=False
+                )
             self.feature_capture = TargetFeatureCapture(target_model, draft.config.target_layer_ids)
         self.target_output_embeddings.to(self.accelerator.device)
         num_steps = args.ttt_steps
