@@ -304,3 +304,30 @@ def test_prepare_data_cli_end_to_end(tmp_path, chatml, chatty_target, capsys):
         prepare_data_main([*common[:-1], str(len(chatml) + 1), "--data", str(data_file)])
     with pytest.raises(ValueError, match="Nothing to prepare"):
         prepare_data_main(common)
+
+
+@pytest.mark.real_model
+def test_prepare_data_with_smollm2_from_nothing(tmp_path, capsys):
+    """SmolLM2-Instruct writes its own prompts and answers; its ChatML template has no TRL training variant."""
+    pytest.importorskip("gguf", reason="loading a GGUF target needs the `gguf` package")
+    from datasets import load_from_disk
+
+    output_dir = tmp_path / "smollm2-data"
+    options = ["--synthesize", "2", "--batch_size", "2", "--max_prompt_tokens", "64", "--max_new_tokens", "24"]
+    prepare_data_main(["--target", "smollm2", "--output_dir", str(output_dir), "--dtype", "float32", *options])
+    assert "Synthesised 2 distinct prompts." in capsys.readouterr().out
+    conversations = [
+        json.loads(line)["messages"] for line in (output_dir / "conversations.jsonl").read_text().splitlines()
+    ]
+    assert all(len(messages[0]["content"]) >= 10 and messages[1]["content"] for messages in conversations)
+    dataset = load_from_disk(str(output_dir))
+    d2t, t2d = load_vocab_map(output_dir)
+    assert d2t.shape == (32000,) and t2d.shape == (49152,)
+    im_start, im_end = 1, 2  # SmolLM2's <|im_start|>, <|im_end|>
+    assert dataset.num_rows == len(conversations)
+    for row in dataset:
+        assert row["input_ids"][0] == im_start  # the template's own first token, no extra BOS
+        learned = [token for token, masked in zip(row["input_ids"], row["loss_mask"], strict=True) if masked]
+        # The answer is learned whole, then the end-of-turn token (cut answers get one from the template).
+        assert learned[-1] == im_end and learned[:-1] == row["input_ids"][-len(learned) - 1 : -2]
+        assert bool(t2d[learned].all())
