@@ -122,7 +122,7 @@ def get_assistant_mask_template(tokenizer: PreTrainedTokenizerBase) -> str | Non
     if has_generation_markers(template):
         return template
     try:
-        return get_training_chat_template(tokenizer) or template
+        return get_training_chat_template(tokenizer)
     except ValueError:
         # TRL raises for templates it has no training variant of (SmolLM2's ChatML among them).
         return None
@@ -218,7 +218,7 @@ def tokenize_conversations(
         The dataset and counts: conversations seen, kept, dropped as too long, dropped for no assistant token
         left after truncation, and the tokens and loss-masked tokens kept.
     """
-    from datasets import Dataset
+    from datasets import Dataset, Features, Sequence, Value
 
     mask_template = get_assistant_mask_template(tokenizer)
     columns: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "loss_mask": []}
@@ -248,4 +248,12 @@ def tokenize_conversations(
         raise ValueError(
             f"No conversation left to train on ({counts}). Raise max_length or pass truncate=True (`--truncate`)."
         )
-    return Dataset.from_dict(columns), counts
+    # int32 ids and int8 masks: a quarter of the default int64 on disk (rows still read back as Python ints).
+    features = Features(
+        {
+            "input_ids": Sequence(Value("int32")),
+            "attention_mask": Sequence(Value("int8")),
+            "loss_mask": Sequence(Value("int8")),
+        }
+    )
+    return Dataset.from_dict(columns, features=features), counts

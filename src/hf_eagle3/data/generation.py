@@ -13,6 +13,7 @@ import math
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils.logging import tqdm
 
 from .chat import Message
 
@@ -42,11 +43,13 @@ def generate_texts(
     batch_size: int = 16,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    description: str | None = "Generating",
 ) -> tuple[list[str], list[bool]]:
     """Continue already-rendered prompts in batches; greedy when `temperature == 0`.
 
     Prompts are tokenised without extra special tokens (rendered chat templates carry their own BOS),
     left-padded on the model's device, and each continuation is cut at its first end-of-turn token.
+    `description` labels the progress bar over batches; None shows none.
 
     Returns:
         The continuations, and for each whether it ended with an end-of-turn token (False: cut at
@@ -58,11 +61,13 @@ def generate_texts(
         {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     )
     encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    # Batching prompts of similar length wastes less compute on padding.
-    order = sorted(range(len(prompts)), key=lambda index: len(encoded[index]))
+    # Batching prompts of similar length wastes less compute on padding; longest first, so running out of
+    # memory shows at once rather than at the end.
+    order = sorted(range(len(prompts)), key=lambda index: len(encoded[index]), reverse=True)
     texts: list[str] = [""] * len(prompts)
     finished: list[bool] = [False] * len(prompts)
-    for start in range(0, len(order), batch_size):
+    batches = range(0, len(order), batch_size)
+    for start in tqdm(batches, desc=description, unit="batch", disable=description is None):
         batch = [encoded[index] for index in order[start : start + batch_size]]
         width = max(len(ids) for ids in batch)
         # Padded by hand: the tokenizer may have no pad token, and setting one would change the caller's tokenizer.
@@ -121,7 +126,9 @@ def regenerate_conversations(
             tokenizer.apply_chat_template(regenerated[index], tokenize=False, add_generation_prompt=True)
             for index in active
         ]
-        answers, finished = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, top_p)
+        answers, finished = generate_texts(
+            model, tokenizer, prompts, max_new_tokens, batch_size, temperature, top_p, f"Answering turn {turn + 1}"
+        )
         for index, answer in zip(active, answers, strict=True):
             regenerated[index].append({"role": "assistant", "content": answer})
         # A cut answer still is the target's text; only its closing end-of-turn token is not what it would write.
@@ -185,8 +192,9 @@ def synthesize_prompts(
     """Let an instruct target write `num_prompts` distinct user prompts (Magpie).
 
     The model continues the template's user-turn prefix with sampling; unfinished (cut at
-    `max_new_tokens`), empty, too short and duplicate prompts are discarded and sampling goes on until enough are kept, for at most `max_rounds`
-    batches (default: four times what `num_prompts` needs), after which fewer are returned with a warning.
+    `max_new_tokens`), empty, too short and duplicate prompts are discarded and sampling goes on until
+    enough are kept, for at most `max_rounds` batches (default: four times what `num_prompts` needs),
+    after which fewer are returned with a warning.
     """
     if num_prompts <= 0:
         raise ValueError(f"num_prompts must be positive, got {num_prompts}.")
@@ -196,14 +204,19 @@ def synthesize_prompts(
     max_rounds = max_rounds if max_rounds is not None else 4 * math.ceil(num_prompts / batch_size)
     seen: set[str] = set()
     prompts: list[str] = []
+    progress = tqdm(total=num_prompts, desc="Writing prompts", unit="prompt")
     for _ in range(max_rounds):
         texts, finished = generate_texts(
-            model, tokenizer, [prefix] * batch_size, max_new_tokens, batch_size, temperature, top_p
+            model, tokenizer, [prefix] * batch_size, max_new_tokens, batch_size, temperature, top_p, description=None
         )
         # A prompt cut at max_new_tokens is an unfinished question: the model is left to guess what was asked.
-        prompts += filter_prompts([text for text, done in zip(texts, finished, strict=True) if done], min_length, seen)
+        kept = filter_prompts([text for text, done in zip(texts, finished, strict=True) if done], min_length, seen)
+        progress.update(min(len(kept), num_prompts - len(prompts)))
+        prompts += kept
         if len(prompts) >= num_prompts:
+            progress.close()
             return prompts[:num_prompts]
+    progress.close()
     if not prompts:
         raise ValueError(
             f"The model wrote no usable prompt in {max_rounds} batches: is it an instruct model with a chat template?"
