@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -124,6 +125,15 @@ def test_loss_mask_is_assistant_content_and_end_of_turn(byte_level_tokenizer, te
     assert masked_spans(tokenizer, encoded) == expected
     # Marker template (TRL) and rendered-prefix fallback agree.
     assert tokenize_conversation(tokenizer, CONVERSATION, None) == encoded
+
+
+def test_masks_without_trl(byte_level_tokenizer, monkeypatch):
+    """Where TRL is not installed (the GPU machine), the rendered-prefix method gives the same masks."""
+    tokenizer = make_tokenizer(byte_level_tokenizer, llama3_chat_template)
+    with_trl = tokenize_conversation(tokenizer, CONVERSATION, get_assistant_mask_template(tokenizer))
+    monkeypatch.setitem(sys.modules, "trl.chat_template_utils", None)  # makes the import raise ImportError
+    assert get_assistant_mask_template(tokenizer) is None
+    assert tokenize_conversations(tokenizer, [CONVERSATION])[0][0] == with_trl
 
 
 def test_chat_formats_and_bad_rows():

@@ -109,13 +109,17 @@ def get_assistant_mask_template(tokenizer: PreTrainedTokenizerBase) -> str | Non
     own template is used when it has them; otherwise TRL's patched training template for known
     templates. None means `tokenize_conversation` falls back to locating assistant turns itself.
     """
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-
     if not tokenizer.chat_template:
         raise ValueError(
             f"{type(tokenizer).__name__} has no chat template, so there are no assistant turns to learn. "
             "Use the instruct model's tokenizer, or pass a Jinja template (`--chat_template FILE`)."
         )
+    try:
+        from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+    except ImportError:
+        # TRL does not travel everywhere (the GPU machine lacks it); the rendered-prefix method gives the
+        # same masks for every template it accepts, and refuses the others.
+        return None
     template = tokenizer.chat_template
     if isinstance(template, dict):
         template = template["default"]
