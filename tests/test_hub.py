@@ -83,6 +83,14 @@ def test_push_to_hub_uploads_config_weights_and_card(format):
         assert config["model_type"] == "eagle3" and config["max_position_embeddings"] == 8192
 
 
+def test_push_to_hub_refuses_an_unknown_format_before_creating_the_repo():
+    head = make_head(make_target())
+    with mock.patch("huggingface_hub.HfApi.create_repo") as create_repo:
+        with pytest.raises(ValueError, match="Unknown checkpoint format 'onnx'"):
+            head.push_to_hub("me/head", format="onnx")
+    create_repo.assert_not_called()
+
+
 def test_from_pretrained_reads_a_hub_repo_from_the_cache(tmp_path):
     """A repo id goes through `hf_hub_download`; here offline, from a cache laid out as the hub client writes it.
     The repo has no model.safetensors, so the loader must fall back to pytorch_model.bin."""

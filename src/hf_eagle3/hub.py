@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from huggingface_hub import CommitInfo, HfApi
 
-from .checkpoint_formats import NATIVE_LAYOUT, covering_max_positions
+from .checkpoint_formats import NATIVE_LAYOUT, checkpoint_layout, covering_max_positions
 from .model_card import create_model_card
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ def push_to_hub(
     """
     from . import __version__
 
+    checkpoint_layout(format)  # an unknown format fails before anything is created on the hub
     api = HfApi(library_name="hf-eagle3", library_version=__version__)
     repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as save_directory:
