@@ -18,6 +18,7 @@ from hf_eagle3.data import (
     filter_prompts,
     generate_texts,
     get_assistant_mask_template,
+    load_chat_dataset,
     load_vocab_map,
     regenerate_conversations,
     save_vocab_map,
@@ -148,6 +149,24 @@ def test_chat_formats_and_bad_rows():
         to_messages({"conversations": [{"from": "robot", "value": "beep"}]})
     with pytest.raises(ValueError, match="unknown role 'narrator'"):
         to_messages({"messages": [{"role": "narrator", "content": "once"}]})
+
+
+def test_load_chat_dataset_from_files_and_folders(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    rows = Dataset.from_list([{"messages": CONVERSATION}])
+    rows.to_parquet(str(tmp_path / "chat.parquet"))
+    rows.to_json(str(tmp_path / "chat.jsonl"))
+    rows.save_to_disk(str(tmp_path / "saved"))
+    DatasetDict({"test": rows}).save_to_disk(str(tmp_path / "saved_dict"))
+    for source in ("chat.parquet", "chat.jsonl", "saved"):
+        assert to_messages(load_chat_dataset(str(tmp_path / source))[0]) == CONVERSATION
+    assert to_messages(load_chat_dataset(str(tmp_path / "saved_dict"), split="test")[0]) == CONVERSATION
+    with pytest.raises(ValueError, match="has splits \\['test'\\], not 'train': pass --split"):
+        load_chat_dataset(str(tmp_path / "saved_dict"))
+    (tmp_path / "chat.txt").write_text("hello")
+    with pytest.raises(ValueError, match="use .jsonl, .json or .parquet"):
+        load_chat_dataset(str(tmp_path / "chat.txt"))
 
 
 def test_bad_chat_data_errors(byte_level_tokenizer, chatml):
