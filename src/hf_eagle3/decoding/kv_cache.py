@@ -19,8 +19,8 @@ def check_tree_cache(cache: Cache | None, max_length: int) -> None:
     """
     if not isinstance(cache, DynamicCache):
         raise ValueError(
-            f"EAGLE-3 tree decoding needs a DynamicCache (the default), got {type(cache).__name__}. Drop "
-            "`cache_implementation` / the custom cache, or use chain mode."
+            f"EAGLE-3 tree decoding needs a DynamicCache (the default), got {type(cache).__name__}. Let `generate` "
+            "create its default cache: drop `cache_implementation` and any cache object you passed."
         )
     for index, layer in enumerate(cache.layers):
         if type(layer) is DynamicLayer:
@@ -31,11 +31,11 @@ def check_tree_cache(cache: Cache | None, max_length: int) -> None:
             raise ValueError(
                 f"Layer {index} of the target uses sliding-window attention (window {layer.sliding_window}), which a "
                 f"draft-tree mask cannot express beyond the window; this call may reach {max_length} tokens. Lower "
-                "`max_length`/`max_new_tokens` to fit the window, or use chain mode."
+                "`max_length`/`max_new_tokens` to fit the window, or pass eagle3_mode='chain'."
             )
         raise ValueError(
             f"EAGLE-3 tree decoding cannot compact cache layer {index} of type {type(layer).__name__}; it supports "
-            "full-attention DynamicCache layers. Use chain mode for this model."
+            "full-attention DynamicCache layers. Pass eagle3_mode='chain' for this model."
         )
 
 

@@ -32,8 +32,6 @@ if TYPE_CHECKING:
 
 # Attention implementations that apply an arbitrary additive 4D mask (flash attention only knows causal).
 TREE_ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
-# Arguments `_assisted_decoding` takes by name that are not model inputs.
-_NON_MODEL_KWARGS = ("inputs_tensor", "assistant_model", "assistant_tokenizer", "tokenizer")
 
 
 @dataclass
@@ -290,14 +288,14 @@ def _check_tree_inputs(
     ):
         raise ValueError(
             "EAGLE-3 tree decoding cannot return attentions or hidden states (tree forwards have no per-token ones); "
-            "drop `output_attentions`/`output_hidden_states` or use chain mode."
+            "drop `output_attentions`/`output_hidden_states` or pass eagle3_mode='chain'."
         )
     implementation = model.config.get_text_config()._attn_implementation
     if implementation not in TREE_ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
             f"EAGLE-3 tree decoding verifies the draft tree with a 4D attention mask, which the target's attention "
             f"implementation {implementation!r} cannot take. Load the target with attn_implementation='sdpa' (or "
-            "'eager'), e.g. `model.set_attn_implementation('sdpa')`, or use chain mode."
+            "'eager'), e.g. `model.set_attn_implementation('sdpa')`, or pass eagle3_mode='chain'."
         )
     draft_vocab = candidate_generator.draft_model.config.draft_vocab_size
     total_tokens, depth, top_k = candidate_generator.total_tokens, candidate_generator.depth, candidate_generator.top_k
@@ -329,8 +327,6 @@ def tree_assisted_decoding(
     layers to read (`feature_layer_ids`) and `stats` (an `Eagle3GenerationStats`, updated once per verification).
     `model_kwargs` are what `generate` passes to `_assisted_decoding`: the cache, attention mask, position ids.
     """
-    for name in _NON_MODEL_KWARGS:
-        model_kwargs.pop(name, None)
     _check_tree_inputs(model, input_ids, candidate_generator, generation_config, synced_gpus, model_kwargs)
     draft_model: Eagle3DraftModel = candidate_generator.draft_model
     total_tokens, depth, top_k = candidate_generator.total_tokens, candidate_generator.depth, candidate_generator.top_k
