@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 from conftest import make_head, make_target
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from hf_eagle3.target_features import TargetFeatureCapture
@@ -64,6 +65,22 @@ def test_ttt_attention_equals_naive_unroll(attn_implementation):
     for (hidden, logits), output in zip(expected, got, strict=True):
         torch.testing.assert_close(output.hidden_states, hidden, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(output.logits, logits, atol=1e-5, rtol=1e-4)
+
+
+def test_ttt_attention_runs_on_a_fused_sdpa_kernel():
+    """The TTT mask must not force sdpa onto its math fallback, which materialises the full score matrix.
+
+    On CPU the fused flash kernel takes arbitrary float masks (on CUDA the memory-efficient kernel does).
+    """
+    head = make_head(make_target(), draft_vocab_size=40)
+    features, input_ids = torch.randn(2, 16, 3 * 64), torch.randint(3, 96, (2, 16))
+    mask = torch.ones_like(input_ids)
+    with torch.no_grad():
+        expected = list(unroll_draft(head, features, input_ids, mask, num_steps=3))
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            fused = list(unroll_draft(head, features, input_ids, mask, num_steps=3))
+    for a, b in zip(fused, expected, strict=True):
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-4)
 
 
 def test_right_padding_does_not_change_real_positions():
