@@ -419,16 +419,13 @@ def materialize(args: argparse.Namespace) -> Path:
 
 
 def run_library_command(command: str, args: argparse.Namespace, passthrough: list[str]) -> int:
-    """`hf-eagle3 <command>` with the registered target replaced by its materialised GGUF file."""
+    """`hf-eagle3 <command>` on the target; a registered one is passed as its materialised GGUF file, which
+    the library commands load with the same fixes (`load_target`), wherever `--gguf` found it."""
     from hf_eagle3.cli import main as cli_main
     from hf_eagle3.offline_models import get_offline_target
 
-    if get_offline_target(args.target) is not None:
-        gguf = materialize(args)
-        target_args = ["--target", str(gguf.parent), "--gguf_file", gguf.name]
-    else:
-        target_args = ["--target", args.target]
-    return cli_main([command, *target_args, *passthrough])
+    target = str(materialize(args)) if get_offline_target(args.target) is not None else args.target
+    return cli_main([command, "--target", target, *passthrough])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -64,3 +64,21 @@ def make_head(target, draft_vocab_size: int | None = None, seed: int = 0, **over
 @pytest.fixture(params=sorted(ARCHITECTURES))
 def arch(request) -> str:
     return request.param
+
+
+def save_chat_checkpoint(directory, draft_vocab_size: int | None = 64):
+    """Save a tiny llama target with a word-level tokenizer (`w0` ... `w95`) and a chat template to
+    `directory/target`, and a random head for it to `directory/head`: what `load_target(path)` loads."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(WordLevel({f"w{i}": i for i in range(96)}, unk_token="w0"))
+    backend.pre_tokenizer = Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="w2", pad_token="w0")
+    tokenizer.chat_template = "{% for message in messages %}w1 {{ message['content'] }} {% endfor %}w3"
+    target = make_target("llama")
+    target.save_pretrained(directory / "target")
+    tokenizer.save_pretrained(directory / "target")
+    make_head(target, draft_vocab_size=draft_vocab_size).save_pretrained(directory / "head")

@@ -8,11 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_head, make_target
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import Whitespace
-from transformers import PreTrainedTokenizerFast
+from conftest import save_chat_checkpoint
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run_benchmark.py"
 spec = importlib.util.spec_from_file_location("run_benchmark", SCRIPT)
@@ -25,16 +21,9 @@ ROW_KEYS = {"method", "task", "temperature", "tokens_per_s", "speedup", "mean_ac
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A saved tiny target with a word-level tokenizer and chat template, a saved random head, and prompts."""
+    """A saved tiny chat target and random head (conftest.save_chat_checkpoint), and a prompt file."""
     root = tmp_path_factory.mktemp("tiny")
-    backend = Tokenizer(WordLevel({f"w{i}": i for i in range(96)}, unk_token="w0"))
-    backend.pre_tokenizer = Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="w2", pad_token="w0")
-    tokenizer.chat_template = "{% for message in messages %}w1 {{ message['content'] }} {% endfor %}w3"
-    target = make_target("llama")
-    target.save_pretrained(root / "target")
-    tokenizer.save_pretrained(root / "target")
-    make_head(target, draft_vocab_size=64).save_pretrained(root / "head")
+    save_chat_checkpoint(root)
     prompts = root / "tiny_task.jsonl"
     rows = [{"turns": ["w5 w6 w7 w8 w5 w6 w7"]}, {"prompt": "w9 w10 w11 w9 w10"}, {"turns": ["unused"]}]
     prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_chat_checkpoint
 
 from hf_eagle3 import offline_models
 from hf_eagle3.offline_models import (
@@ -200,18 +201,9 @@ def test_bad_dtype_is_explained():
 
 def test_local_checkpoint_directory(tmp_path):
     """Any saved checkpoint loads the same way: another target is one argument away."""
-    from conftest import make_target
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(WordLevel({f"w{i}": i for i in range(96)}, unk_token="w0"))
-    backend.pre_tokenizer = Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend).save_pretrained(tmp_path)
-    make_target("qwen2").save_pretrained(tmp_path)
-    model, tokenizer = load_target(tmp_path, dtype="bfloat16")
-    assert model.config.model_type == "qwen2" and model.dtype == torch.bfloat16 and not model.training
+    save_chat_checkpoint(tmp_path)
+    model, tokenizer = load_target(tmp_path / "target", dtype="bfloat16")
+    assert model.config.model_type == "llama" and model.dtype == torch.bfloat16 and not model.training
     assert tokenizer.convert_tokens_to_ids(["w3", "w5"]) == [3, 5]
 
 
