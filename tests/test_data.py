@@ -311,12 +311,14 @@ def test_prepare_data_cli_end_to_end(tmp_path, chatml, chatty_target, capsys):
     chatml.save_pretrained(target_dir)
     data_file = tmp_path / "sharegpt.jsonl"
     turns = [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in CONVERSATION]
-    data_file.write_text(json.dumps({"conversations": turns}) + "\n")
+    data_file.write_text(
+        json.dumps({"conversations": turns}) + "\n" + json.dumps({"messages": CONVERSATION[:2]}) + "\n"
+    )
     output_dir = tmp_path / "prepared"
     common = ["--target", str(target_dir), "--output_dir", str(output_dir), "--draft_vocab_size", "64"]
-    assert prepare_data_main([*common, "--data", str(data_file)]) == 0
+    assert prepare_data_main([*common, "--data", str(data_file), "--max_samples", "1"]) == 0
     dataset = load_from_disk(str(output_dir))
-    assert dataset[0] == tokenize_conversation(chatml, CONVERSATION, None)
+    assert dataset.num_rows == 1 and dataset[0] == tokenize_conversation(chatml, CONVERSATION, None)
     assert "cover 100.00% of the tokens to learn" in capsys.readouterr().out
 
     generated = [*common, "--synthesize", "3", "--max_prompt_tokens", "40", "--min_prompt_length", "1"]

