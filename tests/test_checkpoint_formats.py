@@ -290,7 +290,9 @@ def test_native_save_missing_or_extra_tensors_raise(tmp_path):
 def test_speculators_variant_raises(tmp_path):
     head = make_head(make_target())
     with pytest.raises(ValueError, match=r"sets \['norm_before_residual'\]"):
-        Eagle3DraftModel.from_pretrained(write_speculators(tmp_path, head, None, norm_before_residual=True))
+        Eagle3DraftModel.from_pretrained(write_speculators(tmp_path / "a", head, None, norm_before_residual=True))
+    with pytest.raises(ValueError, match="trained its own token embedding"):
+        Eagle3DraftModel.from_pretrained(write_speculators(tmp_path / "b", head, None, embed_requires_grad=True))
 
 
 def test_unrecognised_layout_raises(tmp_path):

@@ -154,6 +154,11 @@ def config_from_checkpoint(config: dict[str, Any], layout: str, **overrides) -> 
                 f"This speculators head sets {variants}: an EAGLE-3 variant whose norms differ from the released "
                 "architecture, which this library does not implement. Use a head trained with those flags off."
             )
+        if config.get("embed_requires_grad"):
+            raise ValueError(
+                "This speculators head trained its own token embedding (`embed_requires_grad: true`); this library "
+                "always uses the target's frozen embedding, which would change the head's outputs."
+            )
         layer_config = config.get("transformer_layer_config") or {}
         if layer_config.get("num_hidden_layers", 1) != 1:
             raise ValueError(
@@ -471,6 +476,8 @@ def load_converted(
             raise ValueError(
                 "A dict `device_map` is not supported for a one-layer head; pass one device, e.g. 'cuda'."
             )
+        if device_map == "auto":  # one layer: the whole head goes on the accelerator when there is one
+            device_map = "cuda" if torch.cuda.is_available() else "cpu"
         model.to(device_map)
     model.config.name_or_path = source
     return model.eval()
