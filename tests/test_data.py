@@ -330,6 +330,11 @@ def test_prepare_data_cli_end_to_end(tmp_path, chatml, chatty_target, capsys):
     assert [[m["role"] for m in json.loads(line)["messages"]] for line in lines] == [["user", "assistant"]] * 3
     summary = json.loads((output_dir / "prepare_data_summary.json").read_text())
     assert summary["kept"] == 3 and 0 < summary["coverage"] <= 1
+    # The written conversations re-tokenise to the same rows without generating again.
+    retokenised = tmp_path / "retokenised"
+    conversations = str(output_dir / "conversations.jsonl")
+    assert prepare_data_main([*common[:2], "--output_dir", str(retokenised), "--data", conversations]) == 0
+    assert load_from_disk(str(retokenised)).to_dict() == dataset.to_dict()
 
     with pytest.raises(ValueError, match="exceeds the target's vocab_size"):
         prepare_data_main([*common[:-1], str(len(chatml) + 1), "--data", str(data_file)])

@@ -135,17 +135,18 @@ def prepare_data(args: PrepareDataArguments) -> dict:
                 max_new_tokens=args.max_new_tokens,
                 **generation,
             )
+        # The generated text is the expensive part: written first, and reusable as --data to re-tokenise
+        # (other max_length, vocabulary size, or several runs concatenated) without generating again.
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "conversations.jsonl"), "w", encoding="utf-8") as file:
+            for messages in conversations:
+                file.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
 
     dataset, counts = tokenize_conversations(tokenizer, conversations, args.max_length, args.truncate)
     os.makedirs(args.output_dir, exist_ok=True)
     dataset.save_to_disk(args.output_dir)
     d2t, t2d, coverage = build_vocab_maps(dataset, draft_vocab_size, vocab_size)
     save_vocab_map(args.output_dir, d2t, t2d)
-    if generated:
-        # The generated text is the expensive part: kept so the data can be re-tokenised without regenerating.
-        with open(os.path.join(args.output_dir, "conversations.jsonl"), "w", encoding="utf-8") as file:
-            for messages in conversations:
-                file.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
     summary = {
         **counts,
         "draft_vocab_size": draft_vocab_size,
