@@ -1,4 +1,14 @@
-"""`hf-eagle3 prepare-data`: chat data (or none at all) to a tokenised training set and a draft vocabulary."""
+"""`hf-eagle3 prepare-data`: chat data (or none at all) to a tokenised training set and a draft vocabulary.
+
+What `--output_dir` holds:
+- a `datasets` folder (`datasets.load_from_disk(output_dir)`; `hf-eagle3 train --data output_dir`) with
+  one row per conversation: `input_ids` (int32), `attention_mask` and `loss_mask` (int8; 1 on the
+  assistant's tokens and their end-of-turn token), unpadded;
+- `vocab_map.safetensors`: the draft vocabulary, `d2t` int64 `[draft_vocab_size]` and `t2d` bool
+  `[vocab_size]`, as published EAGLE-3 heads store them (`load_vocab_map`);
+- `conversations.jsonl` when the target wrote text: `{"messages": [...]}` rows, reusable as `--data`;
+- `prepare_data_summary.json`: counts, coverage of the draft vocabulary and the arguments used.
+"""
 
 from __future__ import annotations
 
