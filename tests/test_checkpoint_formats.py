@@ -45,6 +45,12 @@ def llama_config(head: Eagle3DraftModel, **extra) -> dict:
         "eos_token_id": 2,
         "tie_word_embeddings": False,
         "torch_dtype": "float32",
+        # Fields the releases carry that mean nothing to the head.
+        "initializer_range": 0.02,
+        "pretraining_tp": 1,
+        "rope_scaling": None,
+        "transformers_version": "4.28.1",
+        "use_cache": True,
         **extra,
     }
 
@@ -93,6 +99,7 @@ def write_speculators(directory, head, layer_ids, **extra):
     weights["embed_tokens.weight"] = head.embed_tokens.weight.detach().clone()
     config = {
         "architectures": ["Eagle3Speculator"],
+        "auto_map": {"": "config.Eagle3SpeculatorConfig"},  # remote code: never imported
         "speculators_model_type": "eagle3",
         "speculators_version": "0.3.0",
         "draft_vocab_size": head.config.draft_vocab_size,
@@ -107,7 +114,9 @@ def write_speculators(directory, head, layer_ids, **extra):
         "transformer_layer_config": llama_config(head, num_hidden_layers=1),
         **extra,
     }
-    return write(directory, config, weights)
+    write(directory, config, weights)
+    (directory / "config.py").write_text("raise RuntimeError('code from a checkpoint was executed')\n")
+    return directory
 
 
 @pytest.mark.parametrize("weights_file", ["model.safetensors", "pytorch_model.bin"])
