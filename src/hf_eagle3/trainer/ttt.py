@@ -162,20 +162,25 @@ def training_time_test(
     token_mask = loss_mask.bool() & attention_mask
     stats = torch.zeros(5, num_steps, device=input_ids.device)
     loss = target_hidden_states.new_zeros((), dtype=torch.float32)
+    seq_len = input_ids.shape[1]
     chain_alive = attention_mask.clone()
     for step, output in enumerate(
         unroll_draft(draft, target_hidden_states, input_ids, attention_mask, num_steps, position_ids)
     ):
-        target_probs = shift_left(target.probs, step + 1)
-        target_argmax = shift_left(target.draft_argmax, step + 1, -1)
-        scored = attention_mask & shift_left(token_mask, step + 2, False) & (target_argmax >= 0)
-        log_probs = F.log_softmax(output.logits.float(), dim=-1)
+        # Query t predicts token t + step + 2 from the target's distribution at t + step + 1. Slices are views:
+        # autograd then keeps no per-step copy of the (batch, T, draft vocab) target distribution.
+        length = max(seq_len - step - 2, 0)
+        target_probs = target.probs[:, step + 1 : step + 1 + length]
+        target_argmax = target.draft_argmax[:, step + 1 : step + 1 + length]
+        scored = attention_mask[:, :length] & token_mask[:, step + 2 :] & (target_argmax >= 0)
+        logits = output.logits[:, :length]
+        log_probs = F.log_softmax(logits.float(), dim=-1)
         cross_entropy = -(target_probs * log_probs).sum(-1)
         step_loss_sum = (cross_entropy * scored).sum()
         count = scored.sum()
         loss = loss + step_loss_decay**step * step_loss_sum / count.clamp(min=1)
-        correct = (output.logits.argmax(-1) == target_argmax) & scored
-        chain_scored = chain_alive & scored
+        correct = (logits.argmax(-1) == target_argmax) & scored
+        chain_scored = chain_alive[:, :length] & scored
         chain_alive = chain_scored & correct
         stats[:, step] = torch.stack(
             [step_loss_sum.detach(), count, correct.sum(), chain_scored.sum(), chain_alive.sum()]
