@@ -93,6 +93,8 @@ def test_bad_requests_are_explained(tiny, tmp_path):
     with pytest.raises(SystemExit, match="need a trained head, and there is none at"):
         argv = ["measure", "--target", str(root / "target"), "--head", str(tmp_path), "--prompts", str(prompts)]
         run_benchmark.main([*argv, "--methods", "plain", "eagle3_chain"])
+    with pytest.raises(SystemExit, match="'nope' is not a registered offline target"):
+        run_benchmark.main(["materialize", "--target", "nope"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "no turns"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1 has neither a `turns` list nor a `prompt` string"):

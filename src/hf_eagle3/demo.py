@@ -73,9 +73,9 @@ def main(argv: list[str]) -> int:
                 if args.head is None
                 else "Pass the directory a head was saved to. "
             )
-            + "Train one with `python benchmarks/run_benchmark.py --target smollm2 --methods eagle3_tree` "
-            "(see benchmarks/README.md) or `hf-eagle3 prepare-data` then `hf-eagle3 train`, and pass it with "
-            "`--head DIR`.",
+            + f"Train one (`hf-eagle3 prepare-data --target {args.target} --synthesize 1500 --output_dir data`, then "
+            f"`hf-eagle3 train --target {args.target} --data data --output_dir head`; the steps are in the "
+            "repository's benchmarks/README.md) and pass it with `--head head`.",
             file=sys.stderr,
         )
         return 1
