@@ -296,8 +296,13 @@ def test_native_save_missing_or_extra_tensors_raise(tmp_path):
         Eagle3DraftModel.from_pretrained(tmp_path)
 
 
-def test_speculators_variant_raises(tmp_path):
+def test_eagle3_variants_raise(tmp_path):
     head = make_head(make_target())
+    directory = write_specforge(tmp_path / "specforge", head, output_layer_ids=[1, 2, 2])
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "norm_output": True}))
+    with pytest.raises(ValueError, match=r"sets \['norm_output'\]"):
+        Eagle3DraftModel.from_pretrained(directory)
     with pytest.raises(ValueError, match=r"sets \['norm_before_residual'\]"):
         Eagle3DraftModel.from_pretrained(write_speculators(tmp_path / "a", head, None, norm_before_residual=True))
     with pytest.raises(ValueError, match="trained its own token embedding"):

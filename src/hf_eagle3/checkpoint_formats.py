@@ -68,8 +68,9 @@ VLLM_ARCHITECTURE = "Eagle3LlamaForCausalLM"
 # Keyword arguments of `from_pretrained` that say where to find files, passed on to `hf_hub_download`.
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
-# speculators switches for EAGLE-3.1-style variants whose computation differs from the released head.
-SPECULATORS_VARIANT_FLAGS = ("norm_before_residual", "norm_before_fc", "fc_norm", "norm_output")
+# Switches of EAGLE-3.1-style variants (speculators, SpecForge) whose computation differs from the released head.
+# Some add no tensors, so strict loading alone would not notice them.
+VARIANT_FLAGS = ("norm_before_residual", "norm_before_fc", "fc_norm", "norm_output")
 
 # Weight files in the order they are looked for: safetensors first.
 WEIGHT_FILES = (
@@ -147,13 +148,13 @@ def _head_dimensions(layer_config: dict[str, Any]) -> dict[str, Any]:
 
 def config_from_checkpoint(config: dict[str, Any], layout: str, **overrides) -> Eagle3Config:
     """Build our config from a foreign `config.json`, translating the layer ids into our numbering."""
+    variants = [flag for flag in VARIANT_FLAGS if config.get(flag)]
+    if variants:
+        raise ValueError(
+            f"This head sets {variants}: an EAGLE-3 variant whose norms differ from the released architecture, "
+            "which this library does not implement. Use a head trained with those flags off."
+        )
     if layout == SPECULATORS_LAYOUT:
-        variants = [flag for flag in SPECULATORS_VARIANT_FLAGS if config.get(flag)]
-        if variants:
-            raise ValueError(
-                f"This speculators head sets {variants}: an EAGLE-3 variant whose norms differ from the released "
-                "architecture, which this library does not implement. Use a head trained with those flags off."
-            )
         if config.get("embed_requires_grad"):
             raise ValueError(
                 "This speculators head trained its own token embedding (`embed_requires_grad: true`); this library "
