@@ -5,6 +5,7 @@ import torch
 from conftest import make_head, make_target
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
 
 from hf_eagle3 import Eagle3Config, Eagle3DraftModel
 from hf_eagle3.trainer import (
@@ -245,6 +246,12 @@ def test_cli_train_online_from_yaml_resumes_and_exports(tmp_path):
     head = Eagle3DraftModel.from_pretrained(output_dir)
     assert torch.equal(head.d2t, d2t) and head.config.draft_vocab_size == 50
     assert (output_dir / "export-vllm" / "config.json").exists()
+    # The saved head is ready for generate: lossless against plain greedy decoding.
+    target = AutoModelForCausalLM.from_pretrained(tmp_path / "target").eval()
+    head.attach_target(target)
+    prompt = torch.randint(3, 96, (1, 6))
+    plain = target.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert torch.equal(target.generate(prompt, max_new_tokens=8, do_sample=False, assistant_model=head), plain)
     # Resuming from the last checkpoint with a higher step budget continues from step 2.
     args = ["train", "--target", str(tmp_path / "target"), "--data", str(tmp_path / "data" / "train.jsonl")]
     args += ["--vocab_map", str(tmp_path / "vocab_map.safetensors"), "--output_dir", str(output_dir)]
