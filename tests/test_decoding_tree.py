@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import make_head, make_target
+from lossless import assert_greedy_lossless, make_friendly_pair, prompt_reaching_eos
 from transformers.cache_utils import DynamicCache
 from transformers.generation import (
     LogitsProcessorList,
@@ -64,7 +65,7 @@ class OracleHead(Eagle3DraftModel):
         return output
 
 
-def make_friendly_pair(arch: str, context_weight: float, eos_token_id: int | None = 2, **target_overrides):
+def make_oracle_pair(arch: str, context_weight: float, eos_token_id: int | None = 2, **target_overrides):
     """A target whose next token depends mostly on the current token, and an `OracleHead` for it.
 
     `context_weight` scales every layer's output projections: 0 gives a pure bigram model (the head always
@@ -257,7 +258,7 @@ def test_greedy_matches_target_with_random_head(arch, tree_shape):
 @pytest.mark.parametrize("context_weight", [0.0, 0.3])
 def test_greedy_matches_target_with_friendly_head(arch, context_weight):
     """Long accepted runs (and, with some context, rejections deep in the tree) stay token-identical."""
-    target, head = make_friendly_pair(arch, context_weight)
+    target, head = make_oracle_pair(arch, context_weight)
     input_ids = prompt(3)
     expected = target.generate(input_ids, max_new_tokens=30, do_sample=False)
     stats = RecordingStats()
@@ -271,7 +272,7 @@ def test_greedy_matches_target_with_friendly_head(arch, context_weight):
 
 
 def test_eos_and_max_new_tokens_inside_an_accepted_run():
-    target, head = make_friendly_pair("llama", 0.0, eos_token_id=None)
+    target, head = make_oracle_pair("llama", 0.0, eos_token_id=None)
     input_ids = prompt(4)
     free_run = target.generate(input_ids, max_new_tokens=20, do_sample=False)[0, input_ids.shape[1] :]
     # An EOS the target reaches mid-run: the 9th new token, whose first occurrence ends the reference run too.
@@ -295,7 +296,7 @@ def test_eos_and_max_new_tokens_inside_an_accepted_run():
 
 def test_greedy_with_processors_padding_scores_and_streamer():
     """Repetition penalty sees the accepted tokens; a padded prompt keeps its positions; scores match `_sample`."""
-    target, head = make_friendly_pair("qwen2", 0.3)
+    target, head = make_oracle_pair("qwen2", 0.3)
     input_ids = torch.cat([torch.zeros(1, 2, dtype=torch.long), prompt(5)], dim=1)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[:, :2] = 0
@@ -405,7 +406,7 @@ def test_sampling_matches_target_distribution():
     a repetition penalty. Few runs keep it fast: the walk itself is checked precisely above.
     """
     vocab = 8
-    target, head = make_friendly_pair("llama", 0.5, vocab_size=vocab, eos_token_id=None, num_hidden_layers=4)
+    target, head = make_oracle_pair("llama", 0.5, vocab_size=vocab, eos_token_id=None, num_hidden_layers=4)
     head.oracle = head.oracle / 10  # agree often, not always: both acceptance and residual draws happen
     input_ids = torch.tensor([[3, 5, 4, 6]])
     processors = LogitsProcessorList(
@@ -448,6 +449,36 @@ def test_sampling_matches_target_distribution():
     assert 0 < sum(accepted for accepted, _ in stats.steps) < len(stats.steps), "need acceptances and rejections"
     for position in (2, 3):
         assert chi_square_p_value(counts[position], exact[position]) > 1e-4, (position, counts)
+
+
+# ---------------------------------------------------------------------------------------------- through generate
+
+
+@pytest.mark.parametrize(
+    "knobs", [{}, dict(eagle3_total_tokens=8, eagle3_depth=3, eagle3_top_k=2)], ids=["default", "8-3-2"]
+)
+def test_generate_with_assistant_model_is_lossless(arch, knobs):
+    """`target.generate(assistant_model=head)` decodes with the tree (the default mode), token-identically.
+
+    The trained head of the shared harness drafts long runs, so EOS and `max_new_tokens` land inside them.
+    """
+    target, head = make_friendly_pair(arch)
+    output = assert_greedy_lossless(target, head, prompt_reaching_eos(target, 23), max_new_tokens=40, **knobs)
+    assert output.sequences[0, -1] == target.config.eos_token_id
+    assert output.eagle3_stats.mean_accept_len > 2
+    for max_new_tokens in (9, 14):
+        assert_greedy_lossless(target, head, prompt_reaching_eos(target, 30), max_new_tokens=max_new_tokens, **knobs)
+
+
+def test_peft_wrapped_target():
+    """Under LoRA the feature hooks and the tree forward go through the wrapped layers."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_target = get_peft_model(
+        make_target("qwen2"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    head = make_head(peft_target.get_base_model(), 50)
+    assert_greedy_lossless(peft_target, head, prompt(6), max_new_tokens=10, eagle3_total_tokens=8, eagle3_depth=3)
 
 
 # ---------------------------------------------------------------------------------------------- errors
