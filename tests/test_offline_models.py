@@ -88,9 +88,16 @@ def test_gguf_found_in_a_directory(tmp_path, layout):
 def test_corrupt_pieces_leave_nothing_behind(tmp_path):
     write_install_layout(tmp_path / "source", pieces=(PIECES[0], b"\x00" * 200))
     cache = tmp_path / "cache"
-    with pytest.raises(OfflineModelError, match="incomplete or corrupted"):
+    with pytest.raises(OfflineModelError, match="The concatenation of .*part01.bin, .*part02.bin is not the expected"):
         materialize_gguf(FAKE, gguf_path=tmp_path / "source", cache_dir=cache, verbose=False)
     assert not any(path.is_file() for path in cache.rglob("*"))
+
+
+def test_one_split_piece_of_two_is_not_taken_for_the_file(tmp_path):
+    """The first piece arrived, the second not yet: an error about pieces, never a half file."""
+    (tmp_path / f"{FAKE.gguf_filename}.part00").write_bytes(CONTENT[:100])
+    with pytest.raises(OfflineModelError, match="A piece is missing, out of order or corrupted"):
+        materialize_gguf(FAKE, gguf_path=tmp_path, cache_dir=tmp_path / "cache", verbose=False)
 
 
 def test_wrong_gguf_path_is_an_error(tmp_path):

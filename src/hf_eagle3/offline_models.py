@@ -141,13 +141,19 @@ def _find_pieces(target: OfflineTarget, directory: Path) -> list[Path] | None:
     return split_pieces or None
 
 
-def _verified(target: OfflineTarget, path: Path, verbose: bool) -> Path:
+def _verified(
+    target: OfflineTarget,
+    path: Path,
+    verbose: bool,
+    what: str | None = None,
+    fix: str = "The download or copy is incomplete or corrupted: delete it and materialise the target again.",
+) -> Path:
     _report(f"Checking the sha256 of {path} ...", verbose)
     digest = _sha256(path)
     if digest != target.sha256:
         raise OfflineModelError(
-            f"{path} is not the expected GGUF file of {target.name}: its sha256 is {digest}, expected {target.sha256}. "
-            "The download or copy is incomplete or corrupted: delete it and materialise the target again."
+            f"{what or path} is not the expected GGUF file of {target.name}: its sha256 is {digest}, expected "
+            f"{target.sha256}. {fix}"
         )
     return path
 
@@ -164,7 +170,13 @@ def _assemble(target: OfflineTarget, pieces: list[Path], cache_dir: Path, verbos
             with open(piece, "rb") as handle:
                 shutil.copyfileobj(handle, out, 1 << 22)
     try:
-        _verified(target, partial, verbose)
+        _verified(
+            target,
+            partial,
+            verbose,
+            what=f"The concatenation of {', '.join(str(piece) for piece in pieces)}",
+            fix="A piece is missing, out of order or corrupted: copy the pieces again.",
+        )
     except OfflineModelError:
         partial.unlink()
         raise
@@ -176,7 +188,7 @@ def _materialise_from(target: OfflineTarget, directory: Path, cache_dir: Path, v
     pieces = _find_pieces(target, directory)
     if pieces is None:
         return None
-    if len(pieces) == 1:
+    if len(pieces) == 1 and pieces[0].name == target.gguf_filename:
         return _verified(target, pieces[0], verbose)
     return _assemble(target, pieces, cache_dir, verbose)
 
