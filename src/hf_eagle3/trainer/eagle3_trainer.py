@@ -209,8 +209,9 @@ class Eagle3Trainer(Trainer):
                 )
             self.feature_capture = TargetFeatureCapture(target_model, draft.config.target_layer_ids)
         self.target_output_embeddings.to(self.accelerator.device)
-        num_steps = args.ttt_steps
-        self._step_stats = {"train": torch.zeros(5, num_steps), "eval": torch.zeros(5, num_steps)}
+        # Per-step sums (loss, scored, correct, chain scored, chain correct) since the last log, kept on the device
+        # so that accumulating them costs no synchronisation.
+        self._step_stats = {split: torch.zeros(5, args.ttt_steps, device=args.device) for split in ("train", "eval")}
 
     # ------------------------------------------------------------------ loss
     @property
@@ -253,7 +254,7 @@ class Eagle3Trainer(Trainer):
         stats = torch.stack(
             [output.step_loss_sums, output.step_counts, output.step_correct, output.chain_counts, output.chain_correct]
         )
-        self._step_stats["train" if model.training else "eval"] += stats.cpu()
+        self._step_stats["train" if model.training else "eval"] += stats.to(self._step_stats["train"].device)
         return (output.loss, output) if return_outputs else output.loss
 
     def prediction_step(
@@ -272,7 +273,7 @@ class Eagle3Trainer(Trainer):
     # ------------------------------------------------------------------ metrics
     def _pop_step_metrics(self, split: str) -> dict[str, float]:
         """Per-step loss/accuracy since the last call, summed over processes; and the simulated acceptance."""
-        stats = self.accelerator.reduce(self._step_stats[split].to(self.accelerator.device), reduction="sum").cpu()
+        stats = self.accelerator.reduce(self._step_stats[split].clone(), reduction="sum").cpu()
         self._step_stats[split].zero_()
         loss_sums, counts, correct, chain_counts, chain_correct = stats
         if not counts.any():
