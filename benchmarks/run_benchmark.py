@@ -238,8 +238,7 @@ def environment() -> dict:
 
 def measure(args: argparse.Namespace) -> dict:
     from hf_eagle3 import Eagle3DraftModel
-    from hf_eagle3.demo import shipped_head_path
-    from hf_eagle3.offline_models import load_target
+    from hf_eagle3.offline_models import load_target, shipped_head_path
 
     methods = [parse_method(name) for name in args.methods]
     prompt_files = args.prompts or [DATA_DIR / task / "question.jsonl" for task in args.tasks]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from conftest import save_chat_checkpoint
 
 from hf_eagle3.cli import main as cli_main
-from hf_eagle3.demo import SHIPPED_HEADS_DIR, shipped_head_path
+from hf_eagle3.offline_models import SHIPPED_HEADS_DIR, shipped_head_path
 
 
 def test_shipped_head_location():

@@ -24,6 +24,7 @@ from hf_eagle3.offline_models import (
     get_offline_target,
     load_target,
     materialize_gguf,
+    shipped_head_path,
 )
 
 PIECES = (b"GGUF" + b"\x01" * 300, b"\x02" * 200)
@@ -215,7 +216,7 @@ def test_local_checkpoint_directory(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- real model
-SMOLLM2_HEAD = Path(offline_models.__file__).parent / "heads" / "smollm2-135m-instruct"
+SMOLLM2_HEAD = shipped_head_path("smollm2")
 PROMPTS = ["What is the capital of France?", "Write a Python function that reverses a string.", "What is 12 * 7?"]
 
 

