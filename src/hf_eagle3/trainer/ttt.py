@@ -8,9 +8,10 @@ targets and loss mask all move one position further left per step, step 0 includ
 
 Attention at step `k`: causal over the step-0 keys/values, plus the same-position key/value of each
 earlier step 1..k, under one softmax. The head's own attention module does it: a `DynamicCache` holds
-the earlier steps' keys/values and a 4D mask `[causal | diagonal | ... | diagonal]` selects them. With
-sdpa this never builds `(batch, heads, T, T)` float32 scores in Python; the mask itself is broadcast
-over heads.
+the earlier steps' keys/values and a 4D mask `[causal | diagonal | ... | diagonal]` selects them. sdpa
+runs that on a fused kernel (flash on CPU, memory-efficient on CUDA; tests check the CPU case) that never
+materialises the `(batch, heads, T, (k + 1) T)` scores; the only quadratic tensor is the mask itself,
+`(batch, 1, T, (k + 1) T)` in the model dtype, shared by all heads.
 """
 
 from __future__ import annotations
