@@ -175,6 +175,8 @@ def test_bad_data_gets_clear_errors(tmp_path):
     broken.t2d.zero_()  # maps never loaded
     with pytest.raises(ValueError, match="d2t/t2d"):
         Eagle3Trainer(model=broken, target_model=target, args=args, train_dataset=make_rows())
+    with pytest.raises(ValueError, match="no position to score"):
+        make_args(tmp_path, max_length=8, ttt_steps=7)
     with pytest.raises(ValueError, match="does not fit"):
         Eagle3Trainer(model=head, target_model=make_target(vocab_size=128), args=args, train_dataset=make_rows())
 
