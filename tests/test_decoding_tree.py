@@ -179,9 +179,11 @@ def hand_built_tree() -> DraftTree:
     )
 
 
-def test_tree_mask_positions_and_verification(arch):
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_tree_mask_positions_and_verification(arch, attn_implementation):
     """One target forward over the tree gives each node the logits of a plain forward over its own path."""
     target = make_target(arch)
+    target.set_attn_implementation(attn_implementation)
     tree = hand_built_tree()
     padding = torch.tensor([[0, 1, 1, 1, 1, 1]])
     mask = tree.attention_mask(padding, past_length=4, dtype=torch.float32)
@@ -390,9 +392,7 @@ def test_acceptance_walk_samples_the_processed_target_distribution():
 
     counts = torch.zeros(vocab, vocab + 1)
     for _ in range(2000):
-        step, _, _, _ = _accept(
-            logits, children, tokens, torch.tensor(tokens), prefix, processors, criteria, True, None, None
-        )
+        step, _, _, _ = _accept(logits, torch.tensor(tokens), children, prefix, processors, criteria, True, None, None)
         second = step.tokens[1] if len(step.tokens) > 1 else vocab
         counts[step.tokens[0], second] += 1
         assert step.num_accepted == len(step.tokens) - 1 and step.visited[0] == 0

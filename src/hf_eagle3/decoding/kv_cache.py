@@ -60,3 +60,6 @@ def keep_cache_positions(cache: DynamicCache, start: int, keep: torch.LongTensor
         layer.values[..., start:kept, :] = layer.values[..., source, :]
     if kept < total:
         cache.crop(kept - total)
+
+
+__all__ = ["check_tree_cache", "keep_cache_positions"]

@@ -20,7 +20,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.generation import GenerateDecoderOnlyOutput, GenerationConfig, LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 
-from .._compat import cache_kwargs, output_cache
+from .._compat import CACHE_NAME, cache_kwargs, output_cache
 from ..target_features import TargetFeatureCapture
 from .kv_cache import check_tree_cache, keep_cache_positions
 
@@ -221,9 +221,8 @@ class _StepResult:
 
 def _accept(
     logits: torch.Tensor,
+    tokens: torch.LongTensor,
     children: list[list[int]],
-    tree_tokens: list[int],
-    candidate_tokens: torch.LongTensor,
     input_ids: torch.LongTensor,
     logits_processor: LogitsProcessorList,
     stopping_criteria: StoppingCriteriaList,
@@ -236,14 +235,16 @@ def _accept(
     Processors and warpers see exactly the sequence `_sample` would give them (prefix plus accepted tokens), so
     repetition penalties and the like stay exact. A token matching a child moves the walk to that child; any other
     token (the target's correction or bonus) ends the step. Stopping criteria are checked after every token.
+    `logits` `(n, vocab)` are the target's at the `n` nodes, `tokens` `(n,)` the nodes' tokens.
     """
+    tree_tokens = tokens.tolist()
     node, visited, emitted, num_accepted, finished = 0, [], [], 0, False
     while True:
         node_logits = logits[node : node + 1]
         processed = logits_processor(input_ids, node_logits)
         kids = children[node]
         if do_sample:
-            token, hit = sample_with_candidates(processed[0].softmax(-1), candidate_tokens[kids])
+            token, hit = sample_with_candidates(processed[0].softmax(-1), tokens[kids])
         else:
             token = int(processed[0].argmax())
             kid_tokens = [tree_tokens[kid] for kid in kids]
@@ -304,8 +305,7 @@ def _check_tree_inputs(
             f"Invalid draft tree shape total_tokens={total_tokens}, depth={depth}, top_k={top_k}: need total_tokens >= 2 "
             f"(root plus at least one draft node), depth >= 1 and 1 <= top_k <= the draft vocabulary ({draft_vocab})."
         )
-    cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
-    check_tree_cache(cache, generation_config.max_length)
+    check_tree_cache(model_kwargs.get(CACHE_NAME), generation_config.max_length)
 
 
 @torch.no_grad()
@@ -340,7 +340,7 @@ def tree_assisted_decoding(
     prompt_length = input_ids.shape[1]
     if position_ids is None:
         position_ids = torch.arange(prompt_length, device=input_ids.device)[None]
-    cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+    cache = model_kwargs[CACHE_NAME]
     cache.activate_past_recording()
     draft_cache = DynamicCache()
 
@@ -352,11 +352,11 @@ def tree_assisted_decoding(
         outputs = model(**model_inputs, return_dict=True)
         features = capture.pop()
         first_logits = outputs.logits[0, -1:].float()
+        # The prompt's last token stands as the root of a tree without drafts.
         step, input_ids, scores, raw_logits = _accept(
             first_logits,
+            input_ids[0, -1:],
             [[]],
-            [],
-            input_ids.new_empty(0),
             input_ids,
             logits_processor,
             stopping_criteria,
@@ -405,9 +405,8 @@ def tree_assisted_decoding(
             features = capture.pop()
             step, input_ids, scores, raw_logits = _accept(
                 outputs.logits[0].float(),
-                tree.children(),
-                tree.tokens.tolist(),
                 tree.tokens,
+                tree.children(),
                 input_ids,
                 logits_processor,
                 stopping_criteria,
@@ -438,3 +437,6 @@ def tree_assisted_decoding(
     if return_dict:
         return GenerateDecoderOnlyOutput(sequences=input_ids, scores=scores, logits=raw_logits, **cache_kwargs(cache))
     return input_ids
+
+
+__all__ = ["DraftTree", "build_draft_tree", "sample_with_candidates", "tree_assisted_decoding"]
