@@ -1,0 +1,165 @@
+"""The `generate` hook: EAGLE-3 heads are routed to EAGLE-3 decoding, everything else is stock transformers."""
+
+import sys
+import types
+
+import pytest
+import torch
+from conftest import make_head, make_target
+from transformers import GenerationConfig, GenerationMixin
+from transformers.cache_utils import StaticCache
+from transformers.generation import LogitsProcessorList, MaxLengthCriteria, StoppingCriteriaList
+
+from hf_eagle3 import Eagle3CandidateGenerator, disable_eagle3_generation, enable_eagle3_generation
+from hf_eagle3._compat import CACHE_NAME
+from hf_eagle3.decoding import dispatch
+
+PROMPT = torch.tensor([[11, 23, 5, 42, 7]])
+
+
+def _stock_outputs(target, assistant):
+    """Outputs of several generation modes and assistants, seeded where they sample."""
+    results = []
+    for kwargs in (
+        dict(do_sample=False),
+        dict(do_sample=True, top_k=5),
+        dict(num_beams=3, do_sample=False),
+        dict(prompt_lookup_num_tokens=3, do_sample=False),
+        dict(assistant_model=assistant, do_sample=False),
+        dict(assistant_model=assistant, do_sample=True),
+    ):
+        torch.manual_seed(0)
+        results.append(target.generate(PROMPT, max_new_tokens=8, **kwargs))
+    return results
+
+
+def test_other_modes_and_assistants_are_untouched():
+    target, assistant = make_target("llama", seed=0), make_target("llama", num_hidden_layers=4, seed=1)
+    patched = {name: GenerationMixin.__dict__[name] for name in dispatch._WRAPPERS}
+    hooked = _stock_outputs(target, assistant)
+    disable_eagle3_generation()
+    try:
+        assert all(GenerationMixin.__dict__[name] is not patched[name] for name in patched)
+        stock = _stock_outputs(target, assistant)
+    finally:
+        enable_eagle3_generation()
+    for hooked_output, stock_output in zip(hooked, stock, strict=True):
+        assert torch.equal(hooked_output, stock_output)
+    # eagle3_* knobs without an EAGLE-3 head are generation-config entries nobody reads, like num_assistant_tokens.
+    assert torch.equal(target.generate(PROMPT, max_new_tokens=8, eagle3_mode="chain"), hooked[0])
+
+
+def test_enable_and_disable_are_reversible():
+    originals = {name: original for name, (original, _) in dispatch._installed.items()}
+    disable_eagle3_generation()
+    try:
+        assert all(GenerationMixin.__dict__[name] is original for name, original in originals.items())
+        head_target = make_target("llama")
+        with pytest.raises(Exception):  # noqa: B017 - stock transformers cannot use an EAGLE-3 head at all
+            head_target.generate(PROMPT, max_new_tokens=4, assistant_model=make_head(head_target))
+    finally:
+        enable_eagle3_generation()
+    enable_eagle3_generation()  # idempotent
+    assert all(GenerationMixin.__dict__[name] is wrapper for name, (_, wrapper) in dispatch._installed.items())
+
+
+@pytest.fixture
+def fake_tree(monkeypatch):
+    """Replace the tree loop by a recorder that returns the prompt plus one token."""
+    calls = []
+
+    def tree_assisted_decoding(model, input_ids, candidate_generator, *args, **model_kwargs):
+        calls.append((model, input_ids, candidate_generator, args, model_kwargs))
+        return torch.cat([input_ids, input_ids[:, -1:]], dim=-1)
+
+    module = types.ModuleType("hf_eagle3.decoding.tree")
+    module.tree_assisted_decoding = tree_assisted_decoding
+    monkeypatch.setitem(sys.modules, "hf_eagle3.decoding.tree", module)
+    return calls
+
+
+def test_tree_mode_gets_the_assisted_decoding_arguments(fake_tree):
+    target = make_target("llama")
+    head = make_head(target, draft_vocab_size=50)
+    result = target.generate(
+        PROMPT,
+        assistant_model=head,
+        max_new_tokens=9,
+        do_sample=False,
+        eagle3_total_tokens=12,
+        eagle3_depth=3,
+        eagle3_top_k=4,
+    )
+    assert torch.equal(result[:, :-1], PROMPT)
+    (model, input_ids, generator, args, model_kwargs) = fake_tree[0]
+    logits_processor, stopping_criteria, generation_config, synced_gpus, streamer = args
+    assert model is target and torch.equal(input_ids, PROMPT)
+    assert isinstance(generator, Eagle3CandidateGenerator) and generator.draft_model is head
+    assert (generator.mode, generator.total_tokens, generator.depth, generator.top_k) == ("tree", 12, 3, 4)
+    assert (
+        generator.feature_layer_ids == head.config.target_layer_ids and head.last_generation_stats is generator.stats
+    )
+    assert isinstance(logits_processor, LogitsProcessorList) and isinstance(stopping_criteria, StoppingCriteriaList)
+    assert any(isinstance(criterion, MaxLengthCriteria) for criterion in stopping_criteria)
+    assert generation_config.max_length == PROMPT.shape[1] + 9 and synced_gpus is False and streamer is None
+    assert CACHE_NAME in model_kwargs and "use_cache" in model_kwargs
+    assert not {"assistant_model", "inputs_tensor", "tokenizer", "eagle3_depth"} & set(model_kwargs)
+
+
+def test_knobs_from_the_draft_generation_config(fake_tree):
+    target = make_target("llama")
+    head = make_head(target)
+    head.generation_config = GenerationConfig(eagle3_mode="chain", num_assistant_tokens=2, eagle3_depth=5)
+    output = target.generate(PROMPT, assistant_model=head, max_new_tokens=6, return_dict_in_generate=True)
+    assert not fake_tree and output.sequences.shape[1] == PROMPT.shape[1] + 6
+    # generate kwargs win over the head's config; so does an explicit num_assistant_tokens.
+    target.generate(PROMPT, assistant_model=head, max_new_tokens=6, eagle3_mode="tree", num_assistant_tokens=4)
+    generator = fake_tree[0][2]
+    assert (generator.mode, generator.depth, generator.num_assistant_tokens) == ("tree", 5, 4)
+    head.generation_config = None
+    target.generate(PROMPT, assistant_model=head, max_new_tokens=6)
+    assert (fake_tree[1][2].mode, fake_tree[1][2].num_assistant_tokens, fake_tree[1][2].total_tokens) == (
+        "tree",
+        6,
+        60,
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_beams=2), "num_beams=1"),
+        (dict(num_return_sequences=2, do_sample=True), "once per sample"),
+        (dict(cache_implementation="static"), "default dynamic cache"),
+        (dict(prompt_lookup_num_tokens=3), "one candidate source"),
+        (dict(eagle3_mode="beam"), "eagle3_mode must be one of"),
+        (dict(eagle3_depth=0), "eagle3_depth must be a positive integer"),
+        (dict(eagle3_width=3), "Unknown EAGLE-3 generate arguments"),
+    ],
+)
+def test_bad_settings_get_clear_errors(kwargs, message):
+    target = make_target("llama")
+    head = make_head(target)
+    with pytest.raises(ValueError, match=message):
+        target.generate(PROMPT, assistant_model=head, max_new_tokens=4, **kwargs)
+
+
+def test_bad_inputs_get_clear_errors():
+    target = make_target("llama")
+    head = make_head(target)
+    with pytest.raises(ValueError, match="batch size 1"):
+        target.generate(PROMPT.repeat(2, 1), assistant_model=head, max_new_tokens=4)
+    static = StaticCache(config=target.config, max_cache_len=32)
+    with pytest.raises(ValueError, match="StaticCache"):
+        target.generate(PROMPT, assistant_model=head, max_new_tokens=4, eagle3_mode="chain", **{CACHE_NAME: static})
+    for other in (
+        make_target("llama", hidden_size=32, num_attention_heads=2, num_key_value_heads=1),
+        make_target("llama", vocab_size=80),
+    ):
+        with pytest.raises(ValueError, match="does not fit the target"):
+            other.generate(PROMPT, assistant_model=head, max_new_tokens=4)
+    target.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
+        Eagle3CandidateGenerator(
+            target, head, GenerationConfig(max_length=20), PROMPT, stopping_criteria=StoppingCriteriaList()
+        )
