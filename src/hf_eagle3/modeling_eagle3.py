@@ -208,6 +208,8 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
         self.register_buffer("t2d", torch.ones(config.vocab_size, dtype=torch.bool))
         self.has_target_embeddings = False
+        # Set by each `target.generate(..., assistant_model=head)` call: an `Eagle3GenerationStats`.
+        self.last_generation_stats = None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
