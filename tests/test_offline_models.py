@@ -255,7 +255,7 @@ def test_shipped_head_is_lossless_and_accepts_more_than_an_untrained_head(smollm
     from hf_eagle3 import Eagle3Config, Eagle3DraftModel
 
     model, tokenizer = smollm2
-    trained = Eagle3DraftModel.from_pretrained(SMOLLM2_HEAD).attach_target(model).eval()
+    trained = Eagle3DraftModel.from_pretrained(SMOLLM2_HEAD, dtype=model.dtype).attach_target(model).eval()
     torch.manual_seed(0)
     untrained = Eagle3DraftModel(Eagle3Config.from_target_config(model.config)).attach_target(model).eval()
     accept = {"trained": [], "untrained": []}
