@@ -5,6 +5,7 @@ import torch
 from conftest import make_head, make_target
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from hf_eagle3 import Eagle3Config, Eagle3DraftModel
@@ -269,15 +270,23 @@ def test_cli_train_online_from_yaml_resumes_and_exports(tmp_path):
 
 
 def test_cli_prepare_features_then_train_offline(tmp_path):
-    from hf_eagle3.cli import main
+    """From a `prepare-data` folder (save_to_disk + vocab_map.safetensors) the map travels with the features."""
+    from datasets import Dataset
 
-    write_cli_inputs(tmp_path)
+    from hf_eagle3.cli import main
+    from hf_eagle3.data.vocab import save_vocab_map
+
+    _, d2t = write_cli_inputs(tmp_path)
+    prepared = tmp_path / "prepared"
+    Dataset.from_list(make_rows(6)).save_to_disk(prepared)
+    save_vocab_map(prepared, d2t, load_file(tmp_path / "vocab_map.safetensors")["t2d"])
     features = tmp_path / "features"
-    common = ["--target", str(tmp_path / "target"), "--data", str(tmp_path / "data" / "train.jsonl")]
+    common = ["--target", str(tmp_path / "target"), "--data", str(prepared)]
     assert main(["prepare-features", *common, "--output_dir", str(features), "--samples_per_shard", "4"]) == 0
-    args = ["train", "--data", str(features), "--vocab_map", str(tmp_path / "vocab_map.safetensors")]
-    args += ["--output_dir", str(tmp_path / "head"), "--max_steps", "1", "--per_device_train_batch_size", "2"]
-    args += ["--ttt_steps", "2", "--use_cpu", "--report_to", "none", "--disable_tqdm", "true"]
+    args = ["train", "--data", str(features), "--output_dir", str(tmp_path / "head"), "--max_steps", "1"]
+    args += ["--per_device_train_batch_size", "2", "--ttt_steps", "2", "--use_cpu", "--report_to", "none"]
+    args += ["--disable_tqdm", "true"]
     assert main(args) == 0
     head = Eagle3DraftModel.from_pretrained(tmp_path / "head")
+    assert torch.equal(head.d2t, d2t)
     assert head.config.draft_vocab_size == 50 and head.config.target_layer_ids == [2, 3, 3]
