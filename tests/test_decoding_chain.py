@@ -13,6 +13,8 @@ from lossless import (
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from hf_eagle3 import Eagle3CandidateGenerator
+
 CHAIN = {"eagle3_mode": "chain"}
 
 
@@ -131,3 +133,38 @@ def test_sampling_matches_the_target_distribution():
         accepted += sum(output.eagle3_stats.accepted_per_depth)
     assert accepted > 60  # the drafts were really put to the test
     assert chi_square_p_value(samples, probs) > 1e-3
+
+
+def test_dict_output_keeps_scores_and_stats():
+    target, head = make_friendly_pair("llama")
+    prompt = prompt_reaching_eos(target, 30)
+    kwargs = dict(max_new_tokens=10, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    plain = target.generate(prompt, **kwargs)
+    output = target.generate(prompt, assistant_model=head, **CHAIN, **kwargs)
+    assert torch.equal(output.sequences, plain.sequences) and len(output.scores) == 10
+    torch.testing.assert_close(torch.stack(output.scores), torch.stack(plain.scores))
+    assert output.eagle3_stats.new_tokens == 9 and output.eagle3_stats.target_forwards < 9
+
+
+def test_processors_that_leave_no_draft_token(monkeypatch):
+    """Suppressing every draft-vocabulary id leaves the head nothing to propose: the target decodes alone."""
+    proposed = []
+    get_candidates = Eagle3CandidateGenerator.get_candidates
+
+    def recording_get_candidates(self, input_ids, **kwargs):
+        candidates, logits = get_candidates(self, input_ids, **kwargs)
+        proposed.append(candidates.shape[1] - input_ids.shape[1])
+        return candidates, logits
+
+    monkeypatch.setattr(Eagle3CandidateGenerator, "get_candidates", recording_get_candidates)
+    target = make_target("llama", seed=4)
+    head = make_head(target, draft_vocab_size=40)
+    draft_ids = head.draft_to_target_ids(torch.arange(40)).tolist()
+    prompt = torch.tensor([[9, 19, 29]])
+    for do_sample in (False, True):
+        torch.manual_seed(0)
+        output = target.generate(
+            prompt, assistant_model=head, max_new_tokens=6, do_sample=do_sample, suppress_tokens=draft_ids, **CHAIN
+        )
+        assert not set(output[0, 3:].tolist()) & set(draft_ids)
+    assert len(proposed) > 2 and set(proposed) == {0}

@@ -242,12 +242,11 @@ class Eagle3CandidateGenerator(CandidateGenerator):
             logits = draft.draft_logits_to_target_vocab(output.logits[:, -1].float()).to(input_ids.device)
             if len(self.logits_processor) > 0:
                 logits = self.logits_processor(candidate_ids, logits)
+            if not torch.isfinite(logits).any():
+                # The processors left no draft-vocabulary token: let the target decide from here.
+                break
             if self.do_sample:
-                probs = logits.softmax(dim=-1)
-                if not torch.isfinite(probs).all():
-                    # The processors left no draft-vocabulary token: let the target decide from here.
-                    break
-                token = torch.multinomial(probs, num_samples=1)
+                token = torch.multinomial(logits.softmax(dim=-1), num_samples=1)
             else:
                 token = logits.argmax(dim=-1, keepdim=True)
             extended = torch.cat([candidate_ids, token], dim=-1)
