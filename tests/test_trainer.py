@@ -246,6 +246,8 @@ def test_cli_train_online_from_yaml_resumes_and_exports(tmp_path):
         "per_device_train_batch_size: 2\nttt_steps: 2\nuse_cpu: true\nreport_to: none\nsave_steps: 1\nlogging_steps: 1\n"
         "disable_tqdm: true\nexport_format: vllm\n"
     )
+    with pytest.raises(ValueError, match="nginx"):
+        main(["train", "--target", str(tmp_path / "target"), "--data", "unused", "--export_format", "nginx"])
     assert main(["train", str(tmp_path / "train.yaml")]) == 0
     head = Eagle3DraftModel.from_pretrained(output_dir)
     assert torch.equal(head.d2t, d2t) and head.config.draft_vocab_size == 50

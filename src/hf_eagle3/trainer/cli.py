@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser, set_seed
 
+from ..checkpoint_formats import checkpoint_layout
 from ..configuration_eagle3 import Eagle3Config, default_target_layer_ids
 from ..data.vocab import VOCAB_MAP_NAME, load_vocab_map
 from ..modeling_eagle3 import Eagle3DraftModel
@@ -163,6 +164,8 @@ def train(argv: list[str]) -> int:
     script_args, training_args = _parse(argv, (TrainScriptArguments, Eagle3TrainingArguments), "hf-eagle3 train")
     if script_args.data is None:
         raise ValueError("Pass --data: the output of `hf-eagle3 prepare-data` or of `hf-eagle3 prepare-features`.")
+    if script_args.export_format is not None:
+        checkpoint_layout(script_args.export_format)  # an unknown name fails now, not after hours of training
     set_seed(training_args.seed)
     train_dataset = _load_rows(script_args.data)
     eval_dataset = _load_rows(script_args.eval_data) if script_args.eval_data else None
