@@ -99,7 +99,7 @@ def build_draft_tree(
     depth: int,
     top_k: int,
 ) -> DraftTree:
-    """Grow the dynamic draft tree (reference section 4, steps 2-3) with `depth - 1` head forwards.
+    """Grow EAGLE-2's dynamic draft tree (expand level by level, then rerank) with `depth - 1` head forwards.
 
     Args:
         root_token: the last emitted token, `()`; it is not in either KV cache yet.
@@ -190,7 +190,7 @@ def sample_with_candidates(probs: torch.Tensor, candidates: torch.LongTensor) ->
     """Sample one token from `probs` `(vocab,)`, trying draft `candidates` `(m,)` first; exact for any candidates.
 
     Candidate `x_i` is accepted with probability `p(x_i)` renormalised after zeroing the earlier, rejected
-    candidates (reference section 4, step 5, with one-hot draft distributions); if all are rejected the token is
+    candidates (EAGLE-2's multi-candidate rule, draft distributions taken as one-hot); if all are rejected the token is
     drawn from `p` with every candidate zeroed. Each token's overall probability is exactly `p`. Returns the
     token and the index of the accepted candidate, or None when the token came from the residual.
     """
@@ -325,6 +325,7 @@ def tree_assisted_decoding(
     `candidate_generator` supplies the attached head (`draft_model`), the tree shape (`total_tokens`: nodes verified
     per step, root included; `depth`: most draft tokens per step = head forwards per step; `top_k`), the target
     layers to read (`feature_layer_ids`) and `stats` (an `Eagle3GenerationStats`, updated once per verification).
+    The EAGLE reference code counts its depth without the first head forward: its `depth=d` is `depth=d + 1` here.
     `model_kwargs` are what `generate` passes to `_assisted_decoding`: the cache, attention mask, position ids.
     """
     _check_tree_inputs(model, input_ids, candidate_generator, generation_config, synced_gpus, model_kwargs)
