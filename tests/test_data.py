@@ -219,8 +219,12 @@ def test_vocab_maps_invert_and_cover():
 
 
 def test_vocab_maps_count_loss_tokens_only_and_round_trip(tmp_path):
+    from datasets import Dataset
+
     rows = [{"input_ids": [4, 4, 7, 2], "loss_mask": [0, 1, 1, 0]}, {"input_ids": [7, 9], "loss_mask": [1, 1]}]
     assert count_loss_tokens(rows, 10).tolist() == [0, 0, 0, 0, 1, 0, 0, 2, 0, 1]
+    # A `datasets.Dataset` is counted from Arrow batches, through its index mapping (here: one row).
+    assert count_loss_tokens(Dataset.from_list(rows).select([1]), 10).tolist() == [0] * 7 + [1, 0, 1]
     d2t, t2d, coverage = build_vocab_maps(rows, draft_vocab_size=2, vocab_size=10)
     assert (torch.arange(2) + d2t).tolist() == [4, 7] and coverage == pytest.approx(3 / 4)
     save_vocab_map(tmp_path, d2t, t2d)
