@@ -159,6 +159,16 @@ def test_offline_features_give_the_online_loss_and_resume(tmp_path):
         prepare_features(target, rows, features_dir, head.config.target_layer_ids, samples_per_shard=3)
 
 
+def test_feature_directory_errors(tmp_path):
+    target = make_target()
+    with pytest.raises(ValueError, match="not a feature directory"):
+        Eagle3FeatureDataset(tmp_path)
+    features_dir = prepare_features(target, make_rows(2), tmp_path / "features", [1, 2, 3])
+    head = make_head(target, draft_vocab_size=50)  # reads layers [2, 3, 3]
+    with pytest.raises(ValueError, match="features hold layers"):
+        Eagle3FeatureDataset(features_dir).attach_head(head)
+
+
 def test_bad_data_gets_clear_errors(tmp_path):
     target = make_target()
     head = make_head(target, draft_vocab_size=50)
