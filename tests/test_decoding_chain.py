@@ -168,3 +168,22 @@ def test_processors_that_leave_no_draft_token(monkeypatch):
         )
         assert not set(output[0, 3:].tolist()) & set(draft_ids)
     assert len(proposed) > 2 and set(proposed) == {0}
+
+
+@pytest.mark.real_model
+def test_real_target_chain_is_lossless():
+    """SmolLM2-135M-Instruct (from its PyPI GGUF, float32) with an untrained reduced-vocabulary head: rejections only,
+    through a 49k vocabulary, tied embeddings and 30 layers; the greedy text must not change."""
+    pytest.importorskip("gguf", reason="loading a GGUF target needs the `gguf` package")
+    from hf_eagle3.offline_models import load_target
+
+    target, tokenizer = load_target("smollm2", verbose=False)
+    head = make_head(target, draft_vocab_size=4096)
+    for prompt in ("What is the capital of France?", "Write a Python function that reverses a string."):
+        messages = [{"role": "user", "content": prompt}]
+        inputs = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        assert_greedy_lossless(
+            target, head, inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=24, **CHAIN
+        )
