@@ -302,3 +302,26 @@ def test_cli_prepare_features_then_train_offline(tmp_path):
     head = Eagle3DraftModel.from_pretrained(tmp_path / "head")
     assert torch.equal(head.d2t, d2t)
     assert head.config.draft_vocab_size == 50 and head.config.target_layer_ids == [2, 3, 3]
+
+
+def test_cli_lora_adapts_an_existing_head(tmp_path):
+    from hf_eagle3.cli import main
+
+    target, d2t = write_cli_inputs(tmp_path)
+    head = make_head(target, draft_vocab_size=50)
+    head.d2t.copy_(d2t)
+    head.t2d.copy_(load_file(tmp_path / "vocab_map.safetensors")["t2d"])
+    head.save_pretrained(tmp_path / "base-head")
+    common = ["--target", str(tmp_path / "target"), "--data", str(tmp_path / "data" / "train.jsonl")]
+    common += ["--max_steps", "1", "--per_device_train_batch_size", "2", "--ttt_steps", "2", "--use_cpu"]
+    common += ["--report_to", "none", "--disable_tqdm", "true", "--lora_r", "4"]
+    with pytest.raises(ValueError, match="--head"):
+        main(["train", *common, "--output_dir", str(tmp_path / "unused")])
+    output_dir = tmp_path / "adapted"
+    args = ["train", *common, "--head", str(tmp_path / "base-head"), "--output_dir", str(output_dir)]
+    assert main([*args, "--export_format", "sglang"]) == 0
+    assert (output_dir / "adapter_config.json").exists()
+    merged = Eagle3DraftModel.from_pretrained(output_dir / "merged")
+    assert not torch.equal(merged.midlayer.self_attn.q_proj.weight, head.midlayer.self_attn.q_proj.weight)
+    torch.testing.assert_close(merged.lm_head.weight, head.lm_head.weight)  # not a LoRA target: unchanged
+    assert (output_dir / "export-sglang" / "config.json").exists()

@@ -69,6 +69,18 @@ class TrainScriptArguments(TargetArguments):
             "help": "Also save the final head in a serving layout: eagle3, specforge, sglang, vllm, speculators."
         },
     )
+    lora_r: int | None = field(
+        default=None,
+        metadata={
+            "help": "Adapt the --head with LoRA adapters of this rank instead of training all its weights (e.g. to "
+            "a new domain); the adapter lands in --output_dir, the merged head in --output_dir/merged."
+        },
+    )
+    lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha; default 2 x lora_r."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        metadata={"help": "Head modules that get LoRA adapters."},
+    )
 
 
 @dataclass
@@ -166,6 +178,8 @@ def train(argv: list[str]) -> int:
         raise ValueError("Pass --data: the output of `hf-eagle3 prepare-data` or of `hf-eagle3 prepare-features`.")
     if script_args.export_format is not None:
         checkpoint_layout(script_args.export_format)  # an unknown name fails now, not after hours of training
+    if script_args.lora_r is not None and script_args.head is None:
+        raise ValueError("--lora_r adapts an existing head: pass it with --head (a directory or Hub id).")
     set_seed(training_args.seed)
     train_dataset = _load_rows(script_args.data)
     eval_dataset = _load_rows(script_args.eval_data) if script_args.eval_data else None
@@ -180,8 +194,18 @@ def train(argv: list[str]) -> int:
     if head.config.target_name_or_path is None:
         head.config.target_name_or_path = script_args.target or train_dataset.features_config["target_name_or_path"]
 
+    model = head
+    if script_args.lora_r is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lora_alpha = script_args.lora_alpha or 2 * script_args.lora_r
+        lora_config = LoraConfig(
+            r=script_args.lora_r, lora_alpha=lora_alpha, target_modules=script_args.lora_target_modules
+        )
+        model = get_peft_model(head, lora_config)
+
     trainer = Eagle3Trainer(
-        model=head, target_model=target, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset
+        model=model, target_model=target, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset
     )
     resume = training_args.resume_from_checkpoint
     if resume is not None and resume.lower() in {"true", "latest"}:
@@ -190,9 +214,20 @@ def train(argv: list[str]) -> int:
     trainer.save_model(training_args.output_dir)
     if eval_dataset is not None:
         trainer.evaluate()
-    if script_args.export_format is not None and trainer.is_world_process_zero():
+    if not trainer.is_world_process_zero():
+        return 0
+    # Final files are rebuilt from what was saved: under FSDP the in-memory weights are shards.
+    final_dir = Path(training_args.output_dir)
+    if script_args.lora_r is not None:
+        from peft import PeftModel
+
+        final_dir = final_dir / "merged"
+        adapted = PeftModel.from_pretrained(build_head(script_args, target_config), training_args.output_dir)
+        adapted.merge_and_unload().save_pretrained(final_dir)
+        print(f"Saved the LoRA adapter to {training_args.output_dir} and the merged head to {final_dir}")
+    if script_args.export_format is not None:
         export_dir = Path(training_args.output_dir) / f"export-{script_args.export_format}"
-        head.save_pretrained(
+        Eagle3DraftModel.from_pretrained(final_dir).save_pretrained(
             export_dir,
             format=script_args.export_format,
             target_max_position_embeddings=target_config.get_text_config().max_position_embeddings,
