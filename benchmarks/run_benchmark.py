@@ -240,7 +240,10 @@ def measure(args: argparse.Namespace) -> dict:
     from hf_eagle3 import Eagle3DraftModel
     from hf_eagle3.offline_models import load_target, shipped_head_path
 
-    methods = [parse_method(name) for name in args.methods]
+    # Plain runs first on every task: the other methods' speedup and greedy identity are measured against it.
+    methods = [parse_method(name) for name in sorted(dict.fromkeys(args.methods), key=lambda name: name != "plain")]
+    if methods[0].name != "plain":
+        _progress("Note: without `plain` in --methods there is no speedup and no greedy-identity check.")
     prompt_files = args.prompts or [DATA_DIR / task / "question.jsonl" for task in args.tasks]
     prompts = {task_name(path): load_prompts(path, args.limit) for path in prompt_files}
     head_path = args.head or shipped_head_path(args.target)
