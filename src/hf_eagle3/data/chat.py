@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 Message = dict[str, str]
@@ -160,19 +161,21 @@ def _assistant_mask_by_prefixes(tokenizer: PreTrainedTokenizerBase, messages: li
             )
         spans.append((len(before), len(through)))
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    loss_mask = [
-        int(any(start < span_end and end > span_start for span_start, span_end in spans))
-        for start, end in encoding["offset_mapping"]
-    ]
-    return {"input_ids": list(encoding["input_ids"]), "loss_mask": loss_mask}
+    offsets = np.asarray(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    loss_mask = np.zeros(len(offsets), dtype=bool)
+    for span_start, span_end in spans:  # a token belongs to a span when their characters overlap
+        loss_mask |= (offsets[:, 0] < span_end) & (offsets[:, 1] > span_start)
+    return {"input_ids": list(encoding["input_ids"]), "loss_mask": loss_mask.astype(int).tolist()}
 
 
 def _drop_trailing_separators(tokenizer: PreTrainedTokenizerBase, input_ids: list[int], loss_mask: list[int]) -> None:
     """Unmask whitespace-only tokens that end an assistant span (the separator after the end-of-turn token)."""
-    for position in range(len(input_ids) - 1, 0, -1):
-        span_ends_here = loss_mask[position] and (position + 1 == len(loss_mask) or not loss_mask[position + 1])
-        if span_ends_here and loss_mask[position - 1] and not tokenizer.decode([input_ids[position]]).strip():
+    padded = np.asarray([0, *loss_mask, 0], dtype=bool)
+    for end in np.flatnonzero(padded[1:-1] & ~padded[2:]):  # last token of each span
+        position = int(end)
+        while position > 0 and loss_mask[position - 1] and not tokenizer.decode([input_ids[position]]).strip():
             loss_mask[position] = 0
+            position -= 1
 
 
 def tokenize_conversation(
