@@ -306,6 +306,7 @@ def test_cli_prepare_features_then_train_offline(tmp_path):
 
 def test_cli_lora_adapts_an_existing_head(tmp_path):
     from hf_eagle3.cli import main
+    from hf_eagle3.data.vocab import build_vocab_maps, save_vocab_map
 
     target, d2t = write_cli_inputs(tmp_path)
     head = make_head(target, draft_vocab_size=50)
@@ -319,6 +320,10 @@ def test_cli_lora_adapts_an_existing_head(tmp_path):
         main(["train", *common, "--output_dir", str(tmp_path / "unused")])
     output_dir = tmp_path / "adapted"
     args = ["train", *common, "--head", str(tmp_path / "base-head"), "--output_dir", str(output_dir)]
+    other_map = tmp_path / "other_map.safetensors"
+    save_vocab_map(other_map, *build_vocab_maps(make_rows(6, seed=3), 50, 96)[:2])
+    with pytest.raises(ValueError, match="not the draft vocabulary"):
+        main([*args, "--vocab_map", str(other_map)])
     assert main([*args, "--export_format", "sglang"]) == 0
     assert (output_dir / "adapter_config.json").exists()
     merged = Eagle3DraftModel.from_pretrained(output_dir / "merged")

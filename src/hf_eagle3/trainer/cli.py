@@ -130,44 +130,46 @@ def _load_rows(path: str):
 
 
 def build_head(args: TrainScriptArguments, target_config) -> Eagle3DraftModel:
-    """A new head fitted to the target (or `--head`), with the draft vocabulary of `--vocab_map`."""
+    """The `--head` to continue from, or a new head fitted to the target with the draft vocabulary of `--vocab_map`
+    (default: the `vocab_map.safetensors` inside `--data`)."""
+    if args.head is not None:
+        head = Eagle3DraftModel.from_pretrained(args.head)
+        # The head's lm_head rows belong to the vocabulary it was trained with: another map would silently scramble it.
+        if args.vocab_map is not None and not torch.equal(load_vocab_map(args.vocab_map)[0], head.d2t):
+            raise ValueError(
+                f"--vocab_map {args.vocab_map} is not the draft vocabulary --head {args.head} was trained with. Drop "
+                "--vocab_map to keep the head's own, or train a new head for the new vocabulary."
+            )
+        return head
     vocab_map = args.vocab_map
     if vocab_map is None and args.data is not None:
         candidate = Path(args.data) / VOCAB_MAP_NAME
         vocab_map = str(candidate) if candidate.exists() else None
-    d2t = t2d = None
-    if vocab_map is not None:
-        d2t, t2d = load_vocab_map(vocab_map)
-        if args.draft_vocab_size is not None and args.draft_vocab_size != len(d2t):
+    if vocab_map is None:
+        if args.draft_vocab_size is not None and args.draft_vocab_size < target_config.get_text_config().vocab_size:
             raise ValueError(
-                f"--draft_vocab_size {args.draft_vocab_size} differs from the {len(d2t)} ids of {vocab_map}; drop the "
-                "flag, or rebuild the map with that size (`hf-eagle3 prepare-data --draft_vocab_size`)."
+                f"A draft vocabulary of {args.draft_vocab_size} ids needs its d2t/t2d maps: pass --vocab_map (written "
+                "by `hf-eagle3 prepare-data` as vocab_map.safetensors)."
             )
-    if args.head is not None:
-        head = Eagle3DraftModel.from_pretrained(args.head)
-    else:
-        draft_vocab_size = len(d2t) if d2t is not None else args.draft_vocab_size
-        if (
-            draft_vocab_size is not None
-            and draft_vocab_size < target_config.get_text_config().vocab_size
-            and d2t is None
-        ):
-            raise ValueError(
-                f"A draft vocabulary of {draft_vocab_size} ids needs its d2t/t2d maps: pass --vocab_map (written by "
-                "`hf-eagle3 prepare-data` as vocab_map.safetensors)."
+        return Eagle3DraftModel(
+            Eagle3Config.from_target_config(
+                target_config, draft_vocab_size=args.draft_vocab_size, target_layer_ids=args.target_layer_ids
             )
-        config = Eagle3Config.from_target_config(
-            target_config, draft_vocab_size=draft_vocab_size, target_layer_ids=args.target_layer_ids
         )
-        head = Eagle3DraftModel(config)
-    if d2t is not None:
-        if len(d2t) != head.config.draft_vocab_size or len(t2d) != head.config.vocab_size:
-            raise ValueError(
-                f"{vocab_map} maps {len(d2t)} draft ids over {len(t2d)} target ids, the head has "
-                f"{head.config.draft_vocab_size} over {head.config.vocab_size}."
-            )
-        head.d2t.copy_(d2t)
-        head.t2d.copy_(t2d)
+    d2t, t2d = load_vocab_map(vocab_map)
+    if args.draft_vocab_size is not None and args.draft_vocab_size != len(d2t):
+        raise ValueError(
+            f"--draft_vocab_size {args.draft_vocab_size} differs from the {len(d2t)} ids of {vocab_map}; drop the "
+            "flag, or rebuild the map with that size (`hf-eagle3 prepare-data --draft_vocab_size`)."
+        )
+    config = Eagle3Config.from_target_config(
+        target_config, draft_vocab_size=len(d2t), target_layer_ids=args.target_layer_ids
+    )
+    if len(t2d) != config.vocab_size:
+        raise ValueError(f"{vocab_map} covers {len(t2d)} target ids, the target's vocabulary has {config.vocab_size}.")
+    head = Eagle3DraftModel(config)
+    head.d2t.copy_(d2t)
+    head.t2d.copy_(t2d)
     return head
 
 
