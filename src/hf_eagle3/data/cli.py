@@ -95,9 +95,10 @@ def _load_target(args: PrepareDataArguments, with_model: bool):
     if with_model or get_offline_target(args.target) is not None or args.target.endswith(".gguf"):
         device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
         model, tokenizer = load_target(args.target, dtype=args.dtype, device=device, gguf_path=args.gguf_path)
-        return model, tokenizer, model.config.vocab_size
+        return model, tokenizer, model.config.get_text_config().vocab_size
     # Tokenising needs no weights: a large target is not loaded just for its vocabulary size.
-    return None, AutoTokenizer.from_pretrained(args.target), AutoConfig.from_pretrained(args.target).vocab_size
+    config = AutoConfig.from_pretrained(args.target).get_text_config()
+    return None, AutoTokenizer.from_pretrained(args.target), config.vocab_size
 
 
 def prepare_data(args: PrepareDataArguments) -> dict:
