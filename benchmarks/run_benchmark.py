@@ -442,9 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_target_arguments(commands.add_parser("materialize", help="find or install the target's GGUF file"))
     for name in ("prepare-data", "train"):
-        add_target_arguments(
-            commands.add_parser(name, help=f"`hf-eagle3 {name}` on the target; other options pass through")
+        # No abbreviations: an option of the library command must never be taken for a prefix of ours.
+        passthrough = commands.add_parser(
+            name, help=f"`hf-eagle3 {name}` on the target; other options pass through", allow_abbrev=False
         )
+        add_target_arguments(passthrough)
 
     run = commands.add_parser("measure", help="time the methods; write results/<name>.json, .md, .png")
     add_target_arguments(run)

@@ -101,3 +101,18 @@ def test_bad_requests_are_explained(tiny, tmp_path):
     bad.write_text('{"question": "no turns"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1 has neither a `turns` list nor a `prompt` string"):
         run_benchmark.load_prompts(bad, limit=None)
+
+
+def test_library_commands_get_the_materialised_target(monkeypatch, tmp_path):
+    import hf_eagle3.cli
+    import hf_eagle3.offline_models
+
+    calls = []
+    monkeypatch.setattr(hf_eagle3.cli, "main", lambda argv: calls.append(argv) or 0)
+    monkeypatch.setattr(hf_eagle3.offline_models, "materialize_gguf", lambda target, gguf_path: tmp_path / "m.gguf")
+    assert run_benchmark.main(["train", "--target", "smollm2", "--data", "d", "--target_dtype", "bfloat16"]) == 0
+    assert run_benchmark.main(["prepare-data", "--target", "my/model", "--synthesize", "3"]) == 0
+    assert calls == [
+        ["train", "--target", str(tmp_path / "m.gguf"), "--data", "d", "--target_dtype", "bfloat16"],
+        ["prepare-data", "--target", "my/model", "--synthesize", "3"],
+    ]
