@@ -116,9 +116,16 @@ def test_knobs_from_the_draft_generation_config(fake_tree):
     target.generate(PROMPT, assistant_model=head, max_new_tokens=6, eagle3_mode="tree", num_assistant_tokens=4)
     generator = fake_tree[0][2]
     assert (generator.mode, generator.depth, generator.num_assistant_tokens) == ("tree", 5, 4)
+    # A generation config passed to generate carries the knobs as custom entries.
+    target.generate(
+        PROMPT,
+        assistant_model=head,
+        generation_config=GenerationConfig(max_new_tokens=6, eagle3_mode="tree", eagle3_top_k=3),
+    )
+    assert (fake_tree[1][2].mode, fake_tree[1][2].top_k, fake_tree[1][2].num_assistant_tokens) == ("tree", 3, 2)
     head.generation_config = None
     target.generate(PROMPT, assistant_model=head, max_new_tokens=6)
-    assert (fake_tree[1][2].mode, fake_tree[1][2].num_assistant_tokens, fake_tree[1][2].total_tokens) == (
+    assert (fake_tree[2][2].mode, fake_tree[2][2].num_assistant_tokens, fake_tree[2][2].total_tokens) == (
         "tree",
         6,
         60,
