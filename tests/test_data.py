@@ -143,6 +143,8 @@ def test_chat_formats_and_bad_rows():
     assert to_messages(sharegpt) == expected
     assert to_messages({"messages": expected, "id": 3}) == expected
     assert to_messages({"prompt": expected[:1], "completion": expected[1:]}) == expected
+    assert to_messages({"prompt": "hi", "completion": "hello"}) == expected
+    assert to_messages({"prompt": "hi"}) == expected[:1]
     with pytest.raises(ValueError, match="row 7 has columns \\['text'\\]"):
         to_messages({"text": "plain"}, index=7)
     with pytest.raises(ValueError, match="unknown ShareGPT speaker 'robot'"):

@@ -75,7 +75,8 @@ def to_messages(example: Mapping[str, Any], index: int | None = None) -> list[Me
     """One row of chat data as a list of `{"role", "content"}` messages.
 
     Accepted layouts: `messages` (TRL/OpenAI conversational), `conversations` with `from`/`value`
-    (ShareGPT) and `prompt` + `completion` message lists (TRL prompt-completion).
+    (ShareGPT), and `prompt` with an optional `completion` (TRL prompt-only and prompt-completion), each
+    a message list or text. Prompt-only rows are for `regenerate_conversations` to answer.
     """
     source = "row" if index is None else f"row {index}"
     if example.get("messages") is not None:
@@ -95,11 +96,18 @@ def to_messages(example: Mapping[str, Any], index: int | None = None) -> list[Me
                 )
             messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn["value"]})
         return _check_messages(messages, f"{source} 'conversations'")
-    if example.get("prompt") is not None and example.get("completion") is not None:
-        return _check_messages(list(example["prompt"]) + list(example["completion"]), f"{source} prompt+completion")
+    if example.get("prompt") is not None:
+        # TRL's prompt(-completion) layouts, conversational (message lists) or plain text.
+        prompt, completion = example["prompt"], example.get("completion")
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if isinstance(completion, str):
+            messages.append({"role": "assistant", "content": completion})
+        elif completion is not None:
+            messages += list(completion)
+        return _check_messages(messages, f"{source} 'prompt'/'completion'")
     raise ValueError(
         f"{source} has columns {sorted(example)}; chat data needs 'messages' (role/content), 'conversations' "
-        "(ShareGPT from/value) or 'prompt' + 'completion' message lists."
+        "(ShareGPT from/value) or 'prompt' (+ 'completion'), as text or message lists."
     )
 
 
