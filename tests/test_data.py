@@ -40,7 +40,8 @@ CHATML_TEMPLATE = (
 # Llama 3 layout written differently from Meta's template, so TRL does not recognise it.
 LLAMA3_STYLE_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim "
+    "+ '<|eot_id|>' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 # Drops earlier assistant turns, as reasoning templates drop earlier thoughts: not prefix-preserving.
@@ -178,7 +179,8 @@ def test_bad_chat_data_errors(byte_level_tokenizer, chatml):
         tokenize_conversations(chatml, [CONVERSATION, CONVERSATION[:1]])
     with pytest.raises(ValueError, match="renders earlier turns differently"):
         tokenize_conversation(make_tokenizer(byte_level_tokenizer, FORGETFUL_TEMPLATE), CONVERSATION, None)
-    empty_answers = "{% for message in messages %}{% if message['role'] == 'user' %}{{ message['content'] }}{% endif %}{% endfor %}"
+    user_turns_only = "{% for message in messages %}{% if message['role'] == 'user' %}{{ message['content'] }}"
+    empty_answers = user_turns_only + "{% endif %}{% endfor %}"
     with pytest.raises(ValueError, match="marked no assistant tokens"):
         tokenize_conversation(make_tokenizer(byte_level_tokenizer, empty_answers), CONVERSATION, None)
 

@@ -43,7 +43,8 @@ class PrepareDataArguments:
         default=None,
         metadata={
             "help": "Chat data: .jsonl/.json/.parquet file, dataset folder or Hub id, with 'messages' (role/content), "
-            "ShareGPT 'conversations' (from/value) or 'prompt' (+'completion'; prompt-only rows need --regenerate). Optional with --synthesize."
+            "ShareGPT 'conversations' (from/value) or 'prompt' (+ 'completion'; prompt-only rows need --regenerate). "
+            "Optional with --synthesize."
         },
     )
     split: str = field(default="train", metadata={"help": "Split of a dataset folder or Hub dataset."})
