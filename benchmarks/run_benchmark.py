@@ -247,9 +247,12 @@ def measure(args: argparse.Namespace) -> dict:
     prompt_files = args.prompts or [DATA_DIR / task / "question.jsonl" for task in args.tasks]
     prompts = {task_name(path): load_prompts(path, args.limit) for path in prompt_files}
     head_path = args.head or shipped_head_path(args.target)
-    if any(method.uses_head for method in methods) and not (head_path / "config.json").is_file():
+    if any(method.uses_head for method in methods) and (
+        head_path is None or not (head_path / "config.json").is_file()
+    ):
+        where = f"at {head_path}" if head_path is not None else f"shipped for {args.target}"
         raise SystemExit(
-            f"The eagle3 methods need a trained head, and there is none at {head_path}. Pass `--head DIR` "
+            f"The eagle3 methods need a trained head, and there is none {where}. Pass `--head DIR` "
             "(train one with the prepare-data and train steps of benchmarks/README.md), or measure only "
             "`--methods plain prompt_lookup`."
         )

@@ -11,6 +11,12 @@ from hf_eagle3.offline_models import SHIPPED_HEADS_DIR, shipped_head_path
 def test_shipped_head_location():
     assert shipped_head_path("smollm2") == SHIPPED_HEADS_DIR / "smollm2-135m-instruct"
     assert shipped_head_path("SmolLM2-135M-Instruct") == shipped_head_path("smollm2")
+    assert shipped_head_path("/some/checkpoint") is None  # never the target's own folder
+
+
+def test_no_head_for_an_unregistered_target(tmp_path, capsys):
+    assert cli_main(["demo", "--target", str(tmp_path)]) == 1
+    assert f"The package ships no head for {tmp_path} (yet)." in capsys.readouterr().err
 
 
 def test_missing_head_says_how_to_get_one(tmp_path, capsys):

@@ -57,11 +57,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     head_path = args.head or shipped_head_path(args.target)
-    if not (head_path / "config.json").is_file():
+    if head_path is None or not (head_path / "config.json").is_file():
         print(
-            f"No EAGLE-3 head at {head_path}. "
+            (f"No EAGLE-3 head at {head_path}. " if head_path is not None else "")
             + (
-                "The package ships none for this target yet. "
+                f"The package ships no head for {args.target} (yet). "
                 if args.head is None
                 else "Pass the directory a head was saved to. "
             )

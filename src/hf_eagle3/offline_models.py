@@ -109,11 +109,11 @@ def get_offline_target(name: str) -> OfflineTarget | None:
 SHIPPED_HEADS_DIR = Path(__file__).parent / "heads"
 
 
-def shipped_head_path(target: str) -> Path:
+def shipped_head_path(target: str) -> Path | None:
     """Where the EAGLE-3 head trained for the registered target `target` ships inside this package
-    (`heads/<registry name>/`); the directory exists only for targets that have one."""
-    spec = get_offline_target(target)
-    return SHIPPED_HEADS_DIR / (spec.name if spec is not None else target)
+    (`heads/<registry name>/`; the directory exists only once one is shipped); `None` for other targets."""
+    spec = get_offline_target(str(target))
+    return SHIPPED_HEADS_DIR / spec.name if spec is not None else None
 
 
 def default_cache_dir() -> Path:
