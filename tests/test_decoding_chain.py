@@ -187,3 +187,32 @@ def test_real_target_chain_is_lossless():
         assert_greedy_lossless(
             target, head, inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=24, **CHAIN
         )
+
+
+def test_a_stopping_draft_is_left_to_the_target_in_greedy_and_kept_in_sampling(monkeypatch):
+    """A head whose only draft token is EOS: greedy proposes nothing (the target must pick EOS itself), sampling
+    proposes EOS as its last draft (dropping it would bias speculative sampling against EOS)."""
+    proposed = []
+    get_candidates = Eagle3CandidateGenerator.get_candidates
+
+    def recording_get_candidates(self, input_ids, **kwargs):
+        candidates, logits = get_candidates(self, input_ids, **kwargs)
+        proposed.append(candidates[0, input_ids.shape[1] :].tolist())
+        return candidates, logits
+
+    monkeypatch.setattr(Eagle3CandidateGenerator, "get_candidates", recording_get_candidates)
+    target = make_target("llama", seed=4)
+    head = make_head(target, draft_vocab_size=1)
+    eos = target.config.eos_token_id
+    with torch.no_grad():
+        head.d2t.fill_(eos)
+        head.t2d.zero_()
+        head.t2d[eos] = True
+    prompt = torch.tensor([[9, 19, 29]])
+    target.generate(prompt, assistant_model=head, max_new_tokens=5, do_sample=False, **CHAIN)
+    assert len(proposed) > 1 and all(draft == [] for draft in proposed)
+    proposed.clear()
+    torch.manual_seed(0)
+    target.generate(prompt, assistant_model=head, max_new_tokens=5, do_sample=True, **CHAIN)
+    # EOS is proposed (and nothing after it); empty proposals are the prefill and the last token's step.
+    assert [eos] in proposed and all(draft in ([], [eos]) for draft in proposed)

@@ -56,8 +56,10 @@ class Eagle3CandidateGenerator(CandidateGenerator):
         input_ids: the prompt, `(1, prompt_length)`.
         logits_processor: the call's processors; applied to the draft's logits so that sampled drafts come
             from the distribution speculative sampling assumes.
-        stopping_criteria: the call's stopping criteria; a draft stops before a token that would end generation,
-            so the target itself emits that token (this keeps EOS and custom criteria exact).
+        stopping_criteria: the call's stopping criteria (evaluated on draft prefixes, without scores, as
+            transformers 5.17 does). Drafting ends at a token that would end generation: greedy leaves that token
+            to the target, so the output stops exactly where the target alone stops; sampling keeps it as the last
+            draft, which keeps the distribution exact.
         model_kwargs: the call's model kwargs (cache, attention mask).
     """
 
@@ -250,10 +252,16 @@ class Eagle3CandidateGenerator(CandidateGenerator):
             else:
                 token = logits.argmax(dim=-1, keepdim=True)
             extended = torch.cat([candidate_ids, token], dim=-1)
-            if self.stopping_criteria(extended, None).any():
+            stops = bool(self.stopping_criteria(extended, None).any())
+            if stops and not self.do_sample:
+                # Greedy: leave the stopping token to the target's own pick, so generation ends exactly there.
                 break
             candidate_ids = extended
             candidate_logits.append(logits)
+            if stops:
+                # Sampling: keep it as the last draft. Dropping it would make every kept draft a sample from its
+                # logits *conditioned on not stopping*, and speculative sampling would undercount EOS.
+                break
 
         drafted_positions = self._draft_cache.get_seq_length() - accepted_length
         if drafted_positions > 0:
