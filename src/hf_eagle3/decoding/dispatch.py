@@ -66,7 +66,7 @@ def _wrap_prepare_generation_config(original: Callable) -> Callable:
         chain_length = kwargs.get("num_assistant_tokens")
         for config in (generation_config, getattr(self, "generation_config", None)):
             if chain_length is None and config is not None:
-                chain_length = config.num_assistant_tokens
+                chain_length = getattr(config, "num_assistant_tokens", None)
         generation_config, model_kwargs = original(self, generation_config, **kwargs)
         for name, value in knobs.items():
             setattr(generation_config, name, value)
