@@ -6,13 +6,14 @@ import types
 import pytest
 import torch
 from conftest import make_head, make_target
-from transformers import GenerationConfig, GenerationMixin
+from transformers import GenerationConfig, GenerationMixin, StoppingCriteria
 from transformers.cache_utils import StaticCache
 from transformers.generation import LogitsProcessorList, MaxLengthCriteria, StoppingCriteriaList
 
 from hf_eagle3 import Eagle3CandidateGenerator, disable_eagle3_generation, enable_eagle3_generation
 from hf_eagle3._compat import CACHE_NAME
 from hf_eagle3.decoding import dispatch
+from hf_eagle3.target_features import get_decoder_layers
 
 PROMPT = torch.tensor([[11, 23, 5, 42, 7]])
 
@@ -170,3 +171,25 @@ def test_bad_inputs_get_clear_errors():
         Eagle3CandidateGenerator(
             target, head, GenerationConfig(max_length=20), PROMPT, stopping_criteria=StoppingCriteriaList()
         )
+
+
+class FailingCriterion(StoppingCriteria):
+    def __call__(self, input_ids, scores, **kwargs):
+        raise RuntimeError("boom")
+
+
+def test_feature_hooks_are_removed_after_generate():
+    target = make_target("llama")
+    head = make_head(target, draft_vocab_size=50)
+    layers = get_decoder_layers(target)
+    target.generate(PROMPT, assistant_model=head, max_new_tokens=6, eagle3_mode="chain")
+    assert not any(layer._forward_pre_hooks for layer in layers)
+    with pytest.raises(RuntimeError, match="boom"):
+        target.generate(
+            PROMPT,
+            assistant_model=head,
+            max_new_tokens=6,
+            eagle3_mode="chain",
+            stopping_criteria=StoppingCriteriaList([FailingCriterion()]),
+        )
+    assert not any(layer._forward_pre_hooks for layer in layers)
