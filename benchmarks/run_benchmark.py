@@ -134,6 +134,8 @@ class Tally:
     seconds: float = 0.0
     decode_tokens: int = 0  # tokens after the first, which the prefill forward produces
     decode_forwards: int = 0
+    target_forwards: int = 0  # every target forward, prefills included
+    draft_forwards: int = 0
     accepted_per_depth: list[int] = field(default_factory=list)
     outputs: list[torch.Tensor] = field(default_factory=list)
 
@@ -153,6 +155,7 @@ def run_method(target, tokenizer, head, method: Method, prompts: list[str], temp
         kwargs["assistant_model"] = head
     tally = Tally()
     counter = ForwardCounter(target)
+    draft_counter = ForwardCounter(head) if method.uses_head else None
     try:
         for index, prompt in enumerate(prompts):
             messages = [{"role": "user", "content": prompt}]
@@ -169,16 +172,21 @@ def run_method(target, tokenizer, head, method: Method, prompts: list[str], temp
             new = output[0, inputs["input_ids"].shape[1] :].cpu()
             tally.outputs.append(new)
             tally.new_tokens += len(new)
+            tally.target_forwards += counter.count
             if method.uses_head:
                 stats = head.last_generation_stats
                 tally.decode_tokens += stats.new_tokens
                 tally.decode_forwards += stats.target_forwards
                 tally.add_depths(stats.accepted_per_depth)
+                tally.draft_forwards += draft_counter.count
+                draft_counter.count = 0
             else:
                 tally.decode_tokens += len(new) - 1
                 tally.decode_forwards += counter.count - 1
     finally:
         counter.remove()
+        if draft_counter is not None:
+            draft_counter.remove()
     return tally
 
 
@@ -208,6 +216,12 @@ def result_row(method: Method, task: str, temperature: float, tally: Tally, plai
         else [],
         "greedy_identical": None,
         "greedy_prefix_match": None,
+        # Where the time goes: wall time per target forward (drafting and Python overhead included; for plain
+        # generate the time per token), and head forwards per verification step.
+        "ms_per_step": round(1000 * tally.seconds / tally.target_forwards, 3),
+        "draft_forwards_per_step": round(tally.draft_forwards / forwards, 3)
+        if method.uses_head and forwards
+        else None,
         "generate_kwargs": method.generate_kwargs,
     }
     if temperature == 0 and plain is not None:
@@ -355,17 +369,19 @@ def markdown_table(payload: dict) -> str:
         "",
         "tau = tokens per target forward (mean acceptance length); speedup = tokens/s over plain `generate` "
         "in the same run; identical = greedy text equals plain generate's on every prompt (prefix = share of "
-        "plain's tokens reproduced before the first difference).",
+        "plain's tokens reproduced before the first difference); ms/step = wall time per target forward, "
+        "drafting and overhead included.",
         "",
-        "| temperature | task | method | prompts | tokens/s | speedup | tau | acceptance per depth | identical | prefix |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| temperature | task | method | prompts | tokens/s | speedup | tau | acceptance per depth | identical | prefix "
+        "| ms/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in payload["results"]:
         depths = " ".join(f"{rate:.2f}" for rate in row["acceptance_rate_per_depth"]) or "-"
         lines.append(
             f"| {row['temperature']:g} | {row['task']} | {row['method']} | {row['prompts']} | "
             f"{row['tokens_per_s']:.1f} | {_cell(row['speedup'])} | {_cell(row['mean_accept_len'])} | {depths} | "
-            f"{_cell(row['greedy_identical'])} | {_cell(row['greedy_prefix_match'])} |"
+            f"{_cell(row['greedy_identical'])} | {_cell(row['greedy_prefix_match'])} | {row['ms_per_step']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 

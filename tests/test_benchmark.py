@@ -70,9 +70,12 @@ def test_measure_writes_json_table_and_plot(full_run):
         "eagle3_top_k": 2,
     }
     assert greedy["eagle3_tree_t8_d3_k2"]["mean_accept_len"] >= 1.0
+    # A tree of depth 3 takes up to 3 head forwards per step (plus the re-encoding of accepted tokens).
+    assert 1.0 <= greedy["eagle3_tree_t8_d3_k2"]["draft_forwards_per_step"] <= 4.0
+    assert greedy["plain"]["draft_forwards_per_step"] is None and greedy["plain"]["ms_per_step"] > 0
     assert all(row["greedy_identical"] is None for row in rows if row["temperature"] == 1)
     table = (output_dir / "target.md").read_text()
-    assert "| 0 | tiny_task | eagle3_chain_n3 | 2 |" in table
+    assert "| 0 | tiny_task | eagle3_chain_n3 | 2 |" in table and "| ms/step |" in table
     assert (output_dir / "target.png").stat().st_size > 0
 
 
