@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from conftest import save_chat_checkpoint
 
 from hf_eagle3.cli import main as cli_main
@@ -29,7 +30,15 @@ def test_demo_compares_text_and_speed(tmp_path, capsys):
     save_chat_checkpoint(tmp_path)
     argv = ["demo", "--target", str(tmp_path / "target"), "--head", str(tmp_path / "head"), "--device", "cpu"]
     argv += ["--prompt", "w5 w6 w7 w5 w6", "--prompt", "w9 w10 w9 w10", "--max-new-tokens", "8"]
+    argv += ["--total-tokens", "8", "--depth", "3", "--top-k", "2"]
     assert cli_main(argv) == 0
     output = capsys.readouterr().out
     assert output.count("--- identical text: yes") == 2
     assert "mean acceptance length" in output and "Summary on cpu" in output and "identical text on 2/2" in output
+
+
+def test_demo_knobs_reach_eagle3_decoding(tmp_path):
+    save_chat_checkpoint(tmp_path)
+    argv = ["demo", "--target", str(tmp_path / "target"), "--head", str(tmp_path / "head"), "--device", "cpu"]
+    with pytest.raises(ValueError, match="eagle3_depth must be a positive integer, got 0"):
+        cli_main([*argv, "--prompt", "w5 w6", "--max-new-tokens", "4", "--depth", "0"])

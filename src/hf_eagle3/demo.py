@@ -51,6 +51,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", help="float32 makes greedy text comparable token for token")
     parser.add_argument("--mode", choices=("tree", "chain"), default="tree", help="EAGLE-3 drafting mode")
+    # Knobs default to the head's generation config, else the reference values. On CPU verifying many tree
+    # tokens costs several single-token forwards, so a smaller tree can pay off there.
+    parser.add_argument("--total-tokens", type=int, help="tree tokens verified per step")
+    parser.add_argument("--depth", type=int, help="draft tree depth")
+    parser.add_argument("--top-k", type=int, help="children kept per tree node")
+    parser.add_argument("--num-assistant-tokens", type=int, help="chain length (chain mode)")
     return parser.parse_args(argv)
 
 
@@ -80,11 +86,19 @@ def main(argv: list[str]) -> int:
     draft.attach_target(target)
 
     greedy = {"do_sample": False, "max_new_tokens": args.max_new_tokens}
-    eagle3 = {**greedy, "assistant_model": draft, "eagle3_mode": args.mode}
+    knobs = {
+        "eagle3_mode": args.mode,
+        "eagle3_total_tokens": args.total_tokens,
+        "eagle3_depth": args.depth,
+        "eagle3_top_k": args.top_k,
+        "num_assistant_tokens": args.num_assistant_tokens,
+    }
+    knobs = {name: value for name, value in knobs.items() if value is not None}
+    eagle3 = {**greedy, "assistant_model": draft, **knobs}
     _progress("Warming up ...")
     warm_up = tokenizer("Hello", return_tensors="pt").to(args.device)
     target.generate(**warm_up, do_sample=False, max_new_tokens=4)
-    target.generate(**warm_up, do_sample=False, max_new_tokens=4, assistant_model=draft, eagle3_mode=args.mode)
+    target.generate(**warm_up, **{**eagle3, "max_new_tokens": 4})
 
     totals = {"plain": [0, 0.0], "eagle3": [0, 0.0]}
     accept_lengths, identical = [], 0
