@@ -8,6 +8,8 @@ Subcommands (run with `--help` each; benchmarks/README.md lists the steps on the
     train         `hf-eagle3 train` on the materialised target (other options pass through)
     measure       time every method on every task and temperature; write results/<name>.json, .md and a plot
     merge         combine partial measure results (runs that each fit one 10-minute step) into one
+    ship          save a trained head compactly (bfloat16, shards small enough to leave the GPU machine) with
+                  its model card; by default into the package, as the head shipped for the target
 
 `measure` reports per method, task and temperature: tokens/s, speedup over plain generate in the same run,
 mean acceptance length (tokens per target forward), acceptance rate per draft depth, and whether the greedy
@@ -431,6 +433,50 @@ def write_results(payload: dict, output_dir: Path, name: str, plot: bool) -> lis
     return written
 
 
+# The issue's budget for a head committed to the repository.
+MAX_SHIPPED_HEAD_MB = 30
+
+
+def ship(args: argparse.Namespace) -> Path:
+    """Save `--head` in `--dtype` with a model card whose acceptance figures come from `--results`."""
+    from hf_eagle3 import Eagle3DraftModel, create_model_card
+    from hf_eagle3.offline_models import get_offline_target, shipped_head_path
+
+    head = Eagle3DraftModel.from_pretrained(args.head, dtype=args.dtype)
+    target = head.config.target_name_or_path
+    spec = get_offline_target(target) if target else None
+    output_dir = args.output_dir or shipped_head_path(target or "")
+    if output_dir is None:
+        raise SystemExit(f"The head was trained for {target!r}, which ships no head: pass --output_dir.")
+    acceptance = None
+    if args.results is not None:
+        results = json.loads(args.results.read_text(encoding="utf-8"))["results"]
+        acceptance = {
+            f"{row['task']}, greedy, {row['method']}"
+            + (f" ({row['speedup']:.2f}x plain generate)" if row["speedup"] is not None else ""): row[
+                "mean_accept_len"
+            ]
+            for row in results
+            if row["method"] == args.method and row["temperature"] == 0 and row["mean_accept_len"] is not None
+        }
+    head.save_pretrained(output_dir, max_shard_size=args.max_shard_size)
+    card = create_model_card(
+        head.config,
+        base_model=spec.original_id if spec is not None else None,
+        training_data=args.training_data,
+        acceptance=acceptance or None,
+    )
+    card.save(Path(output_dir) / "README.md")
+    size_mb = sum(path.stat().st_size for path in Path(output_dir).glob("*.safetensors")) / 2**20
+    _progress(f"Saved the head ({size_mb:.1f} MB of weights, {args.dtype}) and its model card to {output_dir}")
+    if size_mb > MAX_SHIPPED_HEAD_MB:
+        _progress(
+            f"Warning: {size_mb:.1f} MB is over the {MAX_SHIPPED_HEAD_MB} MB a shipped head may take: train it with a "
+            "smaller draft vocabulary (prepare-data --draft_vocab_size)."
+        )
+    return Path(output_dir)
+
+
 def materialize(args: argparse.Namespace) -> Path:
     from hf_eagle3.offline_models import get_offline_target, materialize_gguf
 
@@ -489,6 +535,19 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--name", help="output name (default: the target's name)")
     merge.add_argument("--output_dir", type=Path, default=RESULTS_DIR)
     merge.add_argument("--no_plot", action="store_true")
+
+    package = commands.add_parser("ship", help="save a trained head compactly, with its model card")
+    package.add_argument("--head", type=Path, required=True, help="the trained head directory")
+    package.add_argument(
+        "--output_dir", type=Path, help="default: the package's heads/<target>/, the head `demo` and tests load"
+    )
+    package.add_argument("--dtype", default="bfloat16", help="dtype of the saved weights")
+    package.add_argument(
+        "--max_shard_size", default="15MB", help="largest weight file (files leaving the GPU machine: 16 MB at most)"
+    )
+    package.add_argument("--results", type=Path, help="a measure/merge JSON: its acceptance lengths go in the card")
+    package.add_argument("--method", default="eagle3_tree", help="which method's rows the card reports")
+    package.add_argument("--training_data", help="free text for the card: data, its size, training time")
     return parser
 
 
@@ -499,6 +558,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(passthrough)}")
     if args.command == "materialize":
         print(materialize(args))
+        return 0
+    if args.command == "ship":
+        print(ship(args))
         return 0
     if args.command in {"prepare-data", "train"}:
         return run_library_command(args.command, args, passthrough)

@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import save_chat_checkpoint
+
+from hf_eagle3 import Eagle3DraftModel
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run_benchmark.py"
 spec = importlib.util.spec_from_file_location("run_benchmark", SCRIPT)
@@ -119,3 +122,17 @@ def test_library_commands_get_the_materialised_target(monkeypatch, tmp_path):
         ["train", "--target", str(tmp_path / "m.gguf"), "--data", "d", "--target_dtype", "bfloat16"],
         ["prepare-data", "--target", "my/model", "--synthesize", "3"],
     ]
+
+
+def test_ship_a_head_with_its_card(tiny, full_run, tmp_path):
+    root, _ = tiny
+    output_dir, _ = full_run
+    argv = ["ship", "--head", str(root / "head"), "--output_dir", str(tmp_path / "shipped")]
+    argv += ["--results", str(output_dir / "target.json"), "--method", "eagle3_chain_n3", "--max_shard_size", "40KB"]
+    assert run_benchmark.main([*argv, "--training_data", "Two tiny prompts."]) == 0
+    shipped = Eagle3DraftModel.from_pretrained(tmp_path / "shipped")
+    assert shipped.dtype == torch.bfloat16 and len(list((tmp_path / "shipped").glob("*.safetensors"))) > 1
+    original = Eagle3DraftModel.from_pretrained(root / "head")
+    assert torch.equal(shipped.d2t, original.d2t) and torch.equal(shipped.t2d, original.t2d)
+    card = (tmp_path / "shipped" / "README.md").read_text()
+    assert "Two tiny prompts." in card and "| tiny_task, greedy, eagle3_chain_n3 (" in card
