@@ -46,14 +46,13 @@ METHODS = ["plain", "prompt_lookup", "eagle3_chain_n3", "eagle3_tree_t8_d3_k2"]
 
 @pytest.fixture(scope="module")
 def full_run(tiny, tmp_path_factory):
-    pytest.importorskip("matplotlib")
     output_dir = tmp_path_factory.mktemp("results")
     # Listed after another method, plain still runs first: the others are compared with it.
     methods = [*METHODS[1:3], METHODS[0], *METHODS[3:]]
-    return output_dir, measure(tiny, output_dir, "--methods", *methods, "--temperatures", "0", "1")
+    return output_dir, measure(tiny, output_dir, "--methods", *methods, "--temperatures", "0", "1", "--no_plot")
 
 
-def test_measure_writes_json_table_and_plot(full_run):
+def test_measure_writes_json_and_table(full_run):
     output_dir, payload = full_run
     assert {"target", "device", "versions", "command", "date", "results"} <= set(payload)
     assert payload["target"] == "target" and payload["versions"]["transformers"]
@@ -79,7 +78,18 @@ def test_measure_writes_json_table_and_plot(full_run):
     assert all(row["greedy_identical"] is None for row in rows if row["temperature"] == 1)
     table = (output_dir / "target.md").read_text()
     assert "| 0 | tiny_task | eagle3_chain_n3 | 2 |" in table and "| ms/step |" in table
-    assert (output_dir / "target.png").stat().st_size > 0
+
+
+def test_plot(full_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    run_benchmark.plot_results(full_run[1], tmp_path / "speedup.png")
+    assert (tmp_path / "speedup.png").stat().st_size > 0
+
+
+def test_plot_without_matplotlib_is_explained(full_run, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match="The plot needs matplotlib: `pip install matplotlib`.* or pass --no_plot"):
+        run_benchmark.plot_results(full_run[1], tmp_path / "speedup.png")
 
 
 def test_partial_runs_merge(tiny, full_run, tmp_path):
