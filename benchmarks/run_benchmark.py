@@ -274,7 +274,7 @@ def measure(args: argparse.Namespace) -> dict:
         )
 
     target, tokenizer = load_target(
-        args.target, dtype=args.dtype, device=args.device, gguf_path=args.gguf, attn_implementation=args.attn
+        args.target, dtype=args.dtype, device=args.device, gguf_path=gguf_location(args), attn_implementation=args.attn
     )
     head = None
     if any(method.uses_head for method in methods):
@@ -477,12 +477,19 @@ def ship(args: argparse.Namespace) -> Path:
     return Path(output_dir)
 
 
+def gguf_location(args: argparse.Namespace) -> Path | list[Path] | None:
+    """`--gguf`: one file or directory, or several pieces of the file in order."""
+    if args.gguf is None:
+        return None
+    return args.gguf[0] if len(args.gguf) == 1 else args.gguf
+
+
 def materialize(args: argparse.Namespace) -> Path:
     from hf_eagle3.offline_models import get_offline_target, materialize_gguf
 
     if get_offline_target(args.target) is None:
         raise SystemExit(f"{args.target!r} is not a registered offline target: load it directly with --target.")
-    return materialize_gguf(args.target, gguf_path=args.gguf)
+    return materialize_gguf(args.target, gguf_path=gguf_location(args))
 
 
 def run_library_command(command: str, args: argparse.Namespace, passthrough: list[str]) -> int:
@@ -503,7 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
         subparser.add_argument(
             "--target", default="smollm2", help="registered offline target (smollm2, qwen-coder), Hub id or path"
         )
-        subparser.add_argument("--gguf", type=Path, help="the GGUF file, or a directory with it, its pieces or wheels")
+        subparser.add_argument(
+            "--gguf",
+            nargs="+",
+            type=Path,
+            help="the GGUF file, its pieces in order, or a directory with the file, its pieces or its wheels",
+        )
 
     add_target_arguments(commands.add_parser("materialize", help="find or install the target's GGUF file"))
     for name in ("prepare-data", "train"):

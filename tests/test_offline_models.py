@@ -86,6 +86,23 @@ def test_gguf_found_in_a_directory(tmp_path, layout):
     assert path.read_bytes() == CONTENT
 
 
+def test_pieces_given_in_order(tmp_path):
+    """Halves that travelled separately (the GPU machine takes 64 MB per step), named anyhow."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "smol.part00").write_bytes(CONTENT[:100])
+    (tmp_path / "b" / "smol.part01").write_bytes(CONTENT[100:])
+    pieces = [tmp_path / "a" / "smol.part00", tmp_path / "b" / "smol.part01"]
+    path = materialize_gguf(FAKE, gguf_path=pieces, cache_dir=tmp_path / "cache", verbose=False)
+    assert path == tmp_path / "cache" / FAKE.name / FAKE.gguf_filename and path.read_bytes() == CONTENT
+    # Later calls find the reassembled file in the cache on their own.
+    assert materialize_gguf(FAKE, cache_dir=tmp_path / "cache", install=False, verbose=False) == path
+    with pytest.raises(OfflineModelError, match="not the expected GGUF"):
+        materialize_gguf(FAKE, gguf_path=pieces[::-1], cache_dir=tmp_path / "other", verbose=False)
+    with pytest.raises(OfflineModelError, match="GGUF pieces not found: .*missing"):
+        materialize_gguf(FAKE, gguf_path=[pieces[0], tmp_path / "missing"], cache_dir=tmp_path, verbose=False)
+
+
 def test_corrupt_pieces_leave_nothing_behind(tmp_path):
     write_install_layout(tmp_path / "source", pieces=(PIECES[0], b"\x00" * 200))
     cache = tmp_path / "cache"

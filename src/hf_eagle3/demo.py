@@ -45,7 +45,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--target", default="smollm2", help="registered offline target, Hub id or local path")
     parser.add_argument("--head", type=Path, help="head directory (default: the head shipped for --target)")
-    parser.add_argument("--gguf", type=Path, help="the target's GGUF file, or a directory with it or its wheels")
+    parser.add_argument(
+        "--gguf",
+        nargs="+",
+        type=Path,
+        help="the target's GGUF file, its pieces in order, or a directory with the file, its pieces or its wheels",
+    )
     parser.add_argument("--prompt", action="append", dest="prompts", help="a user prompt (repeatable)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -80,7 +85,12 @@ def main(argv: list[str]) -> int:
 
     import hf_eagle3  # noqa: F401  (routes generate(assistant_model=<EAGLE-3 head>) to EAGLE-3 decoding)
 
-    target, tokenizer = load_target(args.target, dtype=args.dtype, device=args.device, gguf_path=args.gguf)
+    target, tokenizer = load_target(
+        args.target,
+        dtype=args.dtype,
+        device=args.device,
+        gguf_path=args.gguf[0] if args.gguf and len(args.gguf) == 1 else args.gguf,
+    )
     _progress(f"Loading the EAGLE-3 head from {head_path} ...")
     draft = Eagle3DraftModel.from_pretrained(head_path, dtype=target.dtype).to(args.device).eval()
     draft.attach_target(target)

