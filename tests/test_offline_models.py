@@ -275,7 +275,8 @@ def test_smollm2_materialises_and_answers(smollm2):
 @pytest.mark.real_model
 @pytest.mark.skipif(
     not (SMOLLM2_HEAD / "config.json").is_file(),
-    reason=f"no shipped SmolLM2 head yet at {SMOLLM2_HEAD}: train one with benchmarks/run_benchmark.py",
+    reason=f"no shipped SmolLM2 head yet at {SMOLLM2_HEAD}: make one with benchmarks/run_benchmark.py "
+    "prepare-data, train and ship (benchmarks/README.md)",
 )
 def test_shipped_head_is_lossless_and_accepts_more_than_an_untrained_head(smollm2):
     import hf_eagle3  # noqa: F401  (routes generate(assistant_model=<EAGLE-3 head>) to EAGLE-3 decoding)
