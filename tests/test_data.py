@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 
@@ -160,15 +161,16 @@ def test_load_chat_dataset_from_files_and_folders(tmp_path):
     rows = Dataset.from_list([{"messages": CONVERSATION}])
     rows.to_parquet(str(tmp_path / "chat.parquet"))
     rows.to_json(str(tmp_path / "chat.jsonl"))
+    (tmp_path / "chat.jsonl.gz").write_bytes(gzip.compress((tmp_path / "chat.jsonl").read_bytes()))
     rows.save_to_disk(str(tmp_path / "saved"))
     DatasetDict({"test": rows}).save_to_disk(str(tmp_path / "saved_dict"))
-    for source in ("chat.parquet", "chat.jsonl", "saved"):
+    for source in ("chat.parquet", "chat.jsonl", "chat.jsonl.gz", "saved"):
         assert to_messages(load_chat_dataset(str(tmp_path / source))[0]) == CONVERSATION
     assert to_messages(load_chat_dataset(str(tmp_path / "saved_dict"), split="test")[0]) == CONVERSATION
     with pytest.raises(ValueError, match="has splits \\['test'\\], not 'train': pass --split"):
         load_chat_dataset(str(tmp_path / "saved_dict"))
     (tmp_path / "chat.txt").write_text("hello")
-    with pytest.raises(ValueError, match="use .jsonl, .json or .parquet"):
+    with pytest.raises(ValueError, match="use .jsonl, .json \\(optionally .gz\\) or .parquet"):
         load_chat_dataset(str(tmp_path / "chat.txt"))
 
 

@@ -36,14 +36,16 @@ CHAT_ROLES = {"system", "user", "assistant"}
 
 
 def load_chat_dataset(data: str, split: str = "train"):
-    """Load chat data from a JSONL/JSON/Parquet file, a `save_to_disk` folder, a dataset folder or a Hub id."""
+    """Load chat data from a JSONL/JSON/Parquet file (JSON also gzip-compressed), a `save_to_disk` folder,
+    a dataset folder or a Hub id."""
     from datasets import DatasetDict, load_dataset, load_from_disk
 
     if os.path.isfile(data):
         builders = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-        extension = os.path.splitext(data)[1].lower()
-        if extension not in builders:
-            raise ValueError(f"Unsupported data file {data!r}: use .jsonl, .json or .parquet.")
+        # `datasets` decompresses .gz files itself; the builder follows the extension beneath it.
+        extension = os.path.splitext(data.removesuffix(".gz"))[1].lower()
+        if extension not in builders or (data.endswith(".gz") and builders[extension] != "json"):
+            raise ValueError(f"Unsupported data file {data!r}: use .jsonl, .json (optionally .gz) or .parquet.")
         return load_dataset(builders[extension], data_files=data, split="train")
     saved_markers = ("state.json", "dataset_dict.json")  # what `save_to_disk` writes
     if os.path.isdir(data) and any(os.path.isfile(os.path.join(data, name)) for name in saved_markers):
