@@ -51,7 +51,7 @@ def keep_cache_positions(cache: DynamicCache, start: int, keep: torch.LongTensor
         raise ValueError(f"Cannot keep {keep.numel()} positions after {start}: the cache holds only {total}.")
     source = keep + start
     for layer in cache.layers:
-        if not layer.is_initialized:
+        if not layer.is_initialized or not keep.numel():
             continue
         # Layers may live on different devices (`device_map`).
         source = source.to(layer.keys.device)
