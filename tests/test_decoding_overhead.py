@@ -23,7 +23,8 @@ from transformers.generation import (
 from hf_eagle3._compat import cache_kwargs
 from hf_eagle3.decoding import tree as tree_module
 from hf_eagle3.decoding.kv_cache import keep_cache_positions
-from hf_eagle3.decoding.tree import _accept, _accept_greedy, _host_stop_rule
+from hf_eagle3.decoding.stopping import host_stop_rule
+from hf_eagle3.decoding.tree import _accept, _accept_greedy
 
 
 @pytest.fixture
@@ -70,7 +71,7 @@ def test_batched_acceptance_equals_the_walk(path, criteria):
     expected, expected_ids, expected_scores, _ = _accept(
         logits, tree.tokens, tree.children(), input_ids, LogitsProcessorList(), stopping, False, (), ()
     )
-    stop_rule = _host_stop_rule(stopping)
+    stop_rule = host_stop_rule(stopping)
     assert (stop_rule is None) == (criteria == "custom")
     step, visited, ids, scores, raw_logits = _accept_greedy(logits, tree, input_ids, stopping, stop_rule, (), ())
     assert step == expected

@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers.cache_utils import DynamicCache
 from transformers.generation import GenerateDecoderOnlyOutput, GenerationConfig, LogitsProcessorList
-from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
+from transformers.generation.stopping_criteria import StoppingCriteriaList
 
 from .._compat import CACHE_NAME, cache_kwargs, output_cache
 from ..target_features import TargetFeatureCapture
 from .kv_cache import check_tree_cache, keep_cache_positions
+from .stopping import HostStopRule, first_stop, host_stop_rule
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -237,14 +238,14 @@ def _accept(
     do_sample: bool,
     scores: tuple | None,
     raw_logits: tuple | None,
-    stop_rule: tuple[float, frozenset[int]] | None = None,
+    stop_rule: HostStopRule | None = None,
 ) -> tuple[_StepResult, torch.LongTensor, tuple | None, tuple | None]:
     """Walk the tree from the root, emitting one token per visited node as `_sample` would at that position.
 
     Processors and warpers see exactly the sequence `_sample` would give them (prefix plus accepted tokens), so
     repetition penalties and the like stay exact. A token matching a child moves the walk to that child; any other
     token (the target's correction or bonus) ends the step. Stopping criteria are checked after every token
-    (decided on the host when `stop_rule`, from `_host_stop_rule`, is given).
+    (decided on the host when `stop_rule`, from `host_stop_rule`, is given).
     `logits` `(n, vocab)` are the target's at the `n` nodes, `tokens` `(n,)` the nodes' tokens.
     """
     tree_tokens = tokens.tolist()
@@ -288,29 +289,12 @@ def _uses_batched_greedy(do_sample: bool, logits_processor: LogitsProcessorList,
     return not do_sample and len(logits_processor) == 0 and device.type != "cpu"
 
 
-def _host_stop_rule(stopping_criteria: StoppingCriteriaList) -> tuple[float, frozenset[int]] | None:
-    """`(max_length, eos_ids)` when every criterion is transformers' max-length or EOS one, else None.
-
-    Those two are decided from the emitted tokens on the host, exactly as their `__call__` decides; calling them
-    would cost a host-device synchronisation per emitted token (the `bool(... .any())`).
-    """
-    max_length, eos_ids = float("inf"), set()
-    for criterion in stopping_criteria:
-        if type(criterion) is MaxLengthCriteria:
-            max_length = min(max_length, criterion.max_length)
-        elif type(criterion) is EosTokenCriteria:
-            eos_ids.update(criterion.eos_token_id.flatten().tolist())
-        else:
-            return None
-    return max_length, frozenset(eos_ids)
-
-
 def _accept_greedy(
     logits: torch.Tensor,
     tree: DraftTree,
     input_ids: torch.LongTensor,
     stopping_criteria: StoppingCriteriaList,
-    stop_rule: tuple[float, frozenset[int]] | None,
+    stop_rule: HostStopRule | None,
     scores: tuple | None,
     raw_logits: tuple | None,
 ) -> tuple[_StepResult, torch.LongTensor, torch.LongTensor, tuple | None, tuple | None]:
@@ -331,30 +315,15 @@ def _accept_greedy(
     # Path nodes first, in level order (= path order), without a host round trip: a stable sort of "not on path".
     visited_index = torch.sort((~on_path).to(torch.uint8), stable=True).indices[: len(visited)]
 
-    num_emitted, finished = len(tokens), False
-    if stop_rule is not None:
-        max_length, eos_ids = stop_rule
-        for index, token in enumerate(tokens):
-            if input_ids.shape[1] + index + 1 >= max_length or token in eos_ids:
-                num_emitted, finished = index + 1, True
-                break
     new_ids = argmax[visited_index][None]
-    if stop_rule is None:
-        # Other criteria are called on every prefix as `_sample` would; their answers come back in one transfer.
-        prefix_scores = scores
-        done = []
-        for index in range(len(tokens)):
-            if prefix_scores is not None:
-                prefix_scores += (logits[visited[index] : visited[index] + 1],)
-            done.append(stopping_criteria(torch.cat([input_ids, new_ids[:, : index + 1]], dim=-1), prefix_scores))
-        stops = torch.cat(done).tolist()
-        if True in stops:
-            num_emitted, finished = stops.index(True) + 1, True
+    new_scores = [logits[node : node + 1] for node in visited]
+    stop = first_stop(stopping_criteria, stop_rule, input_ids, new_ids, tokens, scores, new_scores)
+    num_emitted, finished = (len(tokens), False) if stop is None else (stop + 1, True)
     input_ids = torch.cat([input_ids, new_ids[:, :num_emitted]], dim=-1)
     if scores is not None:
-        scores += tuple(logits[node : node + 1] for node in visited[:num_emitted])
+        scores += tuple(new_scores[:num_emitted])
     if raw_logits is not None:
-        raw_logits += tuple(logits[node : node + 1] for node in visited[:num_emitted])
+        raw_logits += tuple(new_scores[:num_emitted])
     # Every emitted token but the full path's last (the target's bonus) matched a drafted child.
     step = _StepResult(tokens[:num_emitted], visited[:num_emitted], min(num_emitted, len(visited) - 1), finished)
     return step, visited_index[:num_emitted], input_ids, scores, raw_logits
@@ -441,7 +410,7 @@ def tree_assisted_decoding(
     cache.activate_past_recording()
     draft_cache = DynamicCache()
     batched_greedy = _uses_batched_greedy(do_sample, logits_processor, input_ids.device)
-    stop_rule = _host_stop_rule(stopping_criteria)
+    stop_rule = host_stop_rule(stopping_criteria)
 
     def accept(logits: torch.Tensor, tree: DraftTree, input_ids: torch.LongTensor, scores, raw_logits):
         if batched_greedy:
