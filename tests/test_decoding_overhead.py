@@ -127,6 +127,25 @@ def test_batched_greedy_stops_inside_a_run_and_keeps_scores(batched_greedy):
     assert all(inside_run), "each stop should fall inside an accepted run"
 
 
+def test_chain_greedy_drafts_whole_chains_and_stops_where_the_target_does():
+    """Chain mode drafts greedily without per-token host reads; stops (EOS, length, custom) stay exact."""
+    target, head = make_oracle_pair("llama", 0.0, eos_token_id=None)
+    input_ids = prompt(4)
+    free_run = target.generate(input_ids, max_new_tokens=20, do_sample=False)[0, input_ids.shape[1] :]
+    chain = {"eagle3_mode": "chain", "num_assistant_tokens": 4}
+    for kwargs in (
+        {},
+        {"eos_token_id": int(free_run[8])},
+        {"max_new_tokens": 11},
+        {"stopping_criteria": StoppingCriteriaList([StopAfter(int(free_run[5]))])},
+    ):
+        kwargs = {"max_new_tokens": 20, "do_sample": False, **kwargs}
+        expected = target.generate(input_ids, **kwargs)
+        output = target.generate(input_ids, assistant_model=head, return_dict_in_generate=True, **chain, **kwargs)
+        assert torch.equal(output.sequences, expected), kwargs
+        assert output.eagle3_stats.mean_accept_len > 2.5
+
+
 class SyncCounter(TorchDispatchMode):
     """Counts scalar reads (`item`, `int()`, `bool()`), data-dependent shapes and `.tolist()` calls."""
 

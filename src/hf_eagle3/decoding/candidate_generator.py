@@ -25,6 +25,7 @@ from .._compat import CACHE_NAME
 from ..modeling_eagle3 import Eagle3DraftModel
 from ..target_features import TargetFeatureCapture
 from .stats import Eagle3GenerationStats
+from .stopping import first_stop, host_stop_rule
 
 EAGLE3_MODES = ("tree", "chain")
 # Reference-code defaults for the dynamic tree (reference section 4). The chain length is what one eager head
@@ -105,6 +106,10 @@ class Eagle3CandidateGenerator(CandidateGenerator):
         )
         self.do_sample = bool(generation_config.do_sample)
         self.max_length = generation_config.max_length
+        # Greedy drafts without processors need no full-vocabulary logits and no per-token host reads (the target
+        # compares tokens only): the chain is drafted whole and checked for stops once.
+        self.batched_greedy = not self.do_sample and len(self.logits_processor) == 0
+        self.stop_rule = host_stop_rule(self.stopping_criteria)
 
         self.mode = self._knob("eagle3_mode")
         if self.mode not in EAGLE3_MODES:
@@ -241,6 +246,10 @@ class Eagle3CandidateGenerator(CandidateGenerator):
                     position_ids=positions[:, -1:] + (step - 1),
                     past_key_values=self._draft_cache,
                 )
+            if self.batched_greedy:
+                token = draft.draft_to_target_ids(output.logits[:, -1].argmax(dim=-1, keepdim=True))
+                candidate_ids = torch.cat([candidate_ids, token.to(candidate_ids.device)], dim=-1)
+                continue
             logits = draft.draft_logits_to_target_vocab(output.logits[:, -1].float()).to(input_ids.device)
             if len(self.logits_processor) > 0:
                 logits = self.logits_processor(candidate_ids, logits)
@@ -266,6 +275,11 @@ class Eagle3CandidateGenerator(CandidateGenerator):
         drafted_positions = self._draft_cache.get_seq_length() - accepted_length
         if drafted_positions > 0:
             self._draft_cache.crop(-drafted_positions)
+        if self.batched_greedy:
+            drafts = candidate_ids[:, sequence_length:]
+            stop = first_stop(self.stopping_criteria, self.stop_rule, input_ids, drafts, drafts[0].tolist())
+            # As above: a stopping draft is left to the target's own pick.
+            return candidate_ids[:, : sequence_length + (drafts.shape[1] if stop is None else stop)], None
         if not candidate_logits:
             return input_ids, None
         return candidate_ids, torch.stack(candidate_logits, dim=1)
