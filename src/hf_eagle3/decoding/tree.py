@@ -209,12 +209,15 @@ def sample_with_candidates(probs: torch.Tensor, candidates: torch.LongTensor) ->
         remaining = 1 - (candidate_probs.cumsum(0) - candidate_probs)
         accept_probs = candidate_probs / remaining.clamp_min(torch.finfo(probs.dtype).tiny)
         accepted = torch.rand(candidates.numel(), device=probs.device, dtype=probs.dtype) < accept_probs
-        first = int(torch.where(accepted.any(), accepted.int().argmax(), -1))
-        if first >= 0:
-            return int(candidates[first]), first
+        first = torch.where(accepted.any(), accepted.int().argmax(), -1)
         residual = probs.index_fill(0, candidates, 0)
         # Only float rounding can leave no residual mass (the candidates held all of it); p itself is then exact.
-        probs = torch.where(residual.sum() > 0, residual, probs)
+        residual = torch.where(residual.sum() > 0, residual, probs)
+        # The residual draw is made whether or not it is used (it is independent of the acceptance draws), so
+        # the outcome reaches the host in one transfer instead of one per decision.
+        token = torch.where(first >= 0, candidates[first.clamp_min(0)], torch.multinomial(residual, 1)[0])
+        token, first = torch.stack([token, first]).tolist()
+        return token, (first if first >= 0 else None)
     return int(torch.multinomial(probs, 1)), None
 
 
