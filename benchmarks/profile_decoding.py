@@ -521,12 +521,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--attn_implementation", default="sdpa")
+    parser.add_argument(
+        "--accelerator_paths",
+        action="store_true",
+        help="on the CPU, accept through the path used on accelerators (one host read per greedy step), to count "
+        "its operations and syncs here",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.accelerator_paths:
+        # `_uses_batched_greedy` keeps the node-by-node walk on the CPU, where host reads cost nothing.
+        tree_module._uses_batched_greedy = lambda do_sample, processors, device: not do_sample and not processors
     target, tokenizer, head, head_name = load_models(args)
     prompts = load_prompts(target, tokenizer, args)
     # Warm-up: first calls pay one-time costs (kernel selection, lazy imports, allocator growth).
@@ -538,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         f"target {args.target}, head {head_name}, {args.device} {args.dtype} {args.attn_implementation}, "
         f"torch threads {torch.get_num_threads()}, {len(prompts)} prompts x {args.max_new_tokens} new tokens, "
         f"tree {tuple(args.tree)}, chain {args.chain_length}"
+        + (", accelerator acceptance path" if args.accelerator_paths else "")
     )
     print(format_report(reports, header))
     if plain is not None:
