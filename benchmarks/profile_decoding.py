@@ -55,6 +55,8 @@ TORCH_DIR = str(Path(torch.__file__).resolve().parent)
 PROMPTS_FILE = BENCHMARKS_DIR / "data" / "mt_bench" / "question.jsonl"
 MODES = ("plain", "tree", "chain")
 PHASES = ("drafting", "verification", "bookkeeping")
+# Left out of the per-step figures.
+ONCE_PER_CALL = ("setup", "prefill")
 # Operations that make the host wait for the device: a scalar read (`item`, `int()`, `bool()`), or an output
 # whose size depends on the data.
 SYNCING_OPS = {
@@ -87,7 +89,10 @@ class PhaseClock:
 
     @property
     def current(self) -> str:
-        return self._stack[-1] if self._stack else "bookkeeping"
+        if self._stack:
+            return self._stack[-1]
+        # Before the prefill: `generate`'s and the candidate generator's one-off checks.
+        return "bookkeeping" if self.calls["prefill"] else "setup"
 
     def flush(self) -> None:
         """Book the time since the last boundary to the current phase."""
@@ -154,7 +159,7 @@ def phase_of(detail: str) -> str:
         return "drafting"
     if detail == "target_forward":
         return "verification"
-    return detail  # "prefill" and "bookkeeping"
+    return detail  # "setup", "prefill" and "bookkeeping"
 
 
 # ---------------------------------------------------------------------------------------------- counting
@@ -274,12 +279,18 @@ class ModeReport:
             "steps": self.steps,
             "tokens_per_step": self.per_step(self.new_tokens - self.outputs_count()),
             "tokens_per_second": self.new_tokens / self.seconds if self.seconds else None,
-            "prefill_ms": 1e3 * self.seconds_by_detail["prefill"] / max(len(self.outputs), 1),
+            "setup_and_prefill_ms": 1e3
+            * sum(self.seconds_by_detail[detail] for detail in ONCE_PER_CALL)
+            / max(len(self.outputs), 1),
             "ms_per_step": {
-                phase: 1e3 * self.per_step(s) for phase, s in self.by_phase(self.seconds_by_detail).items()
+                phase: 1e3 * self.per_step(s)
+                for phase, s in self.by_phase(self.seconds_by_detail).items()
+                if phase not in ONCE_PER_CALL
             },
             "ms_per_step_detail": {
-                detail: 1e3 * self.per_step(s) for detail, s in self.seconds_by_detail.items() if detail != "prefill"
+                detail: 1e3 * self.per_step(s)
+                for detail, s in self.seconds_by_detail.items()
+                if detail not in ONCE_PER_CALL
             },
             "head_forwards_per_step": self.per_step(self.head_forwards),
             "ops_per_step": {phase: self.per_step(n) for phase, n in self.by_phase(self.ops_by_detail).items()},
@@ -342,11 +353,11 @@ def run_mode(mode: str, target, head, prompts: list[dict], args: argparse.Namesp
         for inputs in prompts:
             clock.reset()
             target.generate(**inputs, **kwargs)
-    report.ops_by_detail = Counter({detail: n for detail, n in counter.ops.items() if detail != "prefill"})
+    report.ops_by_detail = Counter({detail: n for detail, n in counter.ops.items() if detail not in ONCE_PER_CALL})
     syncs = Counter()
     by_line: Counter[tuple[str, str]] = Counter()
     for (detail, location), count in counter.syncs.items():
-        if detail == "prefill":
+        if detail in ONCE_PER_CALL:
             continue
         syncs[owner(location)] += count
         by_line[(phase_of(detail), location)] += count
@@ -494,7 +505,10 @@ def format_report(reports: list[ModeReport], header: str) -> str:
             f"{detail} {ms:.2f} ms / {row['ops_per_step_detail'].get(detail, 0.0):.0f} ops"
             for detail, ms in row["ms_per_step_detail"].items()
         )
-        lines += ["", f"{report.mode}: per step {details}; prefill {row['prefill_ms']:.1f} ms per prompt"]
+        lines += [
+            "",
+            f"{report.mode}: per step {details}; setup and prefill {row['setup_and_prefill_ms']:.1f} ms per prompt",
+        ]
         lines.append(f"{report.mode}: syncs per step by source line (decoding steps only)")
         lines += [f"  {count / report.steps:6.2f}  {phase:13s} {where}" for phase, where, count in report.top_syncs]
         if report.cuda_syncs is not None:
@@ -556,7 +570,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"NOTE: {report.mode} text differs from plain generate's", file=sys.stderr)
     if args.json is not None:
         payload = {"settings": vars(args) | {"tree": list(args.tree), "json": str(args.json), "head": head_name}}
-        payload["results"] = [report.to_dict() for report in reports]
+        payload["results"] = [
+            report.to_dict() | {"same_text_as_plain": report.outputs == plain.outputs if plain else None}
+            for report in reports
+        ]
         args.json.write_text(json.dumps(payload, indent=2))
     return 0
 
