@@ -330,3 +330,12 @@ def test_cli_lora_adapts_an_existing_head(tmp_path):
     assert not torch.equal(merged.midlayer.self_attn.q_proj.weight, head.midlayer.self_attn.q_proj.weight)
     torch.testing.assert_close(merged.lm_head.weight, head.lm_head.weight)  # not a LoRA target: unchanged
     assert (output_dir / "export-sglang" / "config.json").exists()
+
+
+def test_one_process_seeing_several_gpus_trains_on_one(tmp_path):
+    # Trainer would wrap the head in nn.DataParallel, whose replicas cannot reach the target on the first GPU.
+    args = Eagle3TrainingArguments(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=3)
+    assert args.n_gpu == 0
+    args._n_gpu = 2  # what transformers records when one process sees two GPUs
+    assert args.n_gpu == 1
+    assert args.train_batch_size == 3

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -56,3 +59,19 @@ class Eagle3TrainingArguments(TrainingArguments):
                 f"max_length ({self.max_length}) leaves no position to score: TTT step k predicts token t + k + 2, "
                 f"so samples need more than ttt_steps + 1 = {self.ttt_steps + 1} tokens."
             )
+
+    @property
+    def n_gpu(self) -> int:
+        """GPUs used by this process: one, also when a single process sees several.
+
+        With several visible GPUs and no distributed launch, Trainer would wrap the head in `nn.DataParallel`,
+        which replicates the head but not the frozen target (nor the embedding the head shares with it), so the
+        replicas would read features from another device. Several GPUs go through `accelerate launch` (DDP/FSDP).
+        """
+        visible = super().n_gpu
+        if visible > 1:
+            logger.warning_once(
+                f"This process sees {visible} GPUs but was not started distributed: training on one. "
+                "Use `accelerate launch --multi_gpu --num_processes N -m hf_eagle3.cli train ...` to use them all."
+            )
+        return min(visible, 1)
