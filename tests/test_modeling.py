@@ -105,3 +105,10 @@ def test_missing_vocab_maps_and_embedding():
         head(torch.zeros(1, 2, dtype=torch.long), target_hidden_states=torch.randn(1, 2, 192))
     with pytest.raises(ValueError, match="d2t/t2d"):
         head.check_vocab_maps()
+
+
+def test_loaded_head_keeps_the_embedding_frozen(tmp_path):
+    make_head(make_target(), draft_vocab_size=40).save_pretrained(tmp_path)
+    loaded = Eagle3DraftModel.from_pretrained(tmp_path)
+    trainable = {name for name, parameter in loaded.named_parameters() if parameter.requires_grad}
+    assert "embed_tokens.weight" not in trainable and "fc.weight" in trainable

@@ -353,6 +353,8 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         # a head loaded that way drafts garbage, so refuse it (missing d2t/t2d are judged by check_vocab_maps).
         checkpoint_formats.check_loading_info(loading_info, source)
         model.check_vocab_maps()
+        # The loader re-creates parameters, trainable by default; the embedding is the target's and stays frozen.
+        model.embed_tokens.weight.requires_grad_(False)
         return (model, loading_info) if output_loading_info else model
 
     def save_pretrained(
