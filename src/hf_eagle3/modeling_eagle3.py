@@ -284,11 +284,15 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         """Map draft-vocabulary ids to target ids (`target = draft + d2t[draft]`)."""
         return draft_ids + self.d2t[draft_ids]
 
+    @property
+    def draft_vocab_target_ids(self) -> torch.LongTensor:
+        """The target id of every draft id, in draft order (`d2t` holds offsets, not ids)."""
+        return self.draft_to_target_ids(torch.arange(self.config.draft_vocab_size, device=self.d2t.device))
+
     def target_to_draft_ids(self, target_ids: torch.LongTensor) -> torch.LongTensor:
         """Map target ids to draft ids; ids outside the draft vocabulary become -1."""
-        draft_targets = torch.arange(self.config.draft_vocab_size, device=self.d2t.device) + self.d2t
         inverse = torch.full((self.config.vocab_size,), -1, dtype=torch.long, device=self.d2t.device)
-        inverse[draft_targets] = torch.arange(self.config.draft_vocab_size, device=self.d2t.device)
+        inverse[self.draft_vocab_target_ids] = torch.arange(self.config.draft_vocab_size, device=self.d2t.device)
         return inverse[target_ids]
 
     def draft_logits_to_target_vocab(self, logits: torch.Tensor) -> torch.Tensor:
@@ -296,14 +300,13 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         if not self.config.uses_draft_vocab:
             return logits
         full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))
-        index = self.draft_to_target_ids(torch.arange(self.config.draft_vocab_size, device=logits.device))
-        return full.index_copy_(-1, index, logits)
+        return full.index_copy_(-1, self.draft_vocab_target_ids.to(logits.device), logits)
 
     def check_vocab_maps(self) -> None:
         """Raise when a reduced draft vocabulary has no valid `d2t`/`t2d` maps (e.g. they were never loaded)."""
         if not self.config.uses_draft_vocab:
             return
-        targets = self.draft_to_target_ids(torch.arange(self.config.draft_vocab_size, device=self.d2t.device))
+        targets = self.draft_vocab_target_ids
         valid = (
             bool((targets >= 0).all())
             and bool((targets < self.config.vocab_size).all())

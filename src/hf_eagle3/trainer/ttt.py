@@ -52,12 +52,11 @@ def target_distribution_from_logits(
     sequences are the largest tensor a naive implementation keeps (about 1 GB per 2048-token sample at a
     128k vocabulary).
     """
-    draft_vocab = torch.arange(draft.config.draft_vocab_size, device=logits.device)
-    draft_to_target = draft.draft_to_target_ids(draft_vocab.to(draft.d2t.device)).to(logits.device)
+    draft_to_target = draft.draft_vocab_target_ids.to(logits.device)
     target_to_draft = draft.target_to_draft_ids(torch.arange(draft.config.vocab_size, device=draft.d2t.device))
     target_to_draft = target_to_draft.to(logits.device)
     flat = logits.flatten(0, -2)
-    probs = torch.empty(flat.shape[0], draft_vocab.numel(), dtype=torch.float32, device=logits.device)
+    probs = torch.empty(flat.shape[0], draft_to_target.numel(), dtype=torch.float32, device=logits.device)
     draft_argmax = torch.empty(flat.shape[0], dtype=torch.long, device=logits.device)
     for start in range(0, flat.shape[0], chunk_size):
         chunk = flat[start : start + chunk_size].float()
