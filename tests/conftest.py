@@ -16,6 +16,7 @@ from transformers import (
 )
 
 from hf_eagle3 import Eagle3Config, Eagle3DraftModel
+from hf_eagle3.decoding import tree as tree_module
 
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core runner the threads' spin-waiting makes every
 # forward several times slower (measured: 30-token generate 2.5 s with 2 threads, 0.25 s with 1).
@@ -86,3 +87,11 @@ def save_chat_checkpoint(directory, draft_vocab_size: int | None = 64):
     target.save_pretrained(directory / "target")
     tokenizer.save_pretrained(directory / "target")
     make_head(target, draft_vocab_size=draft_vocab_size).save_pretrained(directory / "head")
+
+
+@pytest.fixture
+def batched_greedy(monkeypatch):
+    """Take the accelerator's greedy acceptance path (one host transfer per step) on the CPU."""
+    monkeypatch.setattr(
+        tree_module, "_uses_batched_greedy", lambda do_sample, processors, device: not do_sample and not processors
+    )

@@ -27,14 +27,6 @@ from hf_eagle3.decoding.stopping import host_stop_rule
 from hf_eagle3.decoding.tree import _accept, _accept_greedy
 
 
-@pytest.fixture
-def batched_greedy(monkeypatch):
-    """Take the accelerator's acceptance path on the CPU."""
-    monkeypatch.setattr(
-        tree_module, "_uses_batched_greedy", lambda do_sample, processors, device: not do_sample and not processors
-    )
-
-
 class StopAfter(StoppingCriteria):
     """A criterion transformers does not ship: stops once `token` was emitted (called, never decided on the host)."""
 
@@ -80,18 +72,6 @@ def test_batched_acceptance_equals_the_walk(path, criteria):
     assert len(scores) == len(raw_logits) == len(expected_scores)
     for got, reference in zip(scores, expected_scores, strict=True):
         assert torch.equal(got, reference)
-
-
-@pytest.mark.parametrize("context_weight", [0.0, 0.3])
-def test_batched_greedy_matches_target(batched_greedy, arch, context_weight):
-    """Long accepted runs and rejections deep in the tree, through generate, stay token-identical."""
-    target, head = make_oracle_pair(arch, context_weight)
-    input_ids = prompt(3)
-    expected = target.generate(input_ids, max_new_tokens=30, do_sample=False)
-    stats = RecordingStats()
-    output = tree_generate(target, head, input_ids, (16, 5, 3), stats, max_new_tokens=30, do_sample=False)
-    assert torch.equal(output, expected)
-    assert stats.new_tokens == output.shape[1] - input_ids.shape[1] - 1
 
 
 def test_batched_greedy_stops_inside_a_run_and_keeps_scores(batched_greedy):

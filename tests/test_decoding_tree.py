@@ -257,15 +257,20 @@ def test_greedy_matches_target_with_random_head(arch, tree_shape):
         assert stats.target_forwards == len(stats.steps)
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["walk", "batched"])
 @pytest.mark.parametrize("context_weight", [0.0, 0.3])
-def test_greedy_matches_target_with_friendly_head(arch, context_weight):
-    """Long accepted runs (and, with some context, rejections deep in the tree) stay token-identical."""
+def test_greedy_matches_target_with_friendly_head(arch, context_weight, batched, request):
+    """Long accepted runs (and, with some context, rejections deep in the tree) stay token-identical, through
+    both greedy acceptance paths: the node-by-node walk and the accelerator's one-transfer batched path."""
+    if batched:
+        request.getfixturevalue("batched_greedy")
     target, head = make_oracle_pair(arch, context_weight)
     input_ids = prompt(3)
     expected = target.generate(input_ids, max_new_tokens=30, do_sample=False)
     stats = RecordingStats()
     output = tree_generate(target, head, input_ids, (16, 5, 3), stats, max_new_tokens=30, do_sample=False)
     assert torch.equal(output, expected)
+    assert stats.new_tokens == output.shape[1] - input_ids.shape[1] - 1
     accepted = [accepted for accepted, _ in stats.steps]
     if context_weight == 0:
         assert stats.mean_accept_len > 4
