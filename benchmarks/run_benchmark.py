@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""EAGLE-3 against plain `generate` and prompt-lookup decoding, on a real target, at batch 1.
+"""EAGLE-3 against plain `generate` (eager and compiled) and prompt-lookup decoding, on a real target, at batch 1.
 
 Subcommands (run with `--help` each; benchmarks/README.md lists the steps on the GPU machine):
 
@@ -11,9 +11,10 @@ Subcommands (run with `--help` each; benchmarks/README.md lists the steps on the
     ship          save a trained head compactly (bfloat16, shards small enough to leave the GPU machine) with
                   its model card; by default into the package, as the head shipped for the target
 
-`measure` reports per method, task and temperature: tokens/s, speedup over plain generate in the same run,
-mean acceptance length (tokens per target forward), acceptance rate per draft depth, and whether the greedy
-text equals plain generate's for every prompt.
+`measure` reports per method, task and temperature: tokens/s, speedup over plain generate (and over compiled
+plain generate) in the same run, mean acceptance length (tokens per target forward), acceptance rate per draft
+depth, whether the greedy text equals plain generate's for every prompt, and for EAGLE-3 tree decoding where one
+step's time goes (draft, verify, accept).
 """
 
 from __future__ import annotations
@@ -37,16 +38,22 @@ RESULTS_DIR = BENCHMARKS_DIR / "results"
 TASKS = ("mt_bench", "humaneval", "gsm8k")
 DEFAULT_METHODS = (
     "plain",
+    "plain_compiled",
     "prompt_lookup",
     "eagle3_chain",
     "eagle3_tree",
-    "eagle3_tree_t32_d6_k8",
-    "eagle3_tree_t80_d8_k10",
+    "eagle3_tree_graph",
+    "eagle3_tree_graph_t32_d6_k8",
+    "eagle3_tree_graph_t80_d8_k10",
 )
 # Sweep suffixes of eagle3 method names: eagle3_tree_t32_d6_k8 = 32 tree tokens, depth 6, top-k 8;
 # eagle3_chain_n4 = chains of 4 drafted tokens.
 SUFFIX_KNOBS = {"t": "eagle3_total_tokens", "d": "eagle3_depth", "k": "eagle3_top_k", "n": "num_assistant_tokens"}
-METHOD_PATTERN = re.compile(r"^eagle3_(chain|tree)((?:_[tdkn]\d+)*)$")
+METHOD_PATTERN = re.compile(r"^eagle3_(chain|tree_graph|tree)((?:_[tdkn]\d+)*)$")
+# Phases of one EAGLE-3 tree step, timed by the decoding loop (`stats.phase_seconds`; device time on CUDA).
+PHASES = ("draft", "verify", "accept")
+# Untimed warm-up length of the methods that neither compile nor capture anything.
+EAGER_WARMUP_TOKENS = 8
 
 
 def _progress(message: str) -> None:
@@ -55,11 +62,14 @@ def _progress(message: str) -> None:
 
 @dataclass
 class Method:
-    """A way of decoding: the extra `generate` arguments it takes and whether it needs the EAGLE-3 head."""
+    """A way of decoding: the extra `generate` arguments it takes, whether it needs the EAGLE-3 head, and whether
+    its first calls compile or capture CUDA graphs. Such a method is warmed up at full length, and no forward hook
+    goes on its models: a hook would be traced into the compiled graph, or skipped by a graph replay."""
 
     name: str
     generate_kwargs: dict = field(default_factory=dict)
     uses_head: bool = False
+    compiled: bool = False
 
 
 def parse_method(name: str) -> Method:
@@ -67,20 +77,26 @@ def parse_method(name: str) -> Method:
         return Method(name)
     if name == "prompt_lookup":
         return Method(name, {"prompt_lookup_num_tokens": 10})
-    if name == "plain_static":
-        # What a user compares a fast path against on GPU (gpu.md): a static cache, compiled automatically.
-        return Method(name, {"cache_implementation": "static"})
+    if name == "plain_compiled":
+        # What a user compares a fast path against on GPU (gpu.md): transformers' static cache, whose decoding
+        # forward `generate` compiles by itself on CUDA (minutes on the first call). On CPU it runs uncompiled.
+        return Method(name, {"cache_implementation": "static"}, compiled=True)
     match = METHOD_PATTERN.match(name)
     if match is None:
         raise ValueError(
-            f"Unknown method {name!r}: use plain, plain_static, prompt_lookup, eagle3_chain or eagle3_tree, the eagle3 ones "
-            "optionally with knob suffixes _t<total tokens>_d<depth>_k<top-k> (tree) or _n<draft length> (chain), "
-            "e.g. eagle3_tree_t32_d6_k8."
+            f"Unknown method {name!r}: use plain, plain_compiled, prompt_lookup, eagle3_chain, eagle3_tree or "
+            "eagle3_tree_graph, the eagle3 ones optionally with knob suffixes _t<total tokens>_d<depth>_k<top-k> "
+            "(tree) or _n<draft length> (chain), e.g. eagle3_tree_t32_d6_k8."
         )
-    kwargs = {"eagle3_mode": match.group(1)}
+    mode = match.group(1)
+    kwargs = {"eagle3_mode": "chain" if mode == "chain" else "tree"}
+    if mode != "chain":
+        # eagle3_tree stays the eager dynamic-cache path whatever the library's default; eagle3_tree_graph forces
+        # the static-cache path (with CUDA graphs on CUDA).
+        kwargs["eagle3_static_cache"] = mode == "tree_graph"
     for knob in filter(None, match.group(2).split("_")):
         kwargs[SUFFIX_KNOBS[knob[0]]] = int(knob[1:])
-    return Method(name, kwargs, uses_head=True)
+    return Method(name, kwargs, uses_head=True, compiled=mode == "tree_graph")
 
 
 def load_prompts(path: Path, limit: int | None) -> list[str]:
@@ -109,13 +125,21 @@ def task_name(path: Path) -> str:
     return path.parent.name if path.stem == "question" else path.stem
 
 
+def encode_prompt(tokenizer, prompt: str, device: torch.device):
+    """The prompt as one user turn, chat template applied, ready for `generate`."""
+    messages = [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    ).to(device)
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 class ForwardCounter:
-    """Counts the target's forward calls, to report tokens per forward for methods that keep no statistics."""
+    """Counts a model's forward calls: the target's for prompt lookup (tokens per forward), the eager head's."""
 
     def __init__(self, model: torch.nn.Module):
         self.count = 0
@@ -136,16 +160,28 @@ class Tally:
     seconds: float = 0.0
     decode_tokens: int = 0  # tokens after the first, which the prefill forward produces
     decode_forwards: int = 0
-    target_forwards: int = 0  # every target forward, prefills included
     draft_forwards: int = 0
     accepted_per_depth: list[int] = field(default_factory=list)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    timed_calls: int = 0  # calls whose statistics timed their phases
     outputs: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def target_forwards(self) -> int:
+        """Every target forward, one prefill per prompt included."""
+        return self.decode_forwards + len(self.outputs)
 
     def add_depths(self, accepted_per_depth: list[int]) -> None:
         for depth, count in enumerate(accepted_per_depth):
             if depth == len(self.accepted_per_depth):
                 self.accepted_per_depth.append(0)
             self.accepted_per_depth[depth] += count
+
+    def add_phases(self, phase_seconds: dict[str, float]) -> None:
+        if phase_seconds:
+            self.timed_calls += 1
+        for phase, seconds in phase_seconds.items():
+            self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + seconds
 
 
 def run_method(target, tokenizer, head, method: Method, prompts: list[str], temperature: float, args) -> Tally:
@@ -156,16 +192,18 @@ def run_method(target, tokenizer, head, method: Method, prompts: list[str], temp
     if method.uses_head:
         kwargs["assistant_model"] = head
     tally = Tally()
-    counter = ForwardCounter(target)
-    draft_counter = ForwardCounter(head) if method.uses_head else None
+    # Hooks count forwards only where nothing is known otherwise: prompt lookup's tokens per forward (plain decoding
+    # makes one per forward, EAGLE-3 keeps statistics) and the eager head's forwards per step.
+    counter = ForwardCounter(target) if "prompt_lookup_num_tokens" in method.generate_kwargs else None
+    draft_counter = ForwardCounter(head) if method.uses_head and not method.compiled else None
     try:
         for index, prompt in enumerate(prompts):
-            messages = [{"role": "user", "content": prompt}]
-            inputs = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-            ).to(device)
+            inputs = encode_prompt(tokenizer, prompt, device)
+            # The same seed for a prompt in every method: sampled rows differ by method, not by luck of the draw.
             torch.manual_seed(args.seed + index)
-            counter.count = 0
+            for forward_counter in (counter, draft_counter):
+                if forward_counter is not None:
+                    forward_counter.count = 0
             _synchronize(device)
             start = time.perf_counter()
             output = target.generate(**inputs, **kwargs)
@@ -174,21 +212,22 @@ def run_method(target, tokenizer, head, method: Method, prompts: list[str], temp
             new = output[0, inputs["input_ids"].shape[1] :].cpu()
             tally.outputs.append(new)
             tally.new_tokens += len(new)
-            tally.target_forwards += counter.count
             if method.uses_head:
                 stats = head.last_generation_stats
                 tally.decode_tokens += stats.new_tokens
                 tally.decode_forwards += stats.target_forwards
                 tally.add_depths(stats.accepted_per_depth)
-                tally.draft_forwards += draft_counter.count
-                draft_counter.count = 0
+                # Empty where the path times no phases.
+                tally.add_phases(getattr(stats, "phase_seconds", {}))
+                if draft_counter is not None:
+                    tally.draft_forwards += draft_counter.count
             else:
                 tally.decode_tokens += len(new) - 1
-                tally.decode_forwards += counter.count - 1
+                tally.decode_forwards += (counter.count if counter is not None else len(new)) - 1
     finally:
-        counter.remove()
-        if draft_counter is not None:
-            draft_counter.remove()
+        for forward_counter in (counter, draft_counter):
+            if forward_counter is not None:
+                forward_counter.remove()
     return tally
 
 
@@ -200,9 +239,25 @@ def _prefix_match(output: torch.Tensor, reference: torch.Tensor) -> float:
     return matched / len(reference) if len(reference) else 1.0
 
 
-def result_row(method: Method, task: str, temperature: float, tally: Tally, plain: Tally | None) -> dict:
-    tokens_per_s = tally.new_tokens / tally.seconds
+def _tokens_per_s(tally: Tally) -> float:
+    return tally.new_tokens / tally.seconds
+
+
+def result_row(
+    method: Method,
+    task: str,
+    temperature: float,
+    tally: Tally,
+    plain: Tally | None,
+    compiled: Tally | None = None,
+    warmup_s: float | None = None,
+) -> dict:
+    """One row of the results; `plain` and `compiled` are this run's `plain` and `plain_compiled` on the same task
+    and temperature (None where the run did not measure them)."""
+    tokens_per_s = _tokens_per_s(tally)
     forwards = tally.decode_forwards
+    # Device time per verification step of each phase, where every call of the method timed its phases.
+    timed = method.uses_head and forwards and tally.timed_calls == len(tally.outputs)
     row = {
         "method": method.name,
         "task": task,
@@ -211,7 +266,10 @@ def result_row(method: Method, task: str, temperature: float, tally: Tally, plai
         "new_tokens": tally.new_tokens,
         "seconds": round(tally.seconds, 4),
         "tokens_per_s": round(tokens_per_s, 3),
-        "speedup": round(tokens_per_s / (plain.new_tokens / plain.seconds), 4) if plain is not None else None,
+        "speedup": round(tokens_per_s / _tokens_per_s(plain), 4) if plain is not None else None,
+        "speedup_vs_plain_compiled": round(tokens_per_s / _tokens_per_s(compiled), 4)
+        if compiled is not None
+        else None,
         "mean_accept_len": round(tally.decode_tokens / forwards, 4) if forwards else None,
         "acceptance_rate_per_depth": [round(count / forwards, 4) for count in tally.accepted_per_depth]
         if forwards
@@ -221,9 +279,21 @@ def result_row(method: Method, task: str, temperature: float, tally: Tally, plai
         # Where the time goes: wall time per target forward (drafting and Python overhead included; for plain
         # generate the time per token), and head forwards per verification step.
         "ms_per_step": round(1000 * tally.seconds / tally.target_forwards, 3),
+        # Counted with a hook, so only on the eager paths (a graph replay runs no hook).
         "draft_forwards_per_step": round(tally.draft_forwards / forwards, 3)
-        if method.uses_head and forwards
+        if method.uses_head and not method.compiled and forwards
         else None,
+        **{
+            f"{phase}_ms": round(1000 * tally.phase_seconds[phase] / forwards, 3)
+            if timed and phase in tally.phase_seconds
+            else None
+            for phase in PHASES
+        },
+        # Caches and graphs the decoding loop built inside the timed calls, all prompts together: about 0 once the
+        # warm-up built them (a `setup` phase is recorded where the loop has one).
+        "setup_s": round(tally.phase_seconds["setup"], 4) if timed and "setup" in tally.phase_seconds else None,
+        # The untimed calls before timing: compilation or graph capture for the compiled methods.
+        "warmup_s": round(warmup_s, 3) if warmup_s is not None else None,
         "generate_kwargs": method.generate_kwargs,
     }
     if temperature == 0 and plain is not None:
@@ -256,8 +326,10 @@ def measure(args: argparse.Namespace) -> dict:
     from hf_eagle3 import Eagle3DraftModel
     from hf_eagle3.offline_models import load_target, shipped_head_path
 
-    # Plain runs first on every task: the other methods' speedup and greedy identity are measured against it.
-    methods = [parse_method(name) for name in sorted(dict.fromkeys(args.methods), key=lambda name: name != "plain")]
+    # Plain runs first on every task, then compiled plain: the other methods' speedups and greedy identity are
+    # measured against them.
+    order = {"plain": 0, "plain_compiled": 1}
+    methods = [parse_method(name) for name in sorted(dict.fromkeys(args.methods), key=lambda name: order.get(name, 2))]
     if methods[0].name != "plain":
         _progress("Note: without `plain` in --methods there is no speedup and no greedy-identity check.")
     prompt_files = args.prompts or [DATA_DIR / task / "question.jsonl" for task in args.tasks]
@@ -282,29 +354,34 @@ def measure(args: argparse.Namespace) -> dict:
         head = Eagle3DraftModel.from_pretrained(head_path, dtype=target.dtype).to(target.device).eval()
         head.attach_target(target)
 
-    _progress("Warming up every method ...")
-    warm_up = argparse.Namespace(**{**vars(args), "max_new_tokens": 8})
-    first_prompt = next(iter(prompts.values()))[:1]
+    # Compiled plain generate sizes its static cache for the longest call of the run, so that every call reuses
+    # the one compiled forward instead of recompiling for a new cache length.
+    lengths = {
+        prompt: encode_prompt(tokenizer, prompt, "cpu")["input_ids"].shape[1]
+        for task_prompts in prompts.values()
+        for prompt in task_prompts
+    }
+    longest = max(lengths, key=lengths.get)
     for method in methods:
-        run_method(target, tokenizer, head, method, first_prompt, 0.0, warm_up)
+        if method.generate_kwargs.get("cache_implementation") == "static":
+            method.generate_kwargs["max_cache_len"] = lengths[longest] + args.max_new_tokens
 
-    rows = []
-    for temperature in args.temperatures:
-        for task, task_prompts in prompts.items():
-            tallies = {}
-            for method in methods:
-                _progress(
-                    f"[T={temperature:g} {task}] {method.name}: {len(task_prompts)} prompts x "
-                    f"{args.max_new_tokens} new tokens at most ..."
-                )
-                tallies[method.name] = run_method(target, tokenizer, head, method, task_prompts, temperature, args)
-                row = result_row(method, task, temperature, tallies[method.name], tallies.get("plain"))
-                _progress(
-                    f"    {row['tokens_per_s']:.1f} tokens/s, speedup {row['speedup']}, "
-                    f"tau {row['mean_accept_len']}, greedy identical {row['greedy_identical']}"
-                )
-                rows.append(row)
-    return {
+    # One untimed call per method and temperature before any timing. The compiled methods compile or capture
+    # their graphs on it, so it takes the longest prompt at full length: every cache size the timed calls meet has
+    # been seen. The others only need CUDA and its libraries initialised.
+    warmup_s = {}
+    short = argparse.Namespace(**{**vars(args), "max_new_tokens": EAGER_WARMUP_TOKENS})
+    for method in methods:
+        _progress(f"Warming up {method.name} ...")
+        warmup_s[method.name] = sum(
+            run_method(
+                target, tokenizer, head, method, [longest], temperature, args if method.compiled else short
+            ).seconds
+            for temperature in args.temperatures
+        )
+        _progress(f"    {warmup_s[method.name]:.1f} s")
+
+    payload = {
         "target": output_name(args.target),
         "target_name_or_path": target.config._name_or_path,
         **environment(),
@@ -320,8 +397,35 @@ def measure(args: argparse.Namespace) -> dict:
             "head": str(head_path) if head is not None else None,
             "chat_template": True,
         },
-        "results": rows,
+        "results": [],
     }
+    for temperature in args.temperatures:
+        for task, task_prompts in prompts.items():
+            tallies = {}
+            for method in methods:
+                _progress(
+                    f"[T={temperature:g} {task}] {method.name}: {len(task_prompts)} prompts x "
+                    f"{args.max_new_tokens} new tokens at most ..."
+                )
+                tallies[method.name] = run_method(target, tokenizer, head, method, task_prompts, temperature, args)
+                row = result_row(
+                    method,
+                    task,
+                    temperature,
+                    tallies[method.name],
+                    tallies.get("plain"),
+                    tallies.get("plain_compiled"),
+                    warmup_s[method.name],
+                )
+                _progress(
+                    f"    {row['tokens_per_s']:.1f} tokens/s, speedup {row['speedup']} "
+                    f"(vs compiled {row['speedup_vs_plain_compiled']}), tau {row['mean_accept_len']}, "
+                    f"greedy identical {row['greedy_identical']}"
+                )
+                payload["results"].append(row)
+                # Every finished row is on disk at once: a step that runs out of time still brings back what it did.
+                write_results(payload, args.output_dir, args.name or payload["target"], plot=False)
+    return payload
 
 
 def output_name(target: str) -> str:
@@ -370,21 +474,44 @@ def markdown_table(payload: dict) -> str:
         f"Command: `{payload['command']}`",
         "",
         "tau = tokens per target forward (mean acceptance length); speedup = tokens/s over plain `generate` "
-        "in the same run; identical = greedy text equals plain generate's on every prompt (prefix = share of "
-        "plain's tokens reproduced before the first difference); ms/step = wall time per target forward, "
-        "drafting and overhead included.",
+        "in the same run (vs compiled: over `plain_compiled`, transformers' compiled static-cache generate); "
+        "identical = greedy text equals plain generate's on every prompt (prefix = share of plain's tokens "
+        "reproduced before the first difference); ms/step = wall time per target forward, drafting and overhead "
+        "included; warm-up = the untimed calls before timing (compilation, graph capture), seconds.",
         "",
-        "| temperature | task | method | prompts | tokens/s | speedup | tau | acceptance per depth | identical | prefix "
-        "| ms/step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| temperature | task | method | prompts | tokens/s | speedup | vs compiled | tau | acceptance per depth "
+        "| identical | prefix | ms/step | warm-up |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    # Rows of results measured before a column existed lack its key.
     for row in payload["results"]:
         depths = " ".join(f"{rate:.2f}" for rate in row["acceptance_rate_per_depth"]) or "-"
         lines.append(
             f"| {row['temperature']:g} | {row['task']} | {row['method']} | {row['prompts']} | "
-            f"{row['tokens_per_s']:.1f} | {_cell(row['speedup'])} | {_cell(row['mean_accept_len'])} | {depths} | "
-            f"{_cell(row['greedy_identical'])} | {_cell(row['greedy_prefix_match'])} | {row['ms_per_step']:.1f} |"
+            f"{row['tokens_per_s']:.1f} | {_cell(row['speedup'])} | {_cell(row.get('speedup_vs_plain_compiled'))} | "
+            f"{_cell(row['mean_accept_len'])} | {depths} | {_cell(row['greedy_identical'])} | "
+            f"{_cell(row['greedy_prefix_match'])} | {row['ms_per_step']:.1f} | {_cell(row.get('warmup_s'), 1)} |"
         )
+    tree_rows = [row for row in payload["results"] if row["method"].startswith("eagle3_tree")]
+    if tree_rows:
+        lines += [
+            "",
+            "## Where one step's time goes",
+            "",
+            "Tree methods, per verification step: draft, verify and accept = time of each phase as the decoding "
+            "loop records it (`phase_seconds`: device time on CUDA; - where it records none); rest = ms/step "
+            "minus the three: what lies outside them (the prefill's share, `generate`'s own setup and loop).",
+            "",
+            "| temperature | task | method | tau | ms/step | draft ms | verify ms | accept ms | rest ms |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in tree_rows:
+            phases = [row.get(f"{phase}_ms") for phase in PHASES]
+            rest = row["ms_per_step"] - sum(phases) if None not in phases else None
+            lines.append(
+                f"| {row['temperature']:g} | {row['task']} | {row['method']} | {_cell(row['mean_accept_len'])} | "
+                f"{row['ms_per_step']:.1f} | {' | '.join(_cell(ms) for ms in phases)} | {_cell(rest)} |"
+            )
     return "\n".join(lines) + "\n"
 
 

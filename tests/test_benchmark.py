@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_chat_checkpoint
+from conftest import make_head, make_target, save_chat_checkpoint
+from transformers import GenerationMixin
 
 from hf_eagle3 import Eagle3DraftModel
 
@@ -20,6 +21,7 @@ sys.modules["run_benchmark"] = run_benchmark  # dataclasses look their module up
 spec.loader.exec_module(run_benchmark)
 
 ROW_KEYS = {"method", "task", "temperature", "tokens_per_s", "speedup", "mean_accept_len", "greedy_identical"}
+PHASE_KEYS = ("draft_ms", "verify_ms", "accept_ms")
 
 
 @pytest.fixture(scope="module")
@@ -41,43 +43,178 @@ def measure(tiny, output_dir: Path, *extra: str) -> dict:
     return json.loads((output_dir / "target.json").read_text())
 
 
-METHODS = ["plain", "prompt_lookup", "eagle3_chain_n3", "eagle3_tree_t8_d3_k2"]
+METHODS = [
+    "plain",
+    "plain_compiled",
+    "prompt_lookup",
+    "eagle3_chain_n3",
+    "eagle3_tree_t8_d3_k2",
+    "eagle3_tree_graph_t8_d3_k2",
+]
+# Tokens of the tiny task's longest prompt, chat template included ("w1 <7 words> w3"); warm-up length of the
+# methods that compile nothing, shorter than the test's 8 new tokens so that the two warm-ups tell apart.
+LONGEST_PROMPT = 9
+EAGER_WARMUP_TOKENS = 2
+
+
+def static_cache_path_available() -> bool:
+    """Whether `generate` takes `eagle3_static_cache` yet: issue 6's static-cache path lands separately."""
+    target = make_target("llama")
+    try:
+        target.generate(
+            torch.tensor([[5, 6, 7]]), assistant_model=make_head(target), max_new_tokens=2, eagle3_static_cache=False
+        )
+    except ValueError as error:
+        if "eagle3_static_cache" in str(error):
+            return False
+        raise
+    return True
+
+
+# Arguments of `generate` the recording leaves out (tensors and models).
+NOT_RECORDED = {"attention_mask", "assistant_model"}
 
 
 @pytest.fixture(scope="module")
-def full_run(tiny, tmp_path_factory):
+def generate_calls():
+    """Every `generate` call's arguments (the prompt as its length). Where the library does not take
+    `eagle3_static_cache` yet, the wrapper records it and drops it: the graph methods then run the eager path, and
+    only their arguments are checked."""
+    static_path = static_cache_path_available()
+    original = GenerationMixin.generate
+    calls = []
+
+    def generate(self, input_ids=None, **kwargs):
+        calls.append(
+            {"prompt_length": input_ids.shape[1], **{k: v for k, v in kwargs.items() if k not in NOT_RECORDED}}
+        )
+        if not static_path:
+            kwargs.pop("eagle3_static_cache", None)
+        return original(self, input_ids, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(GenerationMixin, "generate", generate)
+        yield calls
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny, generate_calls, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("results")
-    # Listed after another method, plain still runs first: the others are compared with it.
-    methods = [*METHODS[1:3], METHODS[0], *METHODS[3:]]
-    return output_dir, measure(tiny, output_dir, "--methods", *methods, "--temperatures", "0", "1", "--no_plot")
+    # Listed after other methods, plain and then plain_compiled still run first: the others are compared with them.
+    methods = [*METHODS[2:4], METHODS[1], METHODS[0], *METHODS[4:]]
+    generate_calls.clear()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run_benchmark, "EAGER_WARMUP_TOKENS", EAGER_WARMUP_TOKENS)
+        payload = measure(tiny, output_dir, "--methods", *methods, "--temperatures", "0", "1", "--no_plot")
+    return output_dir, payload, list(generate_calls)
 
 
 def test_measure_writes_json_and_table(full_run):
-    output_dir, payload = full_run
+    output_dir, payload, _ = full_run
     assert {"target", "device", "versions", "command", "date", "results"} <= set(payload)
     assert payload["target"] == "target" and payload["versions"]["transformers"]
     rows = payload["results"]
     assert [(row["method"], row["temperature"]) for row in rows] == [(m, t) for t in (0.0, 1.0) for m in METHODS]
     for row in rows:
         assert ROW_KEYS <= set(row) and row["task"] == "tiny_task" and row["prompts"] == 2
-        assert row["tokens_per_s"] > 0 and row["speedup"] > 0
+        assert row["tokens_per_s"] > 0 and row["speedup"] > 0 and row["warmup_s"] > 0
+        # Compiled plain is measured after plain, before the others.
+        assert (
+            row["speedup_vs_plain_compiled"] is None
+            if row["method"] == "plain"
+            else row["speedup_vs_plain_compiled"] > 0
+        )
     greedy = {row["method"]: row for row in rows if row["temperature"] == 0}
     # Plain generate makes one token per forward; EAGLE-3 is lossless even with a random head.
     assert greedy["plain"]["mean_accept_len"] == 1.0 and greedy["plain"]["speedup"] == 1.0
+    assert (
+        greedy["plain_compiled"]["mean_accept_len"] == 1.0
+        and greedy["plain_compiled"]["speedup_vs_plain_compiled"] == 1.0
+    )
     assert all(row["greedy_identical"] for row in greedy.values())
     assert greedy["eagle3_tree_t8_d3_k2"]["generate_kwargs"] == {
         "eagle3_mode": "tree",
+        "eagle3_static_cache": False,
         "eagle3_total_tokens": 8,
         "eagle3_depth": 3,
         "eagle3_top_k": 2,
+    }
+    assert greedy["eagle3_tree_graph_t8_d3_k2"]["generate_kwargs"] == {
+        "eagle3_mode": "tree",
+        "eagle3_static_cache": True,
+        "eagle3_total_tokens": 8,
+        "eagle3_depth": 3,
+        "eagle3_top_k": 2,
+    }
+    # One static cache for the whole run: the longest prompt and every new token.
+    assert greedy["plain_compiled"]["generate_kwargs"] == {
+        "cache_implementation": "static",
+        "max_cache_len": LONGEST_PROMPT + 8,
     }
     assert greedy["eagle3_tree_t8_d3_k2"]["mean_accept_len"] >= 1.0
     # A tree of depth 3 takes up to 3 head forwards per step (plus the re-encoding of accepted tokens).
     assert 1.0 <= greedy["eagle3_tree_t8_d3_k2"]["draft_forwards_per_step"] <= 4.0
     assert greedy["plain"]["draft_forwards_per_step"] is None and greedy["plain"]["ms_per_step"] > 0
+    # No hook on a method that may compile or replay graphs.
+    assert greedy["eagle3_tree_graph_t8_d3_k2"]["draft_forwards_per_step"] is None
+    # Only tree decoding may time its phases: all three, or none where it records none.
+    for row in rows:
+        phases = [row[key] for key in PHASE_KEYS]
+        if row["method"].startswith("eagle3_tree"):
+            assert phases == [None] * 3 or all(ms >= 0 for ms in phases)
+        else:
+            assert phases == [None] * 3
     assert all(row["greedy_identical"] is None for row in rows if row["temperature"] == 1)
     table = (output_dir / "target.md").read_text()
-    assert "| 0 | tiny_task | eagle3_chain_n3 | 2 |" in table and "| ms/step |" in table
+    assert "| 0 | tiny_task | eagle3_chain_n3 | 2 |" in table and "| ms/step | warm-up |" in table
+    tree = next(row for row in rows if row["method"] == "eagle3_tree_t8_d3_k2" and row["temperature"] == 1)
+    breakdown = f"| 1 | tiny_task | eagle3_tree_t8_d3_k2 | {tree['mean_accept_len']:.2f} | {tree['ms_per_step']:.1f} |"
+    assert "## Where one step's time goes" in table and breakdown in table
+
+
+def test_warm_up_before_timing_and_what_generate_gets(full_run):
+    calls = full_run[2]
+    # First one untimed call per method and temperature on the longest prompt: full length for the methods that
+    # compile or capture graphs, a few tokens for the others.
+    warm_ups, timed = calls[: 2 * len(METHODS)], calls[2 * len(METHODS) :]
+    assert len(timed) == 2 * len(METHODS) * 2
+    assert all(call["prompt_length"] == LONGEST_PROMPT for call in warm_ups)
+    compiled = {"plain_compiled", "eagle3_tree_graph_t8_d3_k2"}
+    expected = [8 if method in compiled else EAGER_WARMUP_TOKENS for method in METHODS for _ in range(2)]
+    assert [call["max_new_tokens"] for call in warm_ups] == expected
+    assert [call["do_sample"] for call in warm_ups] == [False, True] * len(METHODS)
+    assert all(call["max_new_tokens"] == 8 for call in timed)
+    # The tree keeps the eager path, the graph method forces the static-cache path, the chain is left alone.
+    static_cache = [(call.get("eagle3_mode"), call.get("eagle3_static_cache")) for call in timed[: 2 * len(METHODS)]]
+    assert static_cache == [
+        *[(None, None)] * 6,
+        *[("chain", None)] * 2,
+        *[("tree", False)] * 2,
+        *[("tree", True)] * 2,
+    ]
+
+
+def test_step_breakdown_from_phase_times(full_run):
+    method = run_benchmark.parse_method("eagle3_tree_graph")
+    outputs = [torch.zeros(15, dtype=torch.long)] * 2
+    tally = run_benchmark.Tally(new_tokens=30, seconds=0.5, decode_tokens=28, decode_forwards=10, outputs=outputs)
+    for _ in outputs:
+        tally.add_phases({"setup": 0.0001, "draft": 0.01, "verify": 0.02, "accept": 0.005})
+    row = run_benchmark.result_row(method, "task", 0.0, tally, plain=None, warmup_s=3.0)
+    # Per verification step: 10 steps over both prompts; ms/step counts the 2 prefills as well.
+    assert [row[key] for key in PHASE_KEYS] == [2.0, 4.0, 1.0] and row["setup_s"] == 0.0002
+    assert row["ms_per_step"] == 41.667 and row["warmup_s"] == 3.0 and row["draft_forwards_per_step"] is None
+    # A call without phase times leaves the breakdown empty rather than wrong.
+    tally.add_phases({})
+    tally.outputs = [*outputs, outputs[0]]
+    assert [run_benchmark.result_row(method, "task", 0.0, tally, None)[key] for key in PHASE_KEYS] == [None] * 3
+    # Rows of earlier runs, without the newer keys, still make a table with the new rows.
+    _, payload, _ = full_run
+    newer = {*PHASE_KEYS, "setup_s", "warmup_s", "speedup_vs_plain_compiled"}
+    old = {key: value for key, value in payload["results"][0].items() if key not in newer}
+    table = run_benchmark.markdown_table({**payload, "results": [old, row]})
+    assert "| 0 | task | eagle3_tree_graph | 2.80 | 41.7 | 2.00 | 4.00 | 1.00 | 34.67 |" in table
+    assert f"| {old['ms_per_step']:.1f} | - |" in table
 
 
 def test_plot(full_run, tmp_path):
@@ -93,7 +230,7 @@ def test_plot_without_matplotlib_is_explained(full_run, tmp_path, monkeypatch):
 
 
 def test_partial_runs_merge(tiny, full_run, tmp_path):
-    output_dir, first = full_run
+    output_dir, first, _ = full_run
     second = measure(tiny, tmp_path / "b", "--methods", "plain", "--temperatures", "0", "--no_plot", "--seed", "1")
     argv = ["merge", str(output_dir / "target.json"), str(tmp_path / "b" / "target.json")]
     assert run_benchmark.main([*argv, "--output_dir", str(tmp_path / "merged"), "--no_plot"]) == 0
@@ -107,6 +244,8 @@ def test_partial_runs_merge(tiny, full_run, tmp_path):
 def test_bad_requests_are_explained(tiny, tmp_path):
     with pytest.raises(ValueError, match="Unknown method 'eagle3_tree_x4'"):
         run_benchmark.parse_method("eagle3_tree_x4")
+    with pytest.raises(ValueError, match="Unknown method 'plain_static': use plain, plain_compiled"):
+        run_benchmark.parse_method("plain_static")
     root, prompts = tiny
     with pytest.raises(SystemExit, match="need a trained head, and there is none at"):
         argv = ["measure", "--target", str(root / "target"), "--head", str(tmp_path), "--prompts", str(prompts)]
@@ -134,9 +273,29 @@ def test_library_commands_get_the_materialised_target(monkeypatch, tmp_path):
     ]
 
 
+class OutOfTime(Exception):
+    pass
+
+
+def test_a_run_cut_short_keeps_its_finished_rows(tiny, monkeypatch, tmp_path):
+    run_method = run_benchmark.run_method
+
+    def out_of_time(target, tokenizer, head, method, prompts, *args):
+        if method.name == "prompt_lookup" and len(prompts) == 2:
+            raise OutOfTime  # a step's time limit, as the second method's timed calls begin
+        return run_method(target, tokenizer, head, method, prompts, *args)
+
+    monkeypatch.setattr(run_benchmark, "run_method", out_of_time)
+    with pytest.raises(OutOfTime):
+        measure(tiny, tmp_path, "--methods", "plain", "prompt_lookup", "--temperatures", "0", "--no_plot")
+    rows = json.loads((tmp_path / "target.json").read_text())["results"]
+    assert [row["method"] for row in rows] == ["plain"]
+    assert "| 0 | tiny_task | plain | 2 |" in (tmp_path / "target.md").read_text()
+
+
 def test_ship_a_head_with_its_card(tiny, full_run, tmp_path):
     root, _ = tiny
-    output_dir, _ = full_run
+    output_dir, _, _ = full_run
     argv = ["ship", "--head", str(root / "head"), "--output_dir", str(tmp_path / "shipped")]
     argv += ["--results", str(output_dir / "target.json"), "--method", "eagle3_chain_n3", "--max_shard_size", "40KB"]
     assert run_benchmark.main([*argv, "--training_data", "Two tiny prompts."]) == 0
