@@ -23,8 +23,9 @@ from transformers.generation import (
 from hf_eagle3._compat import cache_kwargs
 from hf_eagle3.decoding import tree as tree_module
 from hf_eagle3.decoding.kv_cache import keep_cache_positions
+from hf_eagle3.decoding.static_tree import StaticTreeRunner
 from hf_eagle3.decoding.stopping import host_stop_rule
-from hf_eagle3.decoding.tree import _accept, _accept_greedy
+from hf_eagle3.decoding.tree import DynamicTreeDecoder, _accept, _accept_greedy
 
 
 class StopAfter(StoppingCriteria):
@@ -140,8 +141,13 @@ class SyncCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_one_host_transfer_per_step(batched_greedy, monkeypatch):
-    """On an accelerator each host read stalls the launch queue: a greedy step reads the device once."""
+@pytest.mark.parametrize("static_cache", [False, True], ids=["dynamic", "static"])
+def test_one_host_transfer_per_step(batched_greedy, monkeypatch, static_cache):
+    """On an accelerator each host read stalls the launch queue: a greedy step reads the device once.
+
+    On the static path this also shows that drafting, verification and commit read nothing on the host, as CUDA
+    graph capture requires.
+    """
     target = make_target("llama")
     head = make_head(target, draft_vocab_size=64)
     counter = SyncCounter()
@@ -152,22 +158,22 @@ def test_one_host_transfer_per_step(batched_greedy, monkeypatch):
         return tolist(tensor)
 
     monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
-    stats = RecordingStats()
-    input_ids = prompt(0)
-    # Measured from the first verification on: the setup (prompt checks, EOS ids) may read the device.
+    # Measured from the first draft on: the setup and the prefill (prompt checks, EOS ids) may read the device.
     first_step = {}
+    for decoder in (DynamicTreeDecoder, StaticTreeRunner):
 
-    def start_counting(*_):
-        first_step.setdefault("count", counter.count)
+        def counting_draft(self, input_ids, draft=decoder.draft):
+            first_step.setdefault("count", counter.count)
+            return draft(self, input_ids)
 
-    handle = head.register_forward_pre_hook(start_counting)
-    try:
-        with counter:
-            tree_generate(target, head, input_ids, (8, 3, 2), stats, max_new_tokens=16, do_sample=False)
-    finally:
-        handle.remove()
+        monkeypatch.setattr(decoder, "draft", counting_draft)
+    stats = RecordingStats()
+    with counter:
+        tree_generate(
+            target, head, prompt(0), (8, 3, 2), stats, static_cache=static_cache, max_new_tokens=16, do_sample=False
+        )
     steps = stats.target_forwards
-    assert steps > 5
+    assert steps > 5 and stats.static_cache == static_cache
     assert counter.count - first_step["count"] == steps
 
 

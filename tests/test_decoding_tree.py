@@ -85,7 +85,7 @@ def make_oracle_pair(arch: str, context_weight: float, eos_token_id: int | None 
     return target, head
 
 
-def tree_generator(head, tree_shape=SMALL_TREE, stats=None):
+def tree_generator(head, tree_shape=SMALL_TREE, stats=None, static_cache=None):
     """What the dispatch hands `tree_assisted_decoding`: the head, the tree knobs and the statistics."""
     total_tokens, depth, top_k = tree_shape
     return SimpleNamespace(
@@ -94,14 +94,17 @@ def tree_generator(head, tree_shape=SMALL_TREE, stats=None):
         total_tokens=total_tokens,
         depth=depth,
         top_k=top_k,
+        static_cache=static_cache,
         stats=stats if stats is not None else RecordingStats(),
         feature_layer_ids=head.config.target_layer_ids,
     )
 
 
-def tree_generate(target, head, input_ids, tree_shape=SMALL_TREE, stats=None, streamer=None, **generate_kwargs):
+def tree_generate(
+    target, head, input_ids, tree_shape=SMALL_TREE, stats=None, streamer=None, static_cache=None, **generate_kwargs
+):
     """`target.generate` with transformers' own processors, criteria and cache, decoding through the tree loop."""
-    decode = partial(tree_assisted_decoding, candidate_generator=tree_generator(head, tree_shape, stats))
+    decode = partial(tree_assisted_decoding, candidate_generator=tree_generator(head, tree_shape, stats, static_cache))
     if streamer is not None:
         decode = partial(decode, streamer=streamer)
     return target.generate(input_ids, custom_generate=decode, **generate_kwargs)
@@ -307,29 +310,35 @@ def test_greedy_with_processors_padding_scores_and_streamer():
     input_ids = torch.cat([torch.zeros(1, 2, dtype=torch.long), prompt(5)], dim=1)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[:, :2] = 0
+    assert_scores_and_stream_match_sample(
+        target, head, input_ids, attention_mask=attention_mask, repetition_penalty=1.5
+    )
+
+
+class CollectingStreamer:
+    def __init__(self):
+        self.chunks, self.ended = [], False
+
+    def put(self, value):
+        self.chunks.append(value)
+
+    def end(self):
+        self.ended = True
+
+
+def assert_scores_and_stream_match_sample(target, head, input_ids, static_cache=None, **generate_kwargs):
+    """16 greedy tokens through the tree loop: sequences, scores and logits equal `_sample`'s, every token streamed."""
     kwargs = dict(
-        attention_mask=attention_mask,
         max_new_tokens=16,
         do_sample=False,
-        repetition_penalty=1.5,
         return_dict_in_generate=True,
         output_scores=True,
         output_logits=True,
+        **generate_kwargs,
     )
     expected = target.generate(input_ids, **kwargs)
-
-    class Collect:
-        def __init__(self):
-            self.chunks, self.ended = [], False
-
-        def put(self, value):
-            self.chunks.append(value)
-
-        def end(self):
-            self.ended = True
-
-    streamer = Collect()
-    output = tree_generate(target, head, input_ids, (16, 5, 3), streamer=streamer, **kwargs)
+    streamer = CollectingStreamer()
+    output = tree_generate(target, head, input_ids, (16, 5, 3), streamer=streamer, static_cache=static_cache, **kwargs)
     assert torch.equal(output.sequences, expected.sequences)
     assert len(output.scores) == len(expected.scores) == output.sequences.shape[1] - input_ids.shape[1]
     torch.testing.assert_close(torch.cat(output.scores), torch.cat(expected.scores), atol=1e-4, rtol=1e-4)
@@ -405,6 +414,10 @@ def test_acceptance_walk_samples_the_processed_target_distribution():
 
 
 def test_sampling_matches_target_distribution():
+    assert_sampling_matches_target_distribution()
+
+
+def assert_sampling_matches_target_distribution(static_cache: bool | None = None):
     """End to end through `generate`: token 2 and 3 marginals vs the exact processed target distribution.
 
     Token 2 is drawn at the tree root, token 3 often below an accepted draft, both through temperature, top-k and
@@ -442,6 +455,7 @@ def test_sampling_matches_target_distribution():
             input_ids,
             (5, 2, 2),
             stats,
+            static_cache=static_cache,
             max_new_tokens=3,
             do_sample=True,
             temperature=0.8,
@@ -452,6 +466,7 @@ def test_sampling_matches_target_distribution():
         counts[2][output[0, 5]] += 1
         counts[3][output[0, 6]] += 1
     assert 0 < sum(accepted for accepted, _ in stats.steps) < len(stats.steps), "need acceptances and rejections"
+    assert stats.static_cache == bool(static_cache)
     for position in (2, 3):
         assert chi_square_p_value(counts[position], exact[position]) > 1e-4, (position, counts)
 
@@ -463,6 +478,10 @@ def test_sampling_matches_target_distribution():
     "knobs", [{}, dict(eagle3_total_tokens=8, eagle3_depth=3, eagle3_top_k=2)], ids=["default", "8-3-2"]
 )
 def test_generate_with_assistant_model_is_lossless(arch, knobs):
+    assert_friendly_head_lossless(arch, knobs)
+
+
+def assert_friendly_head_lossless(arch: str, knobs: dict):
     """`target.generate(assistant_model=head)` decodes with the tree (the default mode), token-identically.
 
     The trained head of the shared harness drafts long runs, so EOS and `max_new_tokens` land inside them.
@@ -471,6 +490,7 @@ def test_generate_with_assistant_model_is_lossless(arch, knobs):
     output = assert_greedy_lossless(target, head, prompt_reaching_eos(target, 23), max_new_tokens=40, **knobs)
     assert output.sequences[0, -1] == target.config.eos_token_id
     assert output.eagle3_stats.mean_accept_len > 2
+    assert output.eagle3_stats.static_cache == bool(knobs.get("eagle3_static_cache"))
     for max_new_tokens in (9, 14):
         assert_greedy_lossless(target, head, prompt_reaching_eos(target, 30), max_new_tokens=max_new_tokens, **knobs)
 

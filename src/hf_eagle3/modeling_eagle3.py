@@ -210,6 +210,8 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         self.has_target_embeddings = False
         # Set by each `target.generate(..., assistant_model=head)` call: an `Eagle3GenerationStats`.
         self.last_generation_stats = None
+        # Static caches and CUDA graphs of tree decoding, reused by later calls (see `decoding.static_tree`).
+        self._static_tree_runner = None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:

@@ -35,6 +35,9 @@ DEFAULT_EAGLE3_KNOBS: dict[str, Any] = {
     "eagle3_total_tokens": 60,
     "eagle3_depth": 7,
     "eagle3_top_k": 10,
+    # Tree mode on static caches with CUDA graphs: None where it applies (CUDA, see `static_tree.use_static_tree`),
+    # True to insist (also off CUDA, without graphs), False for the dynamic cache.
+    "eagle3_static_cache": None,
 }
 DEFAULT_CHAIN_LENGTH = 6
 # transformers fills `num_assistant_tokens` with a global default (20, sized for small assistant LMs) before the
@@ -46,9 +49,9 @@ class Eagle3CandidateGenerator(CandidateGenerator):
     """Drafts candidates with an EAGLE-3 head for `target.generate(..., assistant_model=draft)`.
 
     Knobs are read from the call's generation config (generate kwargs `eagle3_mode`, `eagle3_total_tokens`,
-    `eagle3_depth`, `eagle3_top_k`, `num_assistant_tokens`), then from `draft.generation_config`, then the
-    defaults above. Use it as a context manager around the target forwards in chain mode: that is when the
-    feature hooks are on the target.
+    `eagle3_depth`, `eagle3_top_k`, `eagle3_static_cache`, `num_assistant_tokens`), then from
+    `draft.generation_config`, then the defaults above. Use it as a context manager around the target forwards in
+    chain mode: that is when the feature hooks are on the target.
 
     Args:
         target: the model whose `generate` runs (a PEFT-wrapped model's base model is fine).
@@ -118,6 +121,16 @@ class Eagle3CandidateGenerator(CandidateGenerator):
         self.depth = self._positive_int_knob("eagle3_depth")
         self.top_k = self._positive_int_knob("eagle3_top_k")
         self.num_assistant_tokens = self._chain_length()
+        self.static_cache = self._knob("eagle3_static_cache")
+        if self.static_cache is not None and not isinstance(self.static_cache, bool):
+            raise ValueError(
+                f"eagle3_static_cache must be None (automatic), True or False, got {self.static_cache!r}."
+            )
+        if self.static_cache and self.mode != "tree":
+            raise ValueError(
+                "eagle3_static_cache=True applies to tree decoding; chain mode runs transformers' own loop on the "
+                "dynamic cache. Pass eagle3_mode='tree' or drop eagle3_static_cache."
+            )
         attn_implementation = getattr(target.config, "_attn_implementation", None) or ""
         if self.mode == "tree" and "flash" in attn_implementation:
             raise ValueError(

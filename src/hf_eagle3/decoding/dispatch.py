@@ -93,9 +93,10 @@ def check_eagle3_generation_mode(target, draft: Eagle3DraftModel, generation_mod
         )
     if generation_config.cache_implementation in ALL_STATIC_CACHE_IMPLEMENTATIONS:
         raise ValueError(
-            f"EAGLE-3 decoding rolls the target's KV cache back after every verification, which "
-            f"cache_implementation={generation_config.cache_implementation!r} cannot do. Drop `cache_implementation` "
-            "to use the default dynamic cache."
+            f"EAGLE-3 decoding manages the target's KV cache itself (it rolls it back after every verification; "
+            f"tree mode brings its own static caches on CUDA, see `eagle3_static_cache`), so "
+            f"cache_implementation={generation_config.cache_implementation!r} cannot apply. Drop "
+            "`cache_implementation` to use the default dynamic cache."
         )
     other_sources = {
         "prompt_lookup_num_tokens": getattr(generation_config, "prompt_lookup_num_tokens", None),

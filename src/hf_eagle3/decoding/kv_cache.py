@@ -1,14 +1,18 @@
-"""Keep only the accepted path of a verified draft tree in a transformers `DynamicCache`.
+"""Keep only the accepted path of a verified draft tree in a transformers KV cache.
 
 transformers can only crop a cache from the end (`DynamicCache.crop`), which is all chain decoding
 needs. A tree puts every node after the prefix, and the accepted path is a scattered subset of them,
 so its entries are gathered to the front of the tree block first and the rest is cropped away.
+
+Static caches (`StaticLayer`) keep their length in a device tensor (`cumulative_length`) that `update`
+writes at and advances. Setting it directly crops or extends a static cache without a host round trip,
+which is what lets the static tree path (`static_tree.py`) run as CUDA graphs.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer, StaticLayer
 
 
 def check_tree_cache(cache: Cache | None, max_length: int) -> None:
@@ -62,4 +66,53 @@ def keep_cache_positions(cache: DynamicCache, start: int, keep: torch.LongTensor
         cache.crop(kept - total)
 
 
-__all__ = ["check_tree_cache", "keep_cache_positions"]
+def static_cache_problem(cache: Cache) -> str | None:
+    """Why static tree decoding cannot use `cache`, or None when every layer is a full-attention `StaticLayer`
+    whose length lives on the device."""
+    for index, layer in enumerate(cache.layers):
+        if type(layer) is not StaticLayer:
+            return (
+                f"cache layer {index} of the target would be a {type(layer).__name__} (sliding-window, chunked or "
+                "linear attention), whose entries a draft-tree mask cannot address"
+            )
+        if not isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
+            return (
+                "this transformers release's StaticLayer keeps no device-side length (`cumulative_length`), which "
+                "the static path sets to crop and extend the cache"
+            )
+    return None
+
+
+def set_cache_length(cache: Cache, length: torch.Tensor | int) -> None:
+    """Make every layer of a static cache hold its first `length` positions (a device scalar or an int).
+
+    Later `update`s write from there; entries beyond it are left in place and must be masked by the caller.
+    """
+    for layer in cache.layers:
+        layer.cumulative_length.fill_(length)
+
+
+def keep_static_cache_positions(
+    cache: Cache, start: torch.Tensor, keep: torch.LongTensor, num_kept: torch.Tensor
+) -> None:
+    """`keep_cache_positions` for a static cache, all on the device: keep `[0, start)` and `start + keep[:num_kept]`.
+
+    `start` and `num_kept` are device scalars and `keep` has a fixed length, so the copies have fixed shapes; the
+    rows of `keep` past `num_kept` are copied too and lie beyond the new length.
+    """
+    source = start + keep
+    destination = start + torch.arange(keep.numel(), device=keep.device)
+    for layer in cache.layers:
+        # index_select copies the rows first, so overlapping source and destination is safe.
+        layer.keys.index_copy_(2, destination, layer.keys.index_select(2, source))
+        layer.values.index_copy_(2, destination, layer.values.index_select(2, source))
+    set_cache_length(cache, start + num_kept)
+
+
+__all__ = [
+    "check_tree_cache",
+    "keep_cache_positions",
+    "keep_static_cache_positions",
+    "set_cache_length",
+    "static_cache_problem",
+]

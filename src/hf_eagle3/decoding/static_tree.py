@@ -1,0 +1,409 @@
+"""Static-shape tree decoding: the EAGLE-3 tree step on preallocated caches, replayed as CUDA graphs.
+
+In eager mode a small target's forward costs the same for 1 or 128 tokens (launches and Python: ~22 ms for
+SmolLM2-135M on an H100), and so does each head forward. With the tree shape fixed, every tensor of a step can have
+a fixed shape: both KV caches are static (`max_cache_len` positions, their lengths in device tensors that
+`StaticLayer.update` writes at), the masks span every position, and whatever varies from step to step (the length,
+the tokens accepted) is a device scalar. A step is then three functions on fixed buffers, each captured once as a
+CUDA graph and replayed: `_draft` (the head encodes the tokens emitted last step, then grows the tree), `_verify`
+(the target over the tree, and greedy acceptance on the device) and `_commit` (keep the accepted path in the target
+cache, prepare the next head input). A greedy step reads the device once. Off CUDA the same functions are simply
+called, which is how the CPU tests cover all of their logic.
+
+What must hold for capture (the GPU run checks it; nothing here enforces it):
+- the three step functions read nothing on the host: no `.item()`, `.tolist()`, `bool(tensor)`, Python branches on
+  tensor values, data-dependent shapes (`nonzero`, boolean-mask indexing) or tensors made from Python data
+  (`torch.tensor(...)` copies from the host);
+- every buffer they read or write keeps its address: cache keys/values and `cumulative_length` (allocated by
+  `early_initialization` before capture) and the runner's buffers are only updated in place;
+- every index stays in range whatever a step accepted (a device assert poisons the CUDA context): `max_cache_len`
+  covers `max_length` plus the largest block written past the length, padding rows index real nodes and tokens;
+- no mask row is empty and nothing beyond a cache's length is NaN or inf (those entries come from finite inputs),
+  so masked softmaxes stay finite;
+- the target's forward only runs Python that does not depend on tensor values (`_can_compile_fullgraph` models
+  with sdpa or eager attention and plain `StaticLayer`s), and the feature hooks only keep references: the
+  concatenation happens inside `_verify`;
+- the graphs share one memory pool and replay in capture order (draft, verify, commit); the outputs one graph
+  leaves for the next are kept alive by the runner, and outputs the host keeps are cloned (`keep_logits`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, StaticCache, StaticLayer
+
+from .._compat import CACHE_NAME, cache_kwargs
+from .kv_cache import keep_static_cache_positions, set_cache_length, static_cache_problem
+from .tree import DraftTree, GreedyPath, _StepResult, additive_mask, greedy_path, grow_draft_tree
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from ..modeling_eagle3 import Eagle3DraftModel, Eagle3DraftOutput
+    from ..target_features import TargetFeatureCapture
+
+# Cache lengths are rounded up to a multiple of this: later calls with a little more room reuse the runner, and the
+# masks' last dimension stays aligned for the fused attention kernels.
+CACHE_LENGTH_MULTIPLE = 256
+
+
+def tree_size(total_tokens: int, depth: int, top_k: int) -> int:
+    """Nodes of every tree `grow_draft_tree` builds, root included: `total_tokens` unless fewer were expanded."""
+    return 1 + min(total_tokens - 1, top_k + (depth - 1) * top_k * top_k)
+
+
+def static_tree_problem(
+    model: PreTrainedModel, draft_model: Eagle3DraftModel, model_kwargs: dict[str, Any]
+) -> str | None:
+    """Why this `generate` call cannot decode on static caches, or None when it can."""
+    if not getattr(model, "_can_compile_fullgraph", False):
+        return (
+            f"{type(model).__name__} does not declare a forward that can be captured whole (`_can_compile_fullgraph`)"
+        )
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and not quantizer.is_compileable:
+        return f"its {type(quantizer).__name__} quantization cannot run in a captured graph"
+    problem = static_cache_problem(StaticCache(config=model.config, max_cache_len=1))
+    if problem is not None:
+        return problem
+    devices = {parameter.device for module in (model, draft_model) for parameter in module.parameters()}
+    if len(devices) > 1:
+        return f"the target and the head are spread over several devices ({sorted(map(str, devices))})"
+    padding_mask = model_kwargs.get("attention_mask")
+    if padding_mask is not None and not bool(padding_mask.all()):
+        return "the prompt is padded (its attention_mask has zeros); pass it without padding"
+    if model_kwargs[CACHE_NAME].get_seq_length() > 0:
+        return "generation continues from a filled cache"
+    return None
+
+
+def use_static_tree(
+    requested: bool | None,
+    model: PreTrainedModel,
+    draft_model: Eagle3DraftModel,
+    device: torch.device,
+    model_kwargs: dict[str, Any],
+) -> bool:
+    """Whether a call on `device` decodes on the static path (the `eagle3_static_cache` knob is `requested`).
+
+    None picks it on CUDA wherever it applies and the dynamic path otherwise; True insists (also off CUDA, without
+    graphs) and raises when it cannot apply; False keeps the dynamic path.
+    """
+    if requested is False or (requested is None and device.type != "cuda"):
+        return False
+    problem = static_tree_problem(model, draft_model, model_kwargs)
+    if problem is not None and requested:
+        raise ValueError(
+            f"eagle3_static_cache=True cannot be honoured: {problem}. Pass eagle3_static_cache=None to use static "
+            "caches only where they apply, or False to decode with the dynamic cache."
+        )
+    return problem is None
+
+
+class _StepFunction:
+    """A function of the runner's buffers: called, or replayed from the CUDA graph it was captured into."""
+
+    def __init__(self, function: Callable[[], Any]):
+        self.function = function
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.outputs: Any = None
+
+    def capture(self, pool: Any) -> None:
+        """Record the function (running nothing); its outputs become the tensors each replay refreshes."""
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.outputs = self.function()
+
+    def __call__(self) -> Any:
+        if self.graph is None:
+            self.outputs = self.function()
+        else:
+            self.graph.replay()
+        return self.outputs
+
+
+class StaticTreeRunner:
+    """Tree decoding on static caches with fixed shapes, for one target, head and tree shape (a `TreeDecoder`).
+
+    Kept on the head by `static_tree_runner` and reused by later calls, so the caches are allocated and the graphs
+    captured once. Between steps the state lives in device buffers: `length` (tokens before the root: both caches'
+    valid length while a step drafts and verifies, and the root's position) and the head's next input block of
+    `width` rows, of which the first `num_new` are real: `head_tokens` (the tokens emitted last step) and
+    `head_features` (the target's features of the nodes they follow). Acceptance leaves `visited` (path nodes first),
+    `emitted` and `num_kept` for `_commit`.
+    """
+
+    _warmup_steps = 2
+
+    # Normal tensors even when built inside `torch.inference_mode()`: a later call outside it updates them in place.
+    @torch.inference_mode(False)
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        draft_model: Eagle3DraftModel,
+        total_tokens: int,
+        depth: int,
+        top_k: int,
+        max_cache_len: int,
+        key: tuple,
+    ):
+        self.model, self.draft_model = model, draft_model
+        self.total_tokens, self.depth, self.top_k = total_tokens, depth, top_k
+        self.max_cache_len, self.key = max_cache_len, key
+        device = model.device
+        text_config = model.config.get_text_config()
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        self.target_cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+        self.target_cache.early_initialization(1, text_config.num_key_value_heads, head_dim, model.dtype, device)
+        head_config = draft_model.config
+        self.head_cache = Cache(layers=[StaticLayer(max_cache_len)])
+        self.head_cache.early_initialization(
+            1, head_config.num_key_value_heads, head_config.head_dim, draft_model.dtype, device
+        )
+
+        self.num_nodes = tree_size(total_tokens, depth, top_k)
+        # The longest accepted path: the root plus one node per level.
+        self.width = min(depth + 1, self.num_nodes)
+        self.columns = torch.arange(max_cache_len, device=device)
+        self.rows = torch.arange(self.width, device=device)
+        self.length = torch.ones((), dtype=torch.long, device=device)
+        self.num_new = torch.ones((), dtype=torch.long, device=device)
+        self.head_tokens = torch.zeros(1, self.width, dtype=torch.long, device=device)
+        self.head_features = torch.zeros(
+            1, self.width, 3 * head_config.target_hidden_size, dtype=model.dtype, device=device
+        )
+        self.visited = torch.zeros(self.width, dtype=torch.long, device=device)
+        self.emitted = torch.zeros(self.width, dtype=torch.long, device=device)
+        self.num_kept = torch.ones((), dtype=torch.long, device=device)
+        self._draft_step = _StepFunction(self._draft)
+        self._verify_step = _StepFunction(self._verify)
+        self._commit_step = _StepFunction(self._commit)
+
+        # Set per call by `begin`.
+        self.capture: TargetFeatureCapture | None = None
+        self.batched_greedy = False
+        self.keep_logits = False
+
+    def begin(self, capture: TargetFeatureCapture, batched_greedy: bool, keep_logits: bool) -> None:
+        """Bind a `generate` call: its feature hooks, its acceptance path, whether it keeps logits beyond a step."""
+        self.capture, self.batched_greedy, self.keep_logits = capture, batched_greedy, keep_logits
+
+    @torch.no_grad()
+    def capture_graphs(self) -> None:
+        """Record draft, verify and commit as CUDA graphs sharing one memory pool (within a call: see `begin`)."""
+        steps = (self._draft_step, self._verify_step, self._commit_step)
+        device = self.length.device
+        with torch.cuda.device(device):
+            # Warm up on a side stream (lazy initialisations, library workspaces) from a valid state: one token
+            # before the root, one new token to encode.
+            self.length.fill_(1)
+            self.num_new.fill_(1)
+            self.num_kept.fill_(1)
+            set_cache_length(self.target_cache, 1)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(self._warmup_steps):
+                    for step in steps:
+                        step()
+            torch.cuda.current_stream().wait_stream(stream)
+            pool = torch.cuda.graph_pool_handle()
+            for step in steps:
+                step.capture(pool)
+        # Capture runs nothing. What the warm-up left in the caches lies beyond the lengths the prefill sets.
+
+    # ------------------------------------------------------------------ step functions (captured)
+    def _visible(self, block: torch.BoolTensor) -> torch.BoolTensor:
+        """`(q, max_cache_len)`: the first `length` positions, and `block` `(q, n)` placed right after them."""
+        index = self.columns - self.length
+        inside = (index >= 0) & (index < block.shape[1])
+        return (index < 0) | (block[:, index.clamp(0, block.shape[1] - 1)] & inside)
+
+    def _forward_level(
+        self, level: int, tokens: torch.LongTensor, hidden: torch.Tensor, tree_mask: torch.BoolTensor
+    ) -> Eagle3DraftOutput:
+        return self.draft_model(
+            input_ids=tokens[None],
+            hidden_states=hidden[None],
+            attention_mask=self._visible(tree_mask)[None, None],
+            # A level-d node predicts its children at the position of its parent's successor: root + d - 1.
+            position_ids=(self.length + (level - 1)).expand(1, self.top_k),
+            past_key_values=self.head_cache,
+            use_cache=True,
+        )
+
+    def _draft(self) -> tuple[DraftTree, torch.Tensor, torch.LongTensor]:
+        """Encode last step's kept nodes in the head, grow the tree; the tree, its target mask and positions."""
+        head = self.draft_model
+        # The head encodes last step's kept nodes, with the embeddings of their successors, after what it holds.
+        start = self.length - self.num_new
+        set_cache_length(self.head_cache, start)
+        positions = start + self.rows
+        encoded = head(
+            input_ids=self.head_tokens,
+            target_hidden_states=self.head_features,
+            attention_mask=(self.columns <= positions[:, None])[None, None],
+            position_ids=positions[None],
+            past_key_values=self.head_cache,
+            use_cache=True,
+        )
+        # The padding rows' entries lie past the length: outside every mask, overwritten by the next writes.
+        set_cache_length(self.head_cache, self.length)
+        # The root is the last token emitted; the head's row before it predicts its children.
+        last = (self.num_new - 1).view(1)
+        tree = grow_draft_tree(
+            head,
+            self.head_tokens[0].index_select(0, last)[0],
+            encoded.hidden_states[0].index_select(0, last)[0],
+            encoded.logits[0].index_select(0, last)[0],
+            self._forward_level,
+            self.total_tokens,
+            self.depth,
+            self.top_k,
+        )
+        set_cache_length(self.head_cache, self.length)  # the tree levels are dropped
+        mask = additive_mask(self._visible(tree.ancestors), self.model.dtype)
+        return tree, mask, (self.length + tree.depths)[None]
+
+    def _verify(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The target over the tree: logits, features and the greedy path's length (the path goes to the buffers)."""
+        tree, mask, position_ids = self._draft_step.outputs
+        outputs = self.model(
+            input_ids=tree.tokens[None],
+            attention_mask=mask,
+            position_ids=position_ids,
+            use_cache=True,
+            return_dict=True,
+            **cache_kwargs(self.target_cache),
+        )
+        features = self.capture.pop()
+        logits = outputs.logits[0].float()
+        num_visited, visited, emitted = greedy_path(logits, tree, self.width)
+        self.visited.copy_(visited)
+        self.emitted.copy_(emitted)
+        return logits, features, num_visited
+
+    def _commit(self) -> None:
+        """Keep the path in the target cache; its tokens and features become the head's next input block."""
+        _, features, _ = self._verify_step.outputs
+        keep_static_cache_positions(self.target_cache, self.length, self.visited, self.num_kept)
+        self.head_tokens.copy_(self.emitted[None])
+        self.head_features.copy_(features[:, self.visited])
+        self.num_new.copy_(self.num_kept)
+        self.length.add_(self.num_kept)
+
+    # ------------------------------------------------------------------ the TreeDecoder interface
+    def prefill(self, input_ids: torch.LongTensor, model_kwargs: dict[str, Any]) -> torch.Tensor:
+        """Encode the prompt eagerly into both caches (its length varies from call to call)."""
+        prompt_length = input_ids.shape[1]
+        positions = torch.arange(prompt_length, device=input_ids.device)
+        causal = self.columns <= positions[:, None]
+        set_cache_length(self.target_cache, 0)
+        set_cache_length(self.head_cache, 0)
+        # `generate` passes `logits_to_keep` where the model takes it.
+        logits_to_keep = {"logits_to_keep": 1} if "logits_to_keep" in model_kwargs else {}
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=additive_mask(causal, self.model.dtype),
+            position_ids=positions[None],
+            use_cache=True,
+            return_dict=True,
+            **logits_to_keep,
+            **cache_kwargs(self.target_cache),
+        )
+        features = self.capture.pop()
+        # The head encodes every prompt position but the last, whose successor (the first new token) is not known
+        # yet: the first draft encodes it as a block with one new row.
+        if prompt_length > 1:
+            self.draft_model(
+                input_ids=input_ids[:, 1:],
+                target_hidden_states=features[:, :-1],
+                attention_mask=causal[None, None, :-1],
+                position_ids=positions[None, :-1],
+                past_key_values=self.head_cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        self.head_features[:, :1].copy_(features[:, -1:])
+        self.num_new.fill_(1)
+        self.length.fill_(prompt_length)
+        return outputs.logits[0, -1:].float()
+
+    def start(self, input_ids: torch.LongTensor) -> None:
+        self.head_tokens[:, :1].copy_(input_ids[:, -1:])
+
+    def draft(self, input_ids: torch.LongTensor) -> DraftTree:
+        return self._draft_step()[0]
+
+    def verify(self) -> tuple[torch.Tensor, GreedyPath]:
+        logits, _, num_visited = self._verify_step()
+        if self.keep_logits:
+            # The scores and logits tuples keep rows of these; the next replay overwrites graph outputs.
+            logits = logits.clone()
+        return logits, (num_visited, self.visited, self.emitted)
+
+    def commit(self, step: _StepResult, visited: torch.LongTensor, input_ids: torch.LongTensor) -> None:
+        num_new = len(step.tokens)
+        if not self.batched_greedy:
+            # The host walk chose the path; the verification only left the greedy one on the device.
+            self.visited[:num_new].copy_(visited)
+            self.emitted[:num_new].copy_(input_ids[0, -num_new:])
+        # Fewer than the path's nodes when generation stopped inside it.
+        self.num_kept.fill_(num_new)
+        self._commit_step()
+
+    def output_cache(self, cache: DynamicCache, length: int) -> DynamicCache:
+        """Copy the valid prefix into the call's own cache: the runner's caches serve the next call."""
+        for index, layer in enumerate(self.target_cache.layers):
+            cache.update(layer.keys[:, :, :length].clone(), layer.values[:, :, :length].clone(), index)
+        return cache
+
+
+def static_tree_runner(
+    model: PreTrainedModel,
+    draft_model: Eagle3DraftModel,
+    capture: TargetFeatureCapture,
+    total_tokens: int,
+    depth: int,
+    top_k: int,
+    max_length: int,
+    batched_greedy: bool,
+    keep_logits: bool,
+) -> StaticTreeRunner:
+    """The head's runner for this target and tree shape, bound to this call; built (and captured, on CUDA) when the
+    head has none for them or its caches are too short for `max_length`.
+
+    The head keeps one runner, and with it the target, alive between calls.
+    """
+    key = (
+        id(model),
+        total_tokens,
+        depth,
+        top_k,
+        model.dtype,
+        draft_model.dtype,
+        model.device,
+        model.config._attn_implementation,
+        draft_model.config._attn_implementation,
+    )
+    # Past the length a step writes the tree into the target cache and the tree levels into the head's.
+    largest_block = max(tree_size(total_tokens, depth, top_k), (depth - 1) * top_k)
+    max_cache_len = math.ceil((max_length + largest_block) / CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
+    runner = draft_model._static_tree_runner
+    if runner is not None and runner.key == key and runner.max_cache_len >= max_cache_len:
+        runner.begin(capture, batched_greedy, keep_logits)
+        return runner
+    draft_model._static_tree_runner = None  # free the old caches and graphs before allocating new ones
+    runner = StaticTreeRunner(model, draft_model, total_tokens, depth, top_k, max_cache_len, key)
+    runner.begin(capture, batched_greedy, keep_logits)
+    if model.device.type == "cuda":
+        runner.capture_graphs()
+    draft_model._static_tree_runner = runner
+    return runner
+
+
+__all__ = ["StaticTreeRunner", "static_tree_problem", "static_tree_runner", "tree_size", "use_static_tree"]
