@@ -175,9 +175,11 @@ def grow_draft_tree(
     n = tokens.numel()
     ancestors = torch.eye(n, dtype=torch.bool, device=device)
     rows = torch.arange(n, device=device)
+    # Device-side values throughout: a Python `True` would be copied from the host, which CUDA graphs cannot replay.
+    marks = torch.ones(n, dtype=torch.bool, device=device)
     hop = parents
     for _ in range(depth):
-        ancestors[rows, hop] = True
+        ancestors.index_put_((rows, hop), marks)
         hop = parents[hop]
     scores = torch.cat([candidate_scores.new_zeros(1), candidate_scores[selected]])
     return DraftTree(tokens=tokens, parents=parents, depths=depths, ancestors=ancestors, scores=scores)
@@ -347,7 +349,7 @@ def greedy_path(logits: torch.Tensor, tree: DraftTree, width: int) -> GreedyPath
     """
     argmax = logits.argmax(-1)
     agrees = tree.tokens == argmax[tree.parents]
-    agrees[0] = True  # the root is already emitted
+    agrees[:1].fill_(True)  # the root is already emitted (a device fill: graphs cannot copy a host value)
     on_path = ~(tree.ancestors & ~agrees).any(-1)
     # Path nodes first, in level order: a stable sort of "not on path".
     visited = torch.sort((~on_path).to(torch.uint8), stable=True).indices[:width]
