@@ -184,3 +184,22 @@ def test_forcing_it_where_it_cannot_apply_is_a_clear_error():
         target.generate(
             prompt(0), assistant_model=head, max_new_tokens=4, eagle3_mode="chain", eagle3_static_cache=True
         )
+
+
+def test_a_step_that_cannot_be_captured_falls_back_unless_forced(monkeypatch, caplog):
+    """Automatic mode decodes on the dynamic cache, with a warning, when capture fails; forcing it is an error."""
+
+    def uncapturable(*args, **kwargs):
+        raise static_tree.StaticTreeCaptureError("the tree step of LlamaForCausalLM could not be captured (host read)")
+
+    monkeypatch.setattr(static_tree, "static_tree_runner", uncapturable)
+    # Pretend the automatic choice picked the static path, as it would on CUDA.
+    monkeypatch.setattr(static_tree, "use_static_tree", lambda requested, *args: requested is not False)
+    target = make_target("llama")
+    head = make_head(target)
+    with caplog.at_level("WARNING"):
+        output = assert_greedy_lossless(target, head, prompt(0), max_new_tokens=8, eagle3_static_cache=None)
+    assert not output.eagle3_stats.static_cache
+    assert "decodes with the dynamic cache instead" in caplog.text
+    with pytest.raises(ValueError, match="cannot be honoured: the tree step .* could not be captured"):
+        target.generate(prompt(0), assistant_model=head, max_new_tokens=4, eagle3_static_cache=True)

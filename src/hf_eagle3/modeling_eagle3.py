@@ -212,6 +212,8 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         self.last_generation_stats = None
         # Static caches and CUDA graphs of tree decoding, reused by later calls (see `decoding.static_tree`).
         self._static_tree_runner = None
+        # (runner key, reason) of a tree step that could not be captured, so later calls do not retry it.
+        self._static_tree_capture_failure = None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:

@@ -104,6 +104,10 @@ def use_static_tree(
     return problem is None
 
 
+class StaticTreeCaptureError(RuntimeError):
+    """The static tree step could not be captured on this target; the dynamic path still decodes it."""
+
+
 class _StepFunction:
     """A function of the runner's buffers: called, or replayed from the CUDA graph it was captured into."""
 
@@ -393,6 +397,9 @@ def static_tree_runner(
     # Past the length a step writes the tree into the target cache and the tree levels into the head's.
     largest_block = max(tree_size(total_tokens, depth, top_k), (depth - 1) * top_k)
     max_cache_len = math.ceil((max_length + largest_block) / CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
+    failure = draft_model._static_tree_capture_failure
+    if failure is not None and failure[0] == key:
+        raise StaticTreeCaptureError(failure[1])
     runner = draft_model._static_tree_runner
     if runner is not None and runner.key == key and runner.max_cache_len >= max_cache_len:
         runner.begin(capture, batched_greedy, keep_logits)
@@ -401,9 +408,22 @@ def static_tree_runner(
     runner = StaticTreeRunner(model, draft_model, total_tokens, depth, top_k, max_cache_len, key)
     runner.begin(capture, batched_greedy, keep_logits)
     if model.device.type == "cuda":
-        runner.capture_graphs()
+        try:
+            runner.capture_graphs()
+        except RuntimeError as error:
+            # Remembered per key: a forward that reads the host during capture fails the same way every call.
+            message = f"the tree step of {type(model).__name__} could not be captured as CUDA graphs ({error})"
+            draft_model._static_tree_capture_failure = (key, message)
+            raise StaticTreeCaptureError(message) from error
     draft_model._static_tree_runner = runner
     return runner
 
 
-__all__ = ["StaticTreeRunner", "static_tree_problem", "static_tree_runner", "tree_size", "use_static_tree"]
+__all__ = [
+    "StaticTreeCaptureError",
+    "StaticTreeRunner",
+    "static_tree_problem",
+    "static_tree_runner",
+    "tree_size",
+    "use_static_tree",
+]

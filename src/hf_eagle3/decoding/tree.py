@@ -22,12 +22,15 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerateDecoderOnlyOutput, GenerationConfig, LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteriaList
+from transformers.utils import logging
 
 from .._compat import CACHE_NAME, cache_kwargs
 from ..target_features import TargetFeatureCapture
 from .kv_cache import check_tree_cache, keep_cache_positions
 from .stats import PhaseTimer
 from .stopping import HostStopRule, first_stop, host_stop_rule
+
+logger = logging.get_logger(__name__)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -587,7 +590,7 @@ def tree_assisted_decoding(
     `depth=d + 1` here. `model_kwargs` are what `generate` passes to `_assisted_decoding`: the cache, attention mask,
     position ids.
     """
-    from .static_tree import static_tree_runner, use_static_tree  # it builds on this module
+    from .static_tree import StaticTreeCaptureError, static_tree_runner, use_static_tree  # it builds on this module
 
     _check_tree_inputs(model, input_ids, candidate_generator, generation_config, synced_gpus, model_kwargs)
     draft_model: Eagle3DraftModel = candidate_generator.draft_model
@@ -625,18 +628,27 @@ def tree_assisted_decoding(
         timer.mark()
         decoder: TreeDecoder
         if static:
-            decoder = static_tree_runner(
-                model,
-                draft_model,
-                capture,
-                total_tokens,
-                depth,
-                top_k,
-                generation_config.max_length,
-                batched_greedy=batched_greedy,
-                keep_logits=scores is not None or raw_logits is not None,
-            )
-        else:
+            try:
+                decoder = static_tree_runner(
+                    model,
+                    draft_model,
+                    capture,
+                    total_tokens,
+                    depth,
+                    top_k,
+                    generation_config.max_length,
+                    batched_greedy=batched_greedy,
+                    keep_logits=scores is not None or raw_logits is not None,
+                )
+            except StaticTreeCaptureError as error:
+                if candidate_generator.static_cache:
+                    raise ValueError(
+                        f"eagle3_static_cache=True cannot be honoured: {error}. Pass eagle3_static_cache=False to "
+                        "decode with the dynamic cache."
+                    ) from error
+                logger.warning_once(f"EAGLE-3 decodes with the dynamic cache instead: {error}.")
+                static = False
+        if not static:
             decoder = DynamicTreeDecoder(model, draft_model, capture, total_tokens, depth, top_k, model_kwargs)
         timer.mark("setup")
         first_logits = decoder.prefill(input_ids, model_kwargs)
