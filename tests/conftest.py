@@ -1,6 +1,14 @@
-"""Tiny random targets and heads built from configs: no hub, CPU, float32."""
+"""Tiny random targets and heads built from configs: no hub, float32, on the CPU.
+
+`HF_EAGLE3_TEST_DEVICE=cuda` (default `cpu`) moves the targets and heads the factories build (and the decoding tests'
+prompts) to CUDA, so the modules in `DEVICE_AWARE_MODULES` run their checks there: the static tree path then captures
+and replays real CUDA graphs. Every other module is skipped in such a run. Tests marked `gpu` need CUDA whatever the
+variable says, and are skipped without it.
+"""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -22,6 +30,30 @@ from hf_eagle3.decoding import tree as tree_module
 # forward several times slower (measured: 30-token generate 2.5 s with 2 threads, 0.25 s with 1).
 torch.set_num_threads(1)
 
+TEST_DEVICE = torch.device(os.environ.get("HF_EAGLE3_TEST_DEVICE", "cpu"))
+# Modules whose models and inputs all come from the factories (or follow the target's device): they run on
+# TEST_DEVICE. The others build CPU tensors of their own (or patch CPU-only behaviour) and are skipped off the CPU.
+DEVICE_AWARE_MODULES = {"test_decoding_static_tree.py", "test_decoding_cuda.py"}
+
+
+def pytest_configure(config):
+    if TEST_DEVICE.type not in ("cpu", "cuda"):
+        raise pytest.UsageError(f"HF_EAGLE3_TEST_DEVICE must be cpu or cuda, not {TEST_DEVICE}")
+    if TEST_DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("HF_EAGLE3_TEST_DEVICE=cuda, but torch sees no CUDA device")
+
+
+def pytest_collection_modifyitems(config, items):
+    cuda = torch.cuda.is_available()
+    for item in items:
+        if item.get_closest_marker("gpu") is not None and not cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+        elif TEST_DEVICE.type != "cpu" and item.path.name not in DEVICE_AWARE_MODULES:
+            item.add_marker(
+                pytest.mark.skip(reason=f"runs on the CPU only (HF_EAGLE3_TEST_DEVICE={TEST_DEVICE.type})")
+            )
+
+
 ARCHITECTURES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
@@ -31,8 +63,16 @@ ARCHITECTURES = {
 }
 
 
-def make_target(arch: str = "llama", vocab_size: int = 96, num_hidden_layers: int = 6, seed: int = 0, **overrides):
-    """A tiny random causal LM of the given architecture (GQA: 4 heads, 2 KV heads)."""
+def make_target(
+    arch: str = "llama",
+    vocab_size: int = 96,
+    num_hidden_layers: int = 6,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    **overrides,
+):
+    """A tiny random causal LM of the given architecture (GQA: 4 heads, 2 KV heads), initialised on the CPU (the same
+    weights whatever the device) and moved to `device` (default `TEST_DEVICE`)."""
     config_class, model_class, extra = ARCHITECTURES[arch]
     values = dict(
         vocab_size=vocab_size,
@@ -50,11 +90,12 @@ def make_target(arch: str = "llama", vocab_size: int = 96, num_hidden_layers: in
     values.update(extra)
     values.update(overrides)
     torch.manual_seed(seed)
-    return model_class(config_class(**values)).eval()
+    return model_class(config_class(**values)).eval().to(TEST_DEVICE if device is None else device)
 
 
 def make_head(target, draft_vocab_size: int | None = None, seed: int = 0, **overrides) -> Eagle3DraftModel:
-    """A random head fitted to `target`, with a valid (arbitrary) draft vocabulary when reduced."""
+    """A random head fitted to `target` (initialised on the CPU, then on the target's device), with a valid
+    (arbitrary) draft vocabulary when reduced."""
     torch.manual_seed(seed)
     config = Eagle3Config.from_target_config(target.config, draft_vocab_size=draft_vocab_size, **overrides)
     head = Eagle3DraftModel(config).eval()
@@ -63,7 +104,13 @@ def make_head(target, draft_vocab_size: int | None = None, seed: int = 0, **over
         head.d2t.copy_(ids - torch.arange(config.draft_vocab_size))
         head.t2d.zero_()
         head.t2d[ids] = True
-    return head.attach_target(target)
+    return head.to(target.device).attach_target(target)
+
+
+def move_pair(target, head, device: str | torch.device | None = None):
+    """Move a target and its head to `device` (default `TEST_DEVICE`); the head shares the moved embedding again."""
+    target = target.to(TEST_DEVICE if device is None else device)
+    return target, head.to(target.device).attach_target(target)
 
 
 @pytest.fixture(params=sorted(ARCHITECTURES))

@@ -6,8 +6,9 @@ API:
   (`return_dict_in_generate=True`, so `.sequences` and `.eagle3_stats`).
 - `make_friendly_pair(arch)`: a target whose greedy next token is a fixed function of the current token (a
   single cycle through every id but pad, so its text always reaches EOS) and a head trained on that text
-  until it drafts it almost perfectly: long accepted runs, EOS and `max_new_tokens` inside a run. Built once
-  per architecture and cached: do not modify the returned models.
+  until it drafts it almost perfectly: long accepted runs, EOS and `max_new_tokens` inside a run. Built and
+  trained on the CPU, then moved to `TEST_DEVICE`, once per architecture and cached: do not modify the returned
+  models.
 - `prompt_reaching_eos(target, tokens_before_eos, length=5)`: a prompt for a friendly target whose greedy
   continuation emits exactly `tokens_before_eos` tokens and then EOS.
 - `exact_continuation_probs(target, input_ids, max_new_tokens, temperature=1.0, top_k=None)`: the exact
@@ -23,7 +24,7 @@ import functools
 from collections import Counter
 
 import torch
-from conftest import make_target
+from conftest import make_target, move_pair
 from transformers.cache_utils import DynamicCache
 
 from hf_eagle3 import Eagle3Config, Eagle3DraftModel
@@ -51,7 +52,7 @@ def _make_successor_target(arch: str, seed: int):
     Every decoder layer writes nothing into the residual stream (zero output projections), so the final hidden
     state is the token's embedding, and the unembedding row of `successor[x]` is the embedding of `x`.
     """
-    target = make_target(arch, seed=seed)
+    target = make_target(arch, seed=seed, device="cpu")
     vocab_size = target.config.vocab_size
     generator = torch.Generator().manual_seed(seed)
     # One cycle through every id but pad (whose embedding row is zero): greedy text always reaches EOS.
@@ -127,11 +128,11 @@ def make_friendly_pair(arch: str = "llama", seed: int = 0, steps: int = 50, unro
     torch.manual_seed(seed)
     head = Eagle3DraftModel(Eagle3Config.from_target_config(target.config)).attach_target(target)
     _train_head(target, head, steps, unroll)
-    return target, head
+    return move_pair(target, head)
 
 
 def prompt_reaching_eos(target, tokens_before_eos: int, length: int = 5) -> torch.LongTensor:
-    """A prompt of `length` ids ending `tokens_before_eos + 1` successor steps before EOS."""
+    """A prompt of `length` ids ending `tokens_before_eos + 1` successor steps before EOS, on the target's device."""
     predecessor = torch.zeros_like(target.successor)
     predecessor[target.successor] = torch.arange(len(target.successor))
     token = torch.tensor(target.config.eos_token_id)
@@ -140,7 +141,7 @@ def prompt_reaching_eos(target, tokens_before_eos: int, length: int = 5) -> torc
     prompt = [int(token)]
     for _ in range(length - 1):
         prompt.insert(0, int(predecessor[prompt[0]]))
-    return torch.tensor([prompt])
+    return torch.tensor([prompt], device=target.device)
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -155,7 +156,10 @@ def exact_continuation_probs(
     for step in range(max_new_tokens):
         prefixes = list(frontier)
         batch = torch.cat(
-            [input_ids.expand(len(prefixes), -1), torch.tensor(prefixes, dtype=torch.long).view(len(prefixes), step)],
+            [
+                input_ids.expand(len(prefixes), -1),
+                torch.tensor(prefixes, dtype=torch.long, device=input_ids.device).view(len(prefixes), step),
+            ],
             1,
         )
         logits = target(batch).logits[:, -1].double() / temperature

@@ -1,11 +1,15 @@
 """Static-shape tree decoding (static caches, CUDA graphs on CUDA), forced on the CPU: there the same step functions
-run without graphs, and must be exactly as lossless as the dynamic path."""
+run without graphs, and must be exactly as lossless as the dynamic path.
+
+With `HF_EAGLE3_TEST_DEVICE=cuda` (see conftest) the same tests run on CUDA in float32, capturing and replaying the
+graphs; there the automatic choice (`eagle3_static_cache=None`) takes the static path.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_head, make_target
+from conftest import TEST_DEVICE, make_head, make_target
 from lossless import assert_greedy_lossless
 from test_decoding_tree import (
     RecordingStats,
@@ -141,7 +145,7 @@ def test_automatic_choice_and_phase_times():
     target = make_target("llama")
     head = make_head(target)
     input_ids = prompt(0)
-    for knob, static in ((None, False), (False, False), (True, True)):
+    for knob, static in ((None, TEST_DEVICE.type == "cuda"), (False, False), (True, True)):
         output = target.generate(
             input_ids, assistant_model=head, max_new_tokens=6, return_dict_in_generate=True, eagle3_static_cache=knob
         )
@@ -169,7 +173,7 @@ def test_forcing_it_where_it_cannot_apply_is_a_clear_error():
 
     target = make_target("llama")
     head = make_head(target)
-    input_ids = torch.cat([torch.zeros(1, 2, dtype=torch.long), prompt(0)], dim=1)
+    input_ids = torch.cat([prompt(0).new_zeros(1, 2), prompt(0)], dim=1)
     attention_mask = (input_ids != 0).long()
     with pytest.raises(ValueError, match="prompt is padded"):
         target.generate(

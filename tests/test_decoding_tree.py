@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_head, make_target
+from conftest import TEST_DEVICE, make_head, make_target, move_pair
 from lossless import assert_greedy_lossless, make_friendly_pair, prompt_reaching_eos
 from transformers.cache_utils import DynamicCache
 from transformers.generation import (
@@ -65,13 +65,20 @@ class OracleHead(Eagle3DraftModel):
         return output
 
 
-def make_oracle_pair(arch: str, context_weight: float, eos_token_id: int | None = 2, **target_overrides):
+def make_oracle_pair(
+    arch: str,
+    context_weight: float,
+    eos_token_id: int | None = 2,
+    device: str | torch.device | None = None,
+    **overrides,
+):
     """A target whose next token depends mostly on the current token, and an `OracleHead` for it.
 
     `context_weight` scales every layer's output projections: 0 gives a pure bigram model (the head always
-    agrees), larger values let the context change the target's choice (rejections).
+    agrees), larger values let the context change the target's choice (rejections). Built on the CPU (the same
+    models on every device), then moved to `device` (default `TEST_DEVICE`).
     """
-    target = make_target(arch, eos_token_id=eos_token_id, **target_overrides)
+    target = make_target(arch, eos_token_id=eos_token_id, device="cpu", **overrides)
     with torch.no_grad():
         # The padding row starts at zero, which would make every next token after a pad a tie.
         target.model.embed_tokens.weight[target.config.pad_token_id].normal_(0, 0.02)
@@ -81,7 +88,8 @@ def make_oracle_pair(arch: str, context_weight: float, eos_token_id: int | None 
         bigram = target.lm_head(target.model.norm(target.model.embed_tokens.weight)).log_softmax(-1)
     torch.manual_seed(0)
     head = OracleHead(Eagle3Config.from_target_config(target.config)).eval().attach_target(target)
-    head.oracle = 30 * bigram
+    target, head = move_pair(target, head, device)
+    head.oracle = 30 * bigram.to(target.device)
     return target, head
 
 
@@ -110,8 +118,12 @@ def tree_generate(
     return target.generate(input_ids, custom_generate=decode, **generate_kwargs)
 
 
-def prompt(seed: int, length: int = 7, vocab_size: int = 96) -> torch.LongTensor:
-    return torch.randint(3, vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
+def prompt(
+    seed: int, length: int = 7, vocab_size: int = 96, device: str | torch.device | None = None
+) -> torch.LongTensor:
+    """Random ids (no pad, BOS or EOS), the same on every device; on `device` (default `TEST_DEVICE`)."""
+    ids = torch.randint(3, vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
+    return ids.to(TEST_DEVICE if device is None else device)
 
 
 # ---------------------------------------------------------------------------------------------- the tree
@@ -417,16 +429,20 @@ def test_sampling_matches_target_distribution():
     assert_sampling_matches_target_distribution()
 
 
-def assert_sampling_matches_target_distribution(static_cache: bool | None = None):
+def assert_sampling_matches_target_distribution(static_cache: bool | None = None, device=None):
     """End to end through `generate`: token 2 and 3 marginals vs the exact processed target distribution.
 
     Token 2 is drawn at the tree root, token 3 often below an accepted draft, both through temperature, top-k and
-    a repetition penalty. Few runs keep it fast: the walk itself is checked precisely above.
+    a repetition penalty. Few runs keep it fast: the walk itself is checked precisely above. The models live on
+    `device` (default `TEST_DEVICE`); the counts and exact probabilities on the CPU.
     """
     vocab = 8
-    target, head = make_oracle_pair("llama", 0.5, vocab_size=vocab, eos_token_id=None, num_hidden_layers=4)
+    target, head = make_oracle_pair(
+        "llama", 0.5, vocab_size=vocab, eos_token_id=None, num_hidden_layers=4, device=device
+    )
     head.oracle = head.oracle / 10  # agree often, not always: both acceptance and residual draws happen
-    input_ids = torch.tensor([[3, 5, 4, 6]])
+    input_ids = torch.tensor([[3, 5, 4, 6]], device=target.device)
+    tokens = torch.arange(vocab, device=target.device)
     processors = LogitsProcessorList(
         [RepetitionPenaltyLogitsProcessor(1.3), TemperatureLogitsWarper(0.8), TopKLogitsWarper(5)]
     )
@@ -437,12 +453,12 @@ def assert_sampling_matches_target_distribution(static_cache: bool | None = None
         return processors(sequences, logits).softmax(-1)
 
     first = next_probs(input_ids)[0]
-    contexts = torch.cat([input_ids.expand(vocab, -1), torch.arange(vocab)[:, None]], dim=1)
+    contexts = torch.cat([input_ids.expand(vocab, -1), tokens[:, None]], dim=1)
     second = next_probs(contexts)  # [t1, t2]
-    pairs = torch.cat([contexts.repeat_interleave(vocab, 0), torch.arange(vocab).repeat(vocab)[:, None]], dim=1)
+    pairs = torch.cat([contexts.repeat_interleave(vocab, 0), tokens.repeat(vocab)[:, None]], dim=1)
     third = next_probs(pairs).view(vocab, vocab, vocab)  # [t1, t2, t3]
     joint12 = first[:, None] * second
-    exact = {2: joint12.sum(0), 3: (joint12[..., None] * third).sum((0, 1))}
+    exact = {2: joint12.sum(0).cpu(), 3: (joint12[..., None] * third).sum((0, 1)).cpu()}
 
     torch.manual_seed(0)
     runs = 150
@@ -463,8 +479,8 @@ def assert_sampling_matches_target_distribution(static_cache: bool | None = None
             top_p=1.0,
             repetition_penalty=1.3,
         )
-        counts[2][output[0, 5]] += 1
-        counts[3][output[0, 6]] += 1
+        counts[2][int(output[0, 5])] += 1
+        counts[3][int(output[0, 6])] += 1
     assert 0 < sum(accepted for accepted, _ in stats.steps) < len(stats.steps), "need acceptances and rejections"
     assert stats.static_cache == bool(static_cache)
     for position in (2, 3):

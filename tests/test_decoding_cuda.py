@@ -1,0 +1,178 @@
+"""The static-cache CUDA-graph tree path on CUDA, through the public `generate(assistant_model=head)` call.
+
+GPU only (marked `gpu`: skipped without CUDA, run alone with `-m gpu`). Nothing here forces `eagle3_static_cache`:
+on CUDA the automatic choice must take the static path and capture the step as graphs, and every check asserts it
+did (a capture failure would fall back to the dynamic cache with a warning, and fail these tests).
+
+- float32: greedy text token-identical to plain `generate`, for every tiny architecture, with a head that drafts
+  long runs and a random one (mostly rejections, reduced draft vocabulary); calls that fit reuse the runner and
+  its graphs, a longer call builds a larger one.
+- bfloat16 (no identity expected: other kernels round differently and near-ties flip): every emitted token is the
+  argmax of the verification logits the call returns for it (`output_logits`), a fresh forward over the output
+  agrees with those tokens up to near-ties, and the text mostly matches plain `generate` (agreements printed).
+- sampling: continuations follow the target's exact distribution (chi-square), with temperature and top-k.
+- statistics: `static_cache` and the draft / verify / accept phase times.
+
+On the GPU machine, with the static-tree suite on CUDA too (see conftest), in one call:
+    HF_EAGLE3_TEST_DEVICE=cuda python -m pytest tests/test_decoding_cuda.py tests/test_decoding_static_tree.py -q -rA -s
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_head, make_target
+from lossless import assert_greedy_lossless, chi_square_p_value, exact_continuation_probs
+from test_decoding_tree import make_oracle_pair, prompt
+
+pytestmark = pytest.mark.gpu
+
+CUDA = torch.device("cuda")
+PHASES = ("draft", "verify", "accept")
+
+
+def assert_graph_path(output, head):
+    """The call decoded on the static path (replaying CUDA graphs on CUDA) and timed its phases; its runner."""
+    stats = output.eagle3_stats
+    assert stats.static_cache, "not on the static path: did the capture fail (see the logged warning)?"
+    assert set(PHASES) <= set(stats.phase_seconds), stats.phase_seconds
+    assert all(stats.phase_seconds[phase] >= 0 for phase in PHASES) and sum(map(stats.phase_seconds.get, PHASES)) > 0
+    runner = head._static_tree_runner
+    if output.sequences.device.type == "cuda":
+        steps = (runner._draft_step, runner._verify_step, runner._commit_step)
+        assert all(step.graph is not None for step in steps), "the tree step was not captured as CUDA graphs"
+    return runner
+
+
+def make_pair(arch: str, head_kind: str, device, dtype=torch.float32):
+    """A target without EOS (every call runs to `max_new_tokens`) and an oracle or random head, on `device`."""
+    if head_kind == "oracle":
+        target, head = make_oracle_pair(arch, 0.3, eos_token_id=None, device=device)
+        head.oracle = head.oracle.to(dtype)
+    else:
+        target = make_target(arch, eos_token_id=None, device=device)
+        head = make_head(target, draft_vocab_size=64)
+    target.to(dtype)
+    return target, head.to(dtype).attach_target(target)
+
+
+def check_float32_identity(arch: str, head_kind: str, device=CUDA, **knobs):
+    target, head = make_pair(arch, head_kind, device)
+    runner = None
+    for seed in range(3):
+        input_ids = prompt(seed, length=5 + seed, device=device)
+        output = assert_greedy_lossless(target, head, input_ids, max_new_tokens=40, **knobs)
+        current = assert_graph_path(output, head)
+        assert runner is None or current is runner, "a call that fits the runner should reuse it and its graphs"
+        runner = current
+    if head_kind == "oracle":
+        assert output.eagle3_stats.mean_accept_len > 2, "the oracle head should get long runs accepted"
+    # Past the runner's caches: a new runner, with new graphs.
+    output = assert_greedy_lossless(target, head, prompt(3, device=device), max_new_tokens=300, **knobs)
+    grown = assert_graph_path(output, head)
+    assert grown is not runner and grown.max_cache_len > runner.max_cache_len
+
+
+@pytest.mark.parametrize("head_kind", ["oracle", "random"])
+def test_float32_greedy_is_token_identical(arch, head_kind):
+    check_float32_identity(arch, head_kind)
+
+
+def bfloat16_agreement(arch: str, device=CUDA, prompts: int = 8, max_new_tokens: int = 48, **knobs):
+    """Greedy bf16 decoding on the static path: (recomputed argmax agreement, mean fraction of plain generate's
+    tokens matched before the first difference, largest logit gap of a recomputed disagreement)."""
+    target, head = make_pair(arch, "oracle", device, torch.bfloat16)
+    agreeing = emitted = 0
+    prefix_fractions, gaps = [], [0.0]
+    for seed in range(prompts):
+        input_ids = prompt(seed, device=device)
+        start = input_ids.shape[1]
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False)
+        plain = target.generate(input_ids, **kwargs)[0, start:]
+        output = target.generate(
+            input_ids, assistant_model=head, return_dict_in_generate=True, output_logits=True, **kwargs, **knobs
+        )
+        assert_graph_path(output, head)
+        new = output.sequences[0, start:]
+        assert len(output.logits) == len(new) == max_new_tokens
+        # Exact: each token is the argmax of the verification logits that produced it (the prefill's for the first).
+        verified = torch.cat(output.logits).argmax(-1)
+        assert torch.equal(verified, new), f"emitted {new.tolist()}\nargmax   {verified.tolist()}"
+        # Independent: one forward over the whole output. Other shapes round differently, so a few near-ties may
+        # flip; a disagreement must be one (its gap is small next to the spread of that row's logits).
+        with torch.no_grad():
+            logits = target(output.sequences[:, :-1]).logits[0, start - 1 :].float()
+        chosen = logits.gather(-1, new[:, None])[:, 0]
+        best = logits.max(-1).values
+        differs = logits.argmax(-1) != new
+        agreeing += int((~differs).sum())
+        emitted += len(new)
+        gaps += ((best - chosen) / logits.std(-1))[differs].tolist()
+        mismatch = (plain != new).nonzero()
+        prefix_fractions.append((int(mismatch[0, 0]) if len(mismatch) else len(new)) / len(new))
+    return agreeing / emitted, sum(prefix_fractions) / len(prefix_fractions), max(gaps)
+
+
+def test_bfloat16_tokens_are_the_targets_argmax(arch):
+    recomputed, plain, gap = bfloat16_agreement(arch)
+    print(
+        f"{arch} bf16: {recomputed:.1%} of tokens are the argmax of a fresh forward over the output, "
+        f"{plain:.1%} of plain generate's text matched before the first difference, largest near-tie gap "
+        f"{gap:.3f} logit std"
+    )
+    assert recomputed >= 0.95 and gap < 0.1
+    assert plain >= 0.5, "bf16 text should mostly match plain generate"
+
+
+def sampling_p_value(temperature: float, top_k: int | None, device=CUDA, runs: int = 1000, **knobs) -> float:
+    """Chi-square p-value of `runs` sampled 3-token continuations against the target's exact distribution."""
+    vocab = 8
+    target, head = make_oracle_pair(
+        "llama", 0.5, vocab_size=vocab, eos_token_id=None, num_hidden_layers=4, device=device
+    )
+    with torch.no_grad():
+        target.lm_head.weight.mul_(8)  # peaked distributions: few likely continuations, so the bins fill
+    input_ids = torch.tensor([[3, 5, 4, 6]], device=device)
+    probs = exact_continuation_probs(target, input_ids, 3, temperature=temperature, top_k=top_k)
+    torch.manual_seed(0)
+    samples, accepted, steps = [], 0, 0
+    for _ in range(runs):
+        output = target.generate(
+            input_ids,
+            assistant_model=head,
+            max_new_tokens=3,
+            do_sample=True,
+            temperature=temperature,
+            top_k=top_k or vocab,
+            top_p=1.0,
+            eagle3_total_tokens=5,
+            eagle3_depth=2,
+            eagle3_top_k=2,
+            return_dict_in_generate=True,
+            **knobs,
+        )
+        assert_graph_path(output, head)
+        samples.append(tuple(output.sequences[0, input_ids.shape[1] :].tolist()))
+        stats = output.eagle3_stats
+        accepted += sum(stats.accepted_per_depth[:1])
+        steps += stats.target_forwards
+    assert 0 < accepted < steps, "need both accepted drafts and residual draws"
+    return chi_square_p_value(samples, probs)
+
+
+@pytest.mark.parametrize(("temperature", "top_k"), [(1.0, None), (0.7, 4)], ids=["t1", "t0.7-top4"])
+def test_sampling_matches_target_distribution(temperature, top_k):
+    assert sampling_p_value(temperature, top_k) > 1e-4
+
+
+def test_stats_report_the_graph_path():
+    target = make_target("qwen3", device=CUDA)
+    head = make_head(target)
+    output = target.generate(
+        prompt(0, device=CUDA), assistant_model=head, max_new_tokens=12, do_sample=False, return_dict_in_generate=True
+    )
+    stats = output.eagle3_stats
+    assert stats.static_cache is True and stats.to_dict()["static_cache"] is True
+    assert {"setup", "prefill", *PHASES} <= set(stats.phase_seconds)
+    assert all(stats.phase_seconds[phase] > 0 for phase in PHASES), stats.phase_seconds
+    assert_graph_path(output, head)
