@@ -1,4 +1,10 @@
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,13 +235,13 @@ def test_lora_on_existing_head_trains_saves_loads_and_merges(tmp_path):
         torch.testing.assert_close(merged(input_ids=ids, target_hidden_states=features).logits, expected)
 
 
-def write_cli_inputs(tmp_path):
+def write_cli_inputs(tmp_path, num_rows: int = 6):
     """A saved tiny target and `prepare-data`-style rows (JSONL) with their draft-vocabulary map."""
     from hf_eagle3.data.vocab import build_vocab_maps, save_vocab_map
 
     target = make_target()
     target.save_pretrained(tmp_path / "target")
-    rows = make_rows(6)
+    rows = make_rows(num_rows)
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     with open(data_dir / "train.jsonl", "w") as file:
@@ -339,3 +345,59 @@ def test_one_process_seeing_several_gpus_trains_on_one(tmp_path):
     args._n_gpu = 2  # what transformers records when one process sees two GPUs
     assert args.n_gpu == 1
     assert args.train_batch_size == 3
+
+
+LAUNCH_ON_CPU = str(Path(__file__).parent / "launch_on_cpu.py")
+FSDP2_FLAGS = "--use_fsdp --fsdp_version 2 --fsdp_reshard_after_forward true --fsdp_state_dict_type FULL_STATE_DICT "
+FSDP2_FLAGS += "--fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP --fsdp_transformer_layer_cls_to_wrap Eagle3DecoderLayer"
+
+
+def accelerate_launch_two_processes(launch_flags: str, train_args: list[str]) -> None:
+    """`accelerate launch` two CPU processes (gloo) of `hf-eagle3 train`, as on two GPUs."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1"]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    command += [*launch_flags.split(), LAUNCH_ON_CPU, *train_args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    tracebacks = "\n".join(line for line in result.stderr.splitlines() if line.startswith("[rank"))
+    assert result.returncode == 0, tracebacks or result.stderr[-3000:]
+
+
+def test_ddp_and_fsdp_on_two_processes_train_like_one_process_on_the_global_batch(tmp_path):
+    from hf_eagle3.cli import main
+
+    _, d2t = write_cli_inputs(tmp_path, num_rows=16)
+    args = ["train", "--target", str(tmp_path / "target"), "--data", str(tmp_path / "data" / "train.jsonl")]
+    args += ["--vocab_map", str(tmp_path / "vocab_map.safetensors"), "--max_steps", "2", "--ttt_steps", "2"]
+    args += ["--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "1"]
+    args += ["--save_steps", "1", "--seed", "0"]
+    assert main([*args, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one")]) == 0
+    per_process = [*args, "--per_device_train_batch_size", "2"]
+    accelerate_launch_two_processes("--multi_gpu", [*per_process, "--output_dir", str(tmp_path / "ddp")])
+    accelerate_launch_two_processes(FSDP2_FLAGS, [*per_process, "--output_dir", str(tmp_path / "fsdp")])
+    # Resume the FSDP run from its first checkpoint (full state dict, sharded optimizer state) in a fresh folder.
+    shutil.copytree(tmp_path / "fsdp" / "checkpoint-1", tmp_path / "resumed" / "checkpoint-1")
+    resumed = [*per_process, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest"]
+    accelerate_launch_two_processes(FSDP2_FLAGS, resumed)
+
+    def first_log(run):
+        state = json.loads((tmp_path / run / "trainer_state.json").read_text())
+        return next(log for log in state["log_history"] if "loss" in log)
+
+    # Per-step metrics are sums over both processes' rows: equal to one process's on the same 4 rows.
+    reference = first_log("one")
+    for run in ("ddp", "fsdp"):
+        for key in ("loss_step_0", "loss_step_1", "acc_step_0", "acc_step_1"):
+            assert first_log(run)[key] == pytest.approx(reference[key], rel=1e-5), (run, key)
+    heads = {run: Eagle3DraftModel.from_pretrained(tmp_path / run) for run in ("one", "ddp", "fsdp", "resumed")}
+    for head in heads.values():  # complete: the draft vocabulary maps came back with the weights
+        assert torch.equal(head.d2t, d2t) and head.config.draft_vocab_size == 50
+    # The loss each process backpropagates is the mean over its own rows, so DDP and FSDP step alike, and a little
+    # differently from one process averaging all four rows.
+    for name, value in trainable_state(heads["ddp"]).items():
+        torch.testing.assert_close(trainable_state(heads["fsdp"])[name], value)
+        torch.testing.assert_close(trainable_state(heads["resumed"])[name], value)
+    assert json.loads((tmp_path / "fsdp" / "train_results.json").read_text())["train_samples_per_second"] > 0

@@ -212,8 +212,11 @@ def train(argv: list[str]) -> int:
     resume = training_args.resume_from_checkpoint
     if resume is not None and resume.lower() in {"true", "latest"}:
         resume = True  # the newest checkpoint in --output_dir
-    trainer.train(resume_from_checkpoint=resume)
+    train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
+    # train_results.json (runtime, samples/s) and trainer_state.json (log history), as transformers' examples do.
+    trainer.save_metrics("train", train_result.metrics)
+    trainer.save_state()
     if eval_dataset is not None:
         trainer.evaluate()
     if not trainer.is_world_process_zero():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -47,8 +48,18 @@ class Eagle3TrainingArguments(TrainingArguments):
     ddp_find_unused_parameters: bool | None = field(
         default=False, metadata={"help": "DDP unused-parameter search; every head parameter is used."}
     )
+    # transformers types this `str | bool`, which its argument parser reads as a bool alone: `non_padding` could not
+    # be passed to `hf-eagle3 train`.
+    include_num_input_tokens_seen: str = field(
+        default="no",
+        metadata={
+            "help": "Count input tokens (num_input_tokens_seen, train_tokens_per_second): all, non_padding, no."
+        },
+    )
 
     def __post_init__(self):
+        tokens_seen = str(self.include_num_input_tokens_seen).lower()
+        self.include_num_input_tokens_seen = {"true": "all", "false": "no"}.get(tokens_seen, tokens_seen)
         super().__post_init__()
         if self.ttt_steps < 1:
             raise ValueError(f"ttt_steps must be at least 1, got {self.ttt_steps}.")
@@ -59,6 +70,22 @@ class Eagle3TrainingArguments(TrainingArguments):
                 f"max_length ({self.max_length}) leaves no position to score: TTT step k predicts token t + k + 2, "
                 f"so samples need more than ttt_steps + 1 = {self.ttt_steps + 1} tokens."
             )
+        self._disable_fsdp_cpu_ram_efficient_loading()
+
+    def _disable_fsdp_cpu_ram_efficient_loading(self) -> None:
+        """Turn off FSDP's CPU-RAM-efficient loading, which `accelerate launch --use_fsdp` turns on by default.
+
+        With it, `from_pretrained` returns zeros on every rank but the first, for FSDP to broadcast rank 0's weights
+        while it shards the model: the frozen target is never sharded, so those ranks would train against a zero
+        target. accelerate's FSDP2 broadcast also fails on the head's persistent `d2t`/`t2d` buffers. The head is
+        small and built alike on every rank, so the option saves nothing here. transformers and accelerate read it
+        from the environment.
+        """
+        if self.fsdp_plugin_args is not None:
+            self.fsdp_plugin_args["cpu_ram_efficient_loading"] = False
+        if os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() in {"1", "true", "yes", "on"}:
+            logger.info("FSDP CPU-RAM-efficient loading turned off: every rank loads the frozen target whole.")
+            os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
 
     @property
     def n_gpu(self) -> int:

@@ -114,7 +114,10 @@ class Eagle3Trainer(Trainer):
 
     Logs per TTT step `loss_step_k` and `acc_step_k` at every logging step and, at evaluation,
     `eval_loss_step_k`, `eval_acc_step_k` and `eval_acceptance_length` (simulated mean tokens per target
-    forward of a chain draft of `ttt_steps` tokens).
+    forward of a chain draft of `ttt_steps` tokens), over the rows of all processes.
+
+    Several GPUs: `accelerate launch` with DDP or FSDP2 wraps and shards the head alone; every process holds the
+    whole frozen target (under FSDP the head shards a copy of the target's embedding).
     """
 
     # The loss is a per-step mean over one micro-batch, as in the reference code; Trainer divides it by the
