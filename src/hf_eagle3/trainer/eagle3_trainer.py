@@ -15,18 +15,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import PreTrainedModel, Trainer
 
 from ..modeling_eagle3 import Eagle3DraftModel
-from ..target_features import TargetFeatureCapture
+from ..target_features import TargetFeatureCapture, padded_batch_attention
 from .eagle3_config import Eagle3TrainingArguments
 from .offline_features import Eagle3FeatureDataset
 from .ttt import TTTOutput, simulated_acceptance_length, target_distribution_from_logits, training_time_test
 
 REQUIRED_COLUMNS = ("input_ids", "loss_mask")
 FEATURE_COLUMNS = ("target_hidden_states", "target_last_hidden_state")
-TRAINING_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -221,15 +219,10 @@ class Eagle3Trainer(Trainer):
 
     # ------------------------------------------------------------------ loss
     def compute_loss_context_manager(self) -> contextlib.ExitStack:
-        """Trainer's context (autocast) plus attention kernels without per-shape planning.
-
-        Padded batches have a new length nearly every step, and cuDNN's attention (which sdpa may pick on Hopper)
-        builds an execution plan on the host for each new shape: measured on an H100 with torch 2.11, 15 ms per
-        forward and 72 ms per backward call, which made a SmolLM2 training step 6x slower. Flash, memory-efficient
-        and math kernels need no plan.
-        """
+        """Trainer's context (autocast) plus attention kernels without per-shape planning: batches are padded to
+        a new length nearly every step (see `padded_batch_attention`)."""
         stack = super().compute_loss_context_manager()
-        stack.enter_context(sdpa_kernel(TRAINING_ATTENTION_BACKENDS))
+        stack.enter_context(padded_batch_attention())
         return stack
 
     @property

@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 from transformers import AutoConfig, PreTrainedModel
 
 from ..modeling_eagle3 import Eagle3DraftModel
-from ..target_features import TargetFeatureCapture
+from ..target_features import TargetFeatureCapture, padded_batch_attention
 
 FEATURES_CONFIG_NAME = "features_config.json"
 TARGET_WEIGHTS_NAME = "target_weights.safetensors"
@@ -136,7 +136,11 @@ def prepare_features(
     device = next(target.parameters()).device
     checked = False
     num_shards = -(-len(dataset) // samples_per_shard)
-    with TargetFeatureCapture(target, target_layer_ids) as features, TargetOutputCapture(target) as final:
+    with (
+        TargetFeatureCapture(target, target_layer_ids) as features,
+        TargetOutputCapture(target) as final,
+        padded_batch_attention(),
+    ):
         for shard in range(num_shards):
             path = output_dir / SHARD_PATTERN.format(shard)
             if path.exists():
