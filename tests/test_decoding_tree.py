@@ -356,7 +356,8 @@ def assert_scores_and_stream_match_sample(target, head, input_ids, static_cache=
     torch.testing.assert_close(torch.cat(output.scores), torch.cat(expected.scores), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(torch.cat(output.logits), torch.cat(expected.logits), atol=1e-4, rtol=1e-4)
     # The loop streams every new token once, then ends (generate() streams the prompt when it owns the streamer).
-    assert torch.equal(torch.cat(streamer.chunks, dim=-1), output.sequences[:, input_ids.shape[1] :])
+    # Streamed chunks are on the host, as `generate` streams them.
+    assert torch.equal(torch.cat(streamer.chunks, dim=-1), output.sequences[:, input_ids.shape[1] :].cpu())
     assert streamer.ended
 
 
