@@ -13,8 +13,14 @@ did (a capture failure would fall back to the dynamic cache with a warning, and 
 - sampling: continuations follow the target's exact distribution (chi-square), with temperature and top-k.
 - statistics: `static_cache` and the draft / verify / accept phase times.
 
-On the GPU machine, with the static-tree suite on CUDA too (see conftest), in one call:
-    HF_EAGLE3_TEST_DEVICE=cuda python -m pytest tests/test_decoding_cuda.py tests/test_decoding_static_tree.py -q -rA -s
+Each check runs twice: on the captured eager steps (`graphs`) and with `eagle3_compile=True` (`compiled`): the step
+functions compiled by inductor (Triton kernels), warmed up, then captured; calls that reuse the runner replay its
+graphs and compile nothing again (`fail_on_recompile` would raise). Every new runner compiles anew, so the compiled
+half is slower: run it as a call of its own.
+
+On the GPU machine, with the static-tree suite on CUDA too (see conftest), in two calls:
+    HF_EAGLE3_TEST_DEVICE=cuda python -m pytest tests/test_decoding_cuda.py tests/test_decoding_static_tree.py -q -rA -s -k "not compiled"
+    python -m pytest tests/test_decoding_cuda.py -q -rA -s -k compiled
 """
 
 from __future__ import annotations
@@ -29,12 +35,16 @@ pytestmark = pytest.mark.gpu
 
 CUDA = torch.device("cuda")
 PHASES = ("draft", "verify", "accept")
+# Every check on the captured eager steps and on the captured compiled ones (`eagle3_compile`).
+COMPILED = pytest.mark.parametrize("compiled", [False, True], ids=["graphs", "compiled"])
 
 
-def assert_graph_path(output, head):
-    """The call decoded on the static path (replaying CUDA graphs on CUDA) and timed its phases; its runner."""
+def assert_graph_path(output, head, compiled: bool = False):
+    """The call decoded on the static path (replaying CUDA graphs on CUDA), with compiled steps or not, and timed its
+    phases; its runner."""
     stats = output.eagle3_stats
     assert stats.static_cache, "not on the static path: did the capture fail (see the logged warning)?"
+    assert stats.compiled == compiled and head._static_tree_runner.compiled == compiled
     assert set(PHASES) <= set(stats.phase_seconds), stats.phase_seconds
     assert all(stats.phase_seconds[phase] >= 0 for phase in PHASES) and sum(map(stats.phase_seconds.get, PHASES)) > 0
     runner = head._static_tree_runner
@@ -58,24 +68,28 @@ def make_pair(arch: str, head_kind: str, device, dtype=torch.float32):
 
 def check_float32_identity(arch: str, head_kind: str, device=CUDA, **knobs):
     target, head = make_pair(arch, head_kind, device)
+    compiled = knobs.get("eagle3_compile", False)
     runner = None
     for seed in range(3):
         input_ids = prompt(seed, length=5 + seed, device=device)
-        output = assert_greedy_lossless(target, head, input_ids, max_new_tokens=40, **knobs)
-        current = assert_graph_path(output, head)
+        # Only the first call builds (and compiles) the runner; the others replay its graphs.
+        with torch.compiler.set_stance("fail_on_recompile" if seed else "default"):
+            output = assert_greedy_lossless(target, head, input_ids, max_new_tokens=40, **knobs)
+        current = assert_graph_path(output, head, compiled)
         assert runner is None or current is runner, "a call that fits the runner should reuse it and its graphs"
         runner = current
     if head_kind == "oracle":
         assert output.eagle3_stats.mean_accept_len > 2, "the oracle head should get long runs accepted"
     # Past the runner's caches: a new runner, with new graphs.
     output = assert_greedy_lossless(target, head, prompt(3, device=device), max_new_tokens=300, **knobs)
-    grown = assert_graph_path(output, head)
+    grown = assert_graph_path(output, head, compiled)
     assert grown is not runner and grown.max_cache_len > runner.max_cache_len
 
 
+@COMPILED
 @pytest.mark.parametrize("head_kind", ["oracle", "random"])
-def test_float32_greedy_is_token_identical(arch, head_kind):
-    check_float32_identity(arch, head_kind)
+def test_float32_greedy_is_token_identical(arch, head_kind, compiled):
+    check_float32_identity(arch, head_kind, eagle3_compile=compiled)
 
 
 def bfloat16_agreement(arch: str, device=CUDA, prompts: int = 8, max_new_tokens: int = 48, **knobs):
@@ -92,7 +106,7 @@ def bfloat16_agreement(arch: str, device=CUDA, prompts: int = 8, max_new_tokens:
         output = target.generate(
             input_ids, assistant_model=head, return_dict_in_generate=True, output_logits=True, **kwargs, **knobs
         )
-        assert_graph_path(output, head)
+        assert_graph_path(output, head, knobs.get("eagle3_compile", False))
         new = output.sequences[0, start:]
         assert len(output.logits) == len(new) == max_new_tokens
         # Exact: each token is the argmax of the verification logits that produced it (the prefill's for the first).
@@ -113,10 +127,12 @@ def bfloat16_agreement(arch: str, device=CUDA, prompts: int = 8, max_new_tokens:
     return agreeing / emitted, sum(prefix_fractions) / len(prefix_fractions), max(gaps)
 
 
-def test_bfloat16_tokens_are_the_targets_argmax(arch):
-    recomputed, plain, gap = bfloat16_agreement(arch)
+@COMPILED
+def test_bfloat16_tokens_are_the_targets_argmax(arch, compiled):
+    recomputed, plain, gap = bfloat16_agreement(arch, eagle3_compile=compiled)
+    variant = "compiled" if compiled else "graphs"
     print(
-        f"{arch} bf16: {recomputed:.1%} of tokens are the argmax of a fresh forward over the output, "
+        f"{arch} bf16 {variant}: {recomputed:.1%} of tokens are the argmax of a fresh forward over the output, "
         f"{plain:.1%} of plain generate's text matched before the first difference, largest near-tie gap "
         f"{gap:.3f} logit std"
     )
@@ -151,7 +167,7 @@ def sampling_p_value(temperature: float, top_k: int | None, device=CUDA, runs: i
             return_dict_in_generate=True,
             **knobs,
         )
-        assert_graph_path(output, head)
+        assert_graph_path(output, head, knobs.get("eagle3_compile", False))
         samples.append(tuple(output.sequences[0, input_ids.shape[1] :].tolist()))
         stats = output.eagle3_stats
         accepted += sum(stats.accepted_per_depth[:1])
@@ -160,19 +176,27 @@ def sampling_p_value(temperature: float, top_k: int | None, device=CUDA, runs: i
     return chi_square_p_value(samples, probs)
 
 
+@COMPILED
 @pytest.mark.parametrize(("temperature", "top_k"), [(1.0, None), (0.7, 4)], ids=["t1", "t0.7-top4"])
-def test_sampling_matches_target_distribution(temperature, top_k):
-    assert sampling_p_value(temperature, top_k) > 1e-4
+def test_sampling_matches_target_distribution(temperature, top_k, compiled):
+    assert sampling_p_value(temperature, top_k, eagle3_compile=compiled) > 1e-4
 
 
-def test_stats_report_the_graph_path():
+@COMPILED
+def test_stats_report_the_graph_path(compiled):
     target = make_target("qwen3", device=CUDA)
     head = make_head(target)
     output = target.generate(
-        prompt(0, device=CUDA), assistant_model=head, max_new_tokens=12, do_sample=False, return_dict_in_generate=True
+        prompt(0, device=CUDA),
+        assistant_model=head,
+        max_new_tokens=12,
+        do_sample=False,
+        return_dict_in_generate=True,
+        eagle3_compile=compiled,
     )
     stats = output.eagle3_stats
     assert stats.static_cache is True and stats.to_dict()["static_cache"] is True
+    assert stats.to_dict()["compiled"] is compiled
     assert {"setup", "prefill", *PHASES} <= set(stats.phase_seconds)
     assert all(stats.phase_seconds[phase] > 0 for phase in PHASES), stats.phase_seconds
-    assert_graph_path(output, head)
+    assert_graph_path(output, head, compiled)

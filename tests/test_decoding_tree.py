@@ -93,7 +93,7 @@ def make_oracle_pair(
     return target, head
 
 
-def tree_generator(head, tree_shape=SMALL_TREE, stats=None, static_cache=None):
+def tree_generator(head, tree_shape=SMALL_TREE, stats=None, static_cache=None, compile=False):
     """What the dispatch hands `tree_assisted_decoding`: the head, the tree knobs and the statistics."""
     total_tokens, depth, top_k = tree_shape
     return SimpleNamespace(
@@ -103,16 +103,26 @@ def tree_generator(head, tree_shape=SMALL_TREE, stats=None, static_cache=None):
         depth=depth,
         top_k=top_k,
         static_cache=static_cache,
+        compile=compile,
         stats=stats if stats is not None else RecordingStats(),
         feature_layer_ids=head.config.target_layer_ids,
     )
 
 
 def tree_generate(
-    target, head, input_ids, tree_shape=SMALL_TREE, stats=None, streamer=None, static_cache=None, **generate_kwargs
+    target,
+    head,
+    input_ids,
+    tree_shape=SMALL_TREE,
+    stats=None,
+    streamer=None,
+    static_cache=None,
+    compile=False,
+    **generate_kwargs,
 ):
     """`target.generate` with transformers' own processors, criteria and cache, decoding through the tree loop."""
-    decode = partial(tree_assisted_decoding, candidate_generator=tree_generator(head, tree_shape, stats, static_cache))
+    generator = tree_generator(head, tree_shape, stats, static_cache, compile)
+    decode = partial(tree_assisted_decoding, candidate_generator=generator)
     if streamer is not None:
         decode = partial(decode, streamer=streamer)
     return target.generate(input_ids, custom_generate=decode, **generate_kwargs)
@@ -430,7 +440,7 @@ def test_sampling_matches_target_distribution():
     assert_sampling_matches_target_distribution()
 
 
-def assert_sampling_matches_target_distribution(static_cache: bool | None = None, device=None):
+def assert_sampling_matches_target_distribution(static_cache: bool | None = None, device=None, compile: bool = False):
     """End to end through `generate`: token 2 and 3 marginals vs the exact processed target distribution.
 
     Token 2 is drawn at the tree root, token 3 often below an accepted draft, both through temperature, top-k and
@@ -473,6 +483,7 @@ def assert_sampling_matches_target_distribution(static_cache: bool | None = None
             (5, 2, 2),
             stats,
             static_cache=static_cache,
+            compile=compile,
             max_new_tokens=3,
             do_sample=True,
             temperature=0.8,
@@ -483,7 +494,7 @@ def assert_sampling_matches_target_distribution(static_cache: bool | None = None
         counts[2][int(output[0, 5])] += 1
         counts[3][int(output[0, 6])] += 1
     assert 0 < sum(accepted for accepted, _ in stats.steps) < len(stats.steps), "need acceptances and rejections"
-    assert stats.static_cache == bool(static_cache)
+    assert stats.static_cache == bool(static_cache) and stats.compiled == compile
     for position in (2, 3):
         assert chi_square_p_value(counts[position], exact[position]) > 1e-4, (position, counts)
 

@@ -38,6 +38,9 @@ DEFAULT_EAGLE3_KNOBS: dict[str, Any] = {
     # Tree mode on static caches with CUDA graphs: None where it applies (CUDA, see `static_tree.use_static_tree`),
     # True to insist (also off CUDA, without graphs), False for the dynamic cache.
     "eagle3_static_cache": None,
+    # The static path's step functions compiled by torch.compile before they are captured (`static_tree`): True or
+    # False. Off until measured on the GPU.
+    "eagle3_compile": False,
 }
 DEFAULT_CHAIN_LENGTH = 6
 # transformers fills `num_assistant_tokens` with a global default (20, sized for small assistant LMs) before the
@@ -49,7 +52,7 @@ class Eagle3CandidateGenerator(CandidateGenerator):
     """Drafts candidates with an EAGLE-3 head for `target.generate(..., assistant_model=draft)`.
 
     Knobs are read from the call's generation config (generate kwargs `eagle3_mode`, `eagle3_total_tokens`,
-    `eagle3_depth`, `eagle3_top_k`, `eagle3_static_cache`, `num_assistant_tokens`), then from
+    `eagle3_depth`, `eagle3_top_k`, `eagle3_static_cache`, `eagle3_compile`, `num_assistant_tokens`), then from
     `draft.generation_config`, then the defaults above. Use it as a context manager around the target forwards in
     chain mode: that is when the feature hooks are on the target.
 
@@ -130,6 +133,15 @@ class Eagle3CandidateGenerator(CandidateGenerator):
             raise ValueError(
                 "eagle3_static_cache=True applies to tree decoding; chain mode runs transformers' own loop on the "
                 "dynamic cache. Pass eagle3_mode='tree' or drop eagle3_static_cache."
+            )
+        self.compile = self._knob("eagle3_compile")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"eagle3_compile must be True or False, got {self.compile!r}.")
+        if self.compile and (self.mode != "tree" or self.static_cache is False):
+            raise ValueError(
+                f"eagle3_compile=True compiles the tree step on static caches, which eagle3_mode={self.mode!r} with "
+                f"eagle3_static_cache={self.static_cache!r} does not run. Pass eagle3_mode='tree' with "
+                "eagle3_static_cache=None (static caches where they apply) or True, or drop eagle3_compile."
             )
         attn_implementation = getattr(target.config, "_attn_implementation", None) or ""
         if self.mode == "tree" and "flash" in attn_implementation:

@@ -10,6 +10,15 @@ CUDA graph and replayed: `_draft` (the head encodes the tokens emitted last step
 cache, prepare the next head input). A greedy step reads the device once. Off CUDA the same functions are simply
 called, which is how the CPU tests cover all of their logic.
 
+Captured as they are, the steps replay eager kernels: hundreds of small unfused launches per forward. With
+`eagle3_compile=True` each step function is first compiled whole by torch.compile (inductor, which fuses norms,
+rotary embeddings, MLPs and softmaxes into Triton kernels on CUDA and C++ on the CPU, and leaves CUDA graphs to the
+runner), warmed up, and the compiled function is captured instead. The feature hooks are traced into the verify
+graph: dynamo guards on them by position (their code, and that they close over the runner's `capture`), so the hooks
+a later call registers pass the guards and the compiled code works on that call's capture. A host read does not fail
+the trace: dynamo turns `int(tensor)` into a guard on the value, which recompiles whenever the value changes and, on
+CUDA, reads the device during capture. The CPU tests check that calls after the first compile nothing.
+
 What must hold for capture (the GPU run checks it; nothing here enforces it):
 - the three step functions read nothing on the host: no `.item()`, `.tolist()`, `bool(tensor)`, Python branches on
   tensor values, data-dependent shapes (`nonzero`, boolean-mask indexing) or tensors made from Python data
@@ -30,6 +39,7 @@ What must hold for capture (the GPU run checks it; nothing here enforces it):
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +59,10 @@ if TYPE_CHECKING:
 # Cache lengths are rounded up to a multiple of this: later calls with a little more room reuse the runner, and the
 # masks' last dimension stays aligned for the fused attention kernels.
 CACHE_LENGTH_MULTIPLE = 256
+# How `eagle3_compile=True` compiles each step: whole (a graph break would put Python between kernels, and a host read
+# there would break capture), with the runner's fixed shapes (automatic dynamic shapes would only add guards), in
+# inductor's default mode, which captures no CUDA graphs of its own: the runner captures the compiled step.
+COMPILE_OPTIONS: dict[str, Any] = {"backend": "inductor", "fullgraph": True, "dynamic": False}
 
 
 def tree_size(total_tokens: int, depth: int, top_k: int) -> int:
@@ -105,14 +119,30 @@ def use_static_tree(
 
 
 class StaticTreeCaptureError(RuntimeError):
-    """The static tree step could not be captured on this target; the dynamic path still decodes it."""
+    """The static tree step could not be compiled or captured on this target; the dynamic path still decodes it."""
+
+
+def _compile_step(method: Callable[[], Any]) -> Callable[[], Any]:
+    """A runner's bound step function compiled with `COMPILE_OPTIONS`, from a copy of its code made for this runner.
+
+    Dynamo keeps compiled code and its guards per code object. With a copy each runner's entries are its own: runners
+    for other targets, tree shapes or cache lengths never add up to dynamo's recompile limit (which fails a fullgraph
+    function outright), and the entries go away with the runner.
+    """
+    function = method.__func__
+    code = function.__code__.replace()
+    copy = types.FunctionType(
+        code, function.__globals__, function.__name__, function.__defaults__, function.__closure__
+    )
+    return torch.compile(types.MethodType(copy, method.__self__), **COMPILE_OPTIONS)
 
 
 class _StepFunction:
-    """A function of the runner's buffers: called, or replayed from the CUDA graph it was captured into."""
+    """A function of the runner's buffers: called (compiled or not), or replayed from the CUDA graph it was captured
+    into."""
 
-    def __init__(self, function: Callable[[], Any]):
-        self.function = function
+    def __init__(self, function: Callable[[], Any], compiled: bool):
+        self.function = _compile_step(function) if compiled else function
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: Any = None
 
@@ -138,7 +168,7 @@ class StaticTreeRunner:
     valid length while a step drafts and verifies, and the root's position) and the head's next input block of
     `width` rows, of which the first `num_new` are real: `head_tokens` (the tokens emitted last step) and
     `head_features` (the target's features of the nodes they follow). Acceptance leaves `visited` (path nodes first),
-    `emitted` and `num_kept` for `_commit`.
+    `emitted` and `num_kept` for `_commit`. `compiled`: the step functions run compiled (`eagle3_compile`).
     """
 
     _warmup_steps = 2
@@ -154,10 +184,11 @@ class StaticTreeRunner:
         top_k: int,
         max_cache_len: int,
         key: tuple,
+        compiled: bool = False,
     ):
         self.model, self.draft_model = model, draft_model
         self.total_tokens, self.depth, self.top_k = total_tokens, depth, top_k
-        self.max_cache_len, self.key = max_cache_len, key
+        self.max_cache_len, self.key, self.compiled = max_cache_len, key, compiled
         device = model.device
         text_config = model.config.get_text_config()
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
@@ -183,9 +214,10 @@ class StaticTreeRunner:
         self.visited = torch.zeros(self.width, dtype=torch.long, device=device)
         self.emitted = torch.zeros(self.width, dtype=torch.long, device=device)
         self.num_kept = torch.ones((), dtype=torch.long, device=device)
-        self._draft_step = _StepFunction(self._draft)
-        self._verify_step = _StepFunction(self._verify)
-        self._commit_step = _StepFunction(self._commit)
+        self._draft_step = _StepFunction(self._draft, compiled)
+        self._verify_step = _StepFunction(self._verify, compiled)
+        self._commit_step = _StepFunction(self._commit, compiled)
+        self._steps = (self._draft_step, self._verify_step, self._commit_step)
 
         # Set per call by `begin`.
         self.capture: TargetFeatureCapture | None = None
@@ -197,28 +229,31 @@ class StaticTreeRunner:
         self.capture, self.batched_greedy, self.keep_logits = capture, batched_greedy, keep_logits
 
     @torch.no_grad()
+    def warm_up(self) -> None:
+        """Run a few steps from a valid state (one token before the root, one new token to encode): compilation,
+        lazy initialisations, library workspaces. What they leave in the caches lies beyond the lengths the prefill
+        sets. Within a call (see `begin`)."""
+        self.length.fill_(1)
+        self.num_new.fill_(1)
+        self.num_kept.fill_(1)
+        set_cache_length(self.target_cache, 1)
+        for _ in range(self._warmup_steps):
+            for step in self._steps:
+                step()
+
+    @torch.no_grad()
     def capture_graphs(self) -> None:
-        """Record draft, verify and commit as CUDA graphs sharing one memory pool (within a call: see `begin`)."""
-        steps = (self._draft_step, self._verify_step, self._commit_step)
-        device = self.length.device
-        with torch.cuda.device(device):
-            # Warm up on a side stream (lazy initialisations, library workspaces) from a valid state: one token
-            # before the root, one new token to encode.
-            self.length.fill_(1)
-            self.num_new.fill_(1)
-            self.num_kept.fill_(1)
-            set_cache_length(self.target_cache, 1)
+        """Warm up on a side stream, then record draft, verify and commit as CUDA graphs sharing one memory pool."""
+        with torch.cuda.device(self.length.device):
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                for _ in range(self._warmup_steps):
-                    for step in steps:
-                        step()
+                self.warm_up()
             torch.cuda.current_stream().wait_stream(stream)
             pool = torch.cuda.graph_pool_handle()
-            for step in steps:
+            for step in self._steps:
                 step.capture(pool)
-        # Capture runs nothing. What the warm-up left in the caches lies beyond the lengths the prefill sets.
+        # Capture runs nothing.
 
     # ------------------------------------------------------------------ step functions (captured)
     def _visible(self, block: torch.BoolTensor) -> torch.BoolTensor:
@@ -377,13 +412,16 @@ def static_tree_runner(
     max_length: int,
     batched_greedy: bool,
     keep_logits: bool,
+    compiled: bool = False,
 ) -> StaticTreeRunner:
-    """The head's runner for this target and tree shape, bound to this call; built (and captured, on CUDA) when the
-    head has none for them or its caches are too short for `max_length`.
+    """The head's runner for this target, tree shape and `compiled` (`eagle3_compile`), bound to this call; built when
+    the head has none for them or its caches are too short for `max_length`, then compiled (warmed up) and, on CUDA,
+    captured.
 
     The head keeps one runner, and with it the target, alive between calls.
     """
     key = (
+        compiled,
         id(model),
         total_tokens,
         depth,
@@ -405,14 +443,21 @@ def static_tree_runner(
         runner.begin(capture, batched_greedy, keep_logits)
         return runner
     draft_model._static_tree_runner = None  # free the old caches and graphs before allocating new ones
-    runner = StaticTreeRunner(model, draft_model, total_tokens, depth, top_k, max_cache_len, key)
+    runner = StaticTreeRunner(model, draft_model, total_tokens, depth, top_k, max_cache_len, key, compiled)
     runner.begin(capture, batched_greedy, keep_logits)
-    if model.device.type == "cuda":
+    cuda = model.device.type == "cuda"
+    if cuda or compiled:
         try:
-            runner.capture_graphs()
+            # Compilation happens on the first warm-up call: its failures surface here, before any decoding.
+            if cuda:
+                runner.capture_graphs()
+            else:
+                runner.warm_up()
         except RuntimeError as error:
-            # Remembered per key: a forward that reads the host during capture fails the same way every call.
-            message = f"the tree step of {type(model).__name__} could not be captured as CUDA graphs ({error})"
+            # Remembered per key: a forward that reads the host during capture, or that dynamo cannot trace whole,
+            # fails the same way every call.
+            done = ["compiled"] * compiled + ["captured as CUDA graphs"] * cuda
+            message = f"the tree step of {type(model).__name__} could not be {' and '.join(done)} ({error})"
             draft_model._static_tree_capture_failure = (key, message)
             raise StaticTreeCaptureError(message) from error
     draft_model._static_tree_runner = runner

@@ -17,7 +17,8 @@ class Eagle3GenerationStats:
     `phase_seconds` (tree mode) is the time spent in each phase of the call, summed over steps: `setup` (the
     static path's caches and CUDA graphs, when they had to be built), `prefill` (the prompt and the first token),
     `draft`, `verify` and `accept` (acceptance, cache compaction and bookkeeping). `static_cache` tells whether tree
-    decoding ran on static caches (see `eagle3_static_cache`).
+    decoding ran on static caches (see `eagle3_static_cache`), `compiled` whether their steps ran compiled (see
+    `eagle3_compile`).
     """
 
     target_forwards: int = 0
@@ -25,6 +26,7 @@ class Eagle3GenerationStats:
     accepted_per_depth: list[int] = field(default_factory=list)
     phase_seconds: dict[str, float] = field(default_factory=dict)
     static_cache: bool = False
+    compiled: bool = False
 
     def record(self, num_accepted: int, num_emitted: int) -> None:
         """One verification forward that accepted `num_accepted` draft tokens and emitted `num_emitted` tokens.
@@ -56,6 +58,7 @@ class Eagle3GenerationStats:
             "acceptance_rate_per_depth": self.acceptance_rate_per_depth,
             "phase_seconds": dict(self.phase_seconds),
             "static_cache": self.static_cache,
+            "compiled": self.compiled,
         }
 
 

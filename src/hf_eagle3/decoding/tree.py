@@ -585,10 +585,10 @@ def tree_assisted_decoding(
     `candidate_generator` supplies the attached head (`draft_model`), the tree shape (`total_tokens`: nodes verified
     per step, root included; `depth`: most draft tokens per step = head forwards per step; `top_k`), the target
     layers to read (`feature_layer_ids`), `static_cache` (`eagle3_static_cache`: None picks the static-shape path
-    where it applies, see `static_tree.use_static_tree`) and `stats` (an `Eagle3GenerationStats`, updated once per
-    verification). The EAGLE reference code counts its depth without the first head forward: its `depth=d` is
-    `depth=d + 1` here. `model_kwargs` are what `generate` passes to `_assisted_decoding`: the cache, attention mask,
-    position ids.
+    where it applies, see `static_tree.use_static_tree`), `compile` (`eagle3_compile`: compile the static path's steps)
+    and `stats` (an `Eagle3GenerationStats`, updated once per verification). The EAGLE reference code counts its
+    depth without the first head forward: its `depth=d` is `depth=d + 1` here. `model_kwargs` are what `generate`
+    passes to `_assisted_decoding`: the cache, attention mask, position ids.
     """
     from .static_tree import StaticTreeCaptureError, static_tree_runner, use_static_tree  # it builds on this module
 
@@ -603,6 +603,13 @@ def tree_assisted_decoding(
     batched_greedy = _uses_batched_greedy(do_sample, logits_processor, input_ids.device)
     stop_rule = host_stop_rule(stopping_criteria)
     static = use_static_tree(candidate_generator.static_cache, model, draft_model, input_ids.device, model_kwargs)
+    compiled = candidate_generator.compile
+    if compiled and not static:
+        logger.warning_once(
+            "eagle3_compile=True compiles the static-cache path, which this call does not take "
+            "(eagle3_static_cache=None takes it on CUDA where it applies; pass eagle3_static_cache=True to insist, "
+            "or to learn what stands in the way): it decodes uncompiled on the dynamic cache."
+        )
     timer = PhaseTimer(input_ids.device)
 
     def accept(
@@ -639,8 +646,14 @@ def tree_assisted_decoding(
                     generation_config.max_length,
                     batched_greedy=batched_greedy,
                     keep_logits=scores is not None or raw_logits is not None,
+                    compiled=compiled,
                 )
             except StaticTreeCaptureError as error:
+                if compiled:
+                    raise ValueError(
+                        f"eagle3_compile=True cannot be honoured: {error}. Pass eagle3_compile=False to decode on "
+                        "static caches without compiling."
+                    ) from error
                 if candidate_generator.static_cache:
                     raise ValueError(
                         f"eagle3_static_cache=True cannot be honoured: {error}. Pass eagle3_static_cache=False to "
@@ -679,6 +692,7 @@ def tree_assisted_decoding(
         streamer.end()
     stats.phase_seconds = timer.seconds()
     stats.static_cache = static
+    stats.compiled = static and compiled
     if return_dict:
         cache = decoder.output_cache(model_kwargs[CACHE_NAME], input_ids.shape[1] - 1)
         return GenerateDecoderOnlyOutput(sequences=input_ids, scores=scores, logits=raw_logits, **cache_kwargs(cache))
