@@ -45,11 +45,12 @@ DEFAULT_METHODS = (
     "eagle3_tree_graph",
     "eagle3_tree_graph_t32_d6_k8",
     "eagle3_tree_graph_t80_d8_k10",
+    "eagle3_tree_compiled",
 )
 # Sweep suffixes of eagle3 method names: eagle3_tree_t32_d6_k8 = 32 tree tokens, depth 6, top-k 8;
 # eagle3_chain_n4 = chains of 4 drafted tokens.
 SUFFIX_KNOBS = {"t": "eagle3_total_tokens", "d": "eagle3_depth", "k": "eagle3_top_k", "n": "num_assistant_tokens"}
-METHOD_PATTERN = re.compile(r"^eagle3_(chain|tree_graph|tree)((?:_[tdkn]\d+)*)$")
+METHOD_PATTERN = re.compile(r"^eagle3_(chain|tree_graph|tree_compiled|tree)((?:_[tdkn]\d+)*)$")
 # Phases of one EAGLE-3 tree step, timed by the decoding loop (`stats.phase_seconds`; device time on CUDA).
 PHASES = ("draft", "verify", "accept")
 # Untimed warm-up length of the methods that neither compile nor capture anything.
@@ -84,19 +85,21 @@ def parse_method(name: str) -> Method:
     match = METHOD_PATTERN.match(name)
     if match is None:
         raise ValueError(
-            f"Unknown method {name!r}: use plain, plain_compiled, prompt_lookup, eagle3_chain, eagle3_tree or "
-            "eagle3_tree_graph, the eagle3 ones optionally with knob suffixes _t<total tokens>_d<depth>_k<top-k> "
-            "(tree) or _n<draft length> (chain), e.g. eagle3_tree_t32_d6_k8."
+            f"Unknown method {name!r}: use plain, plain_compiled, prompt_lookup, eagle3_chain, eagle3_tree, "
+            "eagle3_tree_graph or eagle3_tree_compiled, the eagle3 ones optionally with knob suffixes "
+            "_t<total tokens>_d<depth>_k<top-k> (tree) or _n<draft length> (chain), e.g. eagle3_tree_t32_d6_k8."
         )
     mode = match.group(1)
     kwargs = {"eagle3_mode": "chain" if mode == "chain" else "tree"}
     if mode != "chain":
         # eagle3_tree stays the eager dynamic-cache path whatever the library's default; eagle3_tree_graph forces
-        # the static-cache path (with CUDA graphs on CUDA).
-        kwargs["eagle3_static_cache"] = mode == "tree_graph"
+        # the static-cache path (with CUDA graphs on CUDA), eagle3_tree_compiled also compiles its steps first.
+        kwargs["eagle3_static_cache"] = mode != "tree"
+    if mode == "tree_compiled":
+        kwargs["eagle3_compile"] = True
     for knob in filter(None, match.group(2).split("_")):
         kwargs[SUFFIX_KNOBS[knob[0]]] = int(knob[1:])
-    return Method(name, kwargs, uses_head=True, compiled=mode == "tree_graph")
+    return Method(name, kwargs, uses_head=True, compiled=mode in ("tree_graph", "tree_compiled"))
 
 
 def load_prompts(path: Path, limit: int | None) -> list[str]:

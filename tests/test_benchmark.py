@@ -13,6 +13,7 @@ from conftest import make_head, make_target, save_chat_checkpoint
 from transformers import GenerationMixin
 
 from hf_eagle3 import Eagle3DraftModel
+from hf_eagle3.decoding import static_tree
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run_benchmark.py"
 spec = importlib.util.spec_from_file_location("run_benchmark", SCRIPT)
@@ -239,6 +240,28 @@ def test_partial_runs_merge(tiny, full_run, tmp_path):
     assert merged["results"] == [second["results"][0], *first["results"][1:]]
     assert merged["command"] == f"{first['command']} ; {second['command']}"
     assert len(merged["merged_runs"]) == 2
+
+
+def test_compiled_tree_method(tiny, tmp_path, monkeypatch):
+    """`eagle3_tree_compiled` compiles the static path's steps in its untimed warm-up (dynamo and AOT autograd only
+    here: inductor's C++ would take a minute), then decodes losslessly without building anything in the timed
+    calls."""
+    assert "eagle3_tree_compiled" in run_benchmark.DEFAULT_METHODS
+    method = run_benchmark.parse_method("eagle3_tree_compiled_t8_d3_k2")
+    assert method.compiled and method.uses_head
+    assert method.generate_kwargs == {
+        "eagle3_mode": "tree",
+        "eagle3_static_cache": True,
+        "eagle3_compile": True,
+        "eagle3_total_tokens": 8,
+        "eagle3_depth": 3,
+        "eagle3_top_k": 2,
+    }
+    monkeypatch.setitem(static_tree.COMPILE_OPTIONS, "backend", "aot_eager")
+    payload = measure(tiny, tmp_path, "--methods", "plain", method.name, "--temperatures", "0", "--no_plot")
+    row = payload["results"][1]
+    assert row["method"] == method.name and row["greedy_identical"] and row["warmup_s"] > 0
+    assert row["setup_s"] < row["warmup_s"] / 10 and all(row[key] >= 0 for key in PHASE_KEYS)
 
 
 def test_bad_requests_are_explained(tiny, tmp_path):
