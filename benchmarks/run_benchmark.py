@@ -369,20 +369,23 @@ def measure(args: argparse.Namespace) -> dict:
         if method.generate_kwargs.get("cache_implementation") == "static":
             method.generate_kwargs["max_cache_len"] = lengths[longest] + args.max_new_tokens
 
-    # One untimed call per method and temperature before any timing. The compiled methods compile or capture
-    # their graphs on it, so it takes the longest prompt at full length: every cache size the timed calls meet has
-    # been seen. The others only need CUDA and its libraries initialised.
-    warmup_s = {}
+    # Each method makes one untimed call per temperature right before its timed calls. The compiled methods compile
+    # or capture their graphs on it, so it takes the longest prompt at full length: every cache size the timed calls
+    # meet has been seen. The others only need CUDA and its libraries initialised. Methods run one after another, not
+    # interleaved per task: a head keeps one static-tree runner, which another tree shape would replace (and a compiled
+    # one recompile) inside the timed calls.
     short = argparse.Namespace(**{**vars(args), "max_new_tokens": EAGER_WARMUP_TOKENS})
-    for method in methods:
+
+    def warm_up(method: Method) -> float:
         _progress(f"Warming up {method.name} ...")
-        warmup_s[method.name] = sum(
+        seconds = sum(
             run_method(
                 target, tokenizer, head, method, [longest], temperature, args if method.compiled else short
             ).seconds
             for temperature in args.temperatures
         )
-        _progress(f"    {warmup_s[method.name]:.1f} s")
+        _progress(f"    {seconds:.1f} s")
+        return seconds
 
     payload = {
         "target": output_name(args.target),
@@ -402,23 +405,27 @@ def measure(args: argparse.Namespace) -> dict:
         },
         "results": [],
     }
-    for temperature in args.temperatures:
-        for task, task_prompts in prompts.items():
-            tallies = {}
-            for method in methods:
+    tallies: dict[tuple[float, str], dict[str, Tally]] = {}
+    task_order = {task: index for index, task in enumerate(prompts)}
+    method_by_name = {method.name: method for method in methods}
+    for method in methods:
+        warmup_s = warm_up(method)
+        for temperature in args.temperatures:
+            for task, task_prompts in prompts.items():
+                cell = tallies.setdefault((temperature, task), {})
                 _progress(
                     f"[T={temperature:g} {task}] {method.name}: {len(task_prompts)} prompts x "
                     f"{args.max_new_tokens} new tokens at most ..."
                 )
-                tallies[method.name] = run_method(target, tokenizer, head, method, task_prompts, temperature, args)
+                cell[method.name] = run_method(target, tokenizer, head, method, task_prompts, temperature, args)
                 row = result_row(
                     method,
                     task,
                     temperature,
-                    tallies[method.name],
-                    tallies.get("plain"),
-                    tallies.get("plain_compiled"),
-                    warmup_s[method.name],
+                    cell[method.name],
+                    cell.get("plain"),
+                    cell.get("plain_compiled"),
+                    warmup_s,
                 )
                 _progress(
                     f"    {row['tokens_per_s']:.1f} tokens/s, speedup {row['speedup']} "
@@ -426,6 +433,14 @@ def measure(args: argparse.Namespace) -> dict:
                     f"greedy identical {row['greedy_identical']}"
                 )
                 payload["results"].append(row)
+                # Listed by temperature, task and method whatever order they ran in.
+                payload["results"].sort(
+                    key=lambda row: (
+                        row["temperature"],
+                        task_order[row["task"]],
+                        methods.index(method_by_name[row["method"]]),
+                    )
+                )
                 # Every finished row is on disk at once: a step that runs out of time still brings back what it did.
                 write_results(payload, args.output_dir, args.name or payload["target"], plot=False)
     return payload

@@ -173,26 +173,24 @@ def test_measure_writes_json_and_table(full_run):
     assert "## Where one step's time goes" in table and breakdown in table
 
 
-def test_warm_up_before_timing_and_what_generate_gets(full_run):
+def test_each_method_warms_up_right_before_its_timed_calls(full_run):
     calls = full_run[2]
-    # First one untimed call per method and temperature on the longest prompt: full length for the methods that
-    # compile or capture graphs, a few tokens for the others.
-    warm_ups, timed = calls[: 2 * len(METHODS)], calls[2 * len(METHODS) :]
-    assert len(timed) == 2 * len(METHODS) * 2
-    assert all(call["prompt_length"] == LONGEST_PROMPT for call in warm_ups)
+    # Per method: one untimed call per temperature on the longest prompt (full length for the methods that compile
+    # or capture graphs, a few tokens for the others), then its timed calls: 2 prompts at each temperature.
+    per_method = 2 + 2 * 2
+    assert len(calls) == per_method * len(METHODS)
     compiled = {"plain_compiled", "eagle3_tree_graph_t8_d3_k2"}
-    expected = [8 if method in compiled else EAGER_WARMUP_TOKENS for method in METHODS for _ in range(2)]
-    assert [call["max_new_tokens"] for call in warm_ups] == expected
-    assert [call["do_sample"] for call in warm_ups] == [False, True] * len(METHODS)
-    assert all(call["max_new_tokens"] == 8 for call in timed)
+    modes = []
+    for index, method in enumerate(METHODS):
+        warm_ups, timed = calls[index * per_method : index * per_method + 2], calls[index * per_method + 2 :][:4]
+        assert all(call["prompt_length"] == LONGEST_PROMPT for call in warm_ups)
+        assert [call["max_new_tokens"] for call in warm_ups] == [8 if method in compiled else EAGER_WARMUP_TOKENS] * 2
+        assert [call["do_sample"] for call in warm_ups] == [False, True]
+        assert [call["do_sample"] for call in timed] == [False, False, True, True]
+        assert all(call["max_new_tokens"] == 8 for call in timed)
+        modes.append({(call.get("eagle3_mode"), call.get("eagle3_static_cache")) for call in timed})
     # The tree keeps the eager path, the graph method forces the static-cache path, the chain is left alone.
-    static_cache = [(call.get("eagle3_mode"), call.get("eagle3_static_cache")) for call in timed[: 2 * len(METHODS)]]
-    assert static_cache == [
-        *[(None, None)] * 6,
-        *[("chain", None)] * 2,
-        *[("tree", False)] * 2,
-        *[("tree", True)] * 2,
-    ]
+    assert modes == [{(None, None)}] * 3 + [{("chain", None)}, {("tree", False)}, {("tree", True)}]
 
 
 def test_step_breakdown_from_phase_times(full_run):
