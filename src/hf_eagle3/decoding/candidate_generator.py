@@ -39,7 +39,8 @@ DEFAULT_EAGLE3_KNOBS: dict[str, Any] = {
     # True to insist (also off CUDA, without graphs), False for the dynamic cache.
     "eagle3_static_cache": None,
     # The static path's step functions compiled by torch.compile before they are captured (`static_tree`): True or
-    # False. Off until measured on the GPU.
+    # False. Opt-in, as transformers' compiled generate is: each new runner (tree shape, longer cache) compiles for
+    # tens of seconds, after which a step runs ~2.3x faster (SmolLM2-135M on an H100: 3.3 instead of 8.0 ms).
     "eagle3_compile": False,
 }
 DEFAULT_CHAIN_LENGTH = 6
