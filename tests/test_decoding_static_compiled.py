@@ -133,6 +133,14 @@ def test_each_runner_compiles_its_own_copy(aot_eager, monkeypatch):
     assert len(codes) == 3 * len(runners)
 
 
+def test_compiled_runners_grow_their_cache_by_doubling():
+    """Each new cache length recompiles a compiled runner: it doubles, where an uncompiled one grows by 256 positions."""
+    sizes = {positions: static_tree.runner_cache_length(positions, compiled=True) for positions in (1, 256, 257, 600)}
+    assert sizes == {1: 256, 256: 256, 257: 512, 600: 1024}
+    uncompiled = [static_tree.runner_cache_length(positions, compiled=False) for positions in (1, 257, 600, 1100)]
+    assert uncompiled == [256, 512, 768, 1280]
+
+
 def test_asking_for_it_where_it_cannot_apply(caplog):
     target = make_target("llama")
     head = make_head(target)

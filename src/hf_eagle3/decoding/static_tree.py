@@ -70,6 +70,19 @@ def tree_size(total_tokens: int, depth: int, top_k: int) -> int:
     return 1 + min(total_tokens - 1, top_k + (depth - 1) * top_k * top_k)
 
 
+def runner_cache_length(positions: int, compiled: bool) -> int:
+    """Cache length of a runner that must hold `positions`: the next multiple of `CACHE_LENGTH_MULTIPLE`, or, for
+    compiled steps, the next power of two (at least `CACHE_LENGTH_MULTIPLE`).
+
+    A longer cache means a new runner, and for compiled steps a new compilation (tens of seconds): doubling bounds a
+    conversation that keeps growing to a few of them instead of one every `CACHE_LENGTH_MULTIPLE` tokens. Captured
+    uncompiled steps cost a second to rebuild, so they keep the tighter cache (attention spans all of it).
+    """
+    if compiled:
+        return max(CACHE_LENGTH_MULTIPLE, 1 << (positions - 1).bit_length())
+    return math.ceil(positions / CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
+
+
 def static_tree_problem(
     model: PreTrainedModel, draft_model: Eagle3DraftModel, model_kwargs: dict[str, Any]
 ) -> str | None:
@@ -434,7 +447,7 @@ def static_tree_runner(
     )
     # Past the length a step writes the tree into the target cache and the tree levels into the head's.
     largest_block = max(tree_size(total_tokens, depth, top_k), (depth - 1) * top_k)
-    max_cache_len = math.ceil((max_length + largest_block) / CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
+    max_cache_len = runner_cache_length(max_length + largest_block, compiled)
     failure = draft_model._static_tree_capture_failure
     if failure is not None and failure[0] == key:
         raise StaticTreeCaptureError(failure[1])
@@ -467,6 +480,7 @@ def static_tree_runner(
 __all__ = [
     "StaticTreeCaptureError",
     "StaticTreeRunner",
+    "runner_cache_length",
     "static_tree_problem",
     "static_tree_runner",
     "tree_size",
