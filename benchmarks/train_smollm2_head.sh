@@ -7,7 +7,9 @@
 #
 # Environment: GGUF (the GGUF file or a folder holding it, when it is not installed or cached),
 # CONVERSATIONS (a conversations JSONL(.gz) to tokenise instead of synthesising new ones, e.g.
-# benchmarks/data/smollm2_selfdistill/conversations.jsonl.gz), SYNTHESIZE, EPOCHS, BATCH, LR.
+# benchmarks/data/smollm2_selfdistill/conversations.jsonl.gz), SYNTHESIZE, EPOCHS, BATCH, LR, EVAL_HOLDOUT (that
+# many of the CONVERSATIONS kept out of training and evaluated after every epoch: accuracy per TTT step and simulated
+# acceptance length on data the head has not seen).
 set -euo pipefail
 RUN_DIR=${1:-runs/smollm2}
 SYNTHESIZE=${SYNTHESIZE:-5000}
@@ -18,14 +20,34 @@ BENCH=(python benchmarks/run_benchmark.py)
 TARGET=(--target smollm2)
 if [ -n "${GGUF:-}" ]; then TARGET+=(--gguf "$GGUF"); fi
 
-if [ ! -f "$RUN_DIR/data/vocab_map.safetensors" ]; then
-  if [ -n "${CONVERSATIONS:-}" ]; then source_args=(--data "$CONVERSATIONS"); else source_args=(--synthesize "$SYNTHESIZE"); fi
-  "${BENCH[@]}" prepare-data "${TARGET[@]}" --output_dir "$RUN_DIR/data" "${source_args[@]}" --max_new_tokens 512 \
+EVAL_HOLDOUT=${EVAL_HOLDOUT:-0}
+prepare() {  # OUTPUT_DIR SOURCE_ARGS...
+  local output_dir=$1
+  shift
+  "${BENCH[@]}" prepare-data "${TARGET[@]}" --output_dir "$output_dir" "$@" --max_new_tokens 512 \
     --batch_size 256 --draft_vocab_size 8192 --dtype bfloat16
+}
+if [ ! -f "$RUN_DIR/data/vocab_map.safetensors" ]; then
+  if [ -n "${CONVERSATIONS:-}" ]; then
+    conversations=$CONVERSATIONS
+    if [ "$EVAL_HOLDOUT" -gt 0 ]; then
+      mkdir -p "$RUN_DIR"
+      # The last EVAL_HOLDOUT conversations are the evaluation set, the others the training set.
+      gzip -cdf "$CONVERSATIONS" | head -n "-$EVAL_HOLDOUT" > "$RUN_DIR/train_conversations.jsonl"
+      gzip -cdf "$CONVERSATIONS" | tail -n "$EVAL_HOLDOUT" > "$RUN_DIR/eval_conversations.jsonl"
+      conversations=$RUN_DIR/train_conversations.jsonl
+      prepare "$RUN_DIR/eval_data" --data "$RUN_DIR/eval_conversations.jsonl"
+    fi
+    prepare "$RUN_DIR/data" --data "$conversations"
+  else
+    prepare "$RUN_DIR/data" --synthesize "$SYNTHESIZE"
+  fi
 fi
+evaluation=()
+if [ -d "$RUN_DIR/eval_data" ]; then evaluation=(--eval_data "$RUN_DIR/eval_data" --eval_strategy epoch); fi
 resume=()
 if compgen -G "$RUN_DIR/head/checkpoint-*" > /dev/null; then resume=(--resume_from_checkpoint latest); fi
 "${BENCH[@]}" train "${TARGET[@]}" --data "$RUN_DIR/data" --output_dir "$RUN_DIR/head" --num_train_epochs "$EPOCHS" \
   --per_device_train_batch_size "$BATCH" --learning_rate "$LR" --lr_scheduler_type cosine --warmup_steps 0.03 \
   --max_grad_norm 0.5 --bf16 true --logging_steps 20 --save_steps 200 --save_total_limit 2 \
-  --dataloader_num_workers 2 --report_to none "${resume[@]}"
+  --dataloader_num_workers 2 --report_to none "${evaluation[@]}" "${resume[@]}"
