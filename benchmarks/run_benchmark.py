@@ -407,7 +407,7 @@ def measure(args: argparse.Namespace) -> dict:
     }
     tallies: dict[tuple[float, str], dict[str, Tally]] = {}
     task_order = {task: index for index, task in enumerate(prompts)}
-    method_by_name = {method.name: method for method in methods}
+    method_order = {method.name: index for index, method in enumerate(methods)}
     for method in methods:
         warmup_s = warm_up(method)
         for temperature in args.temperatures:
@@ -435,11 +435,7 @@ def measure(args: argparse.Namespace) -> dict:
                 payload["results"].append(row)
                 # Listed by temperature, task and method whatever order they ran in.
                 payload["results"].sort(
-                    key=lambda row: (
-                        row["temperature"],
-                        task_order[row["task"]],
-                        methods.index(method_by_name[row["method"]]),
-                    )
+                    key=lambda row: (row["temperature"], task_order[row["task"]], method_order[row["method"]])
                 )
                 # Every finished row is on disk at once: a step that runs out of time still brings back what it did.
                 write_results(payload, args.output_dir, args.name or payload["target"], plot=False)
