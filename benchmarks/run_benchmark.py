@@ -102,8 +102,14 @@ def parse_method(name: str) -> Method:
     return Method(name, kwargs, uses_head=True, compiled=mode in ("tree_graph", "tree_compiled"))
 
 
-def load_prompts(path: Path, limit: int | None) -> list[str]:
-    """First user turns of a JSONL file: a `turns` list (MT-bench / Spec-Bench style) or a `prompt` string."""
+def load_prompts(path: Path, limit: int | None, stride: int = 1, offset: int = 0) -> list[str]:
+    """First user turns of a JSONL file: a `turns` list (MT-bench / Spec-Bench style) or a `prompt` string.
+
+    Every `stride`-th from `offset` on, `limit` of them at most: the task files list their questions by category
+    (MT-bench: ten per category), so a stride spreads a few prompts over all categories.
+    """
+    if stride < 1 or offset < 0:
+        raise ValueError(f"--stride must be at least 1 and --offset at least 0, got {stride} and {offset}.")
     prompts = []
     with open(path, encoding="utf-8") as file:
         for line_number, line in enumerate(file, 1):
@@ -116,10 +122,9 @@ def load_prompts(path: Path, limit: int | None) -> list[str]:
                 prompts.append(row["prompt"])
             else:
                 raise ValueError(f"{path}:{line_number} has neither a `turns` list nor a `prompt` string.")
-            if limit is not None and len(prompts) == limit:
-                break
+    prompts = prompts[offset::stride][:limit]
     if not prompts:
-        raise ValueError(f"{path} holds no prompts.")
+        raise ValueError(f"{path} holds no prompts (from offset {offset}, every {stride}).")
     return prompts
 
 
@@ -336,7 +341,7 @@ def measure(args: argparse.Namespace) -> dict:
     if methods[0].name != "plain":
         _progress("Note: without `plain` in --methods there is no speedup and no greedy-identity check.")
     prompt_files = args.prompts or [DATA_DIR / task / "question.jsonl" for task in args.tasks]
-    prompts = {task_name(path): load_prompts(path, args.limit) for path in prompt_files}
+    prompts = {task_name(path): load_prompts(path, args.limit, args.stride, args.offset) for path in prompt_files}
     head_path = args.head or shipped_head_path(args.target)
     if any(method.uses_head for method in methods) and (
         head_path is None or not (head_path / "config.json").is_file()
@@ -399,6 +404,8 @@ def measure(args: argparse.Namespace) -> dict:
             "max_new_tokens": args.max_new_tokens,
             "batch_size": 1,
             "limit": args.limit,
+            "stride": args.stride,
+            "offset": args.offset,
             "seed": args.seed,
             "head": str(head_path) if head is not None else None,
             "chat_template": True,
@@ -672,6 +679,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     run.add_argument("--prompts", nargs="+", type=Path, help="JSONL prompt files instead of --tasks")
     run.add_argument("--limit", type=int, help="prompts per task (default: all 80)")
+    run.add_argument("--stride", type=int, default=1, help="every this many-th prompt (spread over categories)")
+    run.add_argument("--offset", type=int, default=0, help="index of the first prompt taken")
     run.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     run.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
     run.add_argument("--max_new_tokens", type=int, default=256)

@@ -9,7 +9,9 @@
 # CONVERSATIONS (a conversations JSONL(.gz) to tokenise instead of synthesising new ones, e.g.
 # benchmarks/data/smollm2_selfdistill/conversations.jsonl.gz), SYNTHESIZE, EPOCHS, BATCH, LR, EVAL_HOLDOUT (that
 # many of the CONVERSATIONS kept out of training and evaluated after every epoch: accuracy per TTT step and simulated
-# acceptance length on data the head has not seen).
+# acceptance length on data the head has not seen), HEAD (a trained head to continue from, with its own draft
+# vocabulary), PROMPT_OPENERS (a file of first words for synthesised prompts, e.g.
+# benchmarks/data/smollm2_selfdistill/prompt_openers.txt), SEED.
 set -euo pipefail
 RUN_DIR=${1:-runs/smollm2}
 SYNTHESIZE=${SYNTHESIZE:-5000}
@@ -21,11 +23,14 @@ TARGET=(--target smollm2)
 if [ -n "${GGUF:-}" ]; then TARGET+=(--gguf "$GGUF"); fi
 
 EVAL_HOLDOUT=${EVAL_HOLDOUT:-0}
+SEED=${SEED:-42}
+openers=()
+if [ -n "${PROMPT_OPENERS:-}" ]; then openers=(--prompt_openers "$PROMPT_OPENERS"); fi
 prepare() {  # OUTPUT_DIR SOURCE_ARGS...
   local output_dir=$1
   shift
   "${BENCH[@]}" prepare-data "${TARGET[@]}" --output_dir "$output_dir" "$@" --max_new_tokens 512 \
-    --batch_size 256 --draft_vocab_size 8192 --dtype bfloat16
+    --batch_size 256 --draft_vocab_size 8192 --dtype bfloat16 --seed "$SEED"
 }
 if [ ! -f "$RUN_DIR/data/vocab_map.safetensors" ]; then
   if [ -n "${CONVERSATIONS:-}" ]; then
@@ -40,14 +45,16 @@ if [ ! -f "$RUN_DIR/data/vocab_map.safetensors" ]; then
     fi
     prepare "$RUN_DIR/data" --data "$conversations"
   else
-    prepare "$RUN_DIR/data" --synthesize "$SYNTHESIZE"
+    prepare "$RUN_DIR/data" --synthesize "$SYNTHESIZE" "${openers[@]}"
   fi
 fi
 evaluation=()
 if [ -d "$RUN_DIR/eval_data" ]; then evaluation=(--eval_data "$RUN_DIR/eval_data" --eval_strategy epoch); fi
+start=()
+if [ -n "${HEAD:-}" ]; then start=(--head "$HEAD"); fi
 resume=()
 if compgen -G "$RUN_DIR/head/checkpoint-*" > /dev/null; then resume=(--resume_from_checkpoint latest); fi
 "${BENCH[@]}" train "${TARGET[@]}" --data "$RUN_DIR/data" --output_dir "$RUN_DIR/head" --num_train_epochs "$EPOCHS" \
   --per_device_train_batch_size "$BATCH" --learning_rate "$LR" --lr_scheduler_type cosine --warmup_steps 0.03 \
   --max_grad_norm 0.5 --bf16 true --logging_steps 20 --save_steps 200 --save_total_limit 2 \
-  --dataloader_num_workers 2 --report_to none "${evaluation[@]}" "${resume[@]}"
+  --dataloader_num_workers 2 --report_to none "${evaluation[@]}" "${start[@]}" "${resume[@]}"

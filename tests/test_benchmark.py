@@ -277,6 +277,18 @@ def test_bad_requests_are_explained(tiny, tmp_path):
     bad.write_text('{"question": "no turns"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1 has neither a `turns` list nor a `prompt` string"):
         run_benchmark.load_prompts(bad, limit=None)
+    with pytest.raises(ValueError, match="--stride must be at least 1"):
+        run_benchmark.load_prompts(bad, limit=None, stride=0)
+
+
+def test_prompts_spread_by_stride_and_offset(tmp_path):
+    path = tmp_path / "questions.jsonl"
+    path.write_text("".join(json.dumps({"turns": [f"q{index}", "second turn"]}) + "\n" for index in range(20)))
+    assert run_benchmark.load_prompts(path, limit=3) == ["q0", "q1", "q2"]
+    assert run_benchmark.load_prompts(path, limit=3, stride=5, offset=2) == ["q2", "q7", "q12"]
+    assert run_benchmark.load_prompts(path, limit=None, stride=10) == ["q0", "q10"]
+    with pytest.raises(ValueError, match="holds no prompts \\(from offset 30, every 1\\)"):
+        run_benchmark.load_prompts(path, limit=None, offset=30)
 
 
 def test_library_commands_get_the_materialised_target(monkeypatch, tmp_path):

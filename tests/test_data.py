@@ -313,6 +313,21 @@ def test_synthesize_prompts_are_finished_and_distinct(chatml, tiny_target, chatt
         synthesize_prompts(tiny_target, chatml, 5, temperature=0.0)
 
 
+def test_synthesized_prompts_start_with_the_openers_in_turn(chatml, chatty_target):
+    torch.manual_seed(0)
+    openers = ["Write a", "Solve", "Explain why"]
+    prompts = synthesize_prompts(
+        chatty_target, chatml, 6, max_new_tokens=40, batch_size=6, min_length=1, openers=openers, max_rounds=8
+    )
+    assert len(prompts) == 6
+    assert all(any(prompt.startswith(opener) for opener in openers) for prompt in prompts)
+    # The model continues the opener: the prompt is longer than it, and every opener gets used.
+    assert all(len(prompt) > len(next(o for o in openers if prompt.startswith(o))) for prompt in prompts)
+    assert {next(o for o in openers if prompt.startswith(o)) for prompt in prompts} == set(openers)
+    with pytest.raises(ValueError, match="must not be empty"):
+        synthesize_prompts(chatty_target, chatml, 2, openers=["Write", " "])
+
+
 def test_prepare_data_cli_end_to_end(tmp_path, chatml, chatty_target, capsys):
     from datasets import load_from_disk
 
@@ -331,13 +346,17 @@ def test_prepare_data_cli_end_to_end(tmp_path, chatml, chatty_target, capsys):
     assert dataset.num_rows == 1 and dataset[0] == tokenize_conversation(chatml, CONVERSATION, None)
     assert "cover 100.00% of the tokens to learn" in capsys.readouterr().out
 
+    openers = tmp_path / "openers.txt"
+    openers.write_text("Write a\n\nSolve\n")
     generated = [*common, "--synthesize", "3", "--max_prompt_tokens", "40", "--min_prompt_length", "1"]
+    generated += ["--prompt_openers", str(openers)]
     assert prepare_data_main([*generated, "--max_new_tokens", "5", "--temperature", "1", "--batch_size", "2"]) == 0
     dataset = load_from_disk(str(output_dir))
     d2t, t2d = load_vocab_map(output_dir)
     assert dataset.num_rows == 3 and d2t.shape == (64,) and t2d.shape == (len(chatml),)
     lines = (output_dir / "conversations.jsonl").read_text().splitlines()
     assert [[m["role"] for m in json.loads(line)["messages"]] for line in lines] == [["user", "assistant"]] * 3
+    assert all(json.loads(line)["messages"][0]["content"].startswith(("Write a", "Solve")) for line in lines)
     summary = json.loads((output_dir / "prepare_data_summary.json").read_text())
     assert summary["kept"] == 3 and 0 < summary["coverage"] <= 1
     # The written conversations re-tokenise to the same rows without generating again.
@@ -350,6 +369,9 @@ def test_prepare_data_cli_end_to_end(tmp_path, chatml, chatty_target, capsys):
         prepare_data_main([*common[:-1], str(len(chatml) + 1), "--data", str(data_file)])
     with pytest.raises(ValueError, match="Nothing to prepare"):
         prepare_data_main(common)
+    openers.write_text("\n")
+    with pytest.raises(ValueError, match="holds no opener"):
+        prepare_data_main(generated)
 
 
 @pytest.mark.real_model

@@ -77,6 +77,13 @@ class PrepareDataArguments:
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of answers (with temperature > 0)."})
     prompt_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of synthesised prompts."})
     prompt_top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling of synthesised prompts."})
+    prompt_openers: str | None = field(
+        default=None,
+        metadata={
+            "help": "Text file of first words for synthesised prompts, one per line ('Write', 'Solve'), used in "
+            "turn: spreads a small model's prompts over more kinds of task."
+        },
+    )
     batch_size: int = field(default=16, metadata={"help": "Generation batch size."})
     draft_vocab_size: int | None = field(
         default=None,
@@ -100,6 +107,16 @@ def _load_target(args: PrepareDataArguments, with_model: bool):
     # Tokenising needs no weights: a large target is not loaded just for its vocabulary size.
     config = AutoConfig.from_pretrained(args.target).get_text_config()
     return None, AutoTokenizer.from_pretrained(args.target), config.vocab_size
+
+
+def _read_openers(path: str | None) -> list[str] | None:
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as file:
+        openers = [line.strip() for line in file if line.strip()]
+    if not openers:
+        raise ValueError(f"--prompt_openers {path} holds no opener (one per line).")
+    return openers
 
 
 def prepare_data(args: PrepareDataArguments) -> dict:
@@ -138,6 +155,7 @@ def prepare_data(args: PrepareDataArguments) -> dict:
                 temperature=args.prompt_temperature,
                 top_p=args.prompt_top_p,
                 min_length=args.min_prompt_length,
+                openers=_read_openers(args.prompt_openers),
             )
             print(f"Synthesised {len(prompts)} distinct prompts.")
             conversations += regenerate_conversations(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -188,6 +189,7 @@ def synthesize_prompts(
     top_p: float = 0.95,
     min_length: int = 10,
     max_rounds: int | None = None,
+    openers: Sequence[str] | None = None,
 ) -> list[str]:
     """Let an instruct target write `num_prompts` distinct user prompts (Magpie).
 
@@ -195,21 +197,38 @@ def synthesize_prompts(
     `max_new_tokens`), empty, too short and duplicate prompts are discarded and sampling goes on until
     enough are kept, for at most `max_rounds` batches (default: four times what `num_prompts` needs),
     after which fewer are returned with a warning.
+
+    `openers` are first words of a user message ("Write", "Solve the equation"), taken in turn: the model
+    continues the prefix plus an opener, and the prompt is the opener plus what it wrote. A small model left
+    to itself starts most requests alike (SmolLM2-135M: "I'm ..." or "Can you ..." in two of three), so
+    openers spread the prompts over kinds of tasks it would seldom ask for.
     """
     if num_prompts <= 0:
         raise ValueError(f"num_prompts must be positive, got {num_prompts}.")
     if temperature <= 0:
         raise ValueError("Synthesising prompts needs sampling (temperature > 0): greedy decoding writes one prompt.")
+    openers = [opener.strip() for opener in openers or [""]]
+    if any(not opener for opener in openers) and len(openers) > 1:
+        raise ValueError("Prompt openers must not be empty.")
     prefix = user_turn_prefix(tokenizer)
     max_rounds = max_rounds if max_rounds is not None else 4 * math.ceil(num_prompts / batch_size)
     seen: set[str] = set()
     prompts: list[str] = []
     progress = tqdm(total=num_prompts, desc="Writing prompts", unit="prompt")
-    for _ in range(max_rounds):
+    for round_index in range(max_rounds):
+        starts = [openers[(round_index * batch_size + row) % len(openers)] for row in range(batch_size)]
         texts, finished = generate_texts(
-            model, tokenizer, [prefix] * batch_size, max_new_tokens, batch_size, temperature, top_p, description=None
+            model,
+            tokenizer,
+            [prefix + start for start in starts],
+            max_new_tokens,
+            batch_size,
+            temperature,
+            top_p,
+            description=None,
         )
         # A prompt cut at max_new_tokens is an unfinished question: the model is left to guess what was asked.
+        texts = [start + text for start, text in zip(starts, texts, strict=True)]
         kept = filter_prompts([text for text, done in zip(texts, finished, strict=True) if done], min_length, seen)
         progress.update(min(len(kept), num_prompts - len(prompts)))
         prompts += kept
