@@ -10,8 +10,8 @@
 # benchmarks/data/smollm2_selfdistill/conversations.jsonl.gz), SYNTHESIZE, EPOCHS, BATCH, LR, EVAL_HOLDOUT (that
 # many of the CONVERSATIONS kept out of training and evaluated after every epoch: accuracy per TTT step and simulated
 # acceptance length on data the head has not seen), HEAD (a trained head to continue from, with its own draft
-# vocabulary), PROMPT_OPENERS (a file of first words for synthesised prompts, e.g.
-# benchmarks/data/smollm2_selfdistill/prompt_openers.txt), SEED.
+# vocabulary unless REMAP_VOCAB=1 switches it to the data's), PROMPT_OPENERS (a file of first words for
+# synthesised prompts, e.g. benchmarks/data/smollm2_selfdistill/prompt_openers.txt), SEED.
 set -euo pipefail
 RUN_DIR=${1:-runs/smollm2}
 SYNTHESIZE=${SYNTHESIZE:-5000}
@@ -52,6 +52,7 @@ evaluation=()
 if [ -d "$RUN_DIR/eval_data" ]; then evaluation=(--eval_data "$RUN_DIR/eval_data" --eval_strategy epoch); fi
 start=()
 if [ -n "${HEAD:-}" ]; then start=(--head "$HEAD"); fi
+if [ -n "${REMAP_VOCAB:-}" ]; then start+=(--remap_vocab true); fi
 resume=()
 if compgen -G "$RUN_DIR/head/checkpoint-*" > /dev/null; then resume=(--resume_from_checkpoint latest); fi
 "${BENCH[@]}" train "${TARGET[@]}" --data "$RUN_DIR/data" --output_dir "$RUN_DIR/head" --num_train_epochs "$EPOCHS" \

@@ -78,6 +78,31 @@ def test_vocab_maps_invert():
     assert torch.isinf(full[:, ~head.t2d]).all() and torch.isfinite(full[:, head.t2d]).all()
 
 
+def test_switching_the_draft_vocabulary_carries_shared_rows(tmp_path):
+    from hf_eagle3.data.vocab import build_vocab_maps
+
+    target = make_target()
+    head = make_head(target, draft_vocab_size=40)
+    old_weight, old_targets = head.lm_head.weight.detach().clone(), head.draft_vocab_target_ids
+    counts = torch.zeros(96, dtype=torch.long)
+    counts[old_targets[:20]] = 5  # half the old ids stay, 30 come new: 50 in all
+    counts[[i for i in range(96) if i not in old_targets.tolist()][:30]] = 3
+    d2t, t2d, _ = build_vocab_maps(counts, 50, 96)
+    assert head.set_draft_vocab(d2t, t2d) is head
+    head.check_vocab_maps()
+    assert head.config.draft_vocab_size == 50 and head.lm_head.weight.shape == (50, 64)
+    new_targets = head.draft_vocab_target_ids
+    for row, target_id in enumerate(new_targets.tolist()):
+        old_row = (old_targets == target_id).nonzero()
+        expected = old_weight[old_row.item()] if len(old_row) else old_weight[:20].mean(0)
+        torch.testing.assert_close(head.lm_head.weight[row], expected.reshape(-1))
+    head.save_pretrained(tmp_path)
+    loaded = Eagle3DraftModel.from_pretrained(tmp_path).attach_target(target)
+    assert torch.equal(loaded.d2t, d2t) and torch.equal(loaded.lm_head.weight, head.lm_head.weight)
+    with pytest.raises(ValueError, match="inconsistent"):
+        head.set_draft_vocab(d2t, ~t2d)
+
+
 def test_feature_capture_equals_hidden_states(arch):
     target = make_target(arch)
     ids = torch.randint(0, 96, (1, 6))

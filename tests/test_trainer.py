@@ -338,6 +338,37 @@ def test_cli_lora_adapts_an_existing_head(tmp_path):
     assert (output_dir / "export-sglang" / "config.json").exists()
 
 
+def test_cli_continues_a_head_on_the_vocabulary_of_new_data(tmp_path, capsys):
+    from hf_eagle3.cli import main
+    from hf_eagle3.data.vocab import build_vocab_maps
+
+    target, d2t = write_cli_inputs(tmp_path)
+    old_d2t, old_t2d, _ = build_vocab_maps(make_rows(6, seed=3), 50, 96)
+    head = make_head(target, draft_vocab_size=50)
+    head.d2t.copy_(old_d2t)
+    head.t2d.copy_(old_t2d)
+    head.save_pretrained(tmp_path / "old-head")
+    common = ["--target", str(tmp_path / "target"), "--data", str(tmp_path / "data" / "train.jsonl")]
+    common += ["--max_steps", "1", "--per_device_train_batch_size", "2", "--ttt_steps", "2", "--use_cpu"]
+    common += ["--report_to", "none", "--disable_tqdm", "true", "--head", str(tmp_path / "old-head")]
+    new_map = ["--vocab_map", str(tmp_path / "vocab_map.safetensors")]
+    with pytest.raises(ValueError, match="add --remap_vocab to switch"):
+        main(["train", *common, *new_map, "--output_dir", str(tmp_path / "unused")])
+    # Kept as it is, the head is told how much of the new data its vocabulary misses.
+    assert main(["train", *common, "--output_dir", str(tmp_path / "kept")]) == 0
+    report = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Draft vocabulary"))
+    assert "the data's 50 most frequent ids would cover 100.00%" in report and "Add --remap_vocab" in report
+    assert torch.equal(Eagle3DraftModel.from_pretrained(tmp_path / "kept").d2t, old_d2t)
+    assert main(["train", *common, *new_map, "--remap_vocab", "true", "--output_dir", str(tmp_path / "remapped")]) == 0
+    assert "the head's 50 ids cover 100.00%" in capsys.readouterr().out
+    remapped = Eagle3DraftModel.from_pretrained(tmp_path / "remapped")
+    assert torch.equal(remapped.d2t, d2t) and remapped.config.draft_vocab_size == 50
+    with pytest.raises(ValueError, match="pass the head with --head"):
+        main(["train", *common[:-2], "--remap_vocab", "true", "--output_dir", str(tmp_path / "unused")])
+    with pytest.raises(ValueError, match="LoRA adapters would leave untrained"):
+        main(["train", *common, "--remap_vocab", "true", "--lora_r", "4", "--output_dir", str(tmp_path / "unused")])
+
+
 def test_one_process_seeing_several_gpus_trains_on_one(tmp_path):
     # Trainer would wrap the head in nn.DataParallel, whose replicas cannot reach the target on the first GPU.
     args = Eagle3TrainingArguments(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=3)

@@ -325,6 +325,49 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
                 "contains them, or build them with `hf_eagle3.build_vocab_maps` from your training data."
             )
 
+    @torch.no_grad()
+    def set_draft_vocab(self, d2t: torch.LongTensor, t2d: torch.BoolTensor) -> Eagle3DraftModel:
+        """Switch the head to another draft vocabulary, e.g. one drawn from the data it will be trained on next.
+
+        A head can only propose the ids its vocabulary keeps, so continuing it on text whose frequent tokens
+        differ wants the new data's vocabulary. The `lm_head` rows of target ids both vocabularies keep are
+        carried over; ids new to the head start from the mean of those rows (an average logit, which training
+        then corrects). The size may change. Returns the head.
+        """
+        d2t = torch.as_tensor(d2t, dtype=torch.long).to(self.d2t.device)
+        t2d = torch.as_tensor(t2d, dtype=torch.bool).to(self.t2d.device)
+        size = d2t.numel()
+        targets = torch.arange(size, device=d2t.device) + d2t
+        valid = (
+            d2t.dim() == 1
+            and t2d.shape == (self.config.vocab_size,)
+            and bool((targets >= 0).all() and (targets < self.config.vocab_size).all())
+            and targets.unique().numel() == size
+            and int(t2d.sum()) == size
+            and bool(t2d[targets.clamp(0, self.config.vocab_size - 1)].all())
+        )
+        if not valid:
+            raise ValueError(
+                f"The new d2t/t2d maps are inconsistent: d2t must give {size} distinct target ids below "
+                f"{self.config.vocab_size} and t2d must mark exactly those. Build them with "
+                "`hf_eagle3.build_vocab_maps` (or `hf-eagle3 prepare-data`)."
+            )
+        old_rows = self.target_to_draft_ids(targets)
+        carried = old_rows >= 0
+        weight = self.lm_head.weight
+        rows = weight[old_rows[carried]]
+        new_weight = (rows if len(rows) else weight).mean(dim=0, keepdim=True).repeat(size, 1)
+        new_weight[carried] = rows
+        self.lm_head = nn.Linear(self.config.hidden_size, size, bias=False, device=weight.device, dtype=weight.dtype)
+        self.lm_head.weight.copy_(new_weight)
+        self.d2t = d2t.clone()
+        self.t2d = t2d.clone()
+        self.config.draft_vocab_size = size
+        # A static-tree runner holds buffers and graphs sized for the old vocabulary.
+        self._static_tree_runner = None
+        self._static_tree_capture_failure = None
+        return self
+
     # ------------------------------------------------------------------ checkpoints
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):

@@ -12,7 +12,7 @@ from transformers import HfArgumentParser, set_seed
 
 from ..checkpoint_formats import checkpoint_layout
 from ..configuration_eagle3 import Eagle3Config, default_target_layer_ids
-from ..data.vocab import VOCAB_MAP_NAME, load_vocab_map
+from ..data.vocab import VOCAB_MAP_NAME, count_loss_tokens, load_vocab_map
 from ..modeling_eagle3 import Eagle3DraftModel
 from .eagle3_config import Eagle3TrainingArguments
 from .eagle3_trainer import Eagle3Trainer
@@ -62,6 +62,14 @@ class TrainScriptArguments(TargetArguments):
     )
     head: str | None = field(
         default=None, metadata={"help": "Start from this trained head (a directory or Hub id) instead of a new one."}
+    )
+    remap_vocab: bool = field(
+        default=False,
+        metadata={
+            "help": "With --head: switch the head to the draft vocabulary of --vocab_map (default: the one inside "
+            "--data), keeping the lm_head rows of ids both hold; for continuing a head on data whose frequent tokens "
+            "differ."
+        },
     )
     export_format: str | None = field(
         default=None,
@@ -129,22 +137,38 @@ def _load_rows(path: str):
     return load_chat_dataset(path)
 
 
+def _vocab_map_path(args: TrainScriptArguments) -> str | None:
+    """--vocab_map, else the vocab_map.safetensors that `prepare-data` wrote inside --data, if any."""
+    if args.vocab_map is not None:
+        return args.vocab_map
+    candidate = Path(args.data) / VOCAB_MAP_NAME if args.data is not None else None
+    return str(candidate) if candidate is not None and candidate.exists() else None
+
+
 def build_head(args: TrainScriptArguments, target_config) -> Eagle3DraftModel:
     """The `--head` to continue from, or a new head fitted to the target with the draft vocabulary of `--vocab_map`
     (default: the `vocab_map.safetensors` inside `--data`)."""
     if args.head is not None:
         head = Eagle3DraftModel.from_pretrained(args.head)
+        if args.remap_vocab:
+            vocab_map = _vocab_map_path(args)
+            if vocab_map is None:
+                raise ValueError(
+                    "--remap_vocab switches the head to the draft vocabulary of --vocab_map, or of the "
+                    "vocab_map.safetensors inside --data; there is neither. Pass --vocab_map."
+                )
+            return head.set_draft_vocab(*load_vocab_map(vocab_map))
         # The head's lm_head rows belong to the vocabulary it was trained with: another map would silently scramble it.
         if args.vocab_map is not None and not torch.equal(load_vocab_map(args.vocab_map)[0], head.d2t):
             raise ValueError(
                 f"--vocab_map {args.vocab_map} is not the draft vocabulary --head {args.head} was trained with. Drop "
-                "--vocab_map to keep the head's own, or train a new head for the new vocabulary."
+                "--vocab_map to keep the head's own, add --remap_vocab to switch the head to it (the rows of ids "
+                "both hold are kept), or train a new head."
             )
         return head
-    vocab_map = args.vocab_map
-    if vocab_map is None and args.data is not None:
-        candidate = Path(args.data) / VOCAB_MAP_NAME
-        vocab_map = str(candidate) if candidate.exists() else None
+    if args.remap_vocab:
+        raise ValueError("--remap_vocab switches the vocabulary of a trained head: pass the head with --head.")
+    vocab_map = _vocab_map_path(args)
     if vocab_map is None:
         if args.draft_vocab_size is not None and args.draft_vocab_size < target_config.get_text_config().vocab_size:
             raise ValueError(
@@ -173,6 +197,23 @@ def build_head(args: TrainScriptArguments, target_config) -> Eagle3DraftModel:
     return head
 
 
+def _vocab_coverage_report(head: Eagle3DraftModel, dataset, suggest_remap: bool) -> str:
+    """How many of the data's learned tokens the head can ever propose: a head continued on new data keeps the
+    vocabulary of its old data, which may miss the new data's frequent tokens."""
+    counts = count_loss_tokens(dataset, head.config.vocab_size)
+    total = max(int(counts.sum()), 1)
+    size = head.config.draft_vocab_size
+    covered = int(counts[head.t2d.cpu()].sum()) / total
+    best = int(counts.topk(size).values.sum()) / total
+    report = (
+        f"Draft vocabulary: the head's {size} ids cover {covered:.2%} of the tokens to learn in --data; the data's "
+        f"{size} most frequent ids would cover {best:.2%}."
+    )
+    if suggest_remap and best - covered > 0.005:
+        report += " Add --remap_vocab (with this data's vocab_map.safetensors) to switch the head to them."
+    return report
+
+
 def train(argv: list[str]) -> int:
     """`hf-eagle3 train`: train (or resume training) an EAGLE-3 head; the final head lands in --output_dir."""
     script_args, training_args = _parse(argv, (TrainScriptArguments, Eagle3TrainingArguments), "hf-eagle3 train")
@@ -182,6 +223,11 @@ def train(argv: list[str]) -> int:
         checkpoint_layout(script_args.export_format)  # an unknown name fails now, not after hours of training
     if script_args.lora_r is not None and script_args.head is None:
         raise ValueError("--lora_r adapts an existing head: pass it with --head (a directory or Hub id).")
+    if script_args.lora_r is not None and script_args.remap_vocab:
+        raise ValueError(
+            "--remap_vocab gives the head new lm_head rows, which LoRA adapters would leave untrained: continue the "
+            "head without --lora_r, or keep its vocabulary."
+        )
     set_seed(training_args.seed)
     train_dataset = _load_rows(script_args.data)
     eval_dataset = _load_rows(script_args.eval_data) if script_args.eval_data else None
@@ -193,6 +239,12 @@ def train(argv: list[str]) -> int:
     head = build_head(script_args, target_config)
     if target is not None:
         head.attach_target(target)
+    if not offline and head.config.uses_draft_vocab and training_args.process_index == 0:
+        print(
+            _vocab_coverage_report(
+                head, train_dataset, suggest_remap=script_args.head is not None and not script_args.remap_vocab
+            )
+        )
     if head.config.target_name_or_path is None:
         head.config.target_name_or_path = script_args.target or train_dataset.features_config["target_name_or_path"]
 
