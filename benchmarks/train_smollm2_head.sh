@@ -11,7 +11,8 @@
 # many of the CONVERSATIONS kept out of training and evaluated after every epoch: accuracy per TTT step and simulated
 # acceptance length on data the head has not seen), HEAD (a trained head to continue from, with its own draft
 # vocabulary unless REMAP_VOCAB=1 switches it to the data's), PROMPT_OPENERS (a file of first words for
-# synthesised prompts, e.g. benchmarks/data/smollm2_selfdistill/prompt_openers.txt), SEED.
+# synthesised prompts, e.g. benchmarks/data/smollm2_selfdistill/prompt_openers.txt), SEED, DRAFT_VOCAB (ids the
+# head may propose, default 8192; 16384 keeps a shipped head under 30 MB).
 set -euo pipefail
 RUN_DIR=${1:-runs/smollm2}
 SYNTHESIZE=${SYNTHESIZE:-5000}
@@ -24,13 +25,14 @@ if [ -n "${GGUF:-}" ]; then TARGET+=(--gguf "$GGUF"); fi
 
 EVAL_HOLDOUT=${EVAL_HOLDOUT:-0}
 SEED=${SEED:-42}
+DRAFT_VOCAB=${DRAFT_VOCAB:-8192}
 openers=()
 if [ -n "${PROMPT_OPENERS:-}" ]; then openers=(--prompt_openers "$PROMPT_OPENERS"); fi
 prepare() {  # OUTPUT_DIR SOURCE_ARGS...
   local output_dir=$1
   shift
   "${BENCH[@]}" prepare-data "${TARGET[@]}" --output_dir "$output_dir" "$@" --max_new_tokens 512 \
-    --batch_size 256 --draft_vocab_size 8192 --dtype bfloat16 --seed "$SEED"
+    --batch_size 256 --draft_vocab_size "$DRAFT_VOCAB" --dtype bfloat16 --seed "$SEED"
 }
 if [ ! -f "$RUN_DIR/data/vocab_map.safetensors" ]; then
   if [ -n "${CONVERSATIONS:-}" ]; then
