@@ -28,6 +28,7 @@ from transformers.utils import ModelOutput
 
 from . import checkpoint_formats
 from .configuration_eagle3 import Eagle3Config, default_target_layer_ids
+from .data.vocab import vocab_maps_consistent
 
 
 @dataclass
@@ -310,15 +311,7 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         """Raise when a reduced draft vocabulary has no valid `d2t`/`t2d` maps (e.g. they were never loaded)."""
         if not self.config.uses_draft_vocab:
             return
-        targets = self.draft_vocab_target_ids
-        valid = (
-            bool((targets >= 0).all())
-            and bool((targets < self.config.vocab_size).all())
-            and targets.unique().numel() == self.config.draft_vocab_size
-            and int(self.t2d.sum()) == self.config.draft_vocab_size
-            and bool(self.t2d[targets.clamp(0, self.config.vocab_size - 1)].all())
-        )
-        if not valid:
+        if not vocab_maps_consistent(self.d2t, self.t2d):
             raise ValueError(
                 f"The head predicts over a draft vocabulary of {self.config.draft_vocab_size} ids (target vocabulary "
                 f"{self.config.vocab_size}) but its d2t/t2d maps are missing or inconsistent. Load a checkpoint that "
@@ -337,22 +330,13 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         d2t = torch.as_tensor(d2t, dtype=torch.long).to(self.d2t.device)
         t2d = torch.as_tensor(t2d, dtype=torch.bool).to(self.t2d.device)
         size = d2t.numel()
-        targets = torch.arange(size, device=d2t.device) + d2t
-        valid = (
-            d2t.dim() == 1
-            and t2d.shape == (self.config.vocab_size,)
-            and bool((targets >= 0).all() and (targets < self.config.vocab_size).all())
-            and targets.unique().numel() == size
-            and int(t2d.sum()) == size
-            and bool(t2d[targets.clamp(0, self.config.vocab_size - 1)].all())
-        )
-        if not valid:
+        if t2d.shape != (self.config.vocab_size,) or not vocab_maps_consistent(d2t, t2d):
             raise ValueError(
                 f"The new d2t/t2d maps are inconsistent: d2t must give {size} distinct target ids below "
                 f"{self.config.vocab_size} and t2d must mark exactly those. Build them with "
                 "`hf_eagle3.build_vocab_maps` (or `hf-eagle3 prepare-data`)."
             )
-        old_rows = self.target_to_draft_ids(targets)
+        old_rows = self.target_to_draft_ids(torch.arange(size, device=d2t.device) + d2t)
         carried = old_rows >= 0
         weight = self.lm_head.weight
         rows = weight[old_rows[carried]]

@@ -101,6 +101,19 @@ def build_vocab_maps(
     return d2t, t2d, coverage
 
 
+def vocab_maps_consistent(d2t: torch.Tensor, t2d: torch.Tensor) -> bool:
+    """Whether `d2t` names distinct target ids within the vocabulary of `t2d` and `t2d` marks exactly those."""
+    target_ids = d2t + torch.arange(d2t.numel(), device=d2t.device)
+    vocab_size = t2d.numel()
+    return (
+        d2t.dim() == 1
+        and target_ids.unique().numel() == d2t.numel()
+        and int(t2d.sum()) == d2t.numel()
+        and bool((target_ids >= 0).all() and (target_ids < vocab_size).all())
+        and bool(t2d[target_ids.clamp(0, vocab_size - 1)].all())
+    )
+
+
 def _vocab_map_file(path: str | os.PathLike) -> str:
     return os.path.join(path, VOCAB_MAP_NAME) if os.path.isdir(path) else os.fspath(path)
 
@@ -120,12 +133,7 @@ def load_vocab_map(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]
         raise ValueError(f"{file} holds {sorted(tensors)}; a vocabulary map holds exactly 'd2t' and 't2d'.")
     d2t, t2d = tensors["d2t"], tensors["t2d"]
     target_ids = d2t + torch.arange(d2t.numel())
-    consistent = (
-        bool((target_ids[1:] > target_ids[:-1]).all())  # ascending, hence distinct
-        and int(t2d.sum()) == d2t.numel()
-        and bool((target_ids >= 0).all() and (target_ids < t2d.numel()).all())
-        and bool(t2d[target_ids.clamp(0, t2d.numel() - 1)].all())
-    )
-    if not consistent:
+    # Written maps keep their ids ascending (`build_vocab_maps`); a head only needs them distinct.
+    if not (bool((target_ids[1:] > target_ids[:-1]).all()) and vocab_maps_consistent(d2t, t2d)):
         raise ValueError(f"{file}: d2t and t2d do not describe the same draft vocabulary.")
     return d2t, t2d
