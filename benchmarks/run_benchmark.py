@@ -585,6 +585,19 @@ def write_results(payload: dict, output_dir: Path, name: str, plot: bool) -> lis
 MAX_SHIPPED_HEAD_MB = 30
 
 
+def generate_arguments(method: str) -> str:
+    """A method as the `generate` arguments a user passes beside `assistant_model` (for the model card, where
+    `eagle3_tree_compiled_t512_d14_k32` would mean nothing). The tree mode and, on a GPU, its static caches are
+    what `generate` does by itself."""
+    implied = {("eagle3_mode", "tree"), ("eagle3_static_cache", True)}
+    kwargs = [
+        f"{key}={value!r}"
+        for key, value in parse_method(method).generate_kwargs.items()
+        if (key, value) not in implied
+    ]
+    return f"`{', '.join(kwargs)}`" if kwargs else "default knobs"
+
+
 def ship(args: argparse.Namespace) -> Path:
     """Save `--head` in `--dtype` with a model card whose acceptance figures come from `--results`."""
     from hf_eagle3 import Eagle3DraftModel, create_model_card
@@ -600,7 +613,7 @@ def ship(args: argparse.Namespace) -> Path:
     if args.results is not None:
         results = json.loads(args.results.read_text(encoding="utf-8"))["results"]
         acceptance = {
-            f"{row['task']}, greedy, {row['method']}"
+            f"{row['task']}, greedy, {generate_arguments(row['method'])}"
             + (f" ({row['speedup']:.2f}x plain generate)" if row["speedup"] is not None else ""): row[
                 "mean_accept_len"
             ]

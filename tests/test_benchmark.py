@@ -337,4 +337,13 @@ def test_ship_a_head_with_its_card(tiny, full_run, tmp_path):
     original = Eagle3DraftModel.from_pretrained(root / "head")
     assert torch.equal(shipped.d2t, original.d2t) and torch.equal(shipped.t2d, original.t2d)
     card = (tmp_path / "shipped" / "README.md").read_text()
-    assert "Two tiny prompts." in card and "| tiny_task, greedy, eagle3_chain_n3 (" in card
+    assert "Two tiny prompts." in card
+    assert "| tiny_task, greedy, `eagle3_mode='chain', num_assistant_tokens=3` (" in card
+
+
+def test_card_names_a_method_by_its_generate_arguments():
+    assert run_benchmark.generate_arguments("eagle3_tree") == "`eagle3_static_cache=False`"
+    assert run_benchmark.generate_arguments("eagle3_tree_graph") == "default knobs"
+    assert run_benchmark.generate_arguments("eagle3_tree_compiled_t512_d14_k32") == (
+        "`eagle3_compile=True, eagle3_total_tokens=512, eagle3_depth=14, eagle3_top_k=32`"
+    )
