@@ -43,8 +43,11 @@ DEFAULT_METHODS = (
     "eagle3_chain",
     "eagle3_tree",
     "eagle3_tree_graph",
+    # The sweep: a smaller tree and two larger ones (a small target verifies hundreds of tokens nearly as fast as
+    # 60, so there the larger trees are both faster and accept more: benchmarks/README.md, "The shipped SmolLM2 head").
     "eagle3_tree_graph_t32_d6_k8",
-    "eagle3_tree_graph_t80_d8_k10",
+    "eagle3_tree_graph_t128_d8_k16",
+    "eagle3_tree_graph_t512_d14_k32",
     "eagle3_tree_compiled",
 )
 # Sweep suffixes of eagle3 method names: eagle3_tree_t32_d6_k8 = 32 tree tokens, depth 6, top-k 8;
