@@ -10,7 +10,7 @@ from transformers import GenerationConfig, GenerationMixin, StoppingCriteria
 from transformers.cache_utils import StaticCache
 from transformers.generation import LogitsProcessorList, MaxLengthCriteria, StoppingCriteriaList
 
-from hf_eagle3 import Eagle3CandidateGenerator, disable_eagle3_generation, enable_eagle3_generation
+from hf_eagle3 import Eagle3CandidateGenerator, Eagle3DraftModel, disable_eagle3_generation, enable_eagle3_generation
 from hf_eagle3._compat import CACHE_NAME
 from hf_eagle3.decoding import dispatch
 from hf_eagle3.target_features import get_decoder_layers
@@ -105,6 +105,23 @@ def test_tree_mode_gets_the_assisted_decoding_arguments(fake_tree):
     assert generation_config.max_length == PROMPT.shape[1] + 9 and synced_gpus is False and streamer is None
     assert CACHE_NAME in model_kwargs and "use_cache" in model_kwargs
     assert not {"assistant_model", "inputs_tensor", "tokenizer", "eagle3_depth"} & set(model_kwargs)
+
+
+def test_knobs_saved_with_the_head_come_back_with_it(fake_tree, tmp_path):
+    target = make_target("llama")
+    head = make_head(target)
+    head.save_pretrained(tmp_path / "plain")
+    assert not (tmp_path / "plain" / "generation_config.json").exists()
+    assert Eagle3DraftModel.from_pretrained(tmp_path / "plain").generation_config is None
+    head.generation_config = GenerationConfig(eagle3_total_tokens=9, eagle3_depth=3, eagle3_top_k=2)
+    head.save_pretrained(tmp_path / "tuned")
+    loaded = Eagle3DraftModel.from_pretrained(tmp_path / "tuned").attach_target(target)
+    target.generate(PROMPT, assistant_model=loaded, max_new_tokens=6)
+    generator = fake_tree[0][2]
+    assert (generator.total_tokens, generator.depth, generator.top_k) == (9, 3, 2)
+    # A foreign layout has no place for them: serving engines take their own settings.
+    head.save_pretrained(tmp_path / "vllm", format="vllm")
+    assert not (tmp_path / "vllm" / "generation_config.json").exists()
 
 
 def test_knobs_from_the_draft_generation_config(fake_tree):

@@ -9,12 +9,13 @@ official, SpecForge and SGLang heads load without renaming.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PreTrainedConfig, PreTrainedModel
+from transformers import GenerationConfig, PreTrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
@@ -24,7 +25,7 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
     eager_attention_forward,
 )
-from transformers.utils import ModelOutput
+from transformers.utils import GENERATION_CONFIG_NAME, ModelOutput
 
 from . import checkpoint_formats
 from .configuration_eagle3 import Eagle3Config, default_target_layer_ids
@@ -209,6 +210,9 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
         self.register_buffer("t2d", torch.ones(config.vocab_size, dtype=torch.bool))
         self.has_target_embeddings = False
+        # Decoding knobs for `generate(assistant_model=head)` (`eagle3_total_tokens`, ...), under the call's own
+        # kwargs; saved and loaded with the head as `generation_config.json`.
+        self.generation_config: GenerationConfig | None = None
         # Set by each `target.generate(..., assistant_model=head)` call: an `Eagle3GenerationStats`.
         self.last_generation_stats = None
         # Static caches and CUDA graphs of tree decoding, reused by later calls (see `decoding.static_tree`).
@@ -363,6 +367,7 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         `device_map`, the hub options and Eagle3Config fields as overrides (e.g. `target_layer_ids`).
         """
         source = str(pretrained_model_name_or_path)
+        files = None
         if pretrained_model_name_or_path is not None:
             hub_kwargs = checkpoint_formats.split_hub_kwargs(kwargs)
             files = checkpoint_formats.CheckpointFiles(pretrained_model_name_or_path, **hub_kwargs)
@@ -387,6 +392,11 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         # a head loaded that way drafts garbage, so refuse it (missing d2t/t2d are judged by check_vocab_maps).
         checkpoint_formats.check_loading_info(loading_info, source)
         model.check_vocab_maps()
+        # transformers loads a generation config only for models that generate; a head's holds the decoding knobs
+        # it was tuned with (`eagle3_total_tokens`, ...), which `generate(assistant_model=head)` reads.
+        generation_config_file = files.get(GENERATION_CONFIG_NAME) if files is not None else None
+        if generation_config_file is not None:
+            model.generation_config = GenerationConfig.from_pretrained(os.path.dirname(generation_config_file))
         # The loader re-creates parameters, trainable by default; the embedding is the target's and stays frozen.
         model.embed_tokens.weight.requires_grad_(False)
         return (model, loading_info) if output_loading_info else model
@@ -411,7 +421,11 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         layout = checkpoint_formats.checkpoint_layout(format)
         if layout == checkpoint_formats.NATIVE_LAYOUT:
             with checkpoint_formats.covering_max_positions(self.config, target_max_position_embeddings):
-                return super().save_pretrained(save_directory, *args, **kwargs)
+                saved = super().save_pretrained(save_directory, *args, **kwargs)
+            # Saved beside the config, as transformers does for generative models (see from_pretrained).
+            if self.generation_config is not None and kwargs.get("is_main_process", True):
+                self.generation_config.save_pretrained(save_directory)
+            return saved
         if args:
             raise TypeError(f"save_pretrained(format={format!r}) takes options by keyword only.")
         return checkpoint_formats.save_converted(
