@@ -523,15 +523,20 @@ def markdown_table(payload: dict) -> str:
             "## Where one step's time goes",
             "",
             "Tree methods, per verification step: draft, verify and accept = time of each phase as the decoding "
-            "loop records it (`phase_seconds`: device time on CUDA; - where it records none); rest = ms/step "
-            "minus the three: what lies outside them (the prefill's share, `generate`'s own setup and loop).",
+            "loop records it (`phase_seconds`: device time on CUDA; - where it records none); rest = the wall time "
+            "per verification step outside the three (the prefill's share, `generate`'s own setup and loop). "
+            "ms/step counts the prefill among the forwards, so it is a little less than the four together.",
             "",
             "| temperature | task | method | tau | ms/step | draft ms | verify ms | accept ms | rest ms |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for row in tree_rows:
             phases = [row.get(f"{phase}_ms") for phase in PHASES]
-            rest = row["ms_per_step"] - sum(phases) if None not in phases else None
+            rest = None
+            if None not in phases and row["mean_accept_len"]:
+                # Phases are per verification step; the prompts' first tokens came from their prefills.
+                verifications = (row["new_tokens"] - row["prompts"]) / row["mean_accept_len"]
+                rest = 1000 * row["seconds"] / verifications - sum(phases)
             lines.append(
                 f"| {row['temperature']:g} | {row['task']} | {row['method']} | {_cell(row['mean_accept_len'])} | "
                 f"{row['ms_per_step']:.1f} | {' | '.join(_cell(ms) for ms in phases)} | {_cell(rest)} |"
