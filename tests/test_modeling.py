@@ -101,6 +101,8 @@ def test_switching_the_draft_vocabulary_carries_shared_rows(tmp_path):
     assert torch.equal(loaded.d2t, d2t) and torch.equal(loaded.lm_head.weight, head.lm_head.weight)
     with pytest.raises(ValueError, match="inconsistent"):
         head.set_draft_vocab(d2t, ~t2d)
+    with pytest.raises(ValueError, match="inconsistent"):
+        head.set_draft_vocab(d2t.reshape(5, 10), t2d)
 
 
 def test_feature_capture_equals_hidden_states(arch):
