@@ -147,11 +147,13 @@ def test_measure_writes_json_and_table(full_run):
         "eagle3_depth": 3,
         "eagle3_top_k": 2,
     }
-    # One static cache for the whole run: the longest prompt and every new token.
-    assert greedy["plain_compiled"]["generate_kwargs"] == {
-        "cache_implementation": "static",
-        "max_cache_len": LONGEST_PROMPT + 8,
-    }
+    # transformers' static cache compiled as one graph, sized per call (below).
+    compiled = greedy["plain_compiled"]
+    assert compiled["generate_kwargs"]["cache_implementation"] == "static"
+    assert {"fullgraph": True, "dynamic": False}.items() <= compiled["generate_kwargs"]["compile_config"].items()
+    assert "multiple of 64" in compiled["max_cache_len"]
+    # Nothing compiles on the CPU, so nothing recompiles inside the timed calls either.
+    assert all(row["recompilations"] == 0 for row in rows)
     assert greedy["eagle3_tree_t8_d3_k2"]["mean_accept_len"] >= 1.0
     # A tree of depth 3 takes up to 3 head forwards per step (plus the re-encoding of accepted tokens).
     assert 1.0 <= greedy["eagle3_tree_t8_d3_k2"]["draft_forwards_per_step"] <= 4.0
@@ -188,6 +190,11 @@ def test_each_method_warms_up_right_before_its_timed_calls(full_run):
         assert [call["do_sample"] for call in warm_ups] == [False, True]
         assert [call["do_sample"] for call in timed] == [False, False, True, True]
         assert all(call["max_new_tokens"] == 8 for call in timed)
+        # Compiled plain sizes each call's static cache: its prompt and new tokens, rounded up to 64 positions.
+        assert all(
+            call.get("max_cache_len") == (64 if method == "plain_compiled" else None)
+            for call in calls[index * per_method : (index + 1) * per_method]
+        )
         modes.append({(call.get("eagle3_mode"), call.get("eagle3_static_cache")) for call in timed})
     # The tree keeps the eager path, the graph method forces the static-cache path, the chain is left alone.
     assert modes == [{(None, None)}] * 3 + [{("chain", None)}, {("tree", False)}, {("tree", True)}]
@@ -348,3 +355,17 @@ def test_card_names_a_method_by_its_generate_arguments():
     assert run_benchmark.generate_arguments("eagle3_tree_compiled_t512_d14_k32") == (
         "`eagle3_compile=True, eagle3_total_tokens=512, eagle3_depth=14, eagle3_top_k=32`"
     )
+
+
+def test_static_cache_lengths_come_in_buckets():
+    assert [run_benchmark.cache_length(length, 256, 64) for length in (1, 63, 64, 65, 200)] == [
+        320,
+        320,
+        320,
+        384,
+        512,
+    ]
+    method = run_benchmark.parse_method("plain_compiled")
+    assert method.call_kwargs(53, 256)["max_cache_len"] == 320
+    assert "max_cache_len" not in method.generate_kwargs
+    assert run_benchmark.parse_method("plain").call_kwargs(53, 256) == {}

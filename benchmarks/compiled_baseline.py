@@ -1,0 +1,149 @@
+#!/usr/bin/env python
+"""transformers' compiled static-cache `generate` on its own, in the configurations a user might choose.
+
+The speedups of `run_benchmark.py measure` divide by its `plain_compiled` method; this script measures the same
+target and prompts standalone, so that divisor can be checked against transformers at its best. A configuration is
+`CACHE:COMPILE[:forced]`:
+
+- CACHE `exact`: each prompt with a static cache sized for it alone (prompt + new tokens), warmed up on the same
+  input (the best one call can do, at the price of a compilation per new length); `bucket`: sized per prompt and
+  rounded up to 64 positions, every length warmed up first (what `plain_compiled` does); `shared`: one length for
+  every prompt (the longest prompt plus the new tokens), warmed up once on the longest prompt;
+- COMPILE `default`: transformers' `CompileConfig()`; `fullgraph`: `CompileConfig(fullgraph=True, dynamic=False)`;
+- `forced`: `min_new_tokens` makes every call produce all its tokens (EOS ends some answers early, and the per-call
+  cost of `generate` and the prefill is then spread over fewer tokens).
+
+Per configuration it reports tokens/s over all calls, the time of one decoding token (the difference between a call
+that makes all the tokens and one that makes a single token, divided by the tokens in between) and the frames
+torch.compile compiled inside the timed calls (zero when nothing recompiles).
+
+    python benchmarks/compiled_baseline.py --gguf PIECE... --configs bucket:fullgraph exact:fullgraph exact:default
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+BENCHMARKS_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCHMARKS_DIR))
+
+from run_benchmark import (  # noqa: E402
+    DATA_DIR,
+    PLAIN_COMPILED_CACHE_BUCKET,
+    RESULTS_DIR,
+    _synchronize,
+    cache_length,
+    compiled_frames,
+    encode_prompt,
+    environment,
+    gguf_location,
+    load_prompts,
+)
+
+
+def timed_generate(target, inputs, **kwargs) -> tuple[float, int, int]:
+    """Seconds, new tokens and newly compiled frames of one `generate` call."""
+    frames = compiled_frames()
+    _synchronize(target.device)
+    start = time.perf_counter()
+    output = target.generate(**inputs, do_sample=False, **kwargs)
+    _synchronize(target.device)
+    seconds = time.perf_counter() - start
+    return seconds, output.shape[1] - inputs["input_ids"].shape[1], compiled_frames() - frames
+
+
+def measure_configuration(target, encoded: list, max_new_tokens: int, configuration: str) -> dict:
+    """One configuration over the prompts: untimed warm-ups, then a timed full call and a timed one-token call each."""
+    from transformers import CompileConfig
+
+    cache, compile_name, *rest = configuration.split(":")
+    forced = rest == ["forced"]
+    compile_config = CompileConfig(fullgraph=True, dynamic=False) if compile_name == "fullgraph" else CompileConfig()
+    longest = max(inputs["input_ids"].shape[1] for inputs in encoded)
+    lengths = {
+        "exact": lambda length: length + max_new_tokens,
+        "bucket": lambda length: cache_length(length, max_new_tokens, PLAIN_COMPILED_CACHE_BUCKET),
+        "shared": lambda length: longest + max_new_tokens,
+    }[cache]
+    torch._dynamo.reset()
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(encoded) + 1)
+    calls = [
+        (inputs, {"cache_implementation": "static", "compile_config": compile_config, "max_cache_len": size})
+        for inputs in encoded
+        for size in [lengths(inputs["input_ids"].shape[1])]
+    ]
+    full = {"max_new_tokens": max_new_tokens, **({"min_new_tokens": max_new_tokens} if forced else {})}
+    # Every cache length the timed calls meet, at full length, before any timing (the longest prompt per length).
+    warm_ups = {}
+    for inputs, kwargs in sorted(calls, key=lambda call: call[0]["input_ids"].shape[1]):
+        warm_ups[kwargs["max_cache_len"]] = (inputs, kwargs)
+    for inputs, kwargs in warm_ups.values():
+        target.generate(**inputs, do_sample=False, **kwargs, **full)
+    seconds = tokens = frames = 0
+    per_token_ms = []
+    for inputs, kwargs in calls:
+        call_seconds, call_tokens, call_frames = timed_generate(target, inputs, **kwargs, **full)
+        one_seconds, _, one_frames = timed_generate(target, inputs, **kwargs, max_new_tokens=1)
+        seconds += call_seconds
+        tokens += call_tokens
+        frames += call_frames + one_frames
+        if call_tokens > 1:
+            per_token_ms.append(1000 * (call_seconds - one_seconds) / (call_tokens - 1))
+    return {
+        "configuration": configuration,
+        "prompts": len(encoded),
+        "cache_lengths": sorted(warm_ups),
+        "tokens_per_s": round(tokens / seconds, 2),
+        "new_tokens": tokens,
+        "decode_ms_per_token": round(sum(per_token_ms) / len(per_token_ms), 3),
+        "compiled_frames_in_timed_calls": frames,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hf_eagle3.offline_models import load_target
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="smollm2")
+    parser.add_argument("--gguf", nargs="+", type=Path, help="the GGUF file or its pieces in order")
+    parser.add_argument("--prompts", type=Path, default=DATA_DIR / "mt_bench" / "question.jsonl")
+    parser.add_argument("--limit", type=int, default=8)
+    parser.add_argument("--stride", type=int, default=10)
+    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument(
+        "--configs", nargs="+", default=["bucket:fullgraph", "exact:fullgraph", "exact:default", "shared:default"]
+    )
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "compiled-baseline.json")
+    args = parser.parse_args(argv)
+
+    target, tokenizer = load_target(args.target, dtype=args.dtype, device=args.device, gguf_path=gguf_location(args))
+    prompts = load_prompts(args.prompts, args.limit, args.stride)
+    encoded = [encode_prompt(tokenizer, prompt, target.device) for prompt in prompts]
+    rows = []
+    for configuration in args.configs:
+        row = measure_configuration(target, encoded, args.max_new_tokens, configuration)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    payload = {
+        **environment(),
+        "command": " ".join(["compiled_baseline.py", *(argv if argv is not None else sys.argv[1:])]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "settings": {"dtype": args.dtype, "max_new_tokens": args.max_new_tokens, "prompts": str(args.prompts)},
+        "results": rows,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
