@@ -42,7 +42,7 @@ def assert_compiled_run(output, head) -> static_tree.StaticTreeRunner:
     """The call decoded on static caches with compiled steps; its runner."""
     stats = output.eagle3_stats
     assert stats.static_cache and stats.compiled and stats.to_dict()["compiled"] is True
-    runner = head._static_tree_runner
+    runner = static_tree.cached_runner(head)
     assert runner.compiled and runner.key[0] is True
     return runner
 

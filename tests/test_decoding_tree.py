@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,15 +21,13 @@ from transformers.generation import (
 
 from hf_eagle3 import Eagle3Config, Eagle3DraftModel
 from hf_eagle3._compat import cache_kwargs
+from hf_eagle3.decoding.acceptance import accept, sample_with_candidates
+from hf_eagle3.decoding.checks import check_eagle3_inputs
+from hf_eagle3.decoding.config import Eagle3DecodingConfig
+from hf_eagle3.decoding.draft_tree import DraftTree, build_draft_tree
 from hf_eagle3.decoding.kv_cache import keep_cache_positions
 from hf_eagle3.decoding.stats import Eagle3GenerationStats
-from hf_eagle3.decoding.tree import (
-    DraftTree,
-    _accept,
-    build_draft_tree,
-    sample_with_candidates,
-    tree_assisted_decoding,
-)
+from hf_eagle3.decoding.tree_loop import tree_assisted_decoding
 from hf_eagle3.target_features import TargetFeatureCapture
 
 SMALL_TREE = (8, 3, 2)  # total_tokens, depth, top_k
@@ -93,19 +90,32 @@ def make_oracle_pair(
     return target, head
 
 
-def tree_generator(head, tree_shape=SMALL_TREE, stats=None, static_cache=None, compile=False):
-    """What the dispatch hands `tree_assisted_decoding`: the head, the tree knobs and the statistics."""
-    total_tokens, depth, top_k = tree_shape
-    return SimpleNamespace(
+def checked_tree_decoding(
+    model,
+    input_ids,
+    logits_processor,
+    stopping_criteria,
+    generation_config,
+    streamer=None,
+    *,
+    head,
+    decoding_config,
+    stats,
+    **kwargs,
+):
+    """What the dispatch does in tree mode: check the call's inputs once, then run the tree loop."""
+    check_eagle3_inputs(model, head, decoding_config, input_ids, generation_config, False, kwargs)
+    return tree_assisted_decoding(
+        model,
+        input_ids,
+        logits_processor,
+        stopping_criteria,
+        generation_config,
+        streamer,
         draft_model=head,
-        mode="tree",
-        total_tokens=total_tokens,
-        depth=depth,
-        top_k=top_k,
-        static_cache=static_cache,
-        compile=compile,
-        stats=stats if stats is not None else RecordingStats(),
-        feature_layer_ids=head.config.target_layer_ids,
+        decoding_config=decoding_config,
+        stats=stats,
+        **kwargs,
     )
 
 
@@ -121,8 +131,12 @@ def tree_generate(
     **generate_kwargs,
 ):
     """`target.generate` with transformers' own processors, criteria and cache, decoding through the tree loop."""
-    generator = tree_generator(head, tree_shape, stats, static_cache, compile)
-    decode = partial(tree_assisted_decoding, candidate_generator=generator)
+    total_tokens, depth, top_k = tree_shape
+    config = Eagle3DecodingConfig(
+        total_tokens=total_tokens, depth=depth, top_k=top_k, static_cache=static_cache, compile=compile
+    )
+    stats = stats if stats is not None else RecordingStats()
+    decode = partial(checked_tree_decoding, head=head, decoding_config=config, stats=stats)
     if streamer is not None:
         decode = partial(decode, streamer=streamer)
     return target.generate(input_ids, custom_generate=decode, **generate_kwargs)
@@ -429,7 +443,7 @@ def test_acceptance_walk_samples_the_processed_target_distribution():
 
     counts = torch.zeros(vocab, vocab + 1)
     for _ in range(2000):
-        step, _, _, _ = _accept(logits, torch.tensor(tokens), children, prefix, processors, criteria, True, None, None)
+        step, _, _, _ = accept(logits, torch.tensor(tokens), children, prefix, processors, criteria, True, None, None)
         second = step.tokens[1] if len(step.tokens) > 1 else vocab
         counts[step.tokens[0], second] += 1
         assert step.num_accepted == len(step.tokens) - 1 and step.visited[0] == 0
