@@ -29,7 +29,7 @@ import pytest
 import torch
 from conftest import make_head, make_target
 from lossless import assert_greedy_lossless, chi_square_p_value, exact_continuation_probs
-from test_decoding_tree import make_oracle_pair, prompt
+from tree_decoding import make_oracle_pair, prompt
 
 from hf_eagle3.decoding import static_tree
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_head, make_target
-from test_decoding_tree import RecordingStats, hand_built_tree, make_oracle_pair, prompt, tree_generate
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.cache_utils import DynamicCache
 from transformers.generation import (
@@ -19,6 +18,7 @@ from transformers.generation import (
     StoppingCriteria,
     StoppingCriteriaList,
 )
+from tree_decoding import RecordingStats, hand_built_tree, make_oracle_pair, prompt, tree_generate
 
 from hf_eagle3._compat import cache_kwargs
 from hf_eagle3.decoding import tree_loop

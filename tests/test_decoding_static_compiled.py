@@ -15,14 +15,14 @@ import pytest
 import torch
 from conftest import make_head, make_target
 from lossless import assert_greedy_lossless
-from test_decoding_tree import (
+from transformers import GenerationConfig
+from tree_decoding import (
     RecordingStats,
     assert_sampling_matches_target_distribution,
     make_oracle_pair,
     prompt,
     tree_generate,
 )
-from transformers import GenerationConfig
 
 from hf_eagle3.decoding import static_tree
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 from conftest import TEST_DEVICE, make_head, make_target
 from lossless import assert_greedy_lossless
-from test_decoding_tree import (
+from transformers.cache_utils import DynamicCache
+from tree_decoding import (
     RecordingStats,
     assert_friendly_head_lossless,
     assert_sampling_matches_target_distribution,
@@ -20,7 +21,6 @@ from test_decoding_tree import (
     prompt,
     tree_generate,
 )
-from transformers.cache_utils import DynamicCache
 
 from hf_eagle3._compat import CACHE_NAME, cache_kwargs
 from hf_eagle3.decoding import static_tree

@@ -62,7 +62,6 @@ _active_generator: ContextVar[Eagle3CandidateGenerator | None] = ContextVar("_ac
 _installed: dict[str, tuple[Callable, Callable]] = {}
 
 
-@torch.no_grad()
 def eagle3_assisted_decoding(
     model,
     input_ids: torch.LongTensor,
@@ -142,7 +141,8 @@ def _wrap_prepare_generation_config(original: Callable) -> Callable:
         generation_config, model_kwargs = original(self, generation_config, **kwargs)
         for name, value in knobs.items():
             setattr(generation_config, name, value)
-        setattr(generation_config, CALL_KNOBS_ATTRIBUTE, frozenset(call_knobs))
+        if call_knobs:
+            setattr(generation_config, CALL_KNOBS_ATTRIBUTE, tuple(sorted(call_knobs)))
         if chain_length is not None:
             setattr(generation_config, EXPLICIT_CHAIN_LENGTH_ATTRIBUTE, chain_length)
         return generation_config, model_kwargs

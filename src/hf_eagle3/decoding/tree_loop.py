@@ -9,7 +9,7 @@ steps: `DynamicTreeDecoder` (transformers' dynamic cache, eager forwards) or, wh
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.generation import GenerateDecoderOnlyOutput, GenerationConfig, LogitsProcessorList
@@ -59,23 +59,12 @@ def tree_assisted_decoding(
     path's steps); `stats` is updated once per verification. The inputs were checked by `checks.check_eagle3_inputs`.
     `model_kwargs` are what `generate` passes to `_assisted_decoding`: the cache, attention mask, position ids.
     """
-    total_tokens, depth, top_k = decoding_config.total_tokens, decoding_config.depth, decoding_config.top_k
     do_sample = generation_config.do_sample
     return_dict = generation_config.return_dict_in_generate
     scores = () if return_dict and generation_config.output_scores else None
     raw_logits = () if return_dict and generation_config.output_logits else None
     batched_greedy = uses_batched_greedy(do_sample, logits_processor, input_ids.device)
     stop_rule = host_stop_rule(stopping_criteria)
-    static = static_tree.use_static_tree(
-        decoding_config.static_cache, model, draft_model, input_ids.device, model_kwargs
-    )
-    compiled = decoding_config.compile
-    if compiled and not static:
-        logger.warning_once(
-            "eagle3_compile=True compiles the static-cache path, which this call does not take "
-            "(eagle3_static_cache=None takes it on CUDA where it applies; pass eagle3_static_cache=True to insist, "
-            "or to learn what stands in the way): it decodes uncompiled on the dynamic cache."
-        )
     timer = PhaseTimer(input_ids.device)
 
     def accept_step(
@@ -99,36 +88,18 @@ def tree_assisted_decoding(
 
     with TargetFeatureCapture(model, draft_model.config.target_layer_ids) as capture:
         timer.mark()
-        decoder: TreeDecoder
-        if static:
-            try:
-                decoder = static_tree.static_tree_runner(
-                    model,
-                    draft_model,
-                    capture,
-                    total_tokens,
-                    depth,
-                    top_k,
-                    generation_config.max_length,
-                    batched_greedy=batched_greedy,
-                    keep_logits=scores is not None or raw_logits is not None,
-                    compiled=compiled,
-                )
-            except static_tree.StaticTreeCaptureError as error:
-                if compiled:
-                    raise ValueError(
-                        f"eagle3_compile=True cannot be honoured: {error}. Pass eagle3_compile=False to decode on "
-                        "static caches without compiling."
-                    ) from error
-                if decoding_config.static_cache:
-                    raise ValueError(
-                        f"eagle3_static_cache=True cannot be honoured: {error}. Pass eagle3_static_cache=False to "
-                        "decode with the dynamic cache."
-                    ) from error
-                logger.warning_once(f"EAGLE-3 decodes with the dynamic cache instead: {error}.")
-                static = False
-        if not static:
-            decoder = DynamicTreeDecoder(model, draft_model, capture, total_tokens, depth, top_k, model_kwargs)
+        decoder = _make_decoder(
+            model,
+            draft_model,
+            capture,
+            decoding_config,
+            input_ids.device,
+            generation_config.max_length,
+            model_kwargs,
+            batched_greedy=batched_greedy,
+            keep_logits=scores is not None or raw_logits is not None,
+        )
+        static = isinstance(decoder, static_tree.StaticTreeRunner)
         timer.mark("setup")
         first_logits = decoder.prefill(input_ids, model_kwargs)
         # The prompt's last token stands as the root of a tree without drafts.
@@ -160,7 +131,7 @@ def tree_assisted_decoding(
         streamer.end()
     stats.phase_seconds = timer.seconds()
     stats.static_cache = static
-    stats.compiled = static and compiled
+    stats.compiled = static and decoding_config.compile
     if return_dict:
         cache = model_kwargs[CACHE_NAME]
         if static:
@@ -168,6 +139,56 @@ def tree_assisted_decoding(
             decoder.copy_prefix_to(cache, input_ids.shape[1] - 1)
         return GenerateDecoderOnlyOutput(sequences=input_ids, scores=scores, logits=raw_logits, **cache_kwargs(cache))
     return input_ids
+
+
+def _make_decoder(
+    model: PreTrainedModel,
+    draft_model: Eagle3DraftModel,
+    capture: TargetFeatureCapture,
+    config: Eagle3DecodingConfig,
+    device: torch.device,
+    max_length: int,
+    model_kwargs: dict[str, Any],
+    batched_greedy: bool,
+    keep_logits: bool,
+) -> TreeDecoder:
+    """The call's backend: the static-cache runner where it applies (see `eagle3_static_cache`) and could be built,
+    else the dynamic-cache decoder."""
+    total_tokens, depth, top_k = config.total_tokens, config.depth, config.top_k
+    static = static_tree.use_static_tree(config.static_cache, model, draft_model, device, model_kwargs)
+    if config.compile and not static:
+        logger.warning_once(
+            "eagle3_compile=True compiles the static-cache path, which this call does not take "
+            "(eagle3_static_cache=None takes it on CUDA where it applies; pass eagle3_static_cache=True to insist, "
+            "or to learn what stands in the way): it decodes uncompiled on the dynamic cache."
+        )
+    if static:
+        try:
+            return static_tree.static_tree_runner(
+                model,
+                draft_model,
+                capture,
+                total_tokens,
+                depth,
+                top_k,
+                max_length,
+                batched_greedy=batched_greedy,
+                keep_logits=keep_logits,
+                compiled=config.compile,
+            )
+        except static_tree.StaticTreeCaptureError as error:
+            if config.compile:
+                raise ValueError(
+                    f"eagle3_compile=True cannot be honoured: {error}. Pass eagle3_compile=False to decode on "
+                    "static caches without compiling."
+                ) from error
+            if config.static_cache:
+                raise ValueError(
+                    f"eagle3_static_cache=True cannot be honoured: {error}. Pass eagle3_static_cache=False to "
+                    "decode with the dynamic cache."
+                ) from error
+            logger.warning_once(f"EAGLE-3 decodes with the dynamic cache instead: {error}.")
+    return DynamicTreeDecoder(model, draft_model, capture, total_tokens, depth, top_k, model_kwargs)
 
 
 __all__ = ["tree_assisted_decoding"]
