@@ -46,7 +46,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import hf_eagle3
 from hf_eagle3 import Eagle3Config, Eagle3DraftModel
-from hf_eagle3.decoding import tree as tree_module
+from hf_eagle3.decoding import dynamic_tree, tree_loop
 from hf_eagle3.decoding.candidate_generator import Eagle3CandidateGenerator
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent
@@ -142,13 +142,13 @@ def instrumented(clock: PhaseClock, target: torch.nn.Module, head: Eagle3DraftMo
         head.register_forward_pre_hook(lambda *_: clock.enter("head_forward")),
         head.register_forward_hook(lambda *_: clock.exit()),
     ]
-    build_draft_tree, get_candidates = tree_module.build_draft_tree, Eagle3CandidateGenerator.get_candidates
-    tree_module.build_draft_tree = wrap(build_draft_tree, "tree_building")
+    build_draft_tree, get_candidates = dynamic_tree.build_draft_tree, Eagle3CandidateGenerator.get_candidates
+    dynamic_tree.build_draft_tree = wrap(build_draft_tree, "tree_building")
     Eagle3CandidateGenerator.get_candidates = wrap(get_candidates, "chain_drafting")
     try:
         yield
     finally:
-        tree_module.build_draft_tree, Eagle3CandidateGenerator.get_candidates = build_draft_tree, get_candidates
+        dynamic_tree.build_draft_tree, Eagle3CandidateGenerator.get_candidates = build_draft_tree, get_candidates
         for handle in handles:
             handle.remove()
 
@@ -549,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.accelerator_paths:
         # `_uses_batched_greedy` keeps the node-by-node walk on the CPU, where host reads cost nothing.
-        tree_module._uses_batched_greedy = lambda do_sample, processors, device: not do_sample and not processors
+        tree_loop.uses_batched_greedy = lambda do_sample, processors, device: not do_sample and not processors
     target, tokenizer, head, head_name = load_models(args)
     prompts = load_prompts(target, tokenizer, args)
     # Warm-up: first calls pay one-time costs (kernel selection, lazy imports, allocator growth).

@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from hf_eagle3 import Eagle3Config, Eagle3DraftModel
-from hf_eagle3.decoding import tree as tree_module
+from hf_eagle3.decoding import tree_loop
 
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core runner the threads' spin-waiting makes every
 # forward several times slower (measured: 30-token generate 2.5 s with 2 threads, 0.25 s with 1).
@@ -140,5 +140,5 @@ def save_chat_checkpoint(directory, draft_vocab_size: int | None = 64):
 def batched_greedy(monkeypatch):
     """Take the accelerator's greedy acceptance path (one host transfer per step) on the CPU."""
     monkeypatch.setattr(
-        tree_module, "_uses_batched_greedy", lambda do_sample, processors, device: not do_sample and not processors
+        tree_loop, "uses_batched_greedy", lambda do_sample, processors, device: not do_sample and not processors
     )

@@ -34,7 +34,10 @@ from hf_eagle3.target_features import TargetFeatureCapture, get_decoder_layers
 def assert_greedy_lossless(target, head, input_ids: torch.LongTensor, **generate_kwargs):
     """Compare greedy decoding with and without the head; raise at the first differing token."""
     kwargs = dict(do_sample=False, **generate_kwargs)
-    reference = target.generate(input_ids, **kwargs)
+    # The target alone takes no EAGLE-3 knobs (they are an error without an EAGLE-3 assistant).
+    reference = target.generate(
+        input_ids, **{name: value for name, value in kwargs.items() if not name.startswith("eagle3_")}
+    )
     output = target.generate(input_ids, assistant_model=head, return_dict_in_generate=True, **kwargs)
     expected, got = reference[0].tolist(), output.sequences[0].tolist()
     mismatch = next((i for i, (a, b) in enumerate(zip(expected, got, strict=False)) if a != b), None)

@@ -29,7 +29,9 @@ import pytest
 import torch
 from conftest import make_head, make_target
 from lossless import assert_greedy_lossless, chi_square_p_value, exact_continuation_probs
-from test_decoding_tree import make_oracle_pair, prompt
+from tree_decoding import make_oracle_pair, prompt
+
+from hf_eagle3.decoding import static_tree
 
 pytestmark = pytest.mark.gpu
 
@@ -44,10 +46,10 @@ def assert_graph_path(output, head, compiled: bool = False):
     phases; its runner."""
     stats = output.eagle3_stats
     assert stats.static_cache, "not on the static path: did the capture fail (see the logged warning)?"
-    assert stats.compiled == compiled and head._static_tree_runner.compiled == compiled
+    assert stats.compiled == compiled and static_tree.cached_runner(head).compiled == compiled
     assert set(PHASES) <= set(stats.phase_seconds), stats.phase_seconds
     assert all(stats.phase_seconds[phase] >= 0 for phase in PHASES) and sum(map(stats.phase_seconds.get, PHASES)) > 0
-    runner = head._static_tree_runner
+    runner = static_tree.cached_runner(head)
     if output.sequences.device.type == "cuda":
         steps = (runner._draft_step, runner._verify_step, runner._commit_step)
         assert all(step.graph is not None for step in steps), "the tree step was not captured as CUDA graphs"

@@ -1,6 +1,6 @@
 """The per-step overhead of tree decoding: batched greedy acceptance (one host transfer per step) and its exactness.
 
-`_accept_greedy` runs on accelerators only (on the CPU the node-by-node walk is cheaper), so these tests force it
+`accept_greedy` runs on accelerators only (on the CPU the node-by-node walk is cheaper), so these tests force it
 on the CPU and compare it with the walk and with the target's own greedy decoding.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_head, make_target
-from test_decoding_tree import RecordingStats, hand_built_tree, make_oracle_pair, prompt, tree_generate
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.cache_utils import DynamicCache
 from transformers.generation import (
@@ -19,13 +18,15 @@ from transformers.generation import (
     StoppingCriteria,
     StoppingCriteriaList,
 )
+from tree_decoding import RecordingStats, hand_built_tree, make_oracle_pair, prompt, tree_generate
 
 from hf_eagle3._compat import cache_kwargs
-from hf_eagle3.decoding import tree as tree_module
+from hf_eagle3.decoding import tree_loop
+from hf_eagle3.decoding.acceptance import accept, accept_greedy
+from hf_eagle3.decoding.dynamic_tree import DynamicTreeDecoder
 from hf_eagle3.decoding.kv_cache import keep_cache_positions
 from hf_eagle3.decoding.static_tree import StaticTreeRunner
 from hf_eagle3.decoding.stopping import host_stop_rule
-from hf_eagle3.decoding.tree import DynamicTreeDecoder, _accept, _accept_greedy
 
 
 class StopAfter(StoppingCriteria):
@@ -49,7 +50,7 @@ def walk_tree_logits(tree, agree_along: list[int], vocab: int = 20, seed: int = 
 @pytest.mark.parametrize("path", [[0], [0, 1], [0, 1, 3], [0, 1, 3, 5], [0, 2]])
 @pytest.mark.parametrize("criteria", ["none", "max_length", "eos", "custom"])
 def test_batched_acceptance_equals_the_walk(path, criteria):
-    """Same tokens, path, acceptance count, stop and scores as `_accept`, for every way a step can end."""
+    """Same tokens, path, acceptance count, stop and scores as `accept`, for every way a step can end."""
     tree = hand_built_tree()
     logits = walk_tree_logits(tree, path)
     input_ids = torch.tensor([[7, 8, 9]])
@@ -61,12 +62,12 @@ def test_batched_acceptance_equals_the_walk(path, criteria):
         "custom": [MaxLengthCriteria(max_length=100), StopAfter(emitted[-1])],
     }[criteria]
     stopping = StoppingCriteriaList(stopping)
-    expected, expected_ids, expected_scores, _ = _accept(
+    expected, expected_ids, expected_scores, _ = accept(
         logits, tree.tokens, tree.children(), input_ids, LogitsProcessorList(), stopping, False, (), ()
     )
     stop_rule = host_stop_rule(stopping)
     assert (stop_rule is None) == (criteria == "custom")
-    step, visited, ids, scores, raw_logits = _accept_greedy(logits, tree, input_ids, stopping, stop_rule, (), ())
+    step, visited, ids, scores, raw_logits = accept_greedy(logits, tree, input_ids, stopping, stop_rule, (), ())
     assert step == expected
     assert visited.tolist() == expected.visited
     assert torch.equal(ids, expected_ids)
@@ -215,7 +216,7 @@ def test_real_target_with_shipped_head_is_token_identical(monkeypatch):
         )
         expected = target.generate(**inputs, max_new_tokens=64, do_sample=False)
         for batched in (False, True):
-            monkeypatch.setattr(tree_module, "_uses_batched_greedy", lambda *_, batched=batched: batched)
+            monkeypatch.setattr(tree_loop, "uses_batched_greedy", lambda *_, batched=batched: batched)
             output = target.generate(**inputs, max_new_tokens=64, do_sample=False, assistant_model=head)
             assert torch.equal(output, expected), (
                 f"greedy text changed (batched acceptance: {batched}): {prompt_text!r}"

@@ -15,14 +15,14 @@ import pytest
 import torch
 from conftest import make_head, make_target
 from lossless import assert_greedy_lossless
-from test_decoding_tree import (
+from transformers import GenerationConfig
+from tree_decoding import (
     RecordingStats,
     assert_sampling_matches_target_distribution,
     make_oracle_pair,
     prompt,
     tree_generate,
 )
-from transformers import GenerationConfig
 
 from hf_eagle3.decoding import static_tree
 
@@ -42,7 +42,7 @@ def assert_compiled_run(output, head) -> static_tree.StaticTreeRunner:
     """The call decoded on static caches with compiled steps; its runner."""
     stats = output.eagle3_stats
     assert stats.static_cache and stats.compiled and stats.to_dict()["compiled"] is True
-    runner = head._static_tree_runner
+    runner = static_tree.cached_runner(head)
     assert runner.compiled and runner.key[0] is True
     return runner
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 from conftest import TEST_DEVICE, make_head, make_target
 from lossless import assert_greedy_lossless
-from test_decoding_tree import (
+from transformers.cache_utils import DynamicCache
+from tree_decoding import (
     RecordingStats,
     assert_friendly_head_lossless,
     assert_sampling_matches_target_distribution,
@@ -20,7 +21,6 @@ from test_decoding_tree import (
     prompt,
     tree_generate,
 )
-from transformers.cache_utils import DynamicCache
 
 from hf_eagle3._compat import CACHE_NAME, cache_kwargs
 from hf_eagle3.decoding import static_tree
@@ -133,12 +133,12 @@ def test_runner_is_reused_and_grows(monkeypatch):
         with torch.inference_mode(max_new_tokens == 6 and not runners):
             output = assert_greedy_lossless(target, head, input_ids, max_new_tokens=max_new_tokens, **knobs)
         assert output.eagle3_stats.static_cache
-        runners.append(head._static_tree_runner)
+        runners.append(static_tree.cached_runner(head))
     assert runners[1] is runners[0]
     assert runners[2] is not runners[1] and runners[2].max_cache_len > runners[1].max_cache_len
     assert runners[3] is runners[2], "a shorter call fits the grown runner"
     assert_greedy_lossless(target, head, input_ids, max_new_tokens=12, **dict(knobs, eagle3_top_k=2))
-    assert head._static_tree_runner is not runners[3], "another tree shape needs other buffers"
+    assert static_tree.cached_runner(head) is not runners[3], "another tree shape needs other buffers"
 
 
 def test_automatic_choice_and_phase_times():

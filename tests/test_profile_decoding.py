@@ -15,10 +15,10 @@ spec.loader.exec_module(profile_decoding)
 
 
 def test_breakdown_of_plain_tree_and_chain(tmp_path, capsys, monkeypatch):
-    # The flag replaces the tree module's device rule for the rest of the process: restored after the test.
-    from hf_eagle3.decoding import tree
+    # The flag replaces the tree loop's device rule for the rest of the process: restored after the test.
+    from hf_eagle3.decoding import tree_loop
 
-    monkeypatch.setattr(tree, "_uses_batched_greedy", tree._uses_batched_greedy)
+    monkeypatch.setattr(tree_loop, "uses_batched_greedy", tree_loop.uses_batched_greedy)
     output = tmp_path / "profile.json"
     argv = ["--prompts", "1", "--max_new_tokens", "10", "--tree", "8", "3", "2", "--chain_length", "3"]
     assert profile_decoding.main([*argv, "--accelerator_paths", "--json", str(output)]) == 0

@@ -14,8 +14,3 @@ CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ e
 def cache_kwargs(cache: Any) -> dict[str, Any]:
     """The keyword a stock causal LM takes its KV cache under, in this transformers release."""
     return {CACHE_NAME: cache}
-
-
-def output_cache(outputs: Any) -> Any:
-    """The KV cache a stock causal LM returned, in this transformers release."""
-    return getattr(outputs, CACHE_NAME)

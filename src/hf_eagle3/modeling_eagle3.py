@@ -29,7 +29,7 @@ from transformers.utils import GENERATION_CONFIG_NAME, ModelOutput
 
 from . import checkpoint_formats
 from .configuration_eagle3 import Eagle3Config, default_target_layer_ids
-from .data.vocab import vocab_maps_consistent
+from .vocab_maps import vocab_maps_consistent
 
 
 @dataclass
@@ -215,10 +215,6 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         self.generation_config: GenerationConfig | None = None
         # Set by each `target.generate(..., assistant_model=head)` call: an `Eagle3GenerationStats`.
         self.last_generation_stats = None
-        # Static caches and CUDA graphs of tree decoding, reused by later calls (see `decoding.static_tree`).
-        self._static_tree_runner = None
-        # (runner key, reason) of a tree step that could not be captured, so later calls do not retry it.
-        self._static_tree_capture_failure = None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -351,9 +347,6 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         self.d2t = d2t.clone()
         self.t2d = t2d.clone()
         self.config.draft_vocab_size = size
-        # A static-tree runner holds buffers and graphs sized for the old vocabulary.
-        self._static_tree_runner = None
-        self._static_tree_capture_failure = None
         return self
 
     # ------------------------------------------------------------------ checkpoints

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..vocab_maps import vocab_maps_consistent
+
 VOCAB_MAP_NAME = "vocab_map.safetensors"
 
 
@@ -99,20 +101,6 @@ def build_vocab_maps(
     t2d[kept] = True
     coverage = int(counts[kept].sum()) / total
     return d2t, t2d, coverage
-
-
-def vocab_maps_consistent(d2t: torch.Tensor, t2d: torch.Tensor) -> bool:
-    """Whether `d2t` names distinct target ids within the vocabulary of `t2d` and `t2d` marks exactly those."""
-    if d2t.dim() != 1 or t2d.dim() != 1:  # before the arithmetic below, which would broadcast or fail on them
-        return False
-    target_ids = d2t + torch.arange(d2t.numel(), device=d2t.device)
-    vocab_size = t2d.numel()
-    return (
-        target_ids.unique().numel() == d2t.numel()
-        and int(t2d.sum()) == d2t.numel()
-        and bool((target_ids >= 0).all() and (target_ids < vocab_size).all())
-        and bool(t2d[target_ids.clamp(0, vocab_size - 1)].all())
-    )
 
 
 def _vocab_map_file(path: str | os.PathLike) -> str:

@@ -1,6 +1,12 @@
-"""EAGLE-3 decoding inside transformers' `generate`: a chain candidate generator and dynamic draft trees."""
+"""EAGLE-3 decoding inside transformers' `generate`: dynamic draft trees (default) and a chain candidate generator.
+
+`dispatch` routes `generate(assistant_model=<Eagle3DraftModel>)` here and holds the path from `generate` to the target's
+verification forward; `config` and `checks` are a call's settings and input checks; `draft_tree`, `acceptance`,
+`tree_decoder`, `dynamic_tree`, `static_tree` and `tree_loop` are tree mode; `candidate_generator` is chain mode.
+"""
 
 from .candidate_generator import Eagle3CandidateGenerator
+from .config import Eagle3DecodingConfig
 from .dispatch import (
     Eagle3GenerateDecoderOnlyOutput,
     disable_eagle3_generation,
@@ -11,6 +17,7 @@ from .stats import Eagle3GenerationStats
 
 __all__ = [
     "Eagle3CandidateGenerator",
+    "Eagle3DecodingConfig",
     "Eagle3GenerateDecoderOnlyOutput",
     "Eagle3GenerationStats",
     "disable_eagle3_generation",

@@ -1,74 +1,53 @@
-"""EAGLE-3 as a transformers `CandidateGenerator`: the head drafts, transformers' assisted decoding verifies.
+"""EAGLE-3 chain mode as a transformers `CandidateGenerator`: the head drafts, transformers' assisted decoding verifies.
 
 transformers calls `get_candidates` before every target forward and hands it the target's previous
 verification outputs (`requires_model_outputs = True`). The three feature layers the head reads are captured
 with forward pre-hooks on the target's decoder layers (see `TargetFeatureCapture`), so the target needs no
 `output_hidden_states` and nothing target-specific is asked of transformers.
 
-Chain mode (this module): after each verification the head re-encodes the newly accepted positions from the
-target's fused features of that pass, then drafts `num_assistant_tokens` tokens on its own outputs; its KV
-cache only ever keeps accepted positions (reference section 4.1). Tree mode reads its knobs from the same
-object and runs in `hf_eagle3.decoding.tree`.
+After each verification the head re-encodes the newly accepted positions from the target's fused features of that
+pass, then drafts `num_assistant_tokens` tokens on its own outputs; its KV cache only ever keeps accepted positions.
+Tree mode runs its own loop (`tree_loop`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel
-from transformers.cache_utils import DynamicCache, StaticCache
+from transformers.cache_utils import DynamicCache
 from transformers.generation import LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.candidate_generator import CandidateGenerator
 
-from .._compat import CACHE_NAME
-from ..modeling_eagle3 import Eagle3DraftModel
 from ..target_features import TargetFeatureCapture
 from .stats import Eagle3GenerationStats
 from .stopping import first_stop, host_stop_rule
 
-EAGLE3_MODES = ("tree", "chain")
-# Reference-code defaults for the dynamic tree (reference section 4). The chain length is what one eager head
-# step (~1 ms) buys against one target forward (~22 ms) at a per-token acceptance around 0.7 (gpu.md).
-DEFAULT_EAGLE3_KNOBS: dict[str, Any] = {
-    "eagle3_mode": "tree",
-    "eagle3_total_tokens": 60,
-    "eagle3_depth": 7,
-    "eagle3_top_k": 10,
-    # Tree mode on static caches with CUDA graphs: None where it applies (CUDA, see `static_tree.use_static_tree`),
-    # True to insist (also off CUDA, without graphs), False for the dynamic cache.
-    "eagle3_static_cache": None,
-    # The static path's step functions compiled by torch.compile before they are captured (`static_tree`): True or
-    # False. Opt-in, as transformers' compiled generate is: each new runner (tree shape, longer cache) compiles for
-    # tens of seconds, after which a step runs ~2.3x faster (SmolLM2-135M on an H100: 3.3 instead of 8.0 ms).
-    "eagle3_compile": False,
-}
-DEFAULT_CHAIN_LENGTH = 6
-# transformers fills `num_assistant_tokens` with a global default (20, sized for small assistant LMs) before the
-# candidate generator sees it. The dispatch records here the value the caller actually chose, if any.
-EXPLICIT_CHAIN_LENGTH_ATTRIBUTE = "_eagle3_num_assistant_tokens"
+if TYPE_CHECKING:
+    from ..modeling_eagle3 import Eagle3DraftModel
+    from .config import Eagle3DecodingConfig
 
 
 class Eagle3CandidateGenerator(CandidateGenerator):
-    """Drafts candidates with an EAGLE-3 head for `target.generate(..., assistant_model=draft)`.
+    """Drafts chains with an EAGLE-3 head for transformers' assisted decoding loop (`eagle3_mode="chain"`).
 
-    Knobs are read from the call's generation config (generate kwargs `eagle3_mode`, `eagle3_total_tokens`,
-    `eagle3_depth`, `eagle3_top_k`, `eagle3_static_cache`, `eagle3_compile`, `num_assistant_tokens`), then from
-    `draft.generation_config`, then the defaults above. Use it as a context manager around the target forwards in
-    chain mode: that is when the feature hooks are on the target.
+    `target.generate(..., assistant_model=draft, eagle3_mode="chain")` builds it after resolving and checking the call's
+    settings (`Eagle3DecodingConfig`, `checks.check_eagle3_inputs`). Use it as a context manager around the target
+    forwards: that is when the feature hooks are on the target.
 
     Args:
         target: the model whose `generate` runs (a PEFT-wrapped model's base model is fine).
-        draft_model: the EAGLE-3 head; attached to `target` here if it was not yet.
+        draft_model: the EAGLE-3 head, attached to `target`.
         generation_config: the generation config of this call, as transformers prepared it.
-        input_ids: the prompt, `(1, prompt_length)`.
+        decoding_config: the call's resolved settings; `num_assistant_tokens` is the chain length.
+        stats: the call's statistics, updated once per verification.
         logits_processor: the call's processors; applied to the draft's logits so that sampled drafts come
             from the distribution speculative sampling assumes.
         stopping_criteria: the call's stopping criteria (evaluated on draft prefixes, without scores, as
             transformers 5.17 does). Drafting ends at a token that would end generation: greedy leaves that token
             to the target, so the output stops exactly where the target alone stops; sampling keeps it as the last
             draft, which keeps the distribution exact.
-        model_kwargs: the call's model kwargs (cache, attention mask).
     """
 
     requires_model_outputs = True
@@ -80,31 +59,16 @@ class Eagle3CandidateGenerator(CandidateGenerator):
         target: PreTrainedModel,
         draft_model: Eagle3DraftModel,
         generation_config: GenerationConfig,
-        input_ids: torch.LongTensor,
+        decoding_config: Eagle3DecodingConfig,
+        stats: Eagle3GenerationStats,
         logits_processor: LogitsProcessorList | None = None,
         stopping_criteria: StoppingCriteriaList | None = None,
-        model_kwargs: dict[str, Any] | None = None,
     ):
-        model_kwargs = model_kwargs or {}
-        if input_ids.shape[0] != 1:
-            raise ValueError(
-                f"EAGLE-3 decoding runs one sequence at a time (batch size 1, like the reference implementation); "
-                f"got a batch of {input_ids.shape[0]}. Call `generate` once per prompt."
-            )
-        cache = model_kwargs.get(CACHE_NAME)
-        if isinstance(cache, StaticCache):
-            raise ValueError(
-                "EAGLE-3 decoding rolls the target's KV cache back after every verification, which a StaticCache "
-                "cannot do. Let `generate` create its default dynamic cache (pass no cache object)."
-            )
-        draft_model.check_target(target)
-        if not draft_model.has_target_embeddings:
-            draft_model.attach_target(target)
-        draft_model.check_vocab_maps()
-
         self.target = target
         self.draft_model = draft_model
         self.generation_config = generation_config
+        self.decoding_config = decoding_config
+        self.stats = stats
         self.logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
         self.stopping_criteria = (
             stopping_criteria
@@ -113,80 +77,16 @@ class Eagle3CandidateGenerator(CandidateGenerator):
         )
         self.do_sample = bool(generation_config.do_sample)
         self.max_length = generation_config.max_length
+        self.num_assistant_tokens = decoding_config.num_assistant_tokens
         # Greedy drafts without processors need no full-vocabulary logits and no per-token host reads (the target
         # compares tokens only): the chain is drafted whole and checked for stops once.
         self.batched_greedy = not self.do_sample and len(self.logits_processor) == 0
         self.stop_rule = host_stop_rule(self.stopping_criteria)
 
-        self.mode = self._knob("eagle3_mode")
-        if self.mode not in EAGLE3_MODES:
-            raise ValueError(f"eagle3_mode must be one of {EAGLE3_MODES}, got {self.mode!r}.")
-        self.total_tokens = self._positive_int_knob("eagle3_total_tokens")
-        self.depth = self._positive_int_knob("eagle3_depth")
-        self.top_k = self._positive_int_knob("eagle3_top_k")
-        self.num_assistant_tokens = self._chain_length()
-        self.static_cache = self._knob("eagle3_static_cache")
-        if self.static_cache is not None and not isinstance(self.static_cache, bool):
-            raise ValueError(
-                f"eagle3_static_cache must be None (automatic), True or False, got {self.static_cache!r}."
-            )
-        if self.static_cache and self.mode != "tree":
-            raise ValueError(
-                "eagle3_static_cache=True applies to tree decoding; chain mode runs transformers' own loop on the "
-                "dynamic cache. Pass eagle3_mode='tree' or drop eagle3_static_cache."
-            )
-        self.compile = self._knob("eagle3_compile")
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"eagle3_compile must be True or False, got {self.compile!r}.")
-        if self.compile and (self.mode != "tree" or self.static_cache is False):
-            raise ValueError(
-                f"eagle3_compile=True compiles the tree step on static caches, which eagle3_mode={self.mode!r} with "
-                f"eagle3_static_cache={self.static_cache!r} does not run. Pass eagle3_mode='tree' with "
-                "eagle3_static_cache=None (static caches where they apply) or True, or drop eagle3_compile."
-            )
-        attn_implementation = getattr(target.config, "_attn_implementation", None) or ""
-        if self.mode == "tree" and "flash" in attn_implementation:
-            raise ValueError(
-                f"EAGLE-3 tree decoding verifies a draft tree in one target forward with a 4D tree attention mask, "
-                f"which the target's attention implementation {attn_implementation!r} cannot take. Load the target "
-                "with attn_implementation='sdpa' (or 'eager'), or pass eagle3_mode='chain'."
-            )
-        self.feature_layer_ids = list(draft_model.config.target_layer_ids)
-
-        # A fresh record per generate call, also reachable from the head after the call.
-        self.stats = Eagle3GenerationStats()
-        draft_model.last_generation_stats = self.stats
-
-        self._feature_capture = TargetFeatureCapture(target, self.feature_layer_ids)
+        self._feature_capture = TargetFeatureCapture(target, list(draft_model.config.target_layer_ids))
         self._capturing = False
         self._draft_cache = DynamicCache()
         self._prefill_pending = False
-
-    # ------------------------------------------------------------------ knobs
-    def _knob(self, name: str) -> Any:
-        draft_config = getattr(self.draft_model, "generation_config", None)
-        for config in (self.generation_config, draft_config):
-            value = getattr(config, name, None)
-            if value is not None:
-                return value
-        return DEFAULT_EAGLE3_KNOBS[name]
-
-    def _positive_int_knob(self, name: str) -> int:
-        value = self._knob(name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        return value
-
-    def _chain_length(self) -> int:
-        draft_config = getattr(self.draft_model, "generation_config", None)
-        value = getattr(self.generation_config, EXPLICIT_CHAIN_LENGTH_ATTRIBUTE, None)
-        if value is None:
-            value = getattr(draft_config, "num_assistant_tokens", None)
-        if value is None:
-            return DEFAULT_CHAIN_LENGTH
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"num_assistant_tokens must be a positive integer, got {value!r}.")
-        return value
 
     # ------------------------------------------------------------------ feature hooks
     def __enter__(self) -> Eagle3CandidateGenerator:
@@ -319,4 +219,4 @@ class Eagle3CandidateGenerator(CandidateGenerator):
         self.stats.record(num_matches, num_matches + 1)
 
 
-__all__ = ["DEFAULT_CHAIN_LENGTH", "DEFAULT_EAGLE3_KNOBS", "EAGLE3_MODES", "Eagle3CandidateGenerator"]
+__all__ = ["Eagle3CandidateGenerator"]

@@ -1,20 +1,24 @@
 """Route `target.generate(..., assistant_model=<Eagle3DraftModel>)` to EAGLE-3 decoding.
 
-transformers chooses a candidate generator in the private `GenerationMixin._get_candidate_generator`, a fixed
-chain of `if`s with no registry, so one argument can only reach EAGLE-3 through a hook. `import hf_eagle3`
-calls `enable_eagle3_generation()`, which wraps four `GenerationMixin` methods; `disable_eagle3_generation()`
-puts the originals back. Each wrapper calls the original unchanged unless the assistant is an
-`Eagle3DraftModel` (the first one only takes the `eagle3_*` arguments out of the way):
+The path of `assistant_model` from `generate` to the verification forward:
 
-- `_prepare_generation_config`: moves the `eagle3_*` generate kwargs onto the call's generation config (as
-  custom entries, like any knob a generation config carries; transformers would reject them as unknown model
-  kwargs) and records the `num_assistant_tokens` the caller chose, before transformers fills in its default.
-- `_validate_generation_mode`: rejects what EAGLE-3 cannot honour (beam search, several return sequences,
-  static caches, a second candidate source) with errors that name the fix.
-- `_assisted_decoding`: builds the `Eagle3CandidateGenerator`. Tree mode runs
-  `hf_eagle3.decoding.tree.tree_assisted_decoding` with exactly `_assisted_decoding`'s arguments; chain mode
-  runs transformers' own loop with the feature hooks on. The statistics go on a dict output.
-- `_get_candidate_generator`: yields that generator for an EAGLE-3 assistant.
+1. `generate` prepares the generation config: the hook on `_prepare_generation_config` moves the `eagle3_*` kwargs
+   onto it (transformers would reject them as unknown model kwargs) and records what the call itself set.
+2. `generate` validates the generation mode: the hook on `_validate_generation_mode` runs
+   `checks.check_generation_mode` for an EAGLE-3 head (beam search, several sequences, static caches, other candidate
+   sources are errors) and rejects `eagle3_*` knobs without one.
+3. `generate` calls `_assisted_decoding`; its hook runs `eagle3_assisted_decoding`: the call's settings are resolved
+   once into an `Eagle3DecodingConfig` and the inputs checked once (`checks.check_eagle3_inputs`); then tree mode runs
+   `tree_loop.tree_assisted_decoding` (whose backend's `verify` is the target forward over the draft tree), and chain
+   mode runs transformers' own loop with an `Eagle3CandidateGenerator`, which the hook on `_get_candidate_generator`
+   hands it.
+
+Why hooks and not a public seam: transformers picks the decoding method and the candidate generator in private
+`GenerationMixin` methods, without a registry. `generate(custom_generate=callable)` would have to be passed on every
+call, and it hands the callable neither `assistant_model` nor `streamer`; chain mode reuses `_assisted_decoding`, which
+asks `_get_candidate_generator` for its generator. Each hook calls transformers' method unchanged unless the assistant
+is an `Eagle3DraftModel` (or, for the first, `eagle3_*` kwargs are present). `import hf_eagle3` installs them
+(`enable_eagle3_generation`); `disable_eagle3_generation()` puts transformers' methods back.
 """
 
 from __future__ import annotations
@@ -24,14 +28,24 @@ import inspect
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from transformers import GenerationMixin
 from transformers.generation import GenerateDecoderOnlyOutput
-from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS, GenerationMode
 
 from ..modeling_eagle3 import Eagle3DraftModel
-from .candidate_generator import DEFAULT_EAGLE3_KNOBS, EXPLICIT_CHAIN_LENGTH_ATTRIBUTE, Eagle3CandidateGenerator
+from .candidate_generator import Eagle3CandidateGenerator
+from .checks import check_eagle3_inputs, check_generation_mode, check_no_eagle3_knobs
+from .config import (
+    CALL_KNOBS_ATTRIBUTE,
+    DEFAULT_EAGLE3_KNOBS,
+    EXPLICIT_CHAIN_LENGTH_ATTRIBUTE,
+    UNUSED_ASSISTED_KNOBS,
+    Eagle3DecodingConfig,
+)
 from .stats import Eagle3GenerationStats
+from .tree_loop import tree_assisted_decoding
 
 
 @dataclass
@@ -41,11 +55,63 @@ class Eagle3GenerateDecoderOnlyOutput(GenerateDecoderOnlyOutput):
     eagle3_stats: Eagle3GenerationStats | None = None
 
 
-# The generator `_assisted_decoding` built for the running call, handed to transformers' own loop when it asks
-# `_get_candidate_generator` (a ContextVar, so concurrent threads each see their own).
+# The chain generator of the running call, handed to transformers' own loop when it asks `_get_candidate_generator`
+# (a ContextVar, so concurrent threads each see their own).
 _active_generator: ContextVar[Eagle3CandidateGenerator | None] = ContextVar("_active_generator", default=None)
 # The GenerationMixin attributes replaced while enabled: name -> (original, wrapper).
 _installed: dict[str, tuple[Callable, Callable]] = {}
+
+
+def eagle3_assisted_decoding(
+    model,
+    input_ids: torch.LongTensor,
+    logits_processor,
+    stopping_criteria,
+    generation_config,
+    synced_gpus: bool,
+    streamer,
+    assistant_model: Eagle3DraftModel,
+    model_kwargs: dict[str, Any],
+    transformers_assisted_decoding: Callable[[], Any],
+):
+    """EAGLE-3 decoding in place of `_assisted_decoding` (same arguments, same outputs plus `eagle3_stats`).
+
+    `transformers_assisted_decoding` runs transformers' own loop on this call's arguments (chain mode).
+    """
+    draft = assistant_model
+    config = Eagle3DecodingConfig.resolve(generation_config, getattr(draft, "generation_config", None))
+    check_eagle3_inputs(model, draft, config, input_ids, generation_config, synced_gpus, model_kwargs)
+    if not draft.has_target_embeddings:
+        draft.attach_target(model)
+    # A fresh record per call, also reachable from the head after the call.
+    stats = Eagle3GenerationStats()
+    draft.last_generation_stats = stats
+    if config.mode == "tree":
+        result = tree_assisted_decoding(
+            model,
+            input_ids,
+            logits_processor,
+            stopping_criteria,
+            generation_config,
+            streamer,
+            draft_model=draft,
+            decoding_config=config,
+            stats=stats,
+            **model_kwargs,
+        )
+    else:
+        generator = Eagle3CandidateGenerator(
+            model, draft, generation_config, config, stats, logits_processor, stopping_criteria
+        )
+        token = _active_generator.set(generator)
+        try:
+            with generator:
+                result = transformers_assisted_decoding()
+        finally:
+            _active_generator.reset(token)
+    if isinstance(result, GenerateDecoderOnlyOutput):
+        result = Eagle3GenerateDecoderOnlyOutput(**result, eagle3_stats=stats)
+    return result
 
 
 def _bind(function: Callable, *args, **kwargs) -> dict:
@@ -63,6 +129,11 @@ def _wrap_prepare_generation_config(original: Callable) -> Callable:
             raise ValueError(
                 f"Unknown EAGLE-3 generate arguments {unknown}; the knobs are {sorted(DEFAULT_EAGLE3_KNOBS)}."
             )
+        # What this call sets itself, as kwargs or in the generation config it passes (not the model's defaults).
+        call_knobs = {name for name, value in knobs.items() if value is not None}
+        for name in (*DEFAULT_EAGLE3_KNOBS, "num_assistant_tokens", *UNUSED_ASSISTED_KNOBS):
+            if kwargs.get(name) is not None or getattr(generation_config, name, None) is not None:
+                call_knobs.add(name)
         chain_length = kwargs.get("num_assistant_tokens")
         for config in (generation_config, getattr(self, "generation_config", None)):
             if chain_length is None and config is not None:
@@ -70,6 +141,8 @@ def _wrap_prepare_generation_config(original: Callable) -> Callable:
         generation_config, model_kwargs = original(self, generation_config, **kwargs)
         for name, value in knobs.items():
             setattr(generation_config, name, value)
+        if call_knobs:
+            setattr(generation_config, CALL_KNOBS_ATTRIBUTE, tuple(sorted(call_knobs)))
         if chain_length is not None:
             setattr(generation_config, EXPLICIT_CHAIN_LENGTH_ATTRIBUTE, chain_length)
         return generation_config, model_kwargs
@@ -77,47 +150,14 @@ def _wrap_prepare_generation_config(original: Callable) -> Callable:
     return _prepare_generation_config
 
 
-def check_eagle3_generation_mode(target, draft: Eagle3DraftModel, generation_mode, generation_config) -> None:
-    """Raise a clear error for generate settings EAGLE-3 decoding cannot honour."""
-    draft.check_target(target)
-    if generation_mode != GenerationMode.ASSISTED_GENERATION:
-        raise ValueError(
-            f"EAGLE-3 speculative decoding runs greedy decoding or sampling, but these settings select "
-            f"{generation_mode.value!r} (num_beams={generation_config.num_beams}), which would silently ignore the "
-            "assistant. Use num_beams=1 with the EAGLE-3 head, or drop `assistant_model` for beam search."
-        )
-    if generation_config.num_return_sequences > 1:
-        raise ValueError(
-            f"EAGLE-3 decoding produces one sequence per call; got num_return_sequences="
-            f"{generation_config.num_return_sequences}. Call `generate` once per sample (with do_sample=True)."
-        )
-    if generation_config.cache_implementation in ALL_STATIC_CACHE_IMPLEMENTATIONS:
-        raise ValueError(
-            f"EAGLE-3 decoding manages the target's KV cache itself (it rolls it back after every verification; "
-            f"tree mode brings its own static caches on CUDA, see `eagle3_static_cache`), so "
-            f"cache_implementation={generation_config.cache_implementation!r} cannot apply. Drop "
-            "`cache_implementation` to use the default dynamic cache."
-        )
-    other_sources = {
-        "prompt_lookup_num_tokens": getattr(generation_config, "prompt_lookup_num_tokens", None),
-        "assistant_early_exit": getattr(generation_config, "assistant_early_exit", None),
-        "use_mtp": getattr(generation_config, "use_mtp", None) or None,
-        "speculation_type": getattr(generation_config, "speculation_type", None),
-    }
-    chosen = {name: value for name, value in other_sources.items() if value is not None}
-    if chosen:
-        raise ValueError(
-            f"Both an EAGLE-3 head and {chosen} ask to propose draft tokens; transformers can use one candidate "
-            "source per call. Drop those settings or drop `assistant_model`."
-        )
-
-
 def _wrap_validate_generation_mode(original: Callable) -> Callable:
     @functools.wraps(original)
     def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
         draft = generation_mode_kwargs.get("assistant_model")
         if isinstance(draft, Eagle3DraftModel):
-            check_eagle3_generation_mode(self, draft, generation_mode, generation_config)
+            check_generation_mode(self, draft, generation_mode, generation_config)
+        else:
+            check_no_eagle3_knobs(generation_config, draft)
         return original(self, generation_mode, generation_config, generation_mode_kwargs)
 
     return _validate_generation_mode
@@ -126,21 +166,16 @@ def _wrap_validate_generation_mode(original: Callable) -> Callable:
 def _wrap_get_candidate_generator(original: Callable) -> Callable:
     @functools.wraps(original)
     def _get_candidate_generator(self, *args, **kwargs):
-        arguments = _bind(original, self, *args, **kwargs)
-        draft = arguments["assistant_model"]
+        draft = _bind(original, self, *args, **kwargs)["assistant_model"]
         if not isinstance(draft, Eagle3DraftModel):
             return original(self, *args, **kwargs)
         active = _active_generator.get()
-        if active is not None and active.draft_model is draft:
-            return active
-        return Eagle3CandidateGenerator(
-            self,
-            draft,
-            arguments["generation_config"],
-            arguments["input_ids"],
-            logits_processor=arguments["logits_processor"],
-            model_kwargs=arguments["model_kwargs"],
-        )
+        if active is None or active.draft_model is not draft:
+            raise RuntimeError(
+                "An EAGLE-3 head drafts only inside `target.generate(..., assistant_model=head)`, which builds its "
+                "candidate generator; call `generate` rather than transformers' private decoding methods."
+            )
+        return active
 
     return _get_candidate_generator
 
@@ -149,43 +184,20 @@ def _wrap_assisted_decoding(original: Callable) -> Callable:
     @functools.wraps(original)
     def _assisted_decoding(self, input_ids, *args, **kwargs):
         arguments = _bind(original, self, input_ids, *args, **kwargs)
-        draft = arguments["assistant_model"]
-        if not isinstance(draft, Eagle3DraftModel):
+        if not isinstance(arguments["assistant_model"], Eagle3DraftModel):
             return original(self, input_ids, *args, **kwargs)
-        model_kwargs = arguments["model_kwargs"]
-        generator = Eagle3CandidateGenerator(
+        return eagle3_assisted_decoding(
             self,
-            draft,
-            arguments["generation_config"],
             input_ids,
-            logits_processor=arguments["logits_processor"],
-            stopping_criteria=arguments["stopping_criteria"],
-            model_kwargs=model_kwargs,
+            arguments["logits_processor"],
+            arguments["stopping_criteria"],
+            arguments["generation_config"],
+            arguments["synced_gpus"],
+            arguments["streamer"],
+            arguments["assistant_model"],
+            arguments["model_kwargs"],
+            functools.partial(original, self, input_ids, *args, **kwargs),
         )
-        if generator.mode == "tree":
-            from .tree import tree_assisted_decoding
-
-            result = tree_assisted_decoding(
-                self,
-                input_ids,
-                generator,
-                arguments["logits_processor"],
-                arguments["stopping_criteria"],
-                arguments["generation_config"],
-                arguments["synced_gpus"],
-                arguments["streamer"],
-                **model_kwargs,
-            )
-        else:
-            token = _active_generator.set(generator)
-            try:
-                with generator:
-                    result = original(self, input_ids, *args, **kwargs)
-            finally:
-                _active_generator.reset(token)
-        if isinstance(result, GenerateDecoderOnlyOutput):
-            result = Eagle3GenerateDecoderOnlyOutput(**result, eagle3_stats=generator.stats)
-        return result
 
     return _assisted_decoding
 
@@ -231,8 +243,8 @@ def is_eagle3_generation_enabled() -> bool:
 
 __all__ = [
     "Eagle3GenerateDecoderOnlyOutput",
-    "check_eagle3_generation_mode",
     "disable_eagle3_generation",
+    "eagle3_assisted_decoding",
     "enable_eagle3_generation",
     "is_eagle3_generation_enabled",
 ]

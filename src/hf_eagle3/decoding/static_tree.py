@@ -1,8 +1,7 @@
 """Static-shape tree decoding: the EAGLE-3 tree step on preallocated caches, replayed as CUDA graphs.
 
-In eager mode a small target's forward costs the same for 1 or 128 tokens (launches and Python: ~22 ms for
-SmolLM2-135M on an H100), and so does each head forward. With the tree shape fixed, every tensor of a step can have
-a fixed shape: both KV caches are static (`max_cache_len` positions, their lengths in device tensors that
+In eager mode a small target's forward costs about the same for 1 or 128 tokens (kernel launches and Python
+dominate), and so does each head forward. With the tree shape fixed, every tensor of a step can have a fixed shape: both KV caches are static (`max_cache_len` positions, their lengths in device tensors that
 `StaticLayer.update` writes at), the masks span every position, and whatever varies from step to step (the length,
 the tokens accepted) is a device scalar. A step is then three functions on fixed buffers, each captured once as a
 CUDA graph and replayed: `_draft` (the head encodes the tokens emitted last step, then grows the tree), `_verify`
@@ -19,7 +18,7 @@ a later call registers pass the guards and the compiled code works on that call'
 the trace: dynamo turns `int(tensor)` into a guard on the value, which recompiles whenever the value changes and, on
 CUDA, reads the device during capture. The CPU tests check that calls after the first compile nothing.
 
-What must hold for capture (the GPU run checks it; nothing here enforces it):
+What must hold for capture (the CUDA tests check it; nothing here enforces it):
 - the three step functions read nothing on the host: no `.item()`, `.tolist()`, `bool(tensor)`, Python branches on
   tensor values, data-dependent shapes (`nonzero`, boolean-mask indexing) or tensors made from Python data
   (`torch.tensor(...)` copies from the host);
@@ -38,17 +37,20 @@ What must hold for capture (the GPU run checks it; nothing here enforces it):
 
 from __future__ import annotations
 
+import itertools
 import math
 import types
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, StaticCache, StaticLayer
 
 from .._compat import CACHE_NAME, cache_kwargs
+from .acceptance import GreedyPath, StepResult, greedy_path
+from .draft_tree import DraftTree, additive_mask, grow_draft_tree
 from .kv_cache import keep_static_cache_positions, set_cache_length, static_cache_problem
-from .tree import DraftTree, GreedyPath, _StepResult, additive_mask, greedy_path, grow_draft_tree
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -63,6 +65,8 @@ CACHE_LENGTH_MULTIPLE = 256
 # there would break capture), with the runner's fixed shapes (automatic dynamic shapes would only add guards), in
 # inductor's default mode, which captures no CUDA graphs of its own: the runner captures the compiled step.
 COMPILE_OPTIONS: dict[str, Any] = {"backend": "inductor", "fullgraph": True, "dynamic": False}
+# Where decoding keeps its runner on a head (as an attribute, so that it goes with the head).
+RUNNER_STATE_ATTRIBUTE = "_eagle3_static_tree"
 
 
 def tree_size(total_tokens: int, depth: int, top_k: int) -> int:
@@ -74,9 +78,9 @@ def runner_cache_length(positions: int, compiled: bool) -> int:
     """Cache length of a runner that must hold `positions`: the next multiple of `CACHE_LENGTH_MULTIPLE`, or, for
     compiled steps, the next power of two (at least `CACHE_LENGTH_MULTIPLE`).
 
-    A longer cache means a new runner, and for compiled steps a new compilation (tens of seconds): doubling bounds a
-    conversation that keeps growing to a few of them instead of one every `CACHE_LENGTH_MULTIPLE` tokens. Captured
-    uncompiled steps cost a second to rebuild, so they keep the tighter cache (attention spans all of it).
+    A longer cache means a new runner, and for compiled steps a new compilation (slow): doubling bounds a conversation
+    that keeps growing to a few of them instead of one every `CACHE_LENGTH_MULTIPLE` tokens. Captured uncompiled steps
+    are cheap to rebuild, so they keep the tighter cache (attention spans all of it).
     """
     if compiled:
         return max(CACHE_LENGTH_MULTIPLE, 1 << (positions - 1).bit_length())
@@ -398,7 +402,7 @@ class StaticTreeRunner:
             logits = logits.clone()
         return logits, (num_visited, self.visited, self.emitted)
 
-    def commit(self, step: _StepResult, visited: torch.LongTensor, input_ids: torch.LongTensor) -> None:
+    def commit(self, step: StepResult, visited: torch.LongTensor, input_ids: torch.LongTensor) -> None:
         num_new = len(step.tokens)
         if not self.batched_greedy:
             # The host walk chose the path; the verification only left the greedy one on the device.
@@ -408,11 +412,32 @@ class StaticTreeRunner:
         self.num_kept.fill_(num_new)
         self._commit_step()
 
-    def output_cache(self, cache: DynamicCache, length: int) -> DynamicCache:
-        """Copy the valid prefix into the call's own cache: the runner's caches serve the next call."""
+    def copy_prefix_to(self, cache: DynamicCache, length: int) -> None:
+        """Copy the target's first `length` positions into the call's own cache (the runner's serve the next call)."""
         for index, layer in enumerate(self.target_cache.layers):
             cache.update(layer.keys[:, :, :length].clone(), layer.values[:, :, :length].clone(), index)
-        return cache
+
+
+@dataclass
+class _RunnerState:
+    """What decoding keeps on a head between calls: its runner, and the `(runner key, reason)` of the last tree step
+    that could not be captured (it would fail the same way every call)."""
+
+    runner: StaticTreeRunner | None = None
+    failure: tuple[tuple, str] | None = None
+
+
+def _runner_state(draft_model: Eagle3DraftModel) -> _RunnerState:
+    state = getattr(draft_model, RUNNER_STATE_ATTRIBUTE, None)
+    if state is None:
+        state = _RunnerState()
+        setattr(draft_model, RUNNER_STATE_ATTRIBUTE, state)
+    return state
+
+
+def cached_runner(draft_model: Eagle3DraftModel) -> StaticTreeRunner | None:
+    """The runner `draft_model` keeps for later calls, or None."""
+    return _runner_state(draft_model).runner
 
 
 def static_tree_runner(
@@ -431,11 +456,15 @@ def static_tree_runner(
     the head has none for them or its caches are too short for `max_length`, then compiled (warmed up) and, on CUDA,
     captured.
 
-    The head keeps one runner, and with it the target, alive between calls.
+    The head keeps one runner (see `cached_runner`), and with it the target, alive between calls.
     """
     key = (
         compiled,
         id(model),
+        # The graphs read the head's weights and vocabulary maps where they were captured: new tensors (another draft
+        # vocabulary, weights loaded by assignment) need another runner.
+        tuple(tensor.data_ptr() for tensor in itertools.chain(draft_model.parameters(), draft_model.buffers())),
+        draft_model.config.draft_vocab_size,
         total_tokens,
         depth,
         top_k,
@@ -448,14 +477,14 @@ def static_tree_runner(
     # Past the length a step writes the tree into the target cache and the tree levels into the head's.
     largest_block = max(tree_size(total_tokens, depth, top_k), (depth - 1) * top_k)
     max_cache_len = runner_cache_length(max_length + largest_block, compiled)
-    failure = draft_model._static_tree_capture_failure
-    if failure is not None and failure[0] == key:
-        raise StaticTreeCaptureError(failure[1])
-    runner = draft_model._static_tree_runner
+    state = _runner_state(draft_model)
+    if state.failure is not None and state.failure[0] == key:
+        raise StaticTreeCaptureError(state.failure[1])
+    runner = state.runner
     if runner is not None and runner.key == key and runner.max_cache_len >= max_cache_len:
         runner.begin(capture, batched_greedy, keep_logits)
         return runner
-    draft_model._static_tree_runner = None  # free the old caches and graphs before allocating new ones
+    state.runner = runner = None  # free the old caches and graphs before allocating new ones
     runner = StaticTreeRunner(model, draft_model, total_tokens, depth, top_k, max_cache_len, key, compiled)
     runner.begin(capture, batched_greedy, keep_logits)
     cuda = model.device.type == "cuda"
@@ -471,15 +500,16 @@ def static_tree_runner(
             # fails the same way every call.
             done = ["compiled"] * compiled + ["captured as CUDA graphs"] * cuda
             message = f"the tree step of {type(model).__name__} could not be {' and '.join(done)} ({error})"
-            draft_model._static_tree_capture_failure = (key, message)
+            state.failure = (key, message)
             raise StaticTreeCaptureError(message) from error
-    draft_model._static_tree_runner = runner
+    state.runner = runner
     return runner
 
 
 __all__ = [
     "StaticTreeCaptureError",
     "StaticTreeRunner",
+    "cached_runner",
     "runner_cache_length",
     "static_tree_problem",
     "static_tree_runner",

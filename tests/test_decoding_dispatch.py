@@ -1,8 +1,5 @@
 """The `generate` hook: EAGLE-3 heads are routed to EAGLE-3 decoding, everything else is stock transformers."""
 
-import sys
-import types
-
 import pytest
 import torch
 from conftest import make_head, make_target
@@ -10,9 +7,9 @@ from transformers import GenerationConfig, GenerationMixin, StoppingCriteria
 from transformers.cache_utils import StaticCache
 from transformers.generation import LogitsProcessorList, MaxLengthCriteria, StoppingCriteriaList
 
-from hf_eagle3 import Eagle3CandidateGenerator, Eagle3DraftModel, disable_eagle3_generation, enable_eagle3_generation
+from hf_eagle3 import Eagle3DraftModel, disable_eagle3_generation, enable_eagle3_generation
 from hf_eagle3._compat import CACHE_NAME
-from hf_eagle3.decoding import dispatch
+from hf_eagle3.decoding import Eagle3DecodingConfig, dispatch
 from hf_eagle3.target_features import get_decoder_layers
 
 PROMPT = torch.tensor([[11, 23, 5, 42, 7]])
@@ -46,8 +43,12 @@ def test_other_modes_and_assistants_are_untouched():
         enable_eagle3_generation()
     for hooked_output, stock_output in zip(hooked, stock, strict=True):
         assert torch.equal(hooked_output, stock_output)
-    # eagle3_* knobs without an EAGLE-3 head are generation-config entries nobody reads, like num_assistant_tokens.
-    assert torch.equal(target.generate(PROMPT, max_new_tokens=8, eagle3_mode="chain"), hooked[0])
+    # eagle3_* knobs without an EAGLE-3 head would be read by nobody: an error, not silently ignored input.
+    for assistant_kwargs in ({}, {"assistant_model": assistant}):
+        with pytest.raises(ValueError, match=r"\['eagle3_mode'\] configure EAGLE-3 decoding"):
+            target.generate(PROMPT, max_new_tokens=8, eagle3_mode="chain", **assistant_kwargs)
+    with pytest.raises(ValueError, match=r"\['eagle3_depth'\] configure EAGLE-3 decoding.*no assistant_model"):
+        target.generate(PROMPT, generation_config=GenerationConfig(max_new_tokens=8, eagle3_depth=3))
 
 
 def test_enable_and_disable_are_reversible():
@@ -69,13 +70,11 @@ def fake_tree(monkeypatch):
     """Replace the tree loop by a recorder that returns the prompt plus one token."""
     calls = []
 
-    def tree_assisted_decoding(model, input_ids, candidate_generator, *args, **model_kwargs):
-        calls.append((model, input_ids, candidate_generator, args, model_kwargs))
+    def tree_assisted_decoding(model, input_ids, *args, draft_model, decoding_config, stats, **model_kwargs):
+        calls.append((model, input_ids, decoding_config, args, model_kwargs, draft_model, stats))
         return torch.cat([input_ids, input_ids[:, -1:]], dim=-1)
 
-    module = types.ModuleType("hf_eagle3.decoding.tree")
-    module.tree_assisted_decoding = tree_assisted_decoding
-    monkeypatch.setitem(sys.modules, "hf_eagle3.decoding.tree", module)
+    monkeypatch.setattr(dispatch, "tree_assisted_decoding", tree_assisted_decoding)
     return calls
 
 
@@ -92,17 +91,15 @@ def test_tree_mode_gets_the_assisted_decoding_arguments(fake_tree):
         eagle3_top_k=4,
     )
     assert torch.equal(result[:, :-1], PROMPT)
-    (model, input_ids, generator, args, model_kwargs) = fake_tree[0]
-    logits_processor, stopping_criteria, generation_config, synced_gpus, streamer = args
+    (model, input_ids, config, args, model_kwargs, draft_model, stats) = fake_tree[0]
+    logits_processor, stopping_criteria, generation_config, streamer = args
     assert model is target and torch.equal(input_ids, PROMPT)
-    assert isinstance(generator, Eagle3CandidateGenerator) and generator.draft_model is head
-    assert (generator.mode, generator.total_tokens, generator.depth, generator.top_k) == ("tree", 12, 3, 4)
-    assert (
-        generator.feature_layer_ids == head.config.target_layer_ids and head.last_generation_stats is generator.stats
-    )
+    assert isinstance(config, Eagle3DecodingConfig) and draft_model is head
+    assert (config.mode, config.total_tokens, config.depth, config.top_k) == ("tree", 12, 3, 4)
+    assert head.has_target_embeddings and head.last_generation_stats is stats
     assert isinstance(logits_processor, LogitsProcessorList) and isinstance(stopping_criteria, StoppingCriteriaList)
     assert any(isinstance(criterion, MaxLengthCriteria) for criterion in stopping_criteria)
-    assert generation_config.max_length == PROMPT.shape[1] + 9 and synced_gpus is False and streamer is None
+    assert generation_config.max_length == PROMPT.shape[1] + 9 and streamer is None
     assert CACHE_NAME in model_kwargs and "use_cache" in model_kwargs
     assert not {"assistant_model", "inputs_tensor", "tokenizer", "eagle3_depth"} & set(model_kwargs)
 
@@ -117,8 +114,8 @@ def test_knobs_saved_with_the_head_come_back_with_it(fake_tree, tmp_path):
     head.save_pretrained(tmp_path / "tuned")
     loaded = Eagle3DraftModel.from_pretrained(tmp_path / "tuned").attach_target(target)
     target.generate(PROMPT, assistant_model=loaded, max_new_tokens=6)
-    generator = fake_tree[0][2]
-    assert (generator.total_tokens, generator.depth, generator.top_k) == (9, 3, 2)
+    config = fake_tree[0][2]
+    assert (config.total_tokens, config.depth, config.top_k) == (9, 3, 2)
     # A foreign layout has no place for them: serving engines take their own settings.
     head.save_pretrained(tmp_path / "vllm", format="vllm")
     assert not (tmp_path / "vllm" / "generation_config.json").exists()
@@ -132,8 +129,8 @@ def test_knobs_from_the_draft_generation_config(fake_tree):
     assert not fake_tree and output.sequences.shape[1] == PROMPT.shape[1] + 6
     # generate kwargs win over the head's config; so does an explicit num_assistant_tokens.
     target.generate(PROMPT, assistant_model=head, max_new_tokens=6, eagle3_mode="tree", num_assistant_tokens=4)
-    generator = fake_tree[0][2]
-    assert (generator.mode, generator.depth, generator.num_assistant_tokens) == ("tree", 5, 4)
+    config = fake_tree[0][2]
+    assert (config.mode, config.depth, config.num_assistant_tokens) == ("tree", 5, 4)
     # A generation config passed to generate carries the knobs as custom entries.
     target.generate(
         PROMPT,
@@ -185,9 +182,7 @@ def test_bad_inputs_get_clear_errors():
             other.generate(PROMPT, assistant_model=head, max_new_tokens=4)
     target.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
-        Eagle3CandidateGenerator(
-            target, head, GenerationConfig(max_length=20), PROMPT, stopping_criteria=StoppingCriteriaList()
-        )
+        target.generate(PROMPT, assistant_model=head, max_new_tokens=4)
 
 
 class FailingCriterion(StoppingCriteria):
@@ -210,3 +205,45 @@ def test_feature_hooks_are_removed_after_generate():
             stopping_criteria=StoppingCriteriaList([FailingCriterion()]),
         )
     assert not any(layer._forward_pre_hooks for layer in layers)
+
+
+@pytest.mark.parametrize("mode", ["tree", "chain"])
+def test_ensemble_verification_is_refused(mode):
+    """`assistant_ensemble_weight` would mix the head's distribution into the output: EAGLE-3 refuses, in both modes."""
+    target = make_target("llama")
+    head = make_head(target)
+    with pytest.raises(ValueError, match="assistant_ensemble_weight=0.5 asks for ensemble verification"):
+        target.generate(
+            PROMPT,
+            assistant_model=head,
+            max_new_tokens=4,
+            do_sample=True,
+            assistant_ensemble_weight=0.5,
+            eagle3_mode=mode,
+        )
+
+
+@pytest.mark.parametrize(
+    "kwargs, unused",
+    [
+        (dict(eagle3_mode="tree", num_assistant_tokens=4), ["num_assistant_tokens"]),
+        (dict(eagle3_mode="chain", eagle3_depth=3, eagle3_top_k=2), ["eagle3_depth", "eagle3_top_k"]),
+        (dict(assistant_confidence_threshold=0.2, num_assistant_tokens_schedule="heuristic"), None),
+    ],
+)
+def test_knobs_the_mode_does_not_read_are_named_in_a_warning(kwargs, unused, caplog):
+    target = make_target("llama")
+    head = make_head(target)
+    with caplog.at_level("WARNING", logger="hf_eagle3"):
+        output = target.generate(PROMPT, assistant_model=head, max_new_tokens=4, do_sample=False, **kwargs)
+    reference = target.generate(PROMPT, max_new_tokens=4, do_sample=False)
+    assert torch.equal(output, reference)
+    unused = unused or ["num_assistant_tokens_schedule", "assistant_confidence_threshold"]
+    assert "does not use" in caplog.text and all(repr(name) in caplog.text for name in unused)
+    caplog.clear()
+    # Knobs the mode reads (and the head's own defaults) draw no warning.
+    head.generation_config = GenerationConfig(num_assistant_tokens=3, eagle3_depth=3)
+    with caplog.at_level("WARNING", logger="hf_eagle3"):
+        target.generate(PROMPT, assistant_model=head, max_new_tokens=4, eagle3_mode="chain", num_assistant_tokens=2)
+        target.generate(PROMPT, assistant_model=head, max_new_tokens=4, eagle3_total_tokens=8)
+    assert "does not use" not in caplog.text

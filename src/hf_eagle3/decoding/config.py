@@ -1,0 +1,124 @@
+"""The settings of one EAGLE-3 `generate` call, resolved and checked once, then read by both decoding modes.
+
+Each knob comes from the call (generate kwargs, or the `generation_config` passed to `generate`), else from the
+head's own `generation_config` (saved with the head as `generation_config.json`), else from the defaults below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import GenerationConfig
+
+EAGLE3_MODES = ("tree", "chain")
+# The dynamic tree's shape of the EAGLE reference code, whose `depth=d` counts one head forward less (`d + 1` here).
+DEFAULT_EAGLE3_KNOBS: dict[str, Any] = {
+    "eagle3_mode": "tree",
+    "eagle3_total_tokens": 60,
+    "eagle3_depth": 7,
+    "eagle3_top_k": 10,
+    # Tree mode on static caches: None where it applies (CUDA, see `static_tree.use_static_tree`), True to insist
+    # (also off CUDA, without graphs), False for the dynamic cache.
+    "eagle3_static_cache": None,
+    # The static path's step functions compiled by torch.compile before they are captured: opt-in, as transformers'
+    # compiled generate is, since each new runner (tree shape, longer cache) compiles first.
+    "eagle3_compile": False,
+}
+# Tree-only knobs: chain mode drafts `num_assistant_tokens` tokens instead.
+TREE_KNOBS = ("eagle3_total_tokens", "eagle3_depth", "eagle3_top_k", "eagle3_static_cache", "eagle3_compile")
+# Knobs of transformers' other assistants (small LMs, prompt lookup, universal assisted decoding): the EAGLE-3 head
+# drafts by its own rules, so setting them changes nothing.
+UNUSED_ASSISTED_KNOBS = (
+    "num_assistant_tokens_schedule",
+    "assistant_confidence_threshold",
+    "assistant_lookbehind",
+    "target_lookbehind",
+    "max_matching_ngram_size",
+)
+# Drafts per chain step: about what a head's acceptance pays for against one target forward.
+DEFAULT_CHAIN_LENGTH = 6
+# transformers fills `num_assistant_tokens` with a global default (20, sized for small assistant LMs) before the
+# decoding method sees it, so the dispatch records under this name the value the caller actually chose, if any.
+EXPLICIT_CHAIN_LENGTH_ATTRIBUTE = "_eagle3_num_assistant_tokens"
+# The names of the eagle3_* knobs this call set itself (generate kwargs or the generation config it passed).
+CALL_KNOBS_ATTRIBUTE = "_eagle3_call_knobs"
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return value
+
+
+@dataclass(frozen=True)
+class Eagle3DecodingConfig:
+    """How one call decodes: `mode` (`"tree"` or `"chain"`), the tree's shape (`total_tokens`: nodes verified per
+    step, root included; `depth`: most draft tokens per step; `top_k`: branching), `num_assistant_tokens` (drafts per
+    chain step), `static_cache` (`eagle3_static_cache`) and `compile` (`eagle3_compile`)."""
+
+    mode: str = DEFAULT_EAGLE3_KNOBS["eagle3_mode"]
+    total_tokens: int = DEFAULT_EAGLE3_KNOBS["eagle3_total_tokens"]
+    depth: int = DEFAULT_EAGLE3_KNOBS["eagle3_depth"]
+    top_k: int = DEFAULT_EAGLE3_KNOBS["eagle3_top_k"]
+    num_assistant_tokens: int = DEFAULT_CHAIN_LENGTH
+    static_cache: bool | None = DEFAULT_EAGLE3_KNOBS["eagle3_static_cache"]
+    compile: bool = DEFAULT_EAGLE3_KNOBS["eagle3_compile"]
+
+    def __post_init__(self):
+        if self.mode not in EAGLE3_MODES:
+            raise ValueError(f"eagle3_mode must be one of {EAGLE3_MODES}, got {self.mode!r}.")
+        for name in ("total_tokens", "depth", "top_k"):
+            _positive_int(f"eagle3_{name}", getattr(self, name))
+        _positive_int("num_assistant_tokens", self.num_assistant_tokens)
+        if self.static_cache is not None and not isinstance(self.static_cache, bool):
+            raise ValueError(
+                f"eagle3_static_cache must be None (automatic), True or False, got {self.static_cache!r}."
+            )
+        if self.static_cache and self.mode != "tree":
+            raise ValueError(
+                "eagle3_static_cache=True applies to tree decoding; chain mode runs transformers' own loop on the "
+                "dynamic cache. Pass eagle3_mode='tree' or drop eagle3_static_cache."
+            )
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"eagle3_compile must be True or False, got {self.compile!r}.")
+        if self.compile and (self.mode != "tree" or self.static_cache is False):
+            raise ValueError(
+                f"eagle3_compile=True compiles the tree step on static caches, which eagle3_mode={self.mode!r} with "
+                f"eagle3_static_cache={self.static_cache!r} does not run. Pass eagle3_mode='tree' with "
+                "eagle3_static_cache=None (static caches where they apply) or True, or drop eagle3_compile."
+            )
+
+    @classmethod
+    def resolve(
+        cls, generation_config: GenerationConfig, draft_generation_config: GenerationConfig | None
+    ) -> Eagle3DecodingConfig:
+        """The settings of a call from its prepared generation config and the head's own (None when it has none)."""
+
+        def knob(name: str) -> Any:
+            for config in (generation_config, draft_generation_config):
+                value = getattr(config, name, None)
+                if value is not None:
+                    return value
+            return DEFAULT_EAGLE3_KNOBS[name]
+
+        chain_length = getattr(generation_config, EXPLICIT_CHAIN_LENGTH_ATTRIBUTE, None)
+        if chain_length is None:
+            chain_length = getattr(draft_generation_config, "num_assistant_tokens", None)
+        return cls(
+            mode=knob("eagle3_mode"),
+            total_tokens=knob("eagle3_total_tokens"),
+            depth=knob("eagle3_depth"),
+            top_k=knob("eagle3_top_k"),
+            num_assistant_tokens=DEFAULT_CHAIN_LENGTH if chain_length is None else chain_length,
+            static_cache=knob("eagle3_static_cache"),
+            compile=knob("eagle3_compile"),
+        )
+
+
+__all__ = [
+    "DEFAULT_CHAIN_LENGTH",
+    "DEFAULT_EAGLE3_KNOBS",
+    "EAGLE3_MODES",
+    "Eagle3DecodingConfig",
+]

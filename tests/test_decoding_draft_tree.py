@@ -1,0 +1,122 @@
+"""Draft trees: growth scores, the tree mask and positions under verification, cache compaction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_head, make_target
+from transformers.cache_utils import DynamicCache
+from tree_decoding import hand_built_tree, prompt
+
+from hf_eagle3._compat import cache_kwargs
+from hf_eagle3.decoding.draft_tree import build_draft_tree
+from hf_eagle3.decoding.kv_cache import keep_cache_positions
+from hf_eagle3.target_features import TargetFeatureCapture
+
+
+@torch.no_grad()
+def test_draft_tree_scores_match_sequential_drafting():
+    """Every node's score equals running the head along its path as a plain chain: masks, positions, hiddens."""
+    target = make_target("qwen3")
+    head = make_head(target, draft_vocab_size=48)
+    input_ids = prompt(0, length=6)
+    with TargetFeatureCapture(target, head.config.target_layer_ids) as capture:
+        target(input_ids[:, :-1])
+        features = capture.pop()
+    cache = DynamicCache()
+    encoded = head(input_ids=input_ids[:, 1:], target_hidden_states=features, past_key_values=cache, use_cache=True)
+    tree = build_draft_tree(
+        head,
+        input_ids[0, -1],
+        encoded.hidden_states[0, -1],
+        encoded.logits[0, -1],
+        cache,
+        root_position=5,
+        padding_mask=None,
+        total_tokens=12,
+        depth=4,
+        top_k=3,
+    )
+    assert cache.get_seq_length() == 5, "tree levels must be cropped from the head's cache"
+    assert len(tree) == 12 and tree.depths.max() <= 4
+    assert bool((tree.parents[1:] < torch.arange(1, 12)).all()), "parents precede children"
+    assert bool((tree.scores[1:] <= tree.scores[tree.parents[1:]]).all())
+
+    for node in range(1, len(tree)):
+        path = tree.ancestors[node].nonzero().flatten()[1:]  # level order, root excluded
+        chain_cache = DynamicCache()
+        step = head(
+            input_ids=input_ids[:, 1:], target_hidden_states=features, past_key_values=chain_cache, use_cache=True
+        )
+        hidden, logits, score = step.hidden_states[:, -1:], step.logits[0, -1], 0.0
+        for position, path_node in enumerate(path.tolist(), start=5):
+            draft_id = head.target_to_draft_ids(tree.tokens[path_node])
+            score += float(logits.log_softmax(-1)[draft_id])
+            step = head(
+                input_ids=tree.tokens[path_node].view(1, 1),
+                hidden_states=hidden,
+                position_ids=torch.tensor([[position]]),
+                past_key_values=chain_cache,
+                use_cache=True,
+            )
+            hidden, logits = step.hidden_states, step.logits[0, -1]
+        assert score == pytest.approx(float(tree.scores[node]), abs=1e-4)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_tree_mask_positions_and_verification(arch, attn_implementation):
+    """One target forward over the tree gives each node the logits of a plain forward over its own path."""
+    target = make_target(arch)
+    target.set_attn_implementation(attn_implementation)
+    tree = hand_built_tree()
+    padding = torch.tensor([[0, 1, 1, 1, 1, 1]])
+    mask = tree.attention_mask(padding, past_length=4, dtype=torch.float32)
+    minimum = torch.finfo(torch.float32).min
+    assert mask.shape == (1, 1, 6, 10)
+    assert bool((mask[0, 0, :, 0] == minimum).all()) and bool((mask[0, 0, :, 1:4] == 0).all())
+    assert mask[0, 0, 5, 4:].tolist() == [0, 0, minimum, 0, minimum, 0]
+    assert tree.position_ids(7).tolist() == [[7, 8, 8, 9, 9, 10]]
+    assert tree.children() == [[1, 2], [3, 4], [], [5], [], []]
+
+    prefix = prompt(1, length=4)
+    cache = DynamicCache()
+    with torch.no_grad():
+        target(prefix, **cache_kwargs(cache), use_cache=True)
+        tree_logits = target(
+            tree.tokens[None],
+            attention_mask=tree.attention_mask(None, 4, torch.float32),
+            position_ids=tree.position_ids(4),
+            **cache_kwargs(cache),
+            use_cache=True,
+        ).logits[0]
+        for node in range(len(tree)):
+            path = tree.ancestors[node].nonzero().flatten()
+            reference = target(torch.cat([prefix, tree.tokens[path][None]], dim=1)).logits[0, -1]
+            torch.testing.assert_close(tree_logits[node], reference, atol=1e-5, rtol=1e-5)
+
+
+def test_keep_cache_positions_equals_fresh_forward():
+    """After compaction the cache is the one a forward over prefix + accepted path builds."""
+    target = make_target("llama")
+    tree = hand_built_tree()
+    prefix = prompt(2, length=4)
+    cache = DynamicCache()
+    with torch.no_grad():
+        target(prefix, **cache_kwargs(cache), use_cache=True)
+        target(
+            tree.tokens[None],
+            attention_mask=tree.attention_mask(None, 4, torch.float32),
+            position_ids=tree.position_ids(4),
+            **cache_kwargs(cache),
+            use_cache=True,
+        )
+        path = torch.tensor([0, 1, 3, 5])
+        keep_cache_positions(cache, 4, path)
+        fresh = DynamicCache()
+        target(torch.cat([prefix, tree.tokens[path][None]], dim=1), **cache_kwargs(fresh), use_cache=True)
+    assert cache.get_seq_length() == 8
+    for kept, reference in zip(cache.layers, fresh.layers, strict=True):
+        torch.testing.assert_close(kept.keys, reference.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(kept.values, reference.values, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="holds only 8"):
+        keep_cache_positions(cache, 6, torch.tensor([0, 1, 2]))
