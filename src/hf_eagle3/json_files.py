@@ -65,7 +65,7 @@ def json_rows_problem(path: str | os.PathLike) -> str | None:
         data = file.read()
     text = data.decode("utf-8", errors="replace")  # `check_utf8` judges the encoding
     if not text.strip():
-        return f'{path} is empty: it holds no rows. Write one JSON object per line, e.g. {{"messages": [...]}}.'
+        return f'{path} is empty (or blank): it holds no rows. Write one JSON object per line, e.g. {{"messages": [...]}}.'
     try:
         document = json.loads(text)
     except json.JSONDecodeError:
@@ -79,7 +79,6 @@ def json_rows_problem(path: str | os.PathLike) -> str | None:
         return None
     if isinstance(document, dict):
         return None
-    rows = 0
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -92,8 +91,7 @@ def json_rows_problem(path: str | os.PathLike) -> str | None:
             )
         if not isinstance(row, dict):
             return f"{path}, line {number}: a {type(row).__name__}, not an object (each line must be one JSON object)."
-        rows += 1
-    return None if rows else f"{path} has only blank lines: it holds no rows."
+    return None
 
 
 __all__ = ["check_utf8", "json_rows_problem", "read_json"]
