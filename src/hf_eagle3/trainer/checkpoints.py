@@ -16,12 +16,12 @@ import json
 import re
 from pathlib import Path
 
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-TRAINER_STATE_NAME = "trainer_state.json"
 # Files of which a checkpoint holds at least one: the head (sharded or not), a PEFT adapter, an FSDP state dict.
 WEIGHT_FILE_PATTERN = re.compile(
     r"^(model\.safetensors(\.index\.json)?|pytorch_model\.bin(\.index\.json)?|adapter_model\.(safetensors|bin)"
@@ -59,7 +59,7 @@ def checkpoints_newest_first(output_dir: str | Path) -> list[Path]:
 
 
 def last_complete_checkpoint(output_dir: str | Path) -> tuple[Path, list[Path]]:
-    """The newest complete checkpoint of `output_dir` and the incomplete ones newer than it (logged as skipped)."""
+    """The newest complete checkpoint of `output_dir`, and the incomplete ones newer than it (logged as skipped)."""
     skipped: list[tuple[Path, str]] = []
     for checkpoint in checkpoints_newest_first(output_dir):
         problem = checkpoint_problem(checkpoint)
@@ -67,7 +67,8 @@ def last_complete_checkpoint(output_dir: str | Path) -> tuple[Path, list[Path]]:
             if skipped:
                 logger.warning(
                     f"Skipping incomplete checkpoint(s) {'; '.join(f'{path.name}: {why}' for path, why in skipped)}. "
-                    f"Resuming from {checkpoint}, the newest complete one."
+                    f"Resuming from {checkpoint}, the newest complete one; the skipped ones are removed, as this run "
+                    "saves those steps again."
                 )
             return checkpoint, [path for path, _ in skipped]
         skipped.append((checkpoint, problem))
