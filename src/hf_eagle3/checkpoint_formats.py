@@ -37,6 +37,8 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig
 
 from .configuration_eagle3 import Eagle3Config, default_target_layer_ids
+from .json_files import read_json
+from .safe_writes import check_folder_destination, staged_folder
 
 if TYPE_CHECKING:
     from .modeling_eagle3 import Eagle3DraftModel
@@ -383,8 +385,7 @@ class CheckpointFiles:
                 f"{self.name_or_path} has no config.json: it is not a model checkpoint (or, offline, it is not in "
                 "the local cache)."
             )
-        with open(path, encoding="utf-8") as file:
-            return json.load(file)
+        return read_json(path)
 
     def read_state_dict(self) -> dict[str, torch.Tensor]:
         for filename in WEIGHT_FILES:
@@ -393,8 +394,7 @@ class CheckpointFiles:
                 continue
             if not filename.endswith(".index.json"):
                 return _load_weight_file(path)
-            with open(path, encoding="utf-8") as file:
-                shards = sorted(set(json.load(file)["weight_map"].values()))
+            shards = sorted(set(read_json(path)["weight_map"].values()))
             state_dict = {}
             for shard in shards:
                 shard_path = self.get(shard)
@@ -531,7 +531,7 @@ def convert_main(argv: list[str]) -> int:
         "speculators/vLLM checkpoint layouts. The source layout is detected.",
     )
     parser.add_argument("src", help="local directory or hub repo id of the head")
-    parser.add_argument("dst", help="output directory")
+    parser.add_argument("dst", help="output directory: new or empty, or any with --overwrite")
     parser.add_argument("--to", required=True, choices=list(FORMATS), help="layout to write")
     positions = parser.add_mutually_exclusive_group()
     positions.add_argument(
@@ -545,7 +545,9 @@ def convert_main(argv: list[str]) -> int:
         "and covers its max_position_embeddings",
     )
     parser.add_argument("--revision", help="hub revision of SRC")
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it already holds files")
     args = parser.parse_args(argv)
+    check_folder_destination(args.dst, args.overwrite, flag="--overwrite")  # before loading SRC, which may be large
 
     model = Eagle3DraftModel.from_pretrained(args.src, **({"revision": args.revision} if args.revision else {}))
     max_positions = args.target_max_position_embeddings
@@ -558,7 +560,9 @@ def convert_main(argv: list[str]) -> int:
         model.config.target_num_hidden_layers = text_config.num_hidden_layers
         model.config.target_name_or_path = model.config.target_name_or_path or args.target
         max_positions = text_config.max_position_embeddings
-    model.save_pretrained(args.dst, format=args.to, target_max_position_embeddings=max_positions)
+    # Written beside DST and moved into place when complete: SRC may be DST itself, and a failed write keeps DST.
+    with staged_folder(args.dst, overwrite=args.overwrite, flag="--overwrite") as staging:
+        model.save_pretrained(staging, format=args.to, target_max_position_embeddings=max_positions)
 
     written = max(model.config.max_position_embeddings, max_positions or 0)
     ids = model.config.target_layer_ids

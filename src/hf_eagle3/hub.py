@@ -4,15 +4,47 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from huggingface_hub import CommitInfo, HfApi
+from huggingface_hub import CommitInfo, HfApi, constants, get_token
+from huggingface_hub.errors import HfHubHTTPError
 
 from .checkpoint_formats import NATIVE_LAYOUT, checkpoint_layout, covering_max_positions
 from .model_card import create_model_card
 
 if TYPE_CHECKING:
     from .modeling_eagle3 import Eagle3DraftModel
+
+
+# Failures before any answer from the Hub (no network, DNS, timeouts) surface as the HTTP client's own errors (httpx, or
+# httpx2 in recent huggingface_hub releases); the Hub's answers come as HfHubHTTPError, derived from the same base.
+_HTTP_CLIENT_ERROR = next(
+    (base for base in HfHubHTTPError.__mro__[1:] if base.__name__ == "HTTPError"), HfHubHTTPError
+)
+
+
+@contextmanager
+def explaining_network_errors(repo_id: str, token: bool | str | None) -> Iterator[None]:
+    """Turn a connection failure of the HTTP client into an error naming the Hub endpoint, the token and the fix."""
+    try:
+        yield
+    except _HTTP_CLIENT_ERROR as error:
+        if isinstance(error, HfHubHTTPError):
+            raise
+        if isinstance(token, str):
+            found = "given as `token=`"
+        elif token is not False and get_token() is not None:
+            found = "found by huggingface_hub (HF_TOKEN or `hf auth login`)"
+        else:
+            found = "none: run `hf auth login` or pass `token=`"
+        raise ConnectionError(
+            f"Could not reach the Hugging Face Hub at {constants.ENDPOINT} to push {repo_id} "
+            f"({type(error).__name__}: {error}); no commit was made. Check the network connection (or HF_ENDPOINT, "
+            f"for a mirror) and retry; a push also needs a write token (token: {found}). Meanwhile "
+            "`save_pretrained` keeps the head on disk."
+        ) from error
 
 
 def push_to_hub(
@@ -45,8 +77,8 @@ def push_to_hub(
 
     checkpoint_layout(format)  # an unknown format fails before anything is created on the hub
     api = HfApi(library_name="hf-eagle3", library_version=__version__)
-    repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-    with tempfile.TemporaryDirectory() as save_directory:
+    with explaining_network_errors(repo_id, token), tempfile.TemporaryDirectory() as save_directory:
+        repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
         model.save_pretrained(
             save_directory,
             format=format,

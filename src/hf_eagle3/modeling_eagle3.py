@@ -10,6 +10,7 @@ official, SpecForge and SGLang heads load without renaming.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,7 +30,14 @@ from transformers.utils import GENERATION_CONFIG_NAME, ModelOutput
 
 from . import checkpoint_formats
 from .configuration_eagle3 import Eagle3Config, default_target_layer_ids
+from .safe_writes import check_folder_destination, staged_files
 from .vocab_maps import vocab_maps_consistent
+
+# Files a save writes that a later save may not: weights (single or sharded, with their index) and the generation
+# config. Those of an earlier save that the new one does not rewrite are removed with it.
+SAVED_FILE_PATTERN = re.compile(
+    r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?|generation_config\.json"
+)
 
 
 @dataclass
@@ -411,6 +419,17 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
             target_max_position_embeddings: the target's context length; the saved `max_position_embeddings` is
                 raised to cover it, because serving engines stop drafting beyond the head's.
         """
+        checkpoint_formats.checkpoint_layout(format)  # an unknown name fails before anything is written
+        check_folder_destination(save_directory)  # transformers only logs an error for a file, and writes nothing
+        if kwargs.get("push_to_hub") or not kwargs.get("is_main_process", True):
+            return self._save_in_layout(save_directory, format, target_max_position_embeddings, *args, **kwargs)
+        # Written aside and moved in when complete, dropping the files of an earlier save this one does not replace.
+        with staged_files(save_directory, SAVED_FILE_PATTERN) as staging:
+            return self._save_in_layout(staging, format, target_max_position_embeddings, *args, **kwargs)
+
+    def _save_in_layout(
+        self, save_directory, format: str, target_max_position_embeddings: int | None, *args, **kwargs
+    ):
         layout = checkpoint_formats.checkpoint_layout(format)
         if layout == checkpoint_formats.NATIVE_LAYOUT:
             with checkpoint_formats.covering_max_positions(self.config, target_max_position_embeddings):

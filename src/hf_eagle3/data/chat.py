@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from ..json_files import check_utf8, json_rows_problem
+
 Message = dict[str, str]
 
 # ShareGPT speakers -> chat-template roles. ShareGPT dumps name the assistant after the service it
@@ -46,7 +48,15 @@ def load_chat_dataset(data: str, split: str = "train"):
         extension = os.path.splitext(data.removesuffix(".gz"))[1].lower()
         if extension not in builders or (data.endswith(".gz") and builders[extension] != "json"):
             raise ValueError(f"Unsupported data file {data!r}: use .jsonl, .json (optionally .gz) or .parquet.")
-        return load_dataset(builders[extension], data_files=data, split="train")
+        if builders[extension] == "json":
+            check_utf8(data)
+        try:
+            return load_dataset(builders[extension], data_files=data, split="train")
+        except Exception as error:  # datasets' own errors name no file or row (an empty file: StopIteration)
+            problem = json_rows_problem(data) if builders[extension] == "json" else None
+            if problem is None:
+                raise
+            raise ValueError(problem) from error
     saved_markers = ("state.json", "dataset_dict.json")  # what `save_to_disk` writes
     if os.path.isdir(data) and any(os.path.isfile(os.path.join(data, name)) for name in saved_markers):
         dataset = load_from_disk(data)

@@ -18,7 +18,8 @@ Why hooks and not a public seam: transformers picks the decoding method and the 
 call, and it hands the callable neither `assistant_model` nor `streamer`; chain mode reuses `_assisted_decoding`, which
 asks `_get_candidate_generator` for its generator. Each hook calls transformers' method unchanged unless the assistant
 is an `Eagle3DraftModel` (or, for the first, `eagle3_*` kwargs are present). `import hf_eagle3` installs them
-(`enable_eagle3_generation`); `disable_eagle3_generation()` puts transformers' methods back.
+(`enable_eagle3_generation`); `disable_eagle3_generation()` puts transformers' methods back but for a guard that
+refuses an EAGLE-3 assistant by name and says how to turn the hooks on again.
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ class Eagle3GenerateDecoderOnlyOutput(GenerateDecoderOnlyOutput):
 _active_generator: ContextVar[Eagle3CandidateGenerator | None] = ContextVar("_active_generator", default=None)
 # The GenerationMixin attributes replaced while enabled: name -> (original, wrapper).
 _installed: dict[str, tuple[Callable, Callable]] = {}
+# While disabled (after having been enabled), the one method left wrapped to refuse EAGLE-3 heads by name:
+# name -> (original, guard).
+_GUARDED = "_validate_generation_mode"
+_guard: dict[str, tuple[Callable, Callable]] = {}
 
 
 def eagle3_assisted_decoding(
@@ -217,6 +222,14 @@ def enable_eagle3_generation() -> None:
     """
     if _installed:
         return
+    for name, (original, guard) in _guard.items():
+        if GenerationMixin.__dict__.get(name) is not guard:
+            raise RuntimeError(
+                f"GenerationMixin.{name} was replaced by someone else after hf_eagle3 disabled EAGLE-3 generation; "
+                "wrapping that change would keep refusing EAGLE-3 heads. Undo the other patch first."
+            )
+        setattr(GenerationMixin, name, original)
+    _guard.clear()
     for name, make_wrapper in _WRAPPERS.items():
         original = GenerationMixin.__dict__[name]
         wrapper = make_wrapper(original)
@@ -224,8 +237,25 @@ def enable_eagle3_generation() -> None:
         _installed[name] = (original, wrapper)
 
 
+def _refusing_eagle3_heads(original: Callable) -> Callable:
+    """`_validate_generation_mode` while EAGLE-3 generation is disabled: transformers' own, except that an EAGLE-3
+    head as assistant is refused by name (transformers would fail deep inside with an AttributeError)."""
+
+    @functools.wraps(original)
+    def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
+        if isinstance(generation_mode_kwargs.get("assistant_model"), Eagle3DraftModel):
+            raise ValueError(
+                "An Eagle3DraftModel drafts through hf_eagle3's generate hook, which disable_eagle3_generation() "
+                "removed. Call hf_eagle3.enable_eagle3_generation() first, or generate without `assistant_model`."
+            )
+        return original(self, generation_mode, generation_config, generation_mode_kwargs)
+
+    return _validate_generation_mode
+
+
 def disable_eagle3_generation() -> None:
-    """Restore transformers' own `GenerationMixin` methods (an EAGLE-3 head then no longer works as an assistant)."""
+    """Restore transformers' own `GenerationMixin` methods; an EAGLE-3 head then no longer works as an assistant,
+    and passing one raises an error that says so (the only check left in place)."""
     for name, (_, wrapper) in _installed.items():
         if GenerationMixin.__dict__.get(name) is not wrapper:
             raise RuntimeError(
@@ -234,6 +264,10 @@ def disable_eagle3_generation() -> None:
             )
     for name, (original, _) in _installed.items():
         setattr(GenerationMixin, name, original)
+    if _installed:
+        original = _installed[_GUARDED][0]
+        _guard[_GUARDED] = (original, _refusing_eagle3_heads(original))
+        setattr(GenerationMixin, _GUARDED, _guard[_GUARDED][1])
     _installed.clear()
 
 

@@ -14,6 +14,7 @@ from ..checkpoint_formats import checkpoint_layout
 from ..configuration_eagle3 import Eagle3Config, default_target_layer_ids
 from ..data.vocab import VOCAB_MAP_NAME, count_loss_tokens, load_vocab_map
 from ..modeling_eagle3 import Eagle3DraftModel
+from .checkpoints import prepare_output_dir
 from .eagle3_config import Eagle3TrainingArguments
 from .eagle3_trainer import Eagle3Trainer
 from .offline_features import FEATURES_CONFIG_NAME, Eagle3FeatureDataset, prepare_features
@@ -228,6 +229,11 @@ def train(argv: list[str]) -> int:
             "--remap_vocab gives the head new lm_head rows, which LoRA adapters would leave untrained: continue the "
             "head without --lora_r, or keep its vocabulary."
         )
+    resume = training_args.resume_from_checkpoint
+    if resume is not None and resume.lower() in {"true", "latest"}:
+        resume = True  # the newest complete checkpoint in --output_dir
+    if resume is None and not training_args.overwrite_output_dir:
+        prepare_output_dir(training_args.output_dir, False, None)  # refuses a folder with files before any loading
     set_seed(training_args.seed)
     train_dataset = _load_rows(script_args.data)
     eval_dataset = _load_rows(script_args.eval_data) if script_args.eval_data else None
@@ -261,9 +267,6 @@ def train(argv: list[str]) -> int:
     trainer = Eagle3Trainer(
         model=model, target_model=target, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset
     )
-    resume = training_args.resume_from_checkpoint
-    if resume is not None and resume.lower() in {"true", "latest"}:
-        resume = True  # the newest checkpoint in --output_dir
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     # train_results.json (runtime, samples/s) and trainer_state.json (log history), as transformers' examples do.

@@ -21,6 +21,9 @@ class Eagle3TrainingArguments(TrainingArguments):
     small head on tens of thousands of samples gets. Pass `learning_rate=5e-5` for the paper's recipe.
 
     Args:
+        overwrite_output_dir: `Eagle3Trainer.train` refuses to start a new run in an `output_dir` that holds files
+            (a trained head, an earlier run's checkpoints) unless this is set; resuming needs no flag. transformers
+            v5 dropped the v4 argument of this name and overwrites silently.
         ttt_steps: how many steps the head is unrolled on its own outputs (training-time test). The
             reference code uses 7; a head drafts well about as deep as it was trained.
         step_loss_decay: step k's loss is weighted `step_loss_decay**k`.
@@ -29,6 +32,13 @@ class Eagle3TrainingArguments(TrainingArguments):
             when restricting them to the draft vocabulary; lower it if that step runs out of memory.
     """
 
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start a new run in an output_dir that already holds files (its checkpoint-N folders are deleted); "
+            "without it such a run is refused, so that a trained head is never replaced by surprise."
+        },
+    )
     ttt_steps: int = field(default=7, metadata={"help": "Training-time-test unroll length (reference code: 7)."})
     step_loss_decay: float = field(default=0.8, metadata={"help": "Step k's loss is weighted step_loss_decay**k."})
     max_length: int | None = field(

@@ -9,6 +9,7 @@ optimizer, scheduler, RNG and trainer state for `resume_from_checkpoint`). The f
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from transformers import PreTrainedModel, Trainer
 
 from ..modeling_eagle3 import Eagle3DraftModel
 from ..target_features import TargetFeatureCapture, padded_batch_attention
+from .checkpoints import prepare_output_dir
 from .eagle3_config import Eagle3TrainingArguments
 from .offline_features import Eagle3FeatureDataset
 from .ttt import TTTOutput, simulated_acceptance_length, target_distribution_from_logits, training_time_test
@@ -216,6 +218,21 @@ class Eagle3Trainer(Trainer):
         # Per-step sums (loss, scored, correct, chain scored, chain correct) since the last log, kept on the device
         # so that accumulating them costs no synchronisation.
         self._step_stats = {split: torch.zeros(5, args.ttt_steps, device=args.device) for split in ("train", "eval")}
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        """`Trainer.train`, minding the output folder: a new run refuses one that holds files unless
+        `args.overwrite_output_dir`, and `resume_from_checkpoint=True` resumes from the newest complete checkpoint,
+        skipping any a killed save left incomplete (see `hf_eagle3.trainer.checkpoints`)."""
+        if trial is None:  # hyperparameter-search trials each write a run-* subfolder of one output_dir
+            resume_from_checkpoint, stale = prepare_output_dir(
+                self.args.output_dir, self.args.overwrite_output_dir, resume_from_checkpoint
+            )
+            self.accelerator.wait_for_everyone()  # every process has looked before the main one deletes
+            if self.is_world_process_zero():
+                for path in stale:
+                    shutil.rmtree(path)
+            self.accelerator.wait_for_everyone()
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     # ------------------------------------------------------------------ loss
     def compute_loss_context_manager(self) -> contextlib.ExitStack:

@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers import AutoConfig, PreTrainedModel
 
+from ..json_files import read_json
 from ..modeling_eagle3 import Eagle3DraftModel
 from ..target_features import TargetFeatureCapture, padded_batch_attention
 
@@ -78,7 +79,7 @@ def _pad_batch(rows: Sequence[dict[str, Any]], max_length: int | None) -> tuple[
 def _check_or_write_config(output_dir: Path, config: dict[str, Any]) -> None:
     path = output_dir / FEATURES_CONFIG_NAME
     if path.exists():
-        existing = json.loads(path.read_text())
+        existing = read_json(path)
         if existing != config:
             changed = sorted(k for k in config.keys() | existing.keys() if existing.get(k) != config.get(k))
             raise ValueError(
@@ -193,7 +194,7 @@ class Eagle3FeatureDataset(Dataset):
                 f"{self.path} is not a feature directory (no {FEATURES_CONFIG_NAME}); write one with "
                 "`hf-eagle3 prepare-features`."
             )
-        self.features_config = json.loads(config_path.read_text())
+        self.features_config = read_json(config_path)
         samples_per_shard = self.features_config["samples_per_shard"]
         num_samples = self.features_config["num_samples"]
         num_shards = -(-num_samples // samples_per_shard)
