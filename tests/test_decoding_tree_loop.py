@@ -132,3 +132,31 @@ def test_bad_input_gets_clear_errors():
     windowed = make_target("mistral", sliding_window=16)
     with pytest.raises(ValueError, match="sliding-window"):
         tree_generate(windowed, make_head(windowed), prompt(0), max_new_tokens=20)
+
+
+@pytest.mark.parametrize("mode", ["tree", "chain"])
+def test_eager_paths_keep_cudnn_attention_out(mode):
+    """The eager paths' forwards change shape almost every step: cuDNN's attention, which plans per shape, is left out
+    of SDPA's choice for every forward of the call (target and head), and given back after it."""
+    target = make_target("llama")
+    head = make_head(target)
+    seen = []
+
+    def record(module, args):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+
+    handles = [model.register_forward_pre_hook(record) for model in (target, head)]
+    try:
+        target.generate(
+            prompt(0),
+            assistant_model=head,
+            eagle3_mode=mode,
+            eagle3_static_cache=False if mode == "tree" else None,
+            max_new_tokens=6,
+            do_sample=False,
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(seen) > 2 and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()

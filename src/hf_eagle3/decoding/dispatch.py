@@ -45,6 +45,7 @@ from .config import (
     UNUSED_ASSISTED_KNOBS,
     Eagle3DecodingConfig,
 )
+from .sdpa_backends import shape_stable_attention
 from .stats import Eagle3GenerationStats
 from .tree_loop import tree_assisted_decoding
 
@@ -110,7 +111,8 @@ def eagle3_assisted_decoding(
         )
         token = _active_generator.set(generator)
         try:
-            with generator:
+            # Chain drafts and verifications change shape from step to step (see `sdpa_backends`).
+            with generator, shape_stable_attention():
                 result = transformers_assisted_decoding()
         finally:
             _active_generator.reset(token)

@@ -9,6 +9,7 @@ steps: `DynamicTreeDecoder` (transformers' dynamic cache, eager forwards) or, wh
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,6 +23,7 @@ from . import static_tree
 from .acceptance import GreedyPath, accept, accept_greedy, uses_batched_greedy
 from .draft_tree import DraftTree
 from .dynamic_tree import DynamicTreeDecoder
+from .sdpa_backends import shape_stable_attention
 from .stats import PhaseTimer
 from .stopping import host_stop_rule
 
@@ -86,7 +88,7 @@ def tree_assisted_decoding(
         )
         return step, torch.tensor(step.visited, device=tree.tokens.device), input_ids, scores, raw_logits
 
-    with TargetFeatureCapture(model, draft_model.config.target_layer_ids) as capture:
+    with TargetFeatureCapture(model, draft_model.config.target_layer_ids) as capture, ExitStack() as contexts:
         timer.mark()
         decoder = _make_decoder(
             model,
@@ -100,6 +102,9 @@ def tree_assisted_decoding(
             keep_logits=scores is not None or raw_logits is not None,
         )
         static = isinstance(decoder, static_tree.StaticTreeRunner)
+        if not static:
+            # The dynamic cache gives almost every forward new shapes (see `sdpa_backends`).
+            contexts.enter_context(shape_stable_attention())
         timer.mark("setup")
         first_logits = decoder.prefill(input_ids, model_kwargs)
         # The prompt's last token stands as the root of a tree without drafts.
