@@ -32,6 +32,7 @@ import hf_eagle3
 from hf_eagle3 import Eagle3DraftModel
 from hf_eagle3.cli import main as cli_main
 from hf_eagle3.target_features import TargetFeatureCapture
+from hf_eagle3.trainer.ttt import unroll_draft
 
 HERE = Path(__file__).parent
 PROMPT = "Write a short poem about the sea, then explain which images you chose and why."
@@ -42,6 +43,13 @@ PEER_REQUIREMENTS = {
     # SpecForge pins an older torch and the SGLang server; its draft class needs neither.
     "sf": ["torch==2.13.0", "transformers==5.8.1", "accelerate", "safetensors", "pydantic", "pyyaml", "psutil"],
 }
+# EAGLE-3.1 switch sets checked in both directions: every speculators/vLLM switch appears in one of them
+# (speculators refuses `norm_before_fc` with `fc_norm`), and SpecForge's two readings of `norm_output`.
+SPECULATORS_VARIANTS = (
+    {"fc_norm": True, "norm_output": True},
+    {"norm_before_fc": True, "norm_before_residual": True},
+)
+SPECFORGE_VARIANTS = ({"norm_output": True}, {"norm_output": False}, {"fc_norm": True, "norm_output": False})
 EAGLE_REPO = "https://github.com/SafeAILab/EAGLE"
 
 
@@ -92,6 +100,34 @@ def compare(name: str, ours: torch.Tensor, theirs: torch.Tensor, how: str, **ext
     return {"check": name, "how": how, "max_abs_diff": diff, "argmax_agreement": agree, **extra}
 
 
+@torch.no_grad()
+def score(head: Eagle3DraftModel, inputs: dict) -> list[torch.Tensor]:
+    """The head's logits on the inputs (step 0), and those of the training-time-test step that feeds its own output
+    back (step 1, positions whose ids all lie inside the inputs)."""
+    step0 = head(inputs["input_ids"], target_hidden_states=inputs["target_hidden_states"]).logits
+    # unroll_draft shifts the ids itself: give it the sequence one token earlier.
+    ids = torch.cat([inputs["input_ids"][:, :1], inputs["input_ids"][:, :-1]], dim=1)
+    mask = torch.ones_like(ids)
+    steps = list(unroll_draft(head, inputs["target_hidden_states"], ids, mask, num_steps=2))
+    return [step0, steps[1].logits[:, :-2]]
+
+
+def variant_head(head: Eagle3DraftModel, target, **switches) -> Eagle3DraftModel:
+    """The shipped head with EAGLE-3.1 switches turned on, its (new and old) norm weights drawn at random so that
+    every switch changes the logits."""
+    config = copy.deepcopy(head.config)
+    for name, value in switches.items():
+        setattr(config, name, value)
+    variant = Eagle3DraftModel(config).eval()
+    variant.load_state_dict(head.state_dict(), strict=False)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in variant.named_parameters():
+            if "norm" in name:
+                parameter.copy_(torch.rand(parameter.shape, generator=generator) + 0.5)
+    return variant.attach_target(target)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers-dir", type=Path, default=Path("/work/peers"))
@@ -127,8 +163,7 @@ def main() -> int:
         features = capture.pop()
     # Features of position t with the token t + 1: the alignment every implementation shares.
     inputs = {"target_hidden_states": features[:, :-1].contiguous(), "input_ids": ids[:, 1:].contiguous()}
-    with torch.no_grad():
-        ours = head(inputs["input_ids"], target_hidden_states=inputs["target_hidden_states"]).logits
+    ours = score(head, inputs)
     inputs["d2t"] = head.d2t.clone()
     torch.save(inputs, work / "inputs.pt")
 
@@ -139,34 +174,60 @@ def main() -> int:
     run_peer(pythons["eagle"], "peer_eagle.py", eagle_source, target_dir, work / "eagle3", work / "inputs.pt",
              work / "eagle.pt")  # fmt: skip
     config = json.loads((work / "eagle3" / "config.json").read_text())
-    results.append(compare("official EAGLE EaModel <- eagle3 export", ours, torch.load(work / "eagle.pt")["logits"],
+    results.append(compare("official EAGLE EaModel <- eagle3 export", ours[0], torch.load(work / "eagle.pt")["logits"],
                            "EaModel.from_pretrained(base_model_path=target, ea_model_path=export), ea_layer forward",
                            config_has_target_hidden_size="target_hidden_size" in config))  # fmt: skip
 
-    run_peer(pythons["spec"], "peer_speculators.py", work / "speculators", work / "inputs.pt", work / "spec.pt")
-    peer = torch.load(work / "spec.pt")
-    config = json.loads((work / "speculators" / "config.json").read_text())
-    results.append(compare("speculators 0.9 <- speculators export", ours, peer["logits"],
-                           "SpeculatorModel.from_pretrained(export) from an empty working directory, TTT step 0",
-                           verifier=config["speculators_config"]["verifier"]["name_or_path"],
-                           embedding_loaded=peer["embedding_loaded"]))  # fmt: skip
+    def speculators_check(name: str, export: Path, mine: list[torch.Tensor], how: str) -> None:
+        run_peer(pythons["spec"], "peer_speculators.py", "load", export, work / "inputs.pt", work / "spec.pt")
+        peer = torch.load(work / "spec.pt")
+        verifier = json.loads((export / "config.json").read_text())["speculators_config"]["verifier"]["name_or_path"]
+        extra = {"verifier_is_target_dir": verifier == str(target_dir), "embedding_loaded": peer["embedding_loaded"]}
+        results.append(compare(f"{name}, step 0", mine[0], peer["logits"][0], how, **extra))
+        results.append(compare(f"{name}, step 1", mine[1], peer["logits"][1][:, :-2], how + ", TTT step 1"))
 
-    run_peer(pythons["sf"], "peer_specforge.py", "load", work / "specforge", target_dir, work / "inputs.pt",
-             work / "sf.pt")  # fmt: skip
-    results.append(compare("SpecForge 0.2 draft class <- specforge export", ours, torch.load(work / "sf.pt")["logits"],
-                           "LlamaForCausalLMEagle3.from_pretrained(export) + load_embedding(target), step 0"))  # fmt: skip
+    speculators_check("speculators 0.9 <- speculators export", work / "speculators", ours,
+                      "SpeculatorModel.from_pretrained(export) from an empty working directory")  # fmt: skip
 
-    for norm_output in ("true", "false"):
-        written = work / f"specforge-written-norm-output-{norm_output}"
-        run_peer(pythons["sf"], "peer_specforge.py", "write", work / "specforge" / "config.json", target_dir,
-                 work / "inputs.pt", work / "sf-written.pt", written, norm_output)  # fmt: skip
+    def specforge_check(name: str, export: Path, mine: torch.Tensor) -> None:
+        run_peer(pythons["sf"], "peer_specforge.py", "load", export, target_dir, work / "inputs.pt", work / "sf.pt")
+        results.append(compare(name, mine, torch.load(work / "sf.pt")["logits"],
+                               "SpecForge's draft loading (from_config + warm_start_draft_model + load_embedding), "
+                               "step 0"))  # fmt: skip
+
+    specforge_check("SpecForge 0.2 draft class <- specforge export", work / "specforge", ours[0])
+
+    # EAGLE-3.1 heads exported by hf-eagle3, loaded by the peers whose layouts carry their switches.
+    for switches in SPECULATORS_VARIANTS:
+        variant = variant_head(head, target, target_name_or_path=str(target_dir), **switches)
+        variant.save_pretrained(work / "variant-speculators", format="speculators")
+        speculators_check(f"speculators 0.9 <- hf-eagle3 head {switches}", work / "variant-speculators",
+                          score(variant, inputs), "save_pretrained(format='speculators'), SpeculatorModel")  # fmt: skip
+    variant = variant_head(head, target, fc_norm=True)
+    variant.save_pretrained(work / "variant-specforge", format="specforge")
+    specforge_check("SpecForge 0.2 <- hf-eagle3 head {'fc_norm': True}", work / "variant-specforge",
+                    score(variant, inputs)[0])  # fmt: skip
+
+    # Heads the peers write with their own classes, loaded here.
+    for switches in SPECULATORS_VARIANTS:
+        written = work / "speculators-written"
+        run_peer(pythons["spec"], "peer_speculators.py", "write", work / "speculators" / "config.json",
+                 json.dumps(switches), work / "inputs.pt", work / "spec-written.pt", written)  # fmt: skip
         loaded = Eagle3DraftModel.from_pretrained(written, dtype=torch.float32).attach_target(target)
-        with torch.no_grad():
-            mine = loaded(inputs["input_ids"], target_hidden_states=inputs["target_hidden_states"]).logits
-        results.append(compare(f"hf-eagle3 <- SpecForge head, norm_output={norm_output}", mine,
+        peer = torch.load(work / "spec-written.pt")["logits"]
+        mine = score(loaded, inputs)
+        how = "speculators Eagle3DraftModel(config).save_pretrained, then Eagle3DraftModel.from_pretrained"
+        results.append(compare(f"hf-eagle3 <- speculators head {switches}, step 0", mine[0], peer[0], how))
+        results.append(compare(f"hf-eagle3 <- speculators head {switches}, step 1", mine[1], peer[1][:, :-2], how))
+    for switches in SPECFORGE_VARIANTS:
+        written = work / "specforge-written"
+        run_peer(pythons["sf"], "peer_specforge.py", "write", work / "specforge" / "config.json", json.dumps(switches),
+                 target_dir, work / "inputs.pt", work / "sf-written.pt", written)  # fmt: skip
+        loaded = Eagle3DraftModel.from_pretrained(written, dtype=torch.float32).attach_target(target)
+        results.append(compare(f"hf-eagle3 <- SpecForge head {switches}", score(loaded, inputs)[0],
                                torch.load(work / "sf-written.pt")["logits"],
                                "LlamaForCausalLMEagle3(config).save_pretrained, then Eagle3DraftModel.from_pretrained",
-                               norm_before_lm_head=loaded.config.norm_before_lm_head))  # fmt: skip
+                               switches_read=loaded.config.variant_switches))  # fmt: skip
 
     passed = all(result["max_abs_diff"] <= args.tolerance for result in results)
     report = {

@@ -5,8 +5,9 @@
   `warm_start_draft_model`, embedding by `load_embedding`), and score the inputs as its training step 0 does.
   (Its `LlamaForCausalLMEagle3.from_pretrained` under transformers 5.8.1 leaves the rotary buffers uninitialised,
   whatever the checkpoint.)
-- `write CONFIG_JSON TARGET_DIR INPUTS OUTPUT HEAD_DIR NORM_OUTPUT`: build a head from a config with
-  `norm_output` set, random weights (norms too), save it with `save_pretrained`, and score the inputs.
+- `write CONFIG_JSON SWITCHES_JSON TARGET_DIR INPUTS OUTPUT HEAD_DIR`: build a head from a config with the given
+  switches (`norm_output`, `fc_norm`), random weights (norms too), save it with `save_pretrained`, and score the
+  inputs.
 """
 
 import json
@@ -46,14 +47,14 @@ if mode == "load":
     model = AutoDraftModel.from_config(config, attention_backend="sdpa", torch_dtype=torch.float32).eval()
     warm_start_draft_model(model, head_dir, draft_config=config, strategy="eagle3", allow_missing_embedding=True)
 else:
-    config_path, target_dir, inputs_path, output_path, head_dir, norm_output = sys.argv[2:8]
+    config_path, switches, target_dir, inputs_path, output_path, head_dir = sys.argv[2:8]
     with open(config_path) as file:
-        config = LlamaConfig(**{**json.load(file), "norm_output": norm_output == "true", "torch_dtype": "float32"})
+        config = LlamaConfig(**{**json.load(file), **json.loads(switches), "torch_dtype": "float32"})
     torch.manual_seed(0)
     model = LlamaForCausalLMEagle3(config).float().eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+            if "norm" in name:
                 parameter.uniform_(0.5, 1.5)
         d2t = torch.load(inputs_path)["d2t"]
         model.d2t.copy_(d2t)
