@@ -216,6 +216,7 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.draft_vocab_size, bias=False)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self._freeze_unused_parameters()
         # d2t[i] = target_id(i) - i; t2d[j] = whether target id j is in the draft vocabulary.
         self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
         self.register_buffer("t2d", torch.ones(config.vocab_size, dtype=torch.bool))
@@ -230,6 +231,12 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         # (runner key, reason) of a tree step that could not be captured, so later calls do not retry it.
         self._static_tree_capture_failure = None
         self.post_init()
+
+    def _freeze_unused_parameters(self) -> None:
+        """Freeze the target's embedding, and `norm` when nothing reads it (`norm_before_lm_head=False`): DDP
+        expects a gradient for every trainable parameter."""
+        self.embed_tokens.weight.requires_grad_(False)
+        self.norm.weight.requires_grad_(self.config.norm_before_lm_head)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
@@ -417,8 +424,8 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         generation_config_file = files.get(GENERATION_CONFIG_NAME) if files is not None else None
         if generation_config_file is not None:
             model.generation_config = GenerationConfig.from_pretrained(os.path.dirname(generation_config_file))
-        # The loader re-creates parameters, trainable by default; the embedding is the target's and stays frozen.
-        model.embed_tokens.weight.requires_grad_(False)
+        # The loader re-creates parameters, trainable by default.
+        model._freeze_unused_parameters()
         return (model, loading_info) if output_loading_info else model
 
     def save_pretrained(
