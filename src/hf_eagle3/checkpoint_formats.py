@@ -691,8 +691,9 @@ def convert_main(argv: list[str]) -> int:
     )
     positions.add_argument(
         "--target",
-        help="config directory or repo id of the target: checks the head fits it, fills in its default layer ids "
-        "and covers its max_position_embeddings",
+        help="directory or Hub id of the target: checks the head fits it, fills in its default layer ids, covers "
+        "its max_position_embeddings, and is named as the target (vllm/speculators also store its embedding, read "
+        "from its weights)",
     )
     parser.add_argument("--revision", help="hub revision of SRC")
     args = parser.parse_args(argv)
