@@ -239,8 +239,8 @@ def test_every_layout_that_carries_a_switch_round_trips_it_and_the_others_refuse
         return
     head.save_pretrained(tmp_path, format=format)
     config = json.loads((tmp_path / "config.json").read_text())
-    if format == "specforge":  # SpecForge's own key and meaning
-        assert config["norm_output"] is head.config.norm_before_lm_head
+    if format == "specforge":  # SpecForge's own key and meaning, written only when not its default (true)
+        assert config.get("norm_output", True) is head.config.norm_before_lm_head
     elif format == "vllm":
         assert all(config[name] is getattr(head.config, name) for name in LAYOUT_CARRIES["vllm"])
     loaded = Eagle3DraftModel.from_pretrained(tmp_path).attach_target(target)

@@ -354,15 +354,15 @@ def checkpoint_config(
                     "layer' numbering cannot express. Export to 'vllm'/'speculators' instead."
                 )
             eagle_config["eagle_aux_hidden_state_layer_ids"] = [i - 1 for i in ids]
-        return {
-            "architectures": [SPECFORGE_ARCHITECTURE],
-            **llama,
-            **eagle,
-            "eagle_config": eagle_config,
-            "fc_norm": config.fc_norm,
-            # SpecForge's name for "norm before lm_head", written explicitly although true is its default.
-            "norm_output": config.norm_before_lm_head,
-        }
+        values = {"architectures": [SPECFORGE_ARCHITECTURE], **llama, **eagle, "eagle_config": eagle_config}
+        if config.fc_norm:
+            values["fc_norm"] = True
+        if not config.norm_before_lm_head:
+            # SpecForge's `norm_output` (default true) is "norm before lm_head". Written only when false: vLLM and
+            # TensorRT-LLM read the same key on this architecture as "feed the post-norm state back", so a `true`
+            # here would change how they run a released head.
+            values["norm_output"] = False
+        return values
     if layout == SPECULATORS_LAYOUT:
         values = {
             "architectures": [SPECULATORS_ARCHITECTURE],
