@@ -384,3 +384,21 @@ def test_truncated_safetensors_raise(tmp_path, layout):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(ValueError, match="truncated or corrupt"):
         Eagle3DraftModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("saved", ["sharded", "bin", "config only"])
+def test_target_embedding_is_read_alone_from_the_targets_checkpoint(tmp_path, saved):
+    from hf_eagle3.checkpoint_formats import CheckpointFiles, read_target_embedding
+
+    target = make_target()
+    if saved == "config only":
+        target.config.save_pretrained(tmp_path)
+        with pytest.raises(ValueError, match="has no weights"):
+            read_target_embedding(CheckpointFiles(tmp_path))
+        return
+    if saved == "sharded":
+        target.save_pretrained(tmp_path, max_shard_size="20KB")
+        assert (tmp_path / "model.safetensors.index.json").exists()
+    else:
+        torch.save(target.state_dict(), tmp_path / "pytorch_model.bin")
+    assert torch.equal(read_target_embedding(CheckpointFiles(tmp_path)), target.get_input_embeddings().weight)

@@ -615,35 +615,44 @@ def _check_speculators_loadable(model: Eagle3DraftModel, config: dict[str, Any])
         )
 
 
+def _embedding_from_file(path: str, name: str | None = None) -> torch.Tensor | None:
+    """The tensor `name` (default: the shortest name ending in `embed_tokens.weight`) of one weight file."""
+    if path.endswith(".safetensors"):
+        with explaining_corrupt_safetensors(path), safe_open(path, framework="pt") as file:
+            names = [name] if name else [key for key in file.keys() if key.endswith(EMBEDDING_KEY)]
+            return file.get_tensor(min(names, key=len)) if names else None
+    state_dict = _load_weight_file(path)
+    names = [name] if name else [key for key in state_dict if key.endswith(EMBEDDING_KEY)]
+    return state_dict[min(names, key=len)] if names else None
+
+
 def read_target_embedding(files: CheckpointFiles) -> torch.Tensor:
     """The input embedding table alone from a target's checkpoint, without building the model.
 
     A full target can be far larger than memory allows for a conversion; safetensors files are read tensor by
     tensor. The table is the tensor named `...embed_tokens.weight` (`model.` for causal LMs, deeper for
-    multimodal ones).
+    multimodal ones; the shortest such name when several match).
     """
     for filename in WEIGHT_FILES:
         path = files.get(filename)
         if path is None:
             continue
+        embedding = None
         if filename.endswith(".index.json"):
             with open(path, encoding="utf-8") as file:
                 weight_map = json.load(file)["weight_map"]
             names = [name for name in weight_map if name.endswith(EMBEDDING_KEY)]
-            shard = files.get(weight_map[names[0]]) if names else None
-        else:
-            names, shard = None, path
-        if shard is not None and shard.endswith(".safetensors"):
-            with explaining_corrupt_safetensors(shard), safe_open(shard, framework="pt") as file:
-                names = names or [name for name in file.keys() if name.endswith(EMBEDDING_KEY)]
-                if names:
-                    return file.get_tensor(min(names, key=len))
-        elif shard is not None:
-            state_dict = _load_weight_file(shard)
-            names = [name for name in state_dict if name.endswith(EMBEDDING_KEY)]
             if names:
-                return state_dict[min(names, key=len)]
-        raise ValueError(f"{files.name_or_path}: no `{EMBEDDING_KEY}` tensor was found in {filename}.")
+                name = min(names, key=len)
+                shard = files.get(weight_map[name])
+                if shard is None:
+                    raise ValueError(f"{files.name_or_path}: shard {weight_map[name]} named in {filename} is missing.")
+                embedding = _embedding_from_file(shard, name)
+        else:
+            embedding = _embedding_from_file(path)
+        if embedding is None:
+            raise ValueError(f"{files.name_or_path}: no `{EMBEDDING_KEY}` tensor was found in {filename}.")
+        return embedding
     raise ValueError(
         f"{files.name_or_path} has no weights ({', '.join(WEIGHT_FILES)}), so the target's token embedding cannot be "
         "read from it; pass the target's checkpoint directory or Hub id."
