@@ -130,6 +130,18 @@ def test_official_release_loads(tmp_path, arch, weights_file):
     assert torch.equal(loaded.d2t, head.d2t) and torch.equal(loaded.t2d, head.t2d)
 
 
+def test_a_published_head_exports_for_vllm_once_attached_to_a_named_target(tmp_path):
+    """Official configs do not name the target; the attached one is named, so the export's verifier resolves."""
+    target = make_target()
+    target.save_pretrained(tmp_path / "target")
+    target = type(target).from_pretrained(tmp_path / "target")
+    head = make_head(target, draft_vocab_size=40)
+    loaded = Eagle3DraftModel.from_pretrained(write_official(tmp_path / "official", head)).attach_target(target)
+    loaded.save_pretrained(tmp_path / "vllm", format="vllm")
+    config = json.loads((tmp_path / "vllm" / "config.json").read_text())
+    assert config["speculators_config"]["verifier"]["name_or_path"] == str(tmp_path / "target")
+
+
 def test_official_release_without_maps_loads_when_vocabularies_are_equal(tmp_path):
     target = make_target()
     head = make_head(target)

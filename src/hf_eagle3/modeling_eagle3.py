@@ -292,6 +292,9 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
             self.config.target_layer_ids = default_target_layer_ids(target.config.get_text_config().num_hidden_layers)
         if self.config.target_num_hidden_layers is None:
             self.config.target_num_hidden_layers = target.config.get_text_config().num_hidden_layers
+        # Published heads often do not say which target they were made for; exports name it (speculators, vLLM).
+        if self.config.target_name_or_path is None:
+            self.config.target_name_or_path = getattr(target.config, "_name_or_path", None) or None
         return self.set_target_embeddings(target.get_input_embeddings().weight)
 
     def set_target_embeddings(self, weight: torch.Tensor) -> Eagle3DraftModel:
