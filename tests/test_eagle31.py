@@ -289,3 +289,30 @@ def test_peer_layout_fixtures_load_with_their_meaning(tmp_path):
             out, expected = mine(ids, target_hidden_states=features), theirs(ids, target_hidden_states=features)
             torch.testing.assert_close(out.logits, expected.logits)
             torch.testing.assert_close(out.hidden_states, expected.hidden_states)
+
+
+def test_vllm_llama_config_reads_switches_where_vllm_does(tmp_path):
+    """vLLM's own `Eagle3LlamaForCausalLM` config: `norm_before_fc` may sit in `eagle_config`, the rest on top."""
+    target = make_target()
+    head = variant_head(target, {"norm_before_fc": True, "norm_output": True})
+    (tmp_path / "model").mkdir()
+    save_file(
+        {key: tensor for key, tensor in head.state_dict().items() if key != "embed_tokens.weight"},
+        tmp_path / "model" / "model.safetensors",
+    )
+    layer = head.config
+    config = {
+        "architectures": ["Eagle3LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+        "intermediate_size": layer.intermediate_size, "num_attention_heads": layer.num_attention_heads,
+        "num_key_value_heads": layer.num_key_value_heads, "head_dim": layer.head_dim,
+        "rms_norm_eps": layer.rms_norm_eps, "vocab_size": 96, "draft_vocab_size": 96, "norm_output": True,
+        "eagle_config": {"norm_before_fc": True, "eagle_aux_hidden_state_layer_ids": layer.target_layer_ids},
+    }  # fmt: skip
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    loaded = Eagle3DraftModel.from_pretrained(tmp_path / "model").attach_target(target)
+    assert loaded.config.variant_switches == {"norm_before_fc": True, "norm_output": True}
+    features = torch.randn(1, 5, 3 * 64, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out, expected = loaded(ids, target_hidden_states=features), head(ids, target_hidden_states=features)
+    torch.testing.assert_close(out.hidden_states, expected.hidden_states)
