@@ -130,6 +130,18 @@ def test_official_release_loads(tmp_path, arch, weights_file):
     assert torch.equal(loaded.d2t, head.d2t) and torch.equal(loaded.t2d, head.t2d)
 
 
+def test_a_published_head_exports_for_vllm_once_attached_to_a_named_target(tmp_path):
+    """Official configs do not name the target; the attached one is named, so the export's verifier resolves."""
+    target = make_target()
+    target.save_pretrained(tmp_path / "target")
+    target = type(target).from_pretrained(tmp_path / "target")
+    head = make_head(target, draft_vocab_size=40)
+    loaded = Eagle3DraftModel.from_pretrained(write_official(tmp_path / "official", head)).attach_target(target)
+    loaded.save_pretrained(tmp_path / "vllm", format="vllm")
+    config = json.loads((tmp_path / "vllm" / "config.json").read_text())
+    assert config["speculators_config"]["verifier"]["name_or_path"] == str(tmp_path / "target")
+
+
 def test_official_release_without_maps_loads_when_vocabularies_are_equal(tmp_path):
     target = make_target()
     head = make_head(target)
@@ -174,24 +186,33 @@ def test_speculators_head_loads(tmp_path, arch):
 @pytest.mark.parametrize("format", list(FORMATS))
 def test_every_export_loads_back_equal(tmp_path, format):
     target = make_target(arch := "qwen3")
-    head = make_head(target, draft_vocab_size=40, **({} if format == "eagle3" else {"target_layer_ids": [1, 3, 5]}))
+    layer_ids = {} if format == "eagle3" else {"target_layer_ids": [1, 3, 5]}
+    head = make_head(target, draft_vocab_size=40, target_name_or_path="org/target", **layer_ids)
     head.save_pretrained(tmp_path, format=format, target_max_position_embeddings=4096)
     config = json.loads((tmp_path / "config.json").read_text())
-    keys = set(load_file(tmp_path / "model.safetensors"))
+    weights = load_file(tmp_path / "model.safetensors")
     layout = FORMATS[format]
     if layout == "speculators":
         assert config["architectures"] == ["Eagle3Speculator"] and config["norm_before_residual"] is False
         assert config["eagle_aux_hidden_state_layer_ids"] == [1, 3, 5]
         assert config["transformer_layer_config"]["max_position_embeddings"] == 4096
-        assert "layers.0.self_attn.q_proj.weight" in keys and "embed_tokens.weight" in keys
+        assert config["speculators_config"]["verifier"]["name_or_path"] == "org/target"
+        # speculators takes the embedding from the checkpoint, not from the verifier: it must be the target's.
+        assert "layers.0.self_attn.q_proj.weight" in weights
+        assert torch.equal(weights["embed_tokens.weight"], target.get_input_embeddings().weight)
     else:
         assert config["max_position_embeddings"] == 4096
-        assert "midlayer.self_attn.q_proj.weight" in keys and "embed_tokens.weight" not in keys
+        assert "midlayer.self_attn.q_proj.weight" in weights and "embed_tokens.weight" not in weights
     if layout == "specforge":
         assert config["architectures"] == ["LlamaForCausalLMEagle3"]
         assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [0, 2, 4]
+        # SpecForge reads an absent `norm_output` as true (norm before lm_head); vLLM reads a present `true` as
+        # "feed the post-norm state back": a released head writes neither switch.
+        assert "norm_output" not in config and "fc_norm" not in config
     if layout == "eagle3":
         assert config["architectures"] == ["LlamaForCausalLM"] and config["draft_vocab_size"] == 40
+        # The official loader takes the target's embedding only when this key is absent (else it stays random).
+        assert "target_hidden_size" not in config
     assert head.config.max_position_embeddings == 512  # the model itself is unchanged
     loaded = Eagle3DraftModel.from_pretrained(tmp_path)
     assert_same_logits(loaded, head, target)
@@ -228,7 +249,7 @@ def test_native_round_trip_covers_target_positions(tmp_path):
 
 def test_convert_cli_translates_and_covers_the_target(tmp_path, capsys):
     target = make_target(max_position_embeddings=1024)
-    target.config.save_pretrained(tmp_path / "target")
+    target.save_pretrained(tmp_path / "target")
     head = make_head(target, draft_vocab_size=40)
     write_official(tmp_path / "official", head)
     assert cli_main(["convert", str(tmp_path / "official"), str(tmp_path / "sglang"), "--to", "sglang",
@@ -237,12 +258,44 @@ def test_convert_cli_translates_and_covers_the_target(tmp_path, capsys):
     config = json.loads((tmp_path / "sglang" / "config.json").read_text())
     assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 2, 2]  # [2, 3, 3] minus one
     assert config["max_position_embeddings"] == 2048  # the head's own already covers the target's 1024
-    cli_main(["convert", str(tmp_path / "sglang"), str(tmp_path / "vllm"), "--to", "vllm",
+    cli_main(["convert", str(tmp_path / "official"), str(tmp_path / "eagle3"), "--to", "eagle3",
               "--target-max-position-embeddings", "32768"])  # fmt: skip
+    config = json.loads((tmp_path / "eagle3" / "config.json").read_text())
+    assert "target_hidden_size" not in config and config["max_position_embeddings"] == 32768
+    assert_same_logits(Eagle3DraftModel.from_pretrained(tmp_path / "eagle3"), head, target)
+
+
+def test_convert_cli_to_speculators_names_the_given_target_and_stores_its_embedding(tmp_path, monkeypatch):
+    target = make_target().to(torch.float64)
+    target.save_pretrained(tmp_path / "target")
+    head = make_head(make_target(), draft_vocab_size=40, target_name_or_path="a-short-name")
+    head.save_pretrained(tmp_path / "native")
+    monkeypatch.chdir(tmp_path)  # a relative --target, as a user would type it
+    cli_main(["convert", "native", "vllm", "--to", "vllm", "--target", "target"])
     config = json.loads((tmp_path / "vllm" / "config.json").read_text())
-    assert config["eagle_aux_hidden_state_layer_ids"] == [2, 3, 3]
-    assert config["transformer_layer_config"]["max_position_embeddings"] == 32768
-    assert_same_logits(Eagle3DraftModel.from_pretrained(tmp_path / "vllm"), head, target)
+    # speculators and vLLM load the verifier from any working directory: the path is made absolute.
+    assert config["speculators_config"]["verifier"]["name_or_path"] == str(tmp_path / "target")
+    assert config["speculators_config"]["verifier"]["architectures"] == ["LlamaForCausalLM"]
+    # The target's own table at its own precision, read from its checkpoint alone.
+    embedding = load_file(tmp_path / "vllm" / "model.safetensors")["embed_tokens.weight"]
+    assert embedding.dtype == torch.float64 and torch.equal(embedding, target.get_input_embeddings().weight)
+    assert_same_logits(Eagle3DraftModel.from_pretrained(tmp_path / "vllm", dtype=torch.float32), head, make_target())
+
+
+def test_speculators_export_resolves_registered_targets_and_refuses_what_speculators_cannot_load(tmp_path):
+    target = make_target()
+    head = make_head(target, target_name_or_path="smollm2-135m-instruct")
+    head.save_pretrained(tmp_path / "registered", format="speculators")
+    config = json.loads((tmp_path / "registered" / "config.json").read_text())
+    assert config["speculators_config"]["verifier"]["name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    head.config.target_name_or_path = None
+    with pytest.raises(ValueError, match="does not name its target"):
+        head.save_pretrained(tmp_path / "unnamed", format="speculators")
+    unattached = Eagle3DraftModel(make_head(target, target_name_or_path="org/target").config)
+    with pytest.raises(ValueError, match="none is attached"):
+        unattached.save_pretrained(tmp_path / "no-embedding", format="vllm")
+    with pytest.raises(ValueError, match="none is attached"):
+        cli_main(["convert", str(tmp_path / "registered"), str(tmp_path / "again"), "--to", "speculators"])
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -296,15 +349,26 @@ def test_native_save_missing_or_extra_tensors_raise(tmp_path):
         Eagle3DraftModel.from_pretrained(tmp_path)
 
 
-def test_eagle3_variants_raise(tmp_path):
+def test_norm_switches_are_read_with_each_layout_meaning(tmp_path):
+    """SpecForge's `norm_output` (default true) is "norm before lm_head"; speculators' and vLLM's is "feed the
+    post-norm state back"; the official code reads no switch, so one set in that layout has no known meaning."""
     head = make_head(make_target())
-    directory = write_specforge(tmp_path / "specforge", head, output_layer_ids=[1, 2, 2])
-    config = json.loads((directory / "config.json").read_text())
-    (directory / "config.json").write_text(json.dumps({**config, "norm_output": True}))
-    with pytest.raises(ValueError, match=r"sets \['norm_output'\]"):
-        Eagle3DraftModel.from_pretrained(directory)
-    with pytest.raises(ValueError, match=r"sets \['norm_before_residual'\]"):
-        Eagle3DraftModel.from_pretrained(write_speculators(tmp_path / "a", head, None, norm_before_residual=True))
+    specforge = write_specforge(tmp_path / "specforge", head, output_layer_ids=[1, 2, 2])
+    config = json.loads((specforge / "config.json").read_text())
+    for value, norm_before_lm_head in ((True, True), (False, False)):
+        (specforge / "config.json").write_text(json.dumps({**config, "norm_output": value}))
+        loaded = Eagle3DraftModel.from_pretrained(specforge).config
+        assert (loaded.norm_before_lm_head, loaded.norm_output) == (norm_before_lm_head, False)
+    (specforge / "config.json").write_text(json.dumps({**config, "norm_before_fc": True}))
+    with pytest.raises(ValueError, match=r"sets \['norm_before_fc'\], which SpecForge's draft class does not read"):
+        Eagle3DraftModel.from_pretrained(specforge)
+    loaded = Eagle3DraftModel.from_pretrained(write_speculators(tmp_path / "a", head, None, norm_output=True)).config
+    assert (loaded.norm_output, loaded.norm_before_lm_head) == (True, True)
+    official = write_official(tmp_path / "official", head)
+    config = json.loads((official / "config.json").read_text())
+    (official / "config.json").write_text(json.dumps({**config, "norm_output": True}))
+    with pytest.raises(ValueError, match=r"sets \['norm_output'\] but is in the official EAGLE-3 layout"):
+        Eagle3DraftModel.from_pretrained(official)
     with pytest.raises(ValueError, match="trained its own token embedding"):
         Eagle3DraftModel.from_pretrained(write_speculators(tmp_path / "b", head, None, embed_requires_grad=True))
 
@@ -332,3 +396,21 @@ def test_truncated_safetensors_raise(tmp_path, layout):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(ValueError, match="truncated or corrupt"):
         Eagle3DraftModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("saved", ["sharded", "bin", "config only"])
+def test_target_embedding_is_read_alone_from_the_targets_checkpoint(tmp_path, saved):
+    from hf_eagle3.checkpoint_formats import CheckpointFiles, read_target_embedding
+
+    target = make_target()
+    if saved == "config only":
+        target.config.save_pretrained(tmp_path)
+        with pytest.raises(ValueError, match="has no weights"):
+            read_target_embedding(CheckpointFiles(tmp_path))
+        return
+    if saved == "sharded":
+        target.save_pretrained(tmp_path, max_shard_size="20KB")
+        assert (tmp_path / "model.safetensors.index.json").exists()
+    else:
+        torch.save(target.state_dict(), tmp_path / "pytorch_model.bin")
+    assert torch.equal(read_target_embedding(CheckpointFiles(tmp_path)), target.get_input_embeddings().weight)

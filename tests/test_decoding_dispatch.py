@@ -120,6 +120,7 @@ def test_knobs_saved_with_the_head_come_back_with_it(fake_tree, tmp_path):
     config = fake_tree[0][2]
     assert (config.total_tokens, config.depth, config.top_k) == (9, 3, 2)
     # A foreign layout has no place for them: serving engines take their own settings.
+    head.config.target_name_or_path = "org/target"
     head.save_pretrained(tmp_path / "vllm", format="vllm")
     assert not (tmp_path / "vllm" / "generation_config.json").exists()
 

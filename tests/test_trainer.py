@@ -268,8 +268,11 @@ def test_cli_train_online_from_yaml_resumes_and_exports(tmp_path):
     head = Eagle3DraftModel.from_pretrained(output_dir)
     assert torch.equal(head.d2t, d2t) and head.config.draft_vocab_size == 50
     assert (output_dir / "export-vllm" / "config.json").exists()
-    # The saved head is ready for generate: lossless against plain greedy decoding.
     target = AutoModelForCausalLM.from_pretrained(tmp_path / "target").eval()
+    # speculators reads the embedding from the export: the target's.
+    exported = load_file(output_dir / "export-vllm" / "model.safetensors")["embed_tokens.weight"]
+    assert torch.equal(exported, target.get_input_embeddings().weight)
+    # The saved head is ready for generate: lossless against plain greedy decoding.
     head.attach_target(target)
     prompt = torch.randint(3, 96, (1, 6))
     plain = target.generate(prompt, max_new_tokens=8, do_sample=False)

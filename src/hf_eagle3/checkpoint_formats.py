@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from huggingface_hub import hf_hub_download, save_torch_state_dict
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from transformers import LlamaConfig
 
@@ -70,9 +70,12 @@ VLLM_ARCHITECTURE = "Eagle3LlamaForCausalLM"
 # Keyword arguments of `from_pretrained` that say where to find files, passed on to `hf_hub_download`.
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
-# Switches of EAGLE-3.1-style variants (speculators, SpecForge) whose computation differs from the released head.
-# Some add no tensors, so strict loading alone would not notice them.
-VARIANT_FLAGS = ("norm_before_residual", "norm_before_fc", "fc_norm", "norm_output")
+# Norm switches of EAGLE-3.1-style heads. speculators and vLLM name and mean them as Eagle3Config does. SpecForge's
+# draft class reads `fc_norm` alike but its `norm_output` (default true) means "norm before lm_head", which is our
+# `norm_before_lm_head`; it reads no other switch. The official EAGLE code reads none. Some switches add no tensors,
+# so strict loading alone would not notice a switch read wrong.
+SPECULATORS_SWITCHES = ("norm_before_fc", "fc_norm", "norm_before_residual", "norm_output")
+SPECFORGE_SWITCHES = ("fc_norm", "norm_before_lm_head")
 
 # Weight files in the order they are looked for: safetensors first.
 WEIGHT_FILES = (
@@ -149,13 +152,7 @@ def _head_dimensions(layer_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_from_checkpoint(config: dict[str, Any], layout: str, **overrides) -> Eagle3Config:
-    """Build our config from a foreign `config.json`, translating the layer ids into our numbering."""
-    variants = [flag for flag in VARIANT_FLAGS if config.get(flag)]
-    if variants:
-        raise ValueError(
-            f"This head sets {variants}: an EAGLE-3 variant whose norms differ from the released architecture, "
-            "which this library does not implement. Use a head trained with those flags off."
-        )
+    """Build our config from a foreign `config.json`, translating the layer ids and norm switches into ours."""
     if layout == SPECULATORS_LAYOUT:
         if config.get("embed_requires_grad"):
             raise ValueError(
@@ -193,6 +190,7 @@ def config_from_checkpoint(config: dict[str, Any], layout: str, **overrides) -> 
             values["target_layer_ids"] = config.get("eagle_aux_hidden_state_layer_ids") or eagle_config.get(
                 "eagle_aux_hidden_state_layer_ids"
             )
+    values.update(_switches_from_checkpoint(config, layout))
     values["draft_vocab_size"] = config.get("draft_vocab_size")
     values["target_hidden_size"] = config.get("target_hidden_size")
     known = {field.name for field in dataclasses.fields(Eagle3Config)}
@@ -201,6 +199,69 @@ def config_from_checkpoint(config: dict[str, Any], layout: str, **overrides) -> 
         raise TypeError(f"Unexpected keyword arguments {unknown}: neither loading options nor Eagle3Config fields.")
     values.update(overrides)
     return Eagle3Config(**values)
+
+
+def _switches_from_checkpoint(config: dict[str, Any], layout: str) -> dict[str, bool]:
+    """The head's norm switches, each key read with the meaning its layout's own loader gives it."""
+    if layout in (SPECULATORS_LAYOUT, VLLM_LLAMA_LAYOUT):
+        # vLLM also takes `norm_before_fc` from `eagle_config`, before the top level.
+        eagle_config = config.get("eagle_config") or {}
+        switches = {name: bool(eagle_config.get(name, config.get(name, False))) for name in SPECULATORS_SWITCHES}
+        if layout == SPECULATORS_LAYOUT and switches["norm_before_fc"] and switches["fc_norm"]:
+            raise ValueError(
+                "This speculators head sets both `norm_before_fc` and `fc_norm`, which speculators itself refuses as "
+                "mutually exclusive; the config was edited or written by another tool."
+            )
+        return switches
+    if layout == SPECFORGE_LAYOUT:
+        ignored = sorted(name for name in ("norm_before_fc", "norm_before_residual") if config.get(name))
+        if ignored:
+            raise ValueError(
+                f"This SpecForge/SGLang head sets {ignored}, which SpecForge's draft class does not read, so a head it "
+                "trained never used them and one written elsewhere means a computation this layout does not define. "
+                "Export it in the speculators/vLLM layout, which defines them."
+            )
+        return {
+            "fc_norm": bool(config.get("fc_norm", False)),
+            "norm_before_lm_head": bool(config.get("norm_output", True)),
+        }
+    set_switches = sorted(name for name in SPECULATORS_SWITCHES if config.get(name))
+    if set_switches:
+        raise ValueError(
+            f"This head sets {set_switches} but is in the official EAGLE-3 layout, whose code reads none of them, so "
+            "their meaning is unknown. Load the head from the layout of the tool that trained it (speculators/vLLM or "
+            "SpecForge), which says what they mean."
+        )
+    return {}
+
+
+def _check_switches_fit(config: Eagle3Config, layout: str) -> None:
+    """Refuse an export whose readers would silently ignore or misread one of the head's norm switches."""
+    switches = config.variant_switches
+    if layout == OFFICIAL_LAYOUT:
+        carried: tuple[str, ...] = ()
+        reader = "the official EAGLE-3 code"
+    elif layout == SPECFORGE_LAYOUT:
+        carried, reader = SPECFORGE_SWITCHES, "SpecForge's draft class"
+    else:
+        carried, reader = SPECULATORS_SWITCHES, "speculators and vLLM"
+    lost = sorted(set(switches) - set(carried))
+    if lost:
+        formats = [
+            name
+            for name, switches_there in (("speculators", SPECULATORS_SWITCHES), ("specforge", SPECFORGE_SWITCHES))
+            if set(switches) <= set(switches_there)
+        ]
+        where = f"; export to {' or '.join(repr(f) for f in formats)} instead" if formats else ""
+        raise ValueError(
+            f"This head sets {', '.join(f'{name}={switches[name]}' for name in lost)}, which {reader} does not "
+            f"implement: the exported head would run a different computation{where}."
+        )
+    if layout == SPECULATORS_LAYOUT and config.norm_before_fc and config.fc_norm:
+        raise ValueError(
+            "This head sets both `norm_before_fc` and `fc_norm`, which speculators' config refuses as mutually "
+            "exclusive, so it has no speculators/vLLM export. Train the head with one of them."
+        )
 
 
 def _legacy_llama_fields(config: Eagle3Config, max_position_embeddings: int, dtype: torch.dtype) -> dict[str, Any]:
@@ -235,6 +296,23 @@ def _legacy_llama_fields(config: Eagle3Config, max_position_embeddings: int, dty
     }
 
 
+def verifier_name_or_path(target_name_or_path: str | None) -> str | None:
+    """What a speculators config names as its verifier: something speculators and vLLM can resolve.
+
+    speculators loads the verifier at load time and vLLM serves it, from any working directory: a local
+    directory is written as an absolute path, and the short name of a target this library registers offline
+    (e.g. "smollm2-135m-instruct") as the Hub id of the model it was converted from.
+    """
+    if not target_name_or_path:
+        return None
+    if os.path.isdir(target_name_or_path):
+        return os.path.abspath(target_name_or_path)
+    from .offline_models import get_offline_target
+
+    registered = get_offline_target(target_name_or_path)
+    return registered.original_id if registered is not None else target_name_or_path
+
+
 def _layer_ids_are_default(config: Eagle3Config) -> bool:
     ids = config.target_layer_ids
     if ids is None:
@@ -247,6 +325,7 @@ def checkpoint_config(
     config: Eagle3Config, layout: str, dtype: torch.dtype, target_max_position_embeddings: int | None = None
 ) -> dict[str, Any]:
     """The `config.json` of a foreign layout, with layer ids in that layout's numbering."""
+    _check_switches_fit(config, layout)
     max_positions = max(config.max_position_embeddings, target_max_position_embeddings or 0)
     llama = _legacy_llama_fields(config, max_positions, dtype)
     eagle = {"draft_vocab_size": config.draft_vocab_size, "target_hidden_size": config.target_hidden_size}
@@ -258,7 +337,16 @@ def checkpoint_config(
                 f"head reads {ids} of a {config.target_num_hidden_layers or 'unknown'}-layer target. Export to "
                 "'specforge'/'sglang' or 'vllm'/'speculators', which store the ids."
             )
-        return {"architectures": [OFFICIAL_ARCHITECTURE], **llama, **eagle}
+        # The official loader reads the target's embedding only when the config has no `target_hidden_size` (its
+        # releases never carry the embedding), and loads weights non-strictly: with the key, it would run silently
+        # on a randomly initialised embedding.
+        if config.target_hidden_size != config.hidden_size:
+            raise ValueError(
+                f"The official EAGLE-3 code loads the target's embedding only for heads as wide as the target; this "
+                f"head is {config.hidden_size} wide for a {config.target_hidden_size}-wide target. Export to "
+                "'specforge'/'sglang' or 'vllm'/'speculators'."
+            )
+        return {"architectures": [OFFICIAL_ARCHITECTURE], **llama, "draft_vocab_size": config.draft_vocab_size}
     if layout == SPECFORGE_LAYOUT:
         eagle_config: dict[str, Any] = {"use_aux_hidden_state": True}
         if ids is not None:
@@ -268,14 +356,22 @@ def checkpoint_config(
                     "layer' numbering cannot express. Export to 'vllm'/'speculators' instead."
                 )
             eagle_config["eagle_aux_hidden_state_layer_ids"] = [i - 1 for i in ids]
-        return {"architectures": [SPECFORGE_ARCHITECTURE], **llama, **eagle, "eagle_config": eagle_config}
+        values = {"architectures": [SPECFORGE_ARCHITECTURE], **llama, **eagle, "eagle_config": eagle_config}
+        if config.fc_norm:
+            values["fc_norm"] = True
+        if not config.norm_before_lm_head:
+            # SpecForge's `norm_output` (default true) is "norm before lm_head". Written only when false: vLLM and
+            # TensorRT-LLM read the same key on this architecture as "feed the post-norm state back", so a `true`
+            # here would change how they run a released head.
+            values["norm_output"] = False
+        return values
     if layout == SPECULATORS_LAYOUT:
         values = {
             "architectures": [SPECULATORS_ARCHITECTURE],
             "speculators_model_type": "eagle3",
             **eagle,
-            # Written explicitly: vLLM assumes True when the field is absent, which is not the released head.
-            "norm_before_residual": False,
+            # All written explicitly: some vLLM versions assumed `norm_before_residual` true when it was absent.
+            **{name: getattr(config, name) for name in SPECULATORS_SWITCHES},
             "speculators_config": {
                 "algorithm": "eagle3",
                 "default_proposal_method": "greedy",
@@ -288,7 +384,7 @@ def checkpoint_config(
                     }
                 ],
                 "verifier": {
-                    "name_or_path": config.target_name_or_path,
+                    "name_or_path": verifier_name_or_path(config.target_name_or_path),
                     "architectures": config.target_architectures or [],
                 },
             },
@@ -502,6 +598,67 @@ def covering_max_positions(config: Eagle3Config, target_max_position_embeddings:
         config.max_position_embeddings = saved
 
 
+def _check_speculators_loadable(model: Eagle3DraftModel, config: dict[str, Any]) -> None:
+    """speculators loads its verifier (the target) when it loads a head, and takes the token embedding from the
+    checkpoint: a head naming no target does not load, and one without the embedding runs on a blank one."""
+    if config["speculators_config"]["verifier"]["name_or_path"] is None:
+        raise ValueError(
+            "Cannot write the speculators/vLLM layout: the head does not name its target, which speculators loads as "
+            "the verifier. Set `head.config.target_name_or_path` to the target's Hub id or directory, or pass "
+            "`--target` to `hf-eagle3 convert`."
+        )
+    if not model.has_target_embeddings:
+        raise ValueError(
+            "Cannot write the speculators/vLLM layout: it stores the target's token embedding (speculators reads it "
+            "from the checkpoint), and none is attached. Call `head.attach_target(target)` before "
+            "`save_pretrained(format='speculators')`, or pass `--target` to `hf-eagle3 convert`."
+        )
+
+
+def _embedding_from_file(path: str, name: str | None = None) -> torch.Tensor | None:
+    """The tensor `name` (default: the shortest name ending in `embed_tokens.weight`) of one weight file."""
+    if path.endswith(".safetensors"):
+        with explaining_corrupt_safetensors(path), safe_open(path, framework="pt") as file:
+            names = [name] if name else [key for key in file.keys() if key.endswith(EMBEDDING_KEY)]
+            return file.get_tensor(min(names, key=len)) if names else None
+    state_dict = _load_weight_file(path)
+    names = [name] if name else [key for key in state_dict if key.endswith(EMBEDDING_KEY)]
+    return state_dict[min(names, key=len)] if names else None
+
+
+def read_target_embedding(files: CheckpointFiles) -> torch.Tensor:
+    """The input embedding table alone from a target's checkpoint, without building the model.
+
+    A full target can be far larger than memory allows for a conversion; safetensors files are read tensor by
+    tensor. The table is the tensor named `...embed_tokens.weight` (`model.` for causal LMs, deeper for
+    multimodal ones; the shortest such name when several match).
+    """
+    for filename in WEIGHT_FILES:
+        path = files.get(filename)
+        if path is None:
+            continue
+        embedding = None
+        if filename.endswith(".index.json"):
+            with open(path, encoding="utf-8") as file:
+                weight_map = json.load(file)["weight_map"]
+            names = [name for name in weight_map if name.endswith(EMBEDDING_KEY)]
+            if names:
+                name = min(names, key=len)
+                shard = files.get(weight_map[name])
+                if shard is None:
+                    raise ValueError(f"{files.name_or_path}: shard {weight_map[name]} named in {filename} is missing.")
+                embedding = _embedding_from_file(shard, name)
+        else:
+            embedding = _embedding_from_file(path)
+        if embedding is None:
+            raise ValueError(f"{files.name_or_path}: no `{EMBEDDING_KEY}` tensor was found in {filename}.")
+        return embedding
+    raise ValueError(
+        f"{files.name_or_path} has no weights ({', '.join(WEIGHT_FILES)}), so the target's token embedding cannot be "
+        "read from it; pass the target's checkpoint directory or Hub id."
+    )
+
+
 def save_converted(
     model: Eagle3DraftModel,
     save_directory: str | os.PathLike,
@@ -511,6 +668,8 @@ def save_converted(
 ) -> None:
     """Write `model` in a foreign layout: `config.json` plus safetensors (sharded with an index when large)."""
     config = checkpoint_config(model.config, layout, model.dtype, target_max_position_embeddings)
+    if layout == SPECULATORS_LAYOUT:
+        _check_speculators_loadable(model, config)
     os.makedirs(save_directory, exist_ok=True)
     with open(os.path.join(save_directory, "config.json"), "w", encoding="utf-8") as file:
         json.dump(config, file, indent=2, sort_keys=True)
@@ -541,8 +700,9 @@ def convert_main(argv: list[str]) -> int:
     )
     positions.add_argument(
         "--target",
-        help="config directory or repo id of the target: checks the head fits it, fills in its default layer ids "
-        "and covers its max_position_embeddings",
+        help="directory or Hub id of the target: checks the head fits it, fills in its default layer ids, covers "
+        "its max_position_embeddings, and is named as the target (vllm/speculators also store its embedding, read "
+        "from its weights)",
     )
     parser.add_argument("--revision", help="hub revision of SRC")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it already holds files")
@@ -558,8 +718,14 @@ def convert_main(argv: list[str]) -> int:
         if model.config.target_layer_ids is None:
             model.config.target_layer_ids = default_target_layer_ids(text_config.num_hidden_layers)
         model.config.target_num_hidden_layers = text_config.num_hidden_layers
-        model.config.target_name_or_path = model.config.target_name_or_path or args.target
+        # The target the user names is the one engines must load (speculators and vLLM read it as the verifier).
+        model.config.target_name_or_path = args.target
+        model.config.target_architectures = target_config.architectures or model.config.target_architectures
         max_positions = text_config.max_position_embeddings
+        if FORMATS[args.to] == SPECULATORS_LAYOUT:
+            embedding = read_target_embedding(CheckpointFiles(args.target))
+            # The layout stores the target's own table; rounding it to the head's precision would change the draft.
+            model.to(embedding.dtype).set_target_embeddings(embedding)
     # Written beside DST and moved into place when complete: SRC may be DST itself, and a failed write keeps DST.
     with staged_folder(args.dst, overwrite=args.overwrite, flag="--overwrite") as staging:
         model.save_pretrained(staging, format=args.to, target_max_position_embeddings=max_positions)

@@ -17,6 +17,16 @@ def default_target_layer_ids(num_hidden_layers: int) -> list[int]:
     return [2, num_hidden_layers // 2, num_hidden_layers - 3]
 
 
+# The released head's value of every norm switch that EAGLE-3.1-style heads change (see Eagle3Config).
+VARIANT_DEFAULTS: dict[str, bool] = {
+    "norm_before_fc": False,
+    "fc_norm": False,
+    "norm_before_residual": False,
+    "norm_output": False,
+    "norm_before_lm_head": True,
+}
+
+
 @strict
 class Eagle3Config(PreTrainedConfig):
     r"""
@@ -36,6 +46,16 @@ class Eagle3Config(PreTrainedConfig):
             ("output of layer"). Export code translates.
         target_num_hidden_layers: the target's number of decoder layers, checked when a target is attached.
         target_model_type / target_architectures / target_name_or_path: what the head was made for.
+        norm_before_fc: EAGLE-3.1 switch (speculators/vLLM): one RMSNorm (`input_norm`) over the three
+            concatenated target features before `fc`.
+        fc_norm: EAGLE-3.1 switch (speculators/vLLM/SpecForge): an RMSNorm per target feature layer
+            (`fc_norm.0/1/2`) before concatenation and `fc`.
+        norm_before_residual: speculators/vLLM switch: the decoder layer's residual is the hidden state after
+            `hidden_norm` instead of before it.
+        norm_output: EAGLE-3.1 switch (speculators/vLLM meaning): the state fed back to the next draft step is
+            the output of the final `norm`, not the pre-norm state. Logits are unchanged.
+        norm_before_lm_head: apply the final `norm` before `lm_head` (SpecForge writes this as its own
+            `norm_output`, default true); false only for SpecForge heads trained without it.
     """
 
     model_type = "eagle3"
@@ -67,6 +87,11 @@ class Eagle3Config(PreTrainedConfig):
     target_model_type: str | None = None
     target_architectures: list[str] | None = None
     target_name_or_path: str | None = None
+    norm_before_fc: bool = False
+    fc_norm: bool = False
+    norm_before_residual: bool = False
+    norm_output: bool = False
+    norm_before_lm_head: bool = True
 
     def __post_init__(self, **kwargs):
         if self.draft_vocab_size is None:
@@ -97,6 +122,11 @@ class Eagle3Config(PreTrainedConfig):
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
                 f"({self.num_key_value_heads})."
             )
+        if self.norm_output and not self.norm_before_lm_head:
+            raise ValueError(
+                "norm_output feeds the output of the final norm back, which lm_head then reads; it cannot be combined "
+                "with norm_before_lm_head=False (no final norm before lm_head)."
+            )
         if self.target_layer_ids is not None:
             if len(self.target_layer_ids) != 3:
                 raise ValueError(
@@ -110,6 +140,13 @@ class Eagle3Config(PreTrainedConfig):
                     f"(0..{self.target_num_hidden_layers - 1}), but the target has only {self.target_num_hidden_layers} "
                     "layers. Use ids made for this target, e.g. Eagle3Config.from_target_config(target.config)."
                 )
+
+    @property
+    def variant_switches(self) -> dict[str, bool]:
+        """The switches that differ from the released EAGLE-3 head, by field name (empty for a released head)."""
+        return {
+            name: getattr(self, name) for name, default in VARIANT_DEFAULTS.items() if getattr(self, name) != default
+        }
 
     @property
     def uses_draft_vocab(self) -> bool:
@@ -158,4 +195,4 @@ class Eagle3Config(PreTrainedConfig):
         return cls(**values)
 
 
-__all__ = ["Eagle3Config", "default_target_layer_ids"]
+__all__ = ["VARIANT_DEFAULTS", "Eagle3Config", "default_target_layer_ids"]

@@ -46,8 +46,8 @@ class Eagle3DraftOutput(ModelOutput):
 
     Args:
         logits: draft-vocabulary logits, `(batch, seq, draft_vocab_size)`.
-        hidden_states: the PRE-norm output of the decoder layer, `(batch, seq, hidden_size)`; this is
-            what the next draft step reads as its hidden input.
+        hidden_states: the output of the decoder layer, `(batch, seq, hidden_size)`, pre-norm (or after the
+            final norm when `config.norm_output`); this is what the next draft step reads as its hidden input.
         cache: the head's KV cache, when one was passed or `use_cache` was set. (Named `cache` as in
             transformers >= 5.24, whose outputs also answer to `past_key_values`.)
     """
@@ -154,6 +154,7 @@ class Eagle3DecoderLayer(nn.Module):
         self.self_attn = Eagle3Attention(config, layer_idx)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
+        self.norm_before_residual = config.norm_before_residual
 
     def forward(
         self,
@@ -163,9 +164,10 @@ class Eagle3DecoderLayer(nn.Module):
         attention_mask: torch.Tensor,
         past_key_values: Cache | None = None,
     ) -> torch.Tensor:
-        residual = hidden_states
+        normed = self.hidden_norm(hidden_states)
+        residual = normed if self.norm_before_residual else hidden_states
         # Embedding first, then hidden: the released heads were trained with this order.
-        attn_input = torch.cat([self.input_layernorm(inputs_embeds), self.hidden_norm(hidden_states)], dim=-1)
+        attn_input = torch.cat([self.input_layernorm(inputs_embeds), normed], dim=-1)
         hidden_states = residual + self.self_attn(attn_input, position_embeddings, attention_mask, past_key_values)
         residual = hidden_states
         hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
@@ -209,11 +211,20 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.embed_tokens.weight.requires_grad_(False)
-        self.fc = nn.Linear(3 * config.target_hidden_size, config.hidden_size, bias=False)
+        features = 3 * config.target_hidden_size
+        # EAGLE-3.1 norms of the target features: over all three at once, or one per layer (see Eagle3Config).
+        self.input_norm = LlamaRMSNorm(features, eps=config.rms_norm_eps) if config.norm_before_fc else None
+        self.fc_norm = (
+            nn.ModuleList(LlamaRMSNorm(config.target_hidden_size, eps=config.rms_norm_eps) for _ in range(3))
+            if config.fc_norm
+            else None
+        )
+        self.fc = nn.Linear(features, config.hidden_size, bias=False)
         self.midlayer = Eagle3DecoderLayer(config)
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.draft_vocab_size, bias=False)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self._freeze_unused_parameters()
         # d2t[i] = target_id(i) - i; t2d[j] = whether target id j is in the draft vocabulary.
         self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
         self.register_buffer("t2d", torch.ones(config.vocab_size, dtype=torch.bool))
@@ -224,6 +235,12 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         # Set by each `target.generate(..., assistant_model=head)` call: an `Eagle3GenerationStats`.
         self.last_generation_stats = None
         self.post_init()
+
+    def _freeze_unused_parameters(self) -> None:
+        """Freeze the target's embedding, and `norm` when nothing reads it (`norm_before_lm_head=False`): DDP
+        expects a gradient for every trainable parameter."""
+        self.embed_tokens.weight.requires_grad_(False)
+        self.norm.weight.requires_grad_(self.config.norm_before_lm_head)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
@@ -279,12 +296,25 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
             self.config.target_layer_ids = default_target_layer_ids(target.config.get_text_config().num_hidden_layers)
         if self.config.target_num_hidden_layers is None:
             self.config.target_num_hidden_layers = target.config.get_text_config().num_hidden_layers
-        weight = target.get_input_embeddings().weight
+        # Published heads often do not say which target they were made for; exports name it (speculators, vLLM).
+        if self.config.target_name_or_path is None:
+            self.config.target_name_or_path = getattr(target.config, "_name_or_path", None) or None
+        return self.set_target_embeddings(target.get_input_embeddings().weight)
+
+    def set_target_embeddings(self, weight: torch.Tensor) -> Eagle3DraftModel:
+        """Use `weight`, the target's input embedding table, as the head's frozen token embedding.
+
+        `attach_target` calls this; a converter that only has the target's checkpoint passes the tensor read from it.
+        """
+        if tuple(weight.shape) != tuple(self.embed_tokens.weight.shape):
+            raise ValueError(
+                f"The target's embedding is {tuple(weight.shape)}, the head expects "
+                f"{tuple(self.embed_tokens.weight.shape)} (target vocabulary x hidden size)."
+            )
         mine = self.embed_tokens.weight
         if weight.device == mine.device and weight.dtype == mine.dtype:
-            self.embed_tokens.weight = (
-                weight if not weight.requires_grad else nn.Parameter(weight.detach(), requires_grad=False)
-            )
+            shared = isinstance(weight, nn.Parameter) and not weight.requires_grad
+            self.embed_tokens.weight = weight if shared else nn.Parameter(weight.detach(), requires_grad=False)
         else:
             with torch.no_grad():
                 mine.copy_(weight.to(device=mine.device, dtype=mine.dtype))
@@ -398,8 +428,8 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         generation_config_file = files.get(GENERATION_CONFIG_NAME) if files is not None else None
         if generation_config_file is not None:
             model.generation_config = GenerationConfig.from_pretrained(os.path.dirname(generation_config_file))
-        # The loader re-creates parameters, trainable by default; the embedding is the target's and stays frozen.
-        model.embed_tokens.weight.requires_grad_(False)
+        # The loader re-creates parameters, trainable by default.
+        model._freeze_unused_parameters()
         return (model, loading_info) if output_loading_info else model
 
     def save_pretrained(
@@ -463,10 +493,18 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
                 f"Target features have width {target_hidden_states.shape[-1]}, the head expects 3 x "
                 f"{self.config.target_hidden_size} = {expected} (the three target layers concatenated)."
             )
-        return self.fc(target_hidden_states.to(self.fc.weight.dtype))
+        features = target_hidden_states.to(self.fc.weight.dtype)
+        if self.input_norm is not None:
+            features = self.input_norm(features)
+        if self.fc_norm is not None:
+            chunks = features.chunk(len(self.fc_norm), dim=-1)
+            features = torch.cat([norm(chunk) for norm, chunk in zip(self.fc_norm, chunks, strict=True)], dim=-1)
+        return self.fc(features)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Draft-vocabulary logits from pre-norm hidden states."""
+        """Draft-vocabulary logits from the states `forward` returns (already normed under `norm_output`)."""
+        if self.config.norm_output or not self.config.norm_before_lm_head:
+            return self.lm_head(hidden_states)
         return self.lm_head(self.norm(hidden_states))
 
     def forward(
@@ -485,7 +523,7 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
 
         Args:
             input_ids: target-vocabulary ids of the NEXT tokens (one ahead of the features).
-            hidden_states: the head's own previous pre-norm outputs, width `hidden_size`.
+            hidden_states: the head's own previous outputs (`Eagle3DraftOutput.hidden_states`), width `hidden_size`.
             target_hidden_states: concatenated target features, width `3 * target_hidden_size`; fused by `fc`.
                 Pass exactly one of `hidden_states` and `target_hidden_states`.
             attention_mask: a 2D padding mask over past + current positions, or a 4D mask
@@ -527,6 +565,8 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         )
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         hidden_states = self.midlayer(inputs_embeds, hidden_states, position_embeddings, mask, past_key_values)
+        if self.config.norm_output:
+            hidden_states = self.norm(hidden_states)
         kept = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
         return Eagle3DraftOutput(logits=self.compute_logits(kept), hidden_states=hidden_states, cache=past_key_values)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser, set_seed
 
-from ..checkpoint_formats import checkpoint_layout
+from ..checkpoint_formats import SPECULATORS_LAYOUT, CheckpointFiles, checkpoint_layout, read_target_embedding
 from ..configuration_eagle3 import Eagle3Config, default_target_layer_ids
 from ..data.vocab import VOCAB_MAP_NAME, count_loss_tokens, load_vocab_map
 from ..modeling_eagle3 import Eagle3DraftModel
@@ -287,7 +287,15 @@ def train(argv: list[str]) -> int:
         print(f"Saved the LoRA adapter to {training_args.output_dir} and the merged head to {final_dir}")
     if script_args.export_format is not None:
         export_dir = Path(training_args.output_dir) / f"export-{script_args.export_format}"
-        Eagle3DraftModel.from_pretrained(final_dir).save_pretrained(
+        exported = Eagle3DraftModel.from_pretrained(final_dir)
+        # The speculators/vLLM layout stores the target's embedding: from the loaded target, or (offline) read
+        # from the target's checkpoint alone.
+        if target is not None:
+            exported.attach_target(target)
+        elif checkpoint_layout(script_args.export_format) == SPECULATORS_LAYOUT:
+            files = CheckpointFiles(exported.config.target_name_or_path)
+            exported.set_target_embeddings(read_target_embedding(files))
+        exported.save_pretrained(
             export_dir,
             format=script_args.export_format,
             target_max_position_embeddings=target_config.get_text_config().max_position_embeddings,
