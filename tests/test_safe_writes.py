@@ -66,11 +66,11 @@ def test_convert_refuses_a_non_empty_destination_and_overwrite_replaces_it_whole
     (tmp_path / "dst").mkdir()
     (tmp_path / "dst" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match=r"dst already holds files \(notes.txt\).*--overwrite"):
-        main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--to", "vllm"])
+        main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--to", "eagle3"])
     assert [p.name for p in (tmp_path / "dst").iterdir()] == ["notes.txt"]
     assert "Wrote" not in capsys.readouterr().out
 
-    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--to", "vllm", "--overwrite"]) == 0
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--to", "eagle3", "--overwrite"]) == 0
     assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == ["config.json", "model.safetensors"]
     assert_same_logits(Eagle3DraftModel.from_pretrained(tmp_path / "dst"), head.attach_target(target), target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]  # no staging folder left behind
