@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 from trl.chat_template_utils import llama3_chat_template
 
+from hf_eagle3.cli.prepare_data import main as prepare_data_main
 from hf_eagle3.data import (
     build_vocab_maps,
     count_loss_tokens,
@@ -29,7 +30,6 @@ from hf_eagle3.data import (
     tokenize_conversations,
     user_turn_prefix,
 )
-from hf_eagle3.data.cli import main as prepare_data_main
 
 # SmolLM2-Instruct's template: ChatML with a default system prompt. TRL has no training variant of it.
 CHATML_TEMPLATE = (

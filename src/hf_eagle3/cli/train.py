@@ -14,9 +14,9 @@ from ..checkpoint_formats import checkpoint_layout
 from ..configuration_eagle3 import Eagle3Config, default_target_layer_ids
 from ..data.vocab import VOCAB_MAP_NAME, count_loss_tokens, load_vocab_map
 from ..modeling_eagle3 import Eagle3DraftModel
-from .eagle3_config import Eagle3TrainingArguments
-from .eagle3_trainer import Eagle3Trainer
-from .offline_features import FEATURES_CONFIG_NAME, Eagle3FeatureDataset, prepare_features
+from ..trainer.eagle3_config import Eagle3TrainingArguments
+from ..trainer.eagle3_trainer import Eagle3Trainer
+from ..trainer.offline_features import FEATURES_CONFIG_NAME, Eagle3FeatureDataset, prepare_features
 
 
 @dataclass

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .modeling_eagle3 import Eagle3DraftModel
-from .offline_models import load_target, shipped_head_path
+from ..modeling_eagle3 import Eagle3DraftModel
+from ..offline_models import load_target, shipped_head_path
 
 DEFAULT_PROMPTS = (
     "Explain in a few sentences why the sky is blue.",

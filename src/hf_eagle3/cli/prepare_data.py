@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, set_seed
 
+from ..data.chat import load_chat_dataset, to_messages, tokenize_conversations
+from ..data.generation import regenerate_conversations, synthesize_prompts
+from ..data.vocab import build_vocab_maps, save_vocab_map
 from ..offline_models import get_offline_target, load_target
-from .chat import load_chat_dataset, to_messages, tokenize_conversations
-from .generation import regenerate_conversations, synthesize_prompts
-from .vocab import build_vocab_maps, save_vocab_map
 
 DEFAULT_DRAFT_VOCAB_SIZE = 32000  # EAGLE-3's released heads
 

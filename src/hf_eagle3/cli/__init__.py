@@ -8,12 +8,16 @@ import sys
 # subcommand -> (module, function, one-line help). Modules import lazily: `hf-eagle3 --help` stays fast
 # and a subcommand only needs the dependencies of its own job.
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "demo": ("hf_eagle3.demo", "main", "answer a few prompts with and without the shipped SmolLM2 head"),
-    "convert": ("hf_eagle3.checkpoint_formats", "convert_main", "convert a draft head to another checkpoint layout"),
-    "prepare-data": ("hf_eagle3.data.cli", "main", "tokenise chat data (or let the target write it) + draft vocab"),
-    "train": ("hf_eagle3.trainer.cli", "train", "train an EAGLE-3 head with training-time test (Eagle3Trainer)"),
+    "demo": ("hf_eagle3.cli.demo", "main", "answer a few prompts with and without the shipped SmolLM2 head"),
+    "convert": ("hf_eagle3.cli.convert", "main", "convert a draft head to another checkpoint layout"),
+    "prepare-data": (
+        "hf_eagle3.cli.prepare_data",
+        "main",
+        "tokenise chat data (or let the target write it) + draft vocab",
+    ),
+    "train": ("hf_eagle3.cli.train", "train", "train an EAGLE-3 head with training-time test (Eagle3Trainer)"),
     "prepare-features": (
-        "hf_eagle3.trainer.cli",
+        "hf_eagle3.cli.train",
         "prepare_features_main",
         "write target features for offline training",
     ),
