@@ -383,7 +383,7 @@ def test_prepare_data_with_smollm2_from_nothing(tmp_path, capsys):
     output_dir = tmp_path / "smollm2-data"
     options = ["--synthesize", "2", "--batch_size", "2", "--max_prompt_tokens", "64", "--max_new_tokens", "24"]
     prepare_data_main(["--target", "smollm2", "--output_dir", str(output_dir), "--dtype", "float32", *options])
-    assert "Synthesised 2 distinct prompts." in capsys.readouterr().out
+    assert "Synthesised 2 distinct prompts." in capsys.readouterr().err
     conversations = [
         json.loads(line)["messages"] for line in (output_dir / "conversations.jsonl").read_text().splitlines()
     ]

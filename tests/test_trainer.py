@@ -356,11 +356,11 @@ def test_cli_continues_a_head_on_the_vocabulary_of_new_data(tmp_path, capsys):
         main(["train", *common, *new_map, "--output_dir", str(tmp_path / "unused")])
     # Kept as it is, the head is told how much of the new data its vocabulary misses.
     assert main(["train", *common, "--output_dir", str(tmp_path / "kept")]) == 0
-    report = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Draft vocabulary"))
+    report = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("Draft vocabulary"))
     assert "the data's 50 most frequent ids would cover 100.00%" in report and "Add --remap_vocab" in report
     assert torch.equal(Eagle3DraftModel.from_pretrained(tmp_path / "kept").d2t, old_d2t)
     assert main(["train", *common, *new_map, "--remap_vocab", "true", "--output_dir", str(tmp_path / "remapped")]) == 0
-    assert "the head's 50 ids cover 100.00%" in capsys.readouterr().out
+    assert "the head's 50 ids cover 100.00%" in capsys.readouterr().err
     remapped = Eagle3DraftModel.from_pretrained(tmp_path / "remapped")
     assert torch.equal(remapped.d2t, d2t) and remapped.config.draft_vocab_size == 50
     with pytest.raises(ValueError, match="pass the head with --head"):

@@ -1,40 +1,63 @@
-"""`hf-eagle3` command line: one subcommand per job, each a thin layer over the library."""
+"""`hf-eagle3` command line: one subcommand per job, each a thin layer over a library function.
+
+Subcommand modules import lazily, so `hf-eagle3 --help` loads neither torch nor transformers and a subcommand
+only needs the dependencies of its own job.
+"""
 
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
-# subcommand -> (module, function, one-line help). Modules import lazily: `hf-eagle3 --help` stays fast
-# and a subcommand only needs the dependencies of its own job.
-COMMANDS: dict[str, tuple[str, str, str]] = {
-    "demo": ("hf_eagle3.cli.demo", "main", "answer a few prompts with and without the shipped SmolLM2 head"),
-    "convert": ("hf_eagle3.cli.convert", "main", "convert a draft head to another checkpoint layout"),
-    "prepare-data": (
-        "hf_eagle3.cli.prepare_data",
-        "main",
-        "tokenise chat data (or let the target write it) + draft vocab",
-    ),
-    "train": ("hf_eagle3.cli.train", "train", "train an EAGLE-3 head with training-time test (Eagle3Trainer)"),
-    "prepare-features": (
-        "hf_eagle3.cli.train",
-        "prepare_features_main",
-        "write target features for offline training",
-    ),
+# subcommand -> (module, one-line help); each module has `main(argv) -> int`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("hf_eagle3.cli.demo", "answer a few prompts with and without the shipped SmolLM2 head"),
+    "convert": ("hf_eagle3.cli.convert", "convert a draft head to another checkpoint layout"),
+    "prepare-data": ("hf_eagle3.cli.prepare_data", "tokenise chat data (or let the target write it) + draft vocab"),
+    "prepare-features": ("hf_eagle3.cli.prepare_features", "write target features for offline training"),
+    "train": ("hf_eagle3.cli.train", "train an EAGLE-3 head with training-time test (Eagle3Trainer)"),
 }
+
+
+def _usage() -> str:
+    lines = ["usage: hf-eagle3 [--version] [-h] <command> [options]", "", "commands:"]
+    lines += [f"  {name:<18} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    lines += ["", "`hf-eagle3 <command> --help` lists a command's options."]
+    return "\n".join(lines)
+
+
+def setup_logging() -> None:
+    """Show the library's progress messages (logger `hf_eagle3`, INFO) on stderr; results go to stdout."""
+    logger = logging.getLogger("hf_eagle3")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in {"-h", "--help"} or argv[0] not in COMMANDS:
-        lines = ["usage: hf-eagle3 <command> [options]", "", "commands:"]
-        lines += [f"  {name:<18} {help_text}" for name, (_, _, help_text) in COMMANDS.items()]
-        print("\n".join(lines))
-        return 0 if not argv or argv[0] in {"-h", "--help"} else 2
-    module_name, function_name, _ = COMMANDS[argv[0]]
-    function = getattr(importlib.import_module(module_name), function_name)
-    return function(argv[1:]) or 0
+    if not argv:
+        print(_usage(), file=sys.stderr)
+        return 2
+    if argv[0] in {"-h", "--help"}:
+        print(_usage())
+        return 0
+    if argv[0] in {"-V", "--version"}:
+        from .. import __version__
 
+        print(f"hf-eagle3 {__version__}")
+        return 0
+    if argv[0] not in COMMANDS:
+        print(_usage().splitlines()[0], file=sys.stderr)
+        print(f"hf-eagle3: error: unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    setup_logging()
+    from .. import _install
 
-if __name__ == "__main__":
-    sys.exit(main())
+    _install()  # every command works with heads and targets: register the head, install the generate hook
+    module_name, _ = COMMANDS[argv[0]]
+    return importlib.import_module(module_name).main(argv[1:]) or 0

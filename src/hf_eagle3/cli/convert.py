@@ -10,9 +10,8 @@ from ..configuration_eagle3 import default_target_layer_ids
 
 def main(argv: list[str]) -> int:
     """`hf-eagle3 convert SRC DST --to FORMAT`: rewrite a head in another layout."""
-    from transformers import AutoConfig
-
     from ..modeling_eagle3 import Eagle3DraftModel
+    from ..offline_models import load_target_config
 
     parser = argparse.ArgumentParser(
         prog="hf-eagle3 convert",
@@ -24,14 +23,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--to", required=True, choices=list(FORMATS), help="layout to write")
     positions = parser.add_mutually_exclusive_group()
     positions.add_argument(
+        "--target_max_position_embeddings",
         "--target-max-position-embeddings",
         type=int,
         help="raise the head's max_position_embeddings to the target's context (engines stop drafting beyond it)",
     )
     positions.add_argument(
         "--target",
-        help="config directory or repo id of the target: checks the head fits it, fills in its default layer ids "
-        "and covers its max_position_embeddings",
+        help="the target (a registered offline target such as smollm2, a config directory or a Hub id): checks the "
+        "head fits it, fills in its default layer ids and covers its max_position_embeddings",
     )
     parser.add_argument("--revision", help="hub revision of SRC")
     args = parser.parse_args(argv)
@@ -39,7 +39,7 @@ def main(argv: list[str]) -> int:
     model = Eagle3DraftModel.from_pretrained(args.src, **({"revision": args.revision} if args.revision else {}))
     max_positions = args.target_max_position_embeddings
     if args.target:
-        target_config = AutoConfig.from_pretrained(args.target)
+        target_config = load_target_config(args.target)
         model.check_target(target_config)
         text_config = target_config.get_text_config()
         if model.config.target_layer_ids is None:
@@ -57,5 +57,5 @@ def main(argv: list[str]) -> int:
         print(f"  stored as SpecForge/SGLang 'output of layer' ids: {[i - 1 for i in ids]}")
     print(f"  max_position_embeddings: {written}")
     if max_positions is None:
-        print("  (pass --target or --target-max-position-embeddings to make it cover the target's context)")
+        print("  (pass --target or --target_max_position_embeddings to make it cover the target's context)")
     return 0

