@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm as tqdm_class
 from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
@@ -36,7 +37,7 @@ CPU_TREE = {"eagle3_total_tokens": 6, "eagle3_depth": 3, "eagle3_top_k": 2}
 
 def _show(*lines: str) -> None:
     """Results as they come, also when stdout is a file (the demo runs for minutes on a CPU)."""
-    tqdm.write("\n".join(lines), file=sys.stdout)
+    tqdm_class.write("\n".join(lines), file=sys.stdout)  # above the progress bar, not through it
     sys.stdout.flush()
 
 
