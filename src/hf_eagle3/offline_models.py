@@ -388,8 +388,8 @@ def resolve_offline_target(name_or_path: str | os.PathLike) -> OfflineTarget | N
 def _check_gguf_installed(what: str) -> None:
     if importlib.util.find_spec("gguf") is None:
         raise ImportError(
-            f"Loading {what} from its GGUF file needs the `gguf` package: `pip install gguf` "
-            "(or `pip install 'hf-eagle3[demo]'`)."
+            f"Loading {what} from its GGUF file needs the `gguf` package, a dependency of hf-eagle3 that this "
+            "environment lacks: `pip install gguf`."
         )
 
 

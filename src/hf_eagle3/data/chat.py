@@ -287,7 +287,7 @@ def tokenize_conversations(
         desc="Tokenising conversations",
     )
     status = np.asarray(tokenized["status"])
-    dataset = tokenized.filter(lambda batch: [s == 0 for s in batch["status"]], batched=True).remove_columns("status")
+    dataset = tokenized.select(np.flatnonzero(status == 0)).remove_columns("status")
     counts = {
         "conversations": len(messages),
         "kept": int((status == 0).sum()),
