@@ -78,6 +78,23 @@ def test_train_without_target_is_a_usage_error(tmp_path, capsys):
     assert "--data is required" in capsys.readouterr().err
 
 
+def test_yaml_config_with_overriding_flags(tmp_path):
+    from hf_eagle3.cli._parsing import parse_options
+    from hf_eagle3.trainer import Eagle3TrainingArguments
+    from hf_eagle3.trainer.jobs import TrainScriptArguments
+
+    config = tmp_path / "train.yaml"
+    config.write_text("target: smollm2\ndata: data\noutput_dir: head\nlearning_rate: 3.0e-4\nttt_steps: 3\n")
+    types = (TrainScriptArguments, Eagle3TrainingArguments)
+    for argv in (["--config", str(config), "--ttt-steps", "5"], [str(config), "--ttt_steps", "5"]):
+        _, (script_args, training_args) = parse_options(types, argv, prog="hf-eagle3 train")
+        assert script_args.target == "smollm2" and training_args.learning_rate == 3e-4
+        assert training_args.ttt_steps == 5  # the flag wins over the file
+    with pytest.raises(ValueError, match="Unknown arguments"):
+        config.write_text("target: smollm2\nlearning_rat: 1.0\n")
+        parse_options(types, ["--config", str(config)], prog="hf-eagle3 train")
+
+
 def test_flags_take_underscores_and_dashes():
     underscored = parse_demo_args(["--max_new_tokens", "5", "--top_k", "3", "--num_assistant_tokens", "2"])
     dashed = parse_demo_args(["--max-new-tokens", "5", "--top-k", "3", "--num-assistant-tokens", "2"])

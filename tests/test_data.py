@@ -202,6 +202,14 @@ def test_long_conversations_dropped_or_truncated(chatml):
         tokenize_conversations(chatml, [CONVERSATION], max_length=20, truncate=True)
 
 
+def test_parallel_tokenising_gives_the_same_rows(chatml):
+    conversations = [CONVERSATION, CONVERSATION[:2]] * 3
+    serial, serial_counts = tokenize_conversations(chatml, conversations, max_length=60, truncate=True)
+    parallel, parallel_counts = tokenize_conversations(chatml, conversations, max_length=60, truncate=True, num_proc=2)
+    assert parallel_counts == serial_counts and parallel.to_dict() == serial.to_dict()
+    assert parallel.features["input_ids"].feature.dtype == "int32"
+
+
 def test_vocab_maps_invert_and_cover():
     counts = torch.tensor([0, 5, 1, 9, 0, 3, 2, 0])
     d2t, t2d, coverage = build_vocab_maps(counts, draft_vocab_size=3, vocab_size=8)

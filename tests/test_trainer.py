@@ -77,6 +77,19 @@ def test_training_logs_per_step_metrics_and_eval_acceptance(tmp_path):
     assert not any(p.requires_grad for p in target.parameters())
 
 
+def test_trainer_card_is_the_heads_own(tmp_path):
+    target = make_target()
+    head = make_head(target)
+    head.config.target_name_or_path = "org/target-model"
+    args = make_args(tmp_path, hub_model_id="org/my-eagle3-head")
+    trainer = Eagle3Trainer(model=head, target_model=target, args=args, train_dataset=make_rows())
+    trainer.create_model_card(license="apache-2.0", dataset_tags="org/chats", tags="demo")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "base_model: org/target-model" in card and "pipeline_tag: text-generation" in card
+    assert "license: apache-2.0" in card and "- org/chats" in card and "- demo" in card
+    assert "assistant_model" in card and 'from_pretrained("org/my-eagle3-head")' in card
+
+
 def test_resumed_run_continues_like_uninterrupted(tmp_path):
     rows = make_rows(8)
 
