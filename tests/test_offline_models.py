@@ -241,7 +241,9 @@ def test_missing_gguf_package_is_explained(monkeypatch):
     monkeypatch.setattr(
         offline_models.importlib.util, "find_spec", lambda name: None if name == "gguf" else real_find_spec(name)
     )
-    with pytest.raises(ImportError, match=r"needs the `gguf` package: `pip install gguf`"):
+    with pytest.raises(
+        ImportError, match=r"needs the `gguf` package, a dependency of hf-eagle3 .*: `pip install gguf`"
+    ):
         load_target("smollm2", verbose=False)
 
 
