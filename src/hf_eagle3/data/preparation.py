@@ -107,9 +107,15 @@ class PrepareDataArguments:
 
 def _load_target(args: PrepareDataArguments, with_model: bool):
     """The target's tokenizer and vocab size, and the model itself when it writes text or only ships as GGUF."""
-    if with_model or resolve_offline_target(args.target) is not None or args.target.endswith(".gguf"):
+    offline = resolve_offline_target(args.target)
+    if with_model or offline is not None or args.target.endswith(".gguf"):
         device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-        model, tokenizer = load_target(args.target, dtype=args.dtype, device=device, gguf_path=args.gguf_path)
+        model, tokenizer = load_target(
+            offline.name if offline is not None else args.target,  # resolved once: the Hub is asked once
+            dtype=args.dtype,
+            device=device,
+            gguf_path=args.gguf_path,
+        )
         return model, tokenizer, model.config.get_text_config().vocab_size
     # Tokenising needs no weights: a large target is not loaded just for its vocabulary size.
     config = load_target_config(args.target).get_text_config()
