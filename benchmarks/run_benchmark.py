@@ -691,6 +691,7 @@ def ship(args: argparse.Namespace) -> Path:
         base_model=spec.original_id if spec is not None else None,
         training_data=args.training_data,
         acceptance=acceptance or None,
+        license="apache-2.0",  # the registered targets are Apache-2.0, as is this package the head ships in
     )
     card.save(Path(output_dir) / "README.md")
     size_mb = sum(path.stat().st_size for path in Path(output_dir).glob("*.safetensors")) / 2**20

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-import hf_eagle3  # noqa: F401  (installs the assistant_model hook into transformers' generate)
+# The first name used from hf_eagle3 installs the assistant_model hook into transformers' generate.
 from hf_eagle3 import Eagle3DraftModel, load_target, shipped_head_path
 
 

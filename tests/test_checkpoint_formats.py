@@ -298,6 +298,17 @@ def test_speculators_export_resolves_registered_targets_and_refuses_what_specula
         cli_main(["convert", str(tmp_path / "registered"), str(tmp_path / "again"), "--to", "speculators"])
 
 
+@pytest.mark.real_model
+def test_convert_takes_a_registered_offline_target(tmp_path, capsys):
+    from hf_eagle3.offline_models import shipped_head_path
+
+    source = shipped_head_path("smollm2")
+    assert cli_main(["convert", str(source), str(tmp_path / "vllm"), "--to", "vllm", "--target", "smollm2"]) == 0
+    assert "max_position_embeddings: 8192" in capsys.readouterr().out  # SmolLM2's context, read from its GGUF
+    config = json.loads((tmp_path / "vllm" / "config.json").read_text())
+    assert config["eagle_aux_hidden_state_layer_ids"] == [2, 15, 27]
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def test_missing_vocab_maps_with_a_reduced_vocabulary_raise(tmp_path):
     head = make_head(make_target(), draft_vocab_size=40)

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 from trl.chat_template_utils import llama3_chat_template
 
+from hf_eagle3.cli.prepare_data import main as prepare_data_main
 from hf_eagle3.data import (
     build_vocab_maps,
     count_loss_tokens,
@@ -29,7 +30,6 @@ from hf_eagle3.data import (
     tokenize_conversations,
     user_turn_prefix,
 )
-from hf_eagle3.data.cli import main as prepare_data_main
 
 # SmolLM2-Instruct's template: ChatML with a default system prompt. TRL has no training variant of it.
 CHATML_TEMPLATE = (
@@ -200,6 +200,14 @@ def test_long_conversations_dropped_or_truncated(chatml):
     # The first assistant token sits past a 20-token cut: nothing left to learn.
     with pytest.raises(ValueError, match="No conversation left"):
         tokenize_conversations(chatml, [CONVERSATION], max_length=20, truncate=True)
+
+
+def test_parallel_tokenising_gives_the_same_rows(chatml):
+    conversations = [CONVERSATION, CONVERSATION[:2]] * 3
+    serial, serial_counts = tokenize_conversations(chatml, conversations, max_length=60, truncate=True)
+    parallel, parallel_counts = tokenize_conversations(chatml, conversations, max_length=60, truncate=True, num_proc=2)
+    assert parallel_counts == serial_counts and parallel.to_dict() == serial.to_dict()
+    assert parallel.features["input_ids"].feature.dtype == "int32"
 
 
 def test_vocab_maps_invert_and_cover():
@@ -383,7 +391,7 @@ def test_prepare_data_with_smollm2_from_nothing(tmp_path, capsys):
     output_dir = tmp_path / "smollm2-data"
     options = ["--synthesize", "2", "--batch_size", "2", "--max_prompt_tokens", "64", "--max_new_tokens", "24"]
     prepare_data_main(["--target", "smollm2", "--output_dir", str(output_dir), "--dtype", "float32", *options])
-    assert "Synthesised 2 distinct prompts." in capsys.readouterr().out
+    assert "Synthesised 2 distinct prompts." in capsys.readouterr().err
     conversations = [
         json.loads(line)["messages"] for line in (output_dir / "conversations.jsonl").read_text().splitlines()
     ]

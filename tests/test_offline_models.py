@@ -57,6 +57,22 @@ def test_registry_names_and_aliases():
         materialize_gguf("no-such-model")
 
 
+def test_hub_id_stands_for_the_offline_target_only_where_the_hub_cannot_serve_it(monkeypatch, caplog):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with caplog.at_level("WARNING", logger="hf_eagle3"):
+        spec = offline_models.resolve_offline_target("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert spec is offline_models.OFFLINE_TARGETS["smollm2-135m-instruct"]
+    assert "HF_HUB_OFFLINE" in caplog.text and "stands in" in caplog.text
+    assert offline_models.resolve_offline_target("smollm2") is spec
+    assert offline_models.resolve_offline_target("someone/other-model") is None
+    # Where the Hub serves it, the Hub id means the original checkpoint.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(offline_models, "hf_hub_download", lambda repo_id, filename: "/cache/config.json")
+    assert offline_models.resolve_offline_target("HuggingFaceTB/SmolLM2-135M-Instruct") is None
+
+
 def test_gguf_file_is_checked(tmp_path):
     good = tmp_path / "good.gguf"
     good.write_bytes(CONTENT)
@@ -225,7 +241,9 @@ def test_missing_gguf_package_is_explained(monkeypatch):
     monkeypatch.setattr(
         offline_models.importlib.util, "find_spec", lambda name: None if name == "gguf" else real_find_spec(name)
     )
-    with pytest.raises(ImportError, match=r"needs the `gguf` package: `pip install gguf`"):
+    with pytest.raises(
+        ImportError, match=r"needs the `gguf` package, a dependency of hf-eagle3 .*: `pip install gguf`"
+    ):
         load_target("smollm2", verbose=False)
 
 

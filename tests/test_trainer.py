@@ -77,6 +77,19 @@ def test_training_logs_per_step_metrics_and_eval_acceptance(tmp_path):
     assert not any(p.requires_grad for p in target.parameters())
 
 
+def test_trainer_card_is_the_heads_own(tmp_path):
+    target = make_target()
+    head = make_head(target)
+    head.config.target_name_or_path = "org/target-model"
+    args = make_args(tmp_path, hub_model_id="org/my-eagle3-head")
+    trainer = Eagle3Trainer(model=head, target_model=target, args=args, train_dataset=make_rows())
+    trainer.create_model_card(license="apache-2.0", dataset_tags="org/chats", tags="demo")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "base_model: org/target-model" in card and "pipeline_tag: text-generation" in card
+    assert "license: apache-2.0" in card and "- org/chats" in card and "- demo" in card
+    assert "assistant_model" in card and 'from_pretrained("org/my-eagle3-head")' in card
+
+
 def test_resumed_run_continues_like_uninterrupted(tmp_path):
     rows = make_rows(8)
 
@@ -359,11 +372,11 @@ def test_cli_continues_a_head_on_the_vocabulary_of_new_data(tmp_path, capsys):
         main(["train", *common, *new_map, "--output_dir", str(tmp_path / "unused")])
     # Kept as it is, the head is told how much of the new data its vocabulary misses.
     assert main(["train", *common, "--output_dir", str(tmp_path / "kept")]) == 0
-    report = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Draft vocabulary"))
+    report = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("Draft vocabulary"))
     assert "the data's 50 most frequent ids would cover 100.00%" in report and "Add --remap_vocab" in report
     assert torch.equal(Eagle3DraftModel.from_pretrained(tmp_path / "kept").d2t, old_d2t)
     assert main(["train", *common, *new_map, "--remap_vocab", "true", "--output_dir", str(tmp_path / "remapped")]) == 0
-    assert "the head's 50 ids cover 100.00%" in capsys.readouterr().out
+    assert "the head's 50 ids cover 100.00%" in capsys.readouterr().err
     remapped = Eagle3DraftModel.from_pretrained(tmp_path / "remapped")
     assert torch.equal(remapped.d2t, d2t) and remapped.config.draft_vocab_size == 50
     with pytest.raises(ValueError, match="pass the head with --head"):

@@ -75,6 +75,7 @@ def create_model_card(
         tags=card_tags,
         datasets=datasets,
         license=license,
+        pipeline_tag="text-generation",  # what the head serves: drafting for a text-generation target
     )
     ids = config.target_layer_ids
     return ModelCard.from_template(

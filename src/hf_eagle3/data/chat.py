@@ -230,16 +230,44 @@ def tokenize_conversation(
     return encoded
 
 
+def _tokenize_batch(
+    batch: dict[str, list],
+    indices: list[int],
+    tokenizer: PreTrainedTokenizerBase,
+    mask_template: str | None,
+    max_length: int | None,
+    truncate: bool,
+) -> dict[str, list]:
+    """`Dataset.map` body: tokenise a batch of conversations; `status` says which are kept (0), too long (1) or
+    left without assistant tokens by truncation (2)."""
+    columns: dict[str, list] = {"input_ids": [], "attention_mask": [], "loss_mask": [], "status": []}
+    for index, messages in zip(indices, batch["messages"], strict=True):
+        try:
+            encoded = tokenize_conversation(tokenizer, messages, mask_template)
+        except ValueError as error:
+            raise ValueError(f"Conversation {index}: {error}") from error
+        status = 0
+        if max_length is not None and len(encoded["input_ids"]) > max_length:
+            encoded = {name: values[:max_length] for name, values in encoded.items()}
+            status = 1 if not truncate else 0 if any(encoded["loss_mask"]) else 2
+        for name, values in encoded.items():
+            columns[name].append(values if status == 0 else [])
+        columns["status"].append(status)
+    return columns
+
+
 def tokenize_conversations(
     tokenizer: PreTrainedTokenizerBase,
     conversations: Iterable[list[Message]],
     max_length: int | None = None,
     truncate: bool = False,
+    num_proc: int | None = None,
 ):
     """Tokenise conversations into a `datasets.Dataset` of `input_ids`, `attention_mask`, `loss_mask`.
 
     Conversations longer than `max_length` tokens are dropped, as the EAGLE reference does, or cut to
-    `max_length` with `truncate=True` (dropped anyway when no assistant token survives the cut).
+    `max_length` with `truncate=True` (dropped anyway when no assistant token survives the cut). Runs as a
+    batched `Dataset.map`, in `num_proc` processes when given.
 
     Returns:
         The dataset and counts: conversations seen, kept, dropped as too long, dropped for no assistant token
@@ -248,39 +276,38 @@ def tokenize_conversations(
     from datasets import Dataset, Features, Sequence, Value
 
     mask_template = get_assistant_mask_template(tokenizer)
-    columns: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "loss_mask": []}
-    counts = dict.fromkeys(
-        ("conversations", "kept", "dropped_too_long", "dropped_no_loss_tokens", "tokens", "loss_tokens"), 0
-    )
-    for index, messages in enumerate(conversations):
-        counts["conversations"] += 1
-        try:
-            encoded = tokenize_conversation(tokenizer, messages, mask_template)
-        except ValueError as error:
-            raise ValueError(f"Conversation {index}: {error}") from error
-        if max_length is not None and len(encoded["input_ids"]) > max_length:
-            if not truncate:
-                counts["dropped_too_long"] += 1
-                continue
-            encoded = {name: values[:max_length] for name, values in encoded.items()}
-            if not any(encoded["loss_mask"]):
-                counts["dropped_no_loss_tokens"] += 1
-                continue
-        for name, values in encoded.items():
-            columns[name].append(values)
-        counts["kept"] += 1
-        counts["tokens"] += len(encoded["input_ids"])
-        counts["loss_tokens"] += sum(encoded["loss_mask"])
-    if not counts["kept"]:
-        raise ValueError(
-            f"No conversation left to train on ({counts}). Raise max_length or pass truncate=True (`--truncate`)."
-        )
+    messages = [[{"role": m["role"], "content": m["content"]} for m in conversation] for conversation in conversations]
     # int32 ids and int8 masks: a quarter of the default int64 on disk (rows still read back as Python ints).
     features = Features(
         {
             "input_ids": Sequence(Value("int32")),
             "attention_mask": Sequence(Value("int8")),
             "loss_mask": Sequence(Value("int8")),
+            "status": Value("int8"),
         }
     )
-    return Dataset.from_dict(columns, features=features), counts
+    tokenized = Dataset.from_dict({"messages": messages}).map(
+        _tokenize_batch,
+        batched=True,
+        with_indices=True,
+        remove_columns=["messages"],
+        features=features,
+        num_proc=num_proc if num_proc and num_proc > 1 and len(messages) > 1 else None,
+        fn_kwargs=dict(tokenizer=tokenizer, mask_template=mask_template, max_length=max_length, truncate=truncate),
+        desc="Tokenising conversations",
+    )
+    status = np.asarray(tokenized["status"])
+    dataset = tokenized.select(np.flatnonzero(status == 0)).remove_columns("status")
+    counts = {
+        "conversations": len(messages),
+        "kept": int((status == 0).sum()),
+        "dropped_too_long": int((status == 1).sum()),
+        "dropped_no_loss_tokens": int((status == 2).sum()),
+        "tokens": sum(len(ids) for ids in dataset["input_ids"]),
+        "loss_tokens": sum(sum(mask) for mask in dataset["loss_mask"]),
+    }
+    if not counts["kept"]:
+        raise ValueError(
+            f"No conversation left to train on ({counts}). Raise max_length or pass truncate=True (`--truncate`)."
+        )
+    return dataset, counts

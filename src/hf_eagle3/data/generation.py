@@ -8,17 +8,17 @@ turn and the model writes a plausible user question, which it then answers.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
 from .chat import Message
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 # A user message no template will alter, used to find where user content starts.
 _SENTINEL = "hf_eagle3_user_message_sentinel"

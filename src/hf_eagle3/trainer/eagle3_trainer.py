@@ -9,6 +9,7 @@ optimizer, scheduler, RNG and trainer state for `resume_from_checkpoint`). The f
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer
 
+from ..model_card import create_model_card
 from ..modeling_eagle3 import Eagle3DraftModel
 from ..target_features import TargetFeatureCapture, padded_batch_attention
 from .checkpoints import prepare_output_dir
@@ -327,6 +329,35 @@ class Eagle3Trainer(Trainer):
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self._pop_step_metrics("eval").items()})
         return output
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """Write the head's own card (target, usage with `assistant_model`, layer ids) to `output_dir/README.md`;
+        `push_to_hub` uploads it. transformers' generic card would describe a fine-tuned causal LM instead.
+        `language`, `tasks` and `dataset_args` keep `Trainer`'s signature; a draft head's card has no use for them."""
+        if not self.is_world_process_zero():
+            return
+        as_list = lambda value: [value] if isinstance(value, str) else value  # noqa: E731
+        card = create_model_card(
+            self.draft_model.config,
+            self.args.hub_model_id or model_name,
+            base_model=finetuned_from,
+            datasets=as_list(dataset_tags),
+            training_data=", ".join(as_list(dataset)) if dataset else None,
+            license=license,
+            tags=as_list(tags),
+        )
+        card.save(os.path.join(self.args.output_dir, "README.md"))
 
 
 __all__ = ["Eagle3DataCollator", "Eagle3Trainer", "check_training_rows"]

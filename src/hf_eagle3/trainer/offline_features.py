@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import Dataset
 from transformers import AutoConfig, PreTrainedModel
+from transformers.utils.logging import tqdm
 
 from ..json_files import read_json
 from ..modeling_eagle3 import Eagle3DraftModel
@@ -142,9 +143,11 @@ def prepare_features(
         TargetOutputCapture(target) as final,
         padded_batch_attention(),
     ):
+        progress = tqdm(total=len(dataset), desc="Writing target features", unit="sample")
         for shard in range(num_shards):
             path = output_dir / SHARD_PATTERN.format(shard)
-            if path.exists():
+            if path.exists():  # written by an earlier, interrupted run
+                progress.update(min(samples_per_shard, len(dataset) - shard * samples_per_shard))
                 continue
             start, stop = shard * samples_per_shard, min((shard + 1) * samples_per_shard, len(dataset))
             columns: dict[str, list[torch.Tensor]] = {k: [] for k in ("input_ids", "loss_mask", "hidden_states")}
@@ -169,12 +172,14 @@ def prepare_features(
                     columns["loss_mask"].append(loss_mask)
                     columns["hidden_states"].append(hidden_states[row, :length].cpu())
                     columns["last_hidden_state"].append(last_hidden_state[row, :length].cpu())
+                progress.update(len(rows))
             lengths = torch.tensor([0] + [len(ids) for ids in columns["input_ids"]])
             tensors = {name: torch.cat(values).contiguous() for name, values in columns.items()}
             tensors["offsets"] = lengths.cumsum(0)
             partial = path.with_suffix(".tmp")
             save_file(tensors, partial)
             os.replace(partial, path)
+        progress.close()
     return output_dir
 
 

@@ -1,4 +1,5 @@
-"""`hf-eagle3 prepare-data`: chat data (or none at all) to a tokenised training set and a draft vocabulary.
+"""Chat data (or none at all) to a tokenised training set and a draft vocabulary: `prepare_data`, the job behind
+`hf-eagle3 prepare-data`.
 
 What `--output_dir` holds:
 - a `datasets` folder (`datasets.load_from_disk(output_dir)`; `hf-eagle3 train --data output_dir`) with
@@ -18,19 +19,22 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, set_seed
+from transformers import AutoTokenizer, set_seed
+from transformers.utils import logging
 
-from ..offline_models import get_offline_target, load_target
+from ..offline_models import load_target, load_target_config, resolve_offline_target
 from .chat import load_chat_dataset, to_messages, tokenize_conversations
 from .generation import regenerate_conversations, synthesize_prompts
 from .vocab import build_vocab_maps, save_vocab_map
+
+logger = logging.get_logger(__name__)
 
 DEFAULT_DRAFT_VOCAB_SIZE = 32000  # EAGLE-3's released heads
 
 
 @dataclass
 class PrepareDataArguments:
-    """Options of `hf-eagle3 prepare-data`."""
+    """What `prepare_data` does; the options of `hf-eagle3 prepare-data`."""
 
     target: str = field(
         metadata={
@@ -90,6 +94,9 @@ class PrepareDataArguments:
         metadata={"help": f"Draft vocabulary size; default {DEFAULT_DRAFT_VOCAB_SIZE} or the target's if smaller."},
     )
     seed: int = field(default=42, metadata={"help": "Seed of sampling."})
+    num_proc: int | None = field(
+        default=None, metadata={"help": "Processes that tokenise in parallel (datasets' map); default one."}
+    )
     dtype: str = field(
         default="auto", metadata={"help": "Dtype the target generates in: auto, bfloat16, float16, float32."}
     )
@@ -100,12 +107,18 @@ class PrepareDataArguments:
 
 def _load_target(args: PrepareDataArguments, with_model: bool):
     """The target's tokenizer and vocab size, and the model itself when it writes text or only ships as GGUF."""
-    if with_model or get_offline_target(args.target) is not None or args.target.endswith(".gguf"):
+    offline = resolve_offline_target(args.target)
+    if with_model or offline is not None or args.target.endswith(".gguf"):
         device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-        model, tokenizer = load_target(args.target, dtype=args.dtype, device=device, gguf_path=args.gguf_path)
+        model, tokenizer = load_target(
+            offline.name if offline is not None else args.target,  # resolved once: the Hub is asked once
+            dtype=args.dtype,
+            device=device,
+            gguf_path=args.gguf_path,
+        )
         return model, tokenizer, model.config.get_text_config().vocab_size
     # Tokenising needs no weights: a large target is not loaded just for its vocabulary size.
-    config = AutoConfig.from_pretrained(args.target).get_text_config()
+    config = load_target_config(args.target).get_text_config()
     return None, AutoTokenizer.from_pretrained(args.target), config.vocab_size
 
 
@@ -157,7 +170,7 @@ def prepare_data(args: PrepareDataArguments) -> dict:
                 min_length=args.min_prompt_length,
                 openers=_read_openers(args.prompt_openers),
             )
-            print(f"Synthesised {len(prompts)} distinct prompts.")
+            logger.info(f"Synthesised {len(prompts)} distinct prompts.")
             conversations += regenerate_conversations(
                 model,
                 tokenizer,
@@ -172,7 +185,9 @@ def prepare_data(args: PrepareDataArguments) -> dict:
             for messages in conversations:
                 file.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
 
-    dataset, counts = tokenize_conversations(tokenizer, conversations, args.max_length, args.truncate)
+    dataset, counts = tokenize_conversations(
+        tokenizer, conversations, args.max_length, args.truncate, num_proc=args.num_proc
+    )
     os.makedirs(args.output_dir, exist_ok=True)
     dataset.save_to_disk(args.output_dir)
     d2t, t2d, coverage = build_vocab_maps(dataset, draft_vocab_size, vocab_size)
@@ -186,23 +201,7 @@ def prepare_data(args: PrepareDataArguments) -> dict:
     }
     with open(os.path.join(args.output_dir, "prepare_data_summary.json"), "w", encoding="utf-8") as file:
         json.dump(summary, file, indent=2)
-    print(
-        f"Kept {counts['kept']} of {counts['conversations']} conversations ({counts['dropped_too_long']} too long, "
-        f"{counts['dropped_no_loss_tokens']} without assistant tokens after truncation): {counts['tokens']} tokens, "
-        f"{counts['loss_tokens']} to learn."
-    )
-    print(
-        f"Draft vocabulary: {draft_vocab_size} of {vocab_size} ids cover {coverage:.2%} of the tokens to learn. "
-        f"Saved to {args.output_dir}."
-    )
     return summary
 
 
-def main(argv: list[str]) -> int:
-    parser = HfArgumentParser(PrepareDataArguments, prog="hf-eagle3 prepare-data")
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        (args,) = parser.parse_json_file(argv[0]) if argv[0].endswith(".json") else parser.parse_yaml_file(argv[0])
-    else:
-        (args,) = parser.parse_args_into_dataclasses(argv)
-    prepare_data(args)
-    return 0
+__all__ = ["DEFAULT_DRAFT_VOCAB_SIZE", "PrepareDataArguments", "prepare_data"]

@@ -13,9 +13,13 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm as tqdm_class
+from transformers.utils import logging
+from transformers.utils.logging import tqdm
 
-from .modeling_eagle3 import Eagle3DraftModel
-from .offline_models import load_target, shipped_head_path
+from ..offline_models import load_target, shipped_head_path
+
+logger = logging.get_logger(__name__)
 
 DEFAULT_PROMPTS = (
     "Explain in a few sentences why the sky is blue.",
@@ -31,8 +35,10 @@ DEFAULT_PROMPTS = (
 CPU_TREE = {"eagle3_total_tokens": 6, "eagle3_depth": 3, "eagle3_top_k": 2}
 
 
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+def _show(*lines: str) -> None:
+    """Results as they come, also when stdout is a file (the demo runs for minutes on a CPU)."""
+    tqdm_class.write("\n".join(lines), file=sys.stdout)  # above the progress bar, not through it
+    sys.stdout.flush()
 
 
 def _timed_generate(target, inputs, **kwargs) -> tuple[torch.LongTensor, float]:
@@ -59,15 +65,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="the target's GGUF file, its pieces in order, or a directory with the file, its pieces or its wheels",
     )
     parser.add_argument("--prompt", action="append", dest="prompts", help="a user prompt (repeatable)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", help="float32 makes greedy text comparable token for token")
     parser.add_argument("--mode", choices=("tree", "chain"), default="tree", help="EAGLE-3 drafting mode")
     # Tree knobs default to `CPU_TREE` on a CPU, elsewhere to the head's generation config, else the reference values.
-    parser.add_argument("--total-tokens", type=int, help="tree tokens verified per step")
+    parser.add_argument("--total_tokens", "--total-tokens", type=int, help="tree tokens verified per step")
     parser.add_argument("--depth", type=int, help="draft tree depth")
-    parser.add_argument("--top-k", type=int, help="children kept per tree node")
-    parser.add_argument("--num-assistant-tokens", type=int, help="chain length (chain mode)")
+    parser.add_argument("--top_k", "--top-k", type=int, help="children kept per tree node")
+    parser.add_argument("--num_assistant_tokens", "--num-assistant-tokens", type=int, help="chain length (chain mode)")
     return parser.parse_args(argv)
 
 
@@ -89,7 +95,7 @@ def main(argv: list[str]) -> int:
         )
         return 1
 
-    import hf_eagle3  # noqa: F401  (routes generate(assistant_model=<EAGLE-3 head>) to EAGLE-3 decoding)
+    from .. import Eagle3DraftModel  # the package's names install the generate(assistant_model=...) hook
 
     target, tokenizer = load_target(
         args.target,
@@ -97,7 +103,7 @@ def main(argv: list[str]) -> int:
         device=args.device,
         gguf_path=args.gguf[0] if args.gguf and len(args.gguf) == 1 else args.gguf,
     )
-    _progress(f"Loading the EAGLE-3 head from {head_path} ...")
+    logger.info(f"Loading the EAGLE-3 head from {head_path} ...")
     draft = Eagle3DraftModel.from_pretrained(head_path, dtype=target.dtype).to(args.device).eval()
     draft.attach_target(target)
 
@@ -113,7 +119,7 @@ def main(argv: list[str]) -> int:
     if args.device == "cpu" and args.mode == "tree" and not knobs.keys() & CPU_TREE.keys():
         knobs.update(CPU_TREE)
     eagle3 = {**greedy, "assistant_model": draft, **knobs}
-    _progress("Warming up ...")
+    logger.info("Warming up ...")
     warm_up = tokenizer("Hello", return_tensors="pt").to(args.device)
     target.generate(**warm_up, do_sample=False, max_new_tokens=4)
     target.generate(**warm_up, **{**eagle3, "max_new_tokens": 4})
@@ -121,10 +127,7 @@ def main(argv: list[str]) -> int:
     totals = {"plain": [0, 0.0], "eagle3": [0, 0.0]}
     accept_lengths, identical = [], 0
     prompts = args.prompts or DEFAULT_PROMPTS
-    for index, prompt in enumerate(prompts, 1):
-        _progress(
-            f"[{index}/{len(prompts)}] generating {args.max_new_tokens} tokens at most, without and with the head ..."
-        )
+    for prompt in tqdm(prompts, desc=f"Prompts ({args.max_new_tokens} new tokens, without and with the head)"):
         messages = [{"role": "user", "content": prompt}]
         inputs = tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
@@ -139,19 +142,19 @@ def main(argv: list[str]) -> int:
         totals["plain"][1] += plain_seconds
         totals["eagle3"][0] += len(fast)
         totals["eagle3"][1] += fast_seconds
-        print(f"\n=== {prompt}")
-        print(f"--- plain generate: {len(plain) / plain_seconds:.1f} tokens/s")
-        print(tokenizer.decode(plain, skip_special_tokens=True))
-        print(
+        _show(
+            f"\n=== {prompt}",
+            f"--- plain generate: {len(plain) / plain_seconds:.1f} tokens/s",
+            tokenizer.decode(plain, skip_special_tokens=True),
             f"--- with the EAGLE-3 head ({args.mode}): {len(fast) / fast_seconds:.1f} tokens/s, "
-            f"mean acceptance length {stats.mean_accept_len:.2f}"
+            f"mean acceptance length {stats.mean_accept_len:.2f}",
+            tokenizer.decode(fast, skip_special_tokens=True),
+            f"--- identical text: {'yes' if same else 'NO'}",
         )
-        print(tokenizer.decode(fast, skip_special_tokens=True))
-        print(f"--- identical text: {'yes' if same else 'NO'}")
 
     plain_speed = totals["plain"][0] / totals["plain"][1]
     fast_speed = totals["eagle3"][0] / totals["eagle3"][1]
-    print(
+    _show(
         f"\nSummary on {args.device} ({target.dtype}): identical text on {identical}/{len(prompts)} prompts; "
         f"plain {plain_speed:.1f} tokens/s, EAGLE-3 {fast_speed:.1f} tokens/s ({fast_speed / plain_speed:.2f}x); "
         f"mean acceptance length {sum(accept_lengths) / len(accept_lengths):.2f} tokens per target forward."

@@ -1,23 +1,31 @@
-"""`hf-eagle3 train` and `hf-eagle3 prepare-features`, over `HfArgumentParser` (flags, or one YAML/JSON file)."""
+"""The jobs behind `hf-eagle3 train` and `hf-eagle3 prepare-features`, callable from Python too.
+
+`train_head(script_args, training_args)` builds (or continues) a head for a target, trains it with `Eagle3Trainer`,
+merges a LoRA adapter and exports a serving layout when asked; `write_features(args)` runs the target once over
+tokenised data for offline training. The argument dataclasses are what the command line parses.
+"""
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser, set_seed
+from transformers import PreTrainedConfig, set_seed
+from transformers.utils import logging
 
-from ..checkpoint_formats import SPECULATORS_LAYOUT, CheckpointFiles, checkpoint_layout, read_target_embedding
+from ..checkpoint_formats import SPECULATORS_LAYOUT, checkpoint_layout
 from ..configuration_eagle3 import Eagle3Config, default_target_layer_ids
 from ..data.vocab import VOCAB_MAP_NAME, count_loss_tokens, load_vocab_map
 from ..modeling_eagle3 import Eagle3DraftModel
+from ..offline_models import load_target, load_target_embedding
 from .checkpoints import prepare_output_dir
 from .eagle3_config import Eagle3TrainingArguments
 from .eagle3_trainer import Eagle3Trainer
 from .offline_features import FEATURES_CONFIG_NAME, Eagle3FeatureDataset, prepare_features
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -104,34 +112,23 @@ class PrepareFeaturesArguments(TargetArguments):
     device: str = field(default="auto", metadata={"help": "Device of the target; auto picks cuda when present."})
 
 
-def _parse(argv: list[str], dataclass_types, prog: str):
-    parser = HfArgumentParser(dataclass_types, prog=prog)
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(os.path.abspath(argv[0]))
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(argv)
-
-
-def _load_target(args: TargetArguments, device: str | None = None):
-    from transformers import AutoModelForCausalLM
-
-    from ..offline_models import get_offline_target, load_target
-
+def load_training_target(args: TargetArguments, device: str | None = None):
+    """The frozen target of `args.target`, without its tokenizer (the data is tokenised already)."""
     dtype = args.target_dtype
     if dtype == "auto":
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    if get_offline_target(args.target) is not None or args.target.endswith(".gguf"):
-        target, _ = load_target(args.target, dtype=dtype, device=device)
-        return target
-    # Training needs no tokenizer (the data is tokenised), so a checkpoint without one is fine here.
-    target = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype)
-    return target.to(device).eval() if device is not None else target.eval()
+    target, _ = load_target(args.target, dtype=dtype, device=device, load_tokenizer=False)
+    return target
 
 
-def _load_rows(path: str):
+def is_feature_directory(path: str) -> bool:
+    """Whether `path` holds the output of `prepare_features` rather than tokenised rows."""
+    return (Path(path) / FEATURES_CONFIG_NAME).exists()
+
+
+def load_training_rows(path: str):
     """Tokenised rows, or the precomputed features of `prepare-features`."""
-    if (Path(path) / FEATURES_CONFIG_NAME).exists():
+    if is_feature_directory(path):
         return Eagle3FeatureDataset(path)
     from ..data.chat import load_chat_dataset
 
@@ -146,7 +143,7 @@ def _vocab_map_path(args: TrainScriptArguments) -> str | None:
     return str(candidate) if candidate is not None and candidate.exists() else None
 
 
-def build_head(args: TrainScriptArguments, target_config) -> Eagle3DraftModel:
+def build_head(args: TrainScriptArguments, target_config: PreTrainedConfig) -> Eagle3DraftModel:
     """The `--head` to continue from, or a new head fitted to the target with the draft vocabulary of `--vocab_map`
     (default: the `vocab_map.safetensors` inside `--data`)."""
     if args.head is not None:
@@ -198,7 +195,7 @@ def build_head(args: TrainScriptArguments, target_config) -> Eagle3DraftModel:
     return head
 
 
-def _vocab_coverage_report(head: Eagle3DraftModel, dataset, suggest_remap: bool) -> str:
+def vocab_coverage_report(head: Eagle3DraftModel, dataset, suggest_remap: bool) -> str:
     """How many of the data's learned tokens the head can ever propose: a head continued on new data keeps the
     vocabulary of its old data, which may miss the new data's frequent tokens."""
     counts = count_loss_tokens(dataset, head.config.vocab_size)
@@ -215,9 +212,21 @@ def _vocab_coverage_report(head: Eagle3DraftModel, dataset, suggest_remap: bool)
     return report
 
 
-def train(argv: list[str]) -> int:
-    """`hf-eagle3 train`: train (or resume training) an EAGLE-3 head; the final head lands in --output_dir."""
-    script_args, training_args = _parse(argv, (TrainScriptArguments, Eagle3TrainingArguments), "hf-eagle3 train")
+def merge_lora(head: Eagle3DraftModel, adapter_dir: str | Path) -> Eagle3DraftModel:
+    """`head` with the LoRA adapter saved in `adapter_dir` merged into its weights: a plain head again, which
+    `generate(assistant_model=...)` and the serving layouts take."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(head, str(adapter_dir)).merge_and_unload()
+
+
+def train_head(script_args: TrainScriptArguments, training_args: Eagle3TrainingArguments) -> Path:
+    """Train (or resume training) an EAGLE-3 head; returns the directory of the final, plain head.
+
+    The trained head (or LoRA adapter), metrics and trainer state land in `training_args.output_dir`; with
+    `lora_r`, the merged head in `output_dir/merged`; with `export_format`, a copy in that serving layout in
+    `output_dir/export-<format>`.
+    """
     if script_args.data is None:
         raise ValueError("Pass --data: the output of `hf-eagle3 prepare-data` or of `hf-eagle3 prepare-features`.")
     if script_args.export_format is not None:
@@ -229,25 +238,28 @@ def train(argv: list[str]) -> int:
             "--remap_vocab gives the head new lm_head rows, which LoRA adapters would leave untrained: continue the "
             "head without --lora_r, or keep its vocabulary."
         )
+    if script_args.target is None and not is_feature_directory(script_args.data):
+        raise ValueError(
+            f"Pass --target: {script_args.data} holds tokenised rows, and online training runs the target on every "
+            "batch (only a `hf-eagle3 prepare-features` folder trains without it)."
+        )
     resume = training_args.resume_from_checkpoint
     if resume is not None and resume.lower() in {"true", "latest"}:
         resume = True  # the newest complete checkpoint in --output_dir
     if resume is None and not training_args.overwrite_output_dir:
         prepare_output_dir(training_args.output_dir, False, None)  # refuses a folder with files before any loading
     set_seed(training_args.seed)
-    train_dataset = _load_rows(script_args.data)
-    eval_dataset = _load_rows(script_args.eval_data) if script_args.eval_data else None
+    train_dataset = load_training_rows(script_args.data)
+    eval_dataset = load_training_rows(script_args.eval_data) if script_args.eval_data else None
     offline = isinstance(train_dataset, Eagle3FeatureDataset)
-    if script_args.target is None and not offline:
-        raise ValueError("Pass --target: online training runs the target on every batch.")
-    target = _load_target(script_args) if script_args.target is not None else None
+    target = load_training_target(script_args) if script_args.target is not None else None
     target_config = target.config if target is not None else train_dataset.target_config
     head = build_head(script_args, target_config)
     if target is not None:
         head.attach_target(target)
     if not offline and head.config.uses_draft_vocab and training_args.process_index == 0:
-        print(
-            _vocab_coverage_report(
+        logger.info(
+            vocab_coverage_report(
                 head, train_dataset, suggest_remap=script_args.head is not None and not script_args.remap_vocab
             )
         )
@@ -274,17 +286,14 @@ def train(argv: list[str]) -> int:
     trainer.save_state()
     if eval_dataset is not None:
         trainer.evaluate()
-    if not trainer.is_world_process_zero():
-        return 0
-    # Final files are rebuilt from what was saved: under FSDP the in-memory weights are shards.
     final_dir = Path(training_args.output_dir)
+    if not trainer.is_world_process_zero():
+        return final_dir
+    # Final files are rebuilt from what was saved: under FSDP the in-memory weights are shards.
     if script_args.lora_r is not None:
-        from peft import PeftModel
-
         final_dir = final_dir / "merged"
-        adapted = PeftModel.from_pretrained(build_head(script_args, target_config), training_args.output_dir)
-        adapted.merge_and_unload().save_pretrained(final_dir)
-        print(f"Saved the LoRA adapter to {training_args.output_dir} and the merged head to {final_dir}")
+        merge_lora(build_head(script_args, target_config), training_args.output_dir).save_pretrained(final_dir)
+        logger.info(f"Saved the LoRA adapter to {training_args.output_dir} and the merged head to {final_dir}")
     if script_args.export_format is not None:
         export_dir = Path(training_args.output_dir) / f"export-{script_args.export_format}"
         exported = Eagle3DraftModel.from_pretrained(final_dir)
@@ -293,26 +302,25 @@ def train(argv: list[str]) -> int:
         if target is not None:
             exported.attach_target(target)
         elif checkpoint_layout(script_args.export_format) == SPECULATORS_LAYOUT:
-            files = CheckpointFiles(exported.config.target_name_or_path)
-            exported.set_target_embeddings(read_target_embedding(files))
+            exported.set_target_embeddings(load_target_embedding(exported.config.target_name_or_path))
         exported.save_pretrained(
             export_dir,
             format=script_args.export_format,
             target_max_position_embeddings=target_config.get_text_config().max_position_embeddings,
         )
-        print(f"Saved the head in the {script_args.export_format!r} layout to {export_dir}")
-    return 0
+        logger.info(f"Saved the head in the {script_args.export_format!r} layout to {export_dir}")
+    return final_dir
 
 
-def prepare_features_main(argv: list[str]) -> int:
-    """`hf-eagle3 prepare-features`: write target features for offline training (resumable)."""
-    (args,) = _parse(argv, (PrepareFeaturesArguments,), "hf-eagle3 prepare-features")
+def write_features(args: PrepareFeaturesArguments) -> Path:
+    """Run the target of `args` over the tokenised `args.data` and write feature shards to `args.output_dir`
+    (resumable); the draft vocabulary found in `args.data` is copied beside them. Returns the feature directory."""
     if args.target is None or args.data is None or args.output_dir is None:
         raise ValueError("Pass --target, --data (tokenised rows) and --output_dir.")
     device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    target = _load_target(args, device=device)
+    target = load_training_target(args, device=device)
     layer_ids = args.target_layer_ids or default_target_layer_ids(target.config.get_text_config().num_hidden_layers)
-    rows = _load_rows(args.data)
+    rows = load_training_rows(args.data)
     path = prepare_features(
         target,
         rows,
@@ -325,8 +333,18 @@ def prepare_features_main(argv: list[str]) -> int:
     vocab_map = Path(args.data) / VOCAB_MAP_NAME
     if vocab_map.exists():  # `hf-eagle3 train --data FEATURES` then finds the draft vocabulary there too
         shutil.copyfile(vocab_map, path / VOCAB_MAP_NAME)
-    print(f"Wrote features of {len(rows)} samples (target layers {layer_ids}) to {path}")
-    return 0
+    logger.info(f"Wrote features of {len(rows)} samples (target layers {layer_ids}) to {path}")
+    return path
 
 
-__all__ = ["PrepareFeaturesArguments", "TrainScriptArguments", "build_head", "prepare_features_main", "train"]
+__all__ = [
+    "PrepareFeaturesArguments",
+    "TargetArguments",
+    "TrainScriptArguments",
+    "build_head",
+    "load_training_rows",
+    "load_training_target",
+    "merge_lora",
+    "train_head",
+    "write_features",
+]

@@ -1,0 +1,27 @@
+"""`hf-eagle3 prepare-data`: chat data to a tokenised training set and a draft vocabulary
+(`hf_eagle3.data.preparation.prepare_data`)."""
+
+from __future__ import annotations
+
+from ..data.preparation import PrepareDataArguments, prepare_data
+from ._parsing import parse_options
+
+
+def main(argv: list[str]) -> int:
+    _, (args,) = parse_options(
+        (PrepareDataArguments,),
+        argv,
+        prog="hf-eagle3 prepare-data",
+        description="Tokenise chat data (or have the target write it) and build the draft vocabulary.",
+    )
+    summary = prepare_data(args)
+    print(
+        f"Kept {summary['kept']} of {summary['conversations']} conversations ({summary['dropped_too_long']} too "
+        f"long, {summary['dropped_no_loss_tokens']} without assistant tokens after truncation): {summary['tokens']} "
+        f"tokens, {summary['loss_tokens']} to learn."
+    )
+    print(
+        f"Draft vocabulary: {summary['draft_vocab_size']} of {summary['vocab_size']} ids cover "
+        f"{summary['coverage']:.2%} of the tokens to learn. Saved to {args.output_dir}."
+    )
+    return 0

@@ -1,0 +1,151 @@
+"""The command line's manners and the package's import weight: what a user meets before any model loads."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hf_eagle3.cli import COMMANDS, main
+from hf_eagle3.cli.demo import parse_args as parse_demo_args
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+HEAVY = ("torch", "transformers", "datasets", "peft", "accelerate", "trl")
+
+
+def _run_python(code: str) -> str:
+    """Run `code` in a fresh interpreter on this checkout and return what it printed."""
+    env = {"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_import_and_help_load_no_heavy_library():
+    loaded = _run_python(
+        "import sys, hf_eagle3; from hf_eagle3.cli import main; main(['--help']); "
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    ).splitlines()[-1]
+    assert loaded == "[]"
+
+
+def test_using_the_head_loads_neither_trainer_nor_data_libraries():
+    # accelerate is left out: transformers' modeling_utils imports it for any model.
+    loaded = _run_python(
+        "import sys, hf_eagle3; hf_eagle3.Eagle3DraftModel; "
+        "print(sorted(m for m in ('transformers.trainer', 'datasets', 'peft', 'trl') if m in sys.modules))"
+    )
+    assert loaded == "[]"
+
+
+def test_help_is_quick():
+    # Loose bound: the command line imports nothing heavy, so even a loaded machine answers at once.
+    code = "import time; t = time.perf_counter(); from hf_eagle3.cli import main; main(['--help']); "
+    code += "print(time.perf_counter() - t)"
+    assert float(_run_python(code).splitlines()[-1]) < 2.0
+
+
+def test_first_name_installs_the_generate_hook():
+    installed = _run_python(
+        "import hf_eagle3; from hf_eagle3.decoding.dispatch import is_eagle3_generation_enabled as on; "
+        "before = on(); hf_eagle3.Eagle3Config; print(before, on())"
+    )
+    assert installed == "False True"
+
+
+def test_unknown_command_and_version(capsys):
+    assert main(["bogus"]) == 2
+    error = capsys.readouterr().err
+    assert "unknown command 'bogus'" in error and "prepare-data" in error
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("hf-eagle3 0.")
+    assert main([]) == 2 and "usage: hf-eagle3" in capsys.readouterr().err
+    assert main(["--help"]) == 0
+    usage = capsys.readouterr().out
+    assert all(name in usage for name in COMMANDS)
+
+
+def test_train_without_target_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", str(tmp_path), "--output_dir", str(tmp_path / "head")])
+    assert exit_info.value.code == 2
+    assert "--target is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--output_dir", str(tmp_path / "head")])
+    assert "--data is required" in capsys.readouterr().err
+
+
+def test_yaml_config_with_overriding_flags(tmp_path):
+    from hf_eagle3.cli._parsing import parse_options
+    from hf_eagle3.trainer import Eagle3TrainingArguments
+    from hf_eagle3.trainer.jobs import TrainScriptArguments
+
+    config = tmp_path / "train.yaml"
+    config.write_text("target: smollm2\ndata: data\noutput_dir: head\nlearning_rate: 3.0e-4\nttt_steps: 3\n")
+    types = (TrainScriptArguments, Eagle3TrainingArguments)
+    for argv in (["--config", str(config), "--ttt-steps", "5"], [str(config), "--ttt_steps", "5"]):
+        _, (script_args, training_args) = parse_options(types, argv, prog="hf-eagle3 train")
+        assert script_args.target == "smollm2" and training_args.learning_rate == 3e-4
+        assert training_args.ttt_steps == 5  # the flag wins over the file
+    with pytest.raises(ValueError, match="Unknown arguments"):
+        config.write_text("target: smollm2\nlearning_rat: 1.0\n")
+        parse_options(types, ["--config", str(config)], prog="hf-eagle3 train")
+
+
+def test_flags_take_underscores_and_dashes():
+    underscored = parse_demo_args(["--max_new_tokens", "5", "--top_k", "3", "--num_assistant_tokens", "2"])
+    dashed = parse_demo_args(["--max-new-tokens", "5", "--top-k", "3", "--num-assistant-tokens", "2"])
+    assert underscored == dashed and underscored.max_new_tokens == 5
+
+
+def _module_level_imports(path: Path, package: str) -> set[str]:
+    """The package's own modules that `path` imports when it is imported (not inside functions or TYPE_CHECKING)."""
+    module = ".".join(path.relative_to(SRC).with_suffix("").parts)
+    is_package = path.name == "__init__.py"
+    module = module.removesuffix(".__init__")
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = module.split(".")[: len(module.split(".")) - node.level + (1 if is_package else 0)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            candidates = [target] + [f"{target}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            candidates = [alias.name for alias in node.names]
+        else:
+            continue
+        found.update(name for name in candidates if name.startswith(package) and name != module)
+    return found
+
+
+def test_no_import_circle():
+    modules = {}
+    for path in (SRC / "hf_eagle3").rglob("*.py"):
+        name = ".".join(path.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__")
+        modules[name] = path
+    graph = {
+        name: {m for m in _module_level_imports(path, "hf_eagle3") if m in modules} for name, path in modules.items()
+    }
+
+    def parents(name: str) -> set[str]:  # importing a.b.c runs a and a.b first
+        parts = name.split(".")
+        return {".".join(parts[:i]) for i in range(1, len(parts))}
+
+    def cycle_from(start: str) -> list[str] | None:
+        stack = [(start, [start])]
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    return path + [nxt]
+                if nxt not in path and nxt not in parents(start):
+                    stack.append((nxt, path + [nxt]))
+        return None
+
+    cycles = [cycle for name in graph if (cycle := cycle_from(name)) and not set(cycle) & parents(name)]
+    assert not cycles, f"import circles: {cycles[:3]}"
