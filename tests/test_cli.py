@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -99,53 +98,3 @@ def test_flags_take_underscores_and_dashes():
     underscored = parse_demo_args(["--max_new_tokens", "5", "--top_k", "3", "--num_assistant_tokens", "2"])
     dashed = parse_demo_args(["--max-new-tokens", "5", "--top-k", "3", "--num-assistant-tokens", "2"])
     assert underscored == dashed and underscored.max_new_tokens == 5
-
-
-def _module_level_imports(path: Path, package: str) -> set[str]:
-    """The package's own modules that `path` imports when it is imported (not inside functions or TYPE_CHECKING)."""
-    module = ".".join(path.relative_to(SRC).with_suffix("").parts)
-    is_package = path.name == "__init__.py"
-    module = module.removesuffix(".__init__")
-    found = set()
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = module.split(".")[: len(module.split(".")) - node.level + (1 if is_package else 0)]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
-            candidates = [target] + [f"{target}.{alias.name}" for alias in node.names]
-        elif isinstance(node, ast.Import):
-            candidates = [alias.name for alias in node.names]
-        else:
-            continue
-        found.update(name for name in candidates if name.startswith(package) and name != module)
-    return found
-
-
-def test_no_import_circle():
-    modules = {}
-    for path in (SRC / "hf_eagle3").rglob("*.py"):
-        name = ".".join(path.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__")
-        modules[name] = path
-    graph = {
-        name: {m for m in _module_level_imports(path, "hf_eagle3") if m in modules} for name, path in modules.items()
-    }
-
-    def parents(name: str) -> set[str]:  # importing a.b.c runs a and a.b first
-        parts = name.split(".")
-        return {".".join(parts[:i]) for i in range(1, len(parts))}
-
-    def cycle_from(start: str) -> list[str] | None:
-        stack = [(start, [start])]
-        while stack:
-            node, path = stack.pop()
-            for nxt in graph[node]:
-                if nxt == start:
-                    return path + [nxt]
-                if nxt not in path and nxt not in parents(start):
-                    stack.append((nxt, path + [nxt]))
-        return None
-
-    cycles = [cycle for name in graph if (cycle := cycle_from(name)) and not set(cycle) & parents(name)]
-    assert not cycles, f"import circles: {cycles[:3]}"

@@ -127,11 +127,6 @@ def test_decoding_is_in_no_import_circle():
     assert not cycles, cycles
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="modeling_eagle3 <-> checkpoint_formats / hub / model_card (issue 15) is undone on the checkpoint-formats "
-    "branch: drop this mark once it is merged",
-)
 def test_the_package_has_no_import_circle():
     cycles = find_cycles(import_graph())
     assert not cycles, "import circles (each list imports itself through its members):\n" + "\n".join(

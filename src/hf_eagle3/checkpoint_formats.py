@@ -675,6 +675,17 @@ def save_converted(
     save_torch_state_dict(state_dict_from_native(model, layout), save_directory, max_shard_size=max_shard_size)
 
 
+def load_target_embedding(name_or_path: str | os.PathLike) -> torch.Tensor:
+    """The target's input embedding table: read alone from its checkpoint (a full target may not fit in memory),
+    or from a registered offline target's GGUF file, which has no tensor to read alone."""
+    from .offline_models import load_target, resolve_offline_target
+
+    if resolve_offline_target(name_or_path) is not None or str(name_or_path).endswith(".gguf"):
+        model, _ = load_target(name_or_path, load_tokenizer=False)
+        return model.get_input_embeddings().weight.detach()
+    return read_target_embedding(CheckpointFiles(str(name_or_path)))
+
+
 __all__ = [
     "FORMATS",
     "CheckpointFiles",

@@ -494,17 +494,6 @@ def load_target_config(
     return AutoConfig.from_pretrained(name_or_path)
 
 
-def load_target_embedding(name_or_path: str | os.PathLike) -> torch.Tensor:
-    """The target's input embedding table: read alone from its checkpoint (a full target may not fit in memory),
-    or from a registered offline target's GGUF file, which has no tensor to read alone."""
-    from .checkpoint_formats import CheckpointFiles, read_target_embedding
-
-    if resolve_offline_target(name_or_path) is not None or Path(name_or_path).suffix == ".gguf":
-        model, _ = load_target(name_or_path, load_tokenizer=False)
-        return model.get_input_embeddings().weight.detach()
-    return read_target_embedding(CheckpointFiles(str(name_or_path)))
-
-
 __all__ = [
     "OFFLINE_TARGETS",
     "OfflineModelError",
@@ -514,7 +503,6 @@ __all__ = [
     "get_offline_target",
     "load_target",
     "load_target_config",
-    "load_target_embedding",
     "materialize_gguf",
     "resolve_offline_target",
     "shipped_head_path",

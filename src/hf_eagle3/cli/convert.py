@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..checkpoint_formats import FORMATS, SPECFORGE_LAYOUT, SPECULATORS_LAYOUT
+from ..checkpoint_formats import FORMATS, SPECFORGE_LAYOUT, SPECULATORS_LAYOUT, load_target_embedding
 from ..configuration_eagle3 import default_target_layer_ids
 from ..safe_writes import check_folder_destination, staged_folder
 
@@ -12,7 +12,7 @@ from ..safe_writes import check_folder_destination, staged_folder
 def main(argv: list[str]) -> int:
     """`hf-eagle3 convert SRC DST --to FORMAT`: rewrite a head in another layout."""
     from ..modeling_eagle3 import Eagle3DraftModel
-    from ..offline_models import load_target_config, load_target_embedding
+    from ..offline_models import load_target_config
 
     parser = argparse.ArgumentParser(
         prog="hf-eagle3 convert",

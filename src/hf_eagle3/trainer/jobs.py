@@ -15,11 +15,11 @@ import torch
 from transformers import PreTrainedConfig, set_seed
 from transformers.utils import logging
 
-from ..checkpoint_formats import SPECULATORS_LAYOUT, checkpoint_layout
+from ..checkpoint_formats import SPECULATORS_LAYOUT, checkpoint_layout, load_target_embedding
 from ..configuration_eagle3 import Eagle3Config, default_target_layer_ids
 from ..data.vocab import VOCAB_MAP_NAME, count_loss_tokens, load_vocab_map
 from ..modeling_eagle3 import Eagle3DraftModel
-from ..offline_models import load_target, load_target_embedding
+from ..offline_models import load_target
 from .checkpoints import prepare_output_dir
 from .eagle3_config import Eagle3TrainingArguments
 from .eagle3_trainer import Eagle3Trainer
