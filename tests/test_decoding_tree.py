@@ -211,7 +211,10 @@ def official_tree_paths(root_id: int, vocab: int, total_tokens: int, official_de
     the `total_tokens - 1` best candidates (the root completes `total_tokens`) are verified. Nodes are token paths.
     """
     root_scores = _path_log_probs(root_id, vocab)
-    expansion = [((int(token),), _path_id(root_id, int(token)), score) for score, token in zip(*root_scores.topk(top_k))]
+    expansion = [
+        ((int(token),), _path_id(root_id, int(token)), score)
+        for score, token in zip(*root_scores.topk(top_k), strict=True)
+    ]
     candidates = list(expansion)
     for _ in range(official_depth):
         frontier = sorted(expansion, key=lambda node: -float(node[2]))[:top_k]
@@ -220,7 +223,7 @@ def official_tree_paths(root_id: int, vocab: int, total_tokens: int, official_de
             child_scores, child_tokens = _path_log_probs(path_id, vocab).topk(top_k)
             expansion += [
                 ((*path, int(token)), _path_id(path_id, int(token)), score + child_score)
-                for child_score, token in zip(child_scores, child_tokens)
+                for child_score, token in zip(child_scores, child_tokens, strict=True)
             ]
         candidates += expansion
     best = sorted(candidates, key=lambda node: -float(node[2]))[: total_tokens - 1]
@@ -240,9 +243,14 @@ def test_tree_selects_the_official_nodes_one_depth_deeper(official_shape):
 
     def forward_level(level, tokens, hidden, tree_mask):
         forwards.append(level)
-        ids = [_path_id(int(parent), int(token)) for parent, token in zip(hidden[:, 0].tolist(), tokens.tolist())]
+        ids = [
+            _path_id(int(parent), int(token))
+            for parent, token in zip(hidden[:, 0].tolist(), tokens.tolist(), strict=True)
+        ]
         logits = torch.stack([_path_log_probs(path_id, vocab) for path_id in ids])
-        return SimpleNamespace(logits=logits[None], hidden_states=torch.tensor(ids, dtype=torch.float32)[None, :, None])
+        return SimpleNamespace(
+            logits=logits[None], hidden_states=torch.tensor(ids, dtype=torch.float32)[None, :, None]
+        )
 
     draft_model = SimpleNamespace(draft_to_target_ids=lambda ids: ids)
     tree = grow_draft_tree(
