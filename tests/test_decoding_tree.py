@@ -35,7 +35,7 @@ from hf_eagle3.decoding.tree import (
 from hf_eagle3.target_features import TargetFeatureCapture
 
 SMALL_TREE = (8, 3, 2)  # total_tokens, depth, top_k
-DEFAULT_TREE = (60, 7, 10)
+DEFAULT_TREE = (60, 8, 10)
 
 
 @dataclass
@@ -352,7 +352,7 @@ def test_keep_cache_positions_equals_fresh_forward():
 # ---------------------------------------------------------------------------------------------- greedy
 
 
-@pytest.mark.parametrize("tree_shape", [SMALL_TREE, DEFAULT_TREE], ids=["8-3-2", "60-7-10"])
+@pytest.mark.parametrize("tree_shape", [SMALL_TREE, DEFAULT_TREE], ids=["8-3-2", "60-8-10"])
 def test_greedy_matches_target_with_random_head(arch, tree_shape):
     """Mostly rejections; a reduced draft vocabulary on the small tree, the default tree shape on the full one."""
     target = make_target(arch)

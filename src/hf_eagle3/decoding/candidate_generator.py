@@ -28,12 +28,14 @@ from .stats import Eagle3GenerationStats
 from .stopping import first_stop, host_stop_rule
 
 EAGLE3_MODES = ("tree", "chain")
-# Reference-code defaults for the dynamic tree (reference section 4). The chain length is what one eager head
-# step (~1 ms) buys against one target forward (~22 ms) at a per-token acceptance around 0.7 (gpu.md).
+# The reference code's default dynamic tree (reference section 4), 60/7/10 there: its depth counts the head forwards
+# after the first, so its paths hold up to 8 drafts, which is `eagle3_depth=8` here (drafts per path). The chain
+# length is what one eager head step (~1 ms) buys against one target forward (~22 ms) at a per-token acceptance
+# around 0.7 (gpu.md).
 DEFAULT_EAGLE3_KNOBS: dict[str, Any] = {
     "eagle3_mode": "tree",
     "eagle3_total_tokens": 60,
-    "eagle3_depth": 7,
+    "eagle3_depth": 8,
     "eagle3_top_k": 10,
     # Tree mode on static caches with CUDA graphs: None where it applies (CUDA, see `static_tree.use_static_tree`),
     # True to insist (also off CUDA, without graphs), False for the dynamic cache.
