@@ -110,7 +110,7 @@ def trace(args: argparse.Namespace) -> None:
         "eagle3_top_k": args.top_k,
         "eagle3_static_cache": args.static,
     }
-    rows = []
+    args.output.write_text("", encoding="utf-8")
     prompts = load_prompts(
         BENCHMARKS_DIR / "data" / args.task / "question.jsonl", args.limit, args.stride, args.offset
     )
@@ -124,12 +124,13 @@ def trace(args: argparse.Namespace) -> None:
             **inputs, assistant_model=head, do_sample=False, max_new_tokens=args.max_new_tokens, **knobs
         )
         output = output[0, inputs["input_ids"].shape[1] :].tolist()
-        rows.append({"task": args.task, "prompt": index, "output": output, "accepted": list(accepted), "knobs": knobs})
+        rows = [{"task": args.task, "prompt": index, "output": output, "accepted": list(accepted), "knobs": knobs}]
         rows += [{"task": args.task, "prompt": index, **tree} for tree in trees]
+        with args.output.open("a", encoding="utf-8") as file:  # prompt by prompt: a long run leaves what it did
+            file.write("".join(json.dumps(row) + "\n" for row in rows))
         print(
             f"prompt {index}: {len(accepted)} steps, tau {head.last_generation_stats.mean_accept_len:.3f}", flush=True
         )
-    args.output.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
 
 def read_trace(path: Path) -> tuple[dict, dict]:
