@@ -173,8 +173,8 @@ def compare(args: argparse.Namespace) -> None:
         prompts.append(row)
     summary = {
         "trees_from_the_same_prefix": counts,
-        "tau_a_full_steps": round(totals["a"][0] / totals["a"][1], 4),
-        "tau_b_full_steps": round(totals["b"][0] / totals["b"][1], 4),
+        "tau_a_full_steps": round(totals["a"][0] / totals["a"][1], 4) if totals["a"][1] else None,
+        "tau_b_full_steps": round(totals["b"][0] / totals["b"][1], 4) if totals["b"][1] else None,
         "steps": [totals["a"][1], totals["b"][1]],
         "same_text": all(row["same_text"] for row in prompts),
     }
