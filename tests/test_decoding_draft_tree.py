@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import make_head, make_target
@@ -9,7 +11,7 @@ from transformers.cache_utils import DynamicCache
 from tree_decoding import hand_built_tree, prompt
 
 from hf_eagle3._compat import cache_kwargs
-from hf_eagle3.decoding.draft_tree import build_draft_tree
+from hf_eagle3.decoding.draft_tree import build_draft_tree, grow_draft_tree
 from hf_eagle3.decoding.kv_cache import keep_cache_positions
 from hf_eagle3.target_features import TargetFeatureCapture
 
@@ -61,6 +63,91 @@ def test_draft_tree_scores_match_sequential_drafting():
             )
             hidden, logits = step.hidden_states, step.logits[0, -1]
         assert score == pytest.approx(float(tree.scores[node]), abs=1e-4)
+
+
+# A draft distribution given by the path alone: the head's hidden state of a node carries an id of its path (exact in
+# float32 below 2**24), and the draft logits at a node are drawn from a generator seeded with that id.
+PATH_ID_MODULUS = 16_777_213
+
+
+def _path_id(parent_id: int, token: int) -> int:
+    return (parent_id * 1_000_003 + token + 1) % PATH_ID_MODULUS
+
+
+def _path_log_probs(path_id: int, vocab: int) -> torch.Tensor:
+    return (3 * torch.randn(vocab, generator=torch.Generator().manual_seed(path_id))).log_softmax(-1)
+
+
+def official_tree_paths(root_id: int, vocab: int, total_tokens: int, official_depth: int, top_k: int) -> set:
+    """The drafts the EAGLE reference decoder verifies, from its documented rule (EAGLE-2's dynamic tree).
+
+    The first head forward gives the root's `top_k` children. Then `official_depth` more forwards each expand the
+    `top_k` best nodes of the previous expansion (the root's children the first time) into their `top_k` best
+    children, scored by the sum of the log-probabilities along the path. Every node ever generated is a candidate;
+    the `total_tokens - 1` best candidates (the root completes `total_tokens`) are verified. Nodes are token paths.
+    """
+    root_scores = _path_log_probs(root_id, vocab)
+    expansion = [
+        ((int(token),), _path_id(root_id, int(token)), score)
+        for score, token in zip(*root_scores.topk(top_k), strict=True)
+    ]
+    candidates = list(expansion)
+    for _ in range(official_depth):
+        frontier = sorted(expansion, key=lambda node: -float(node[2]))[:top_k]
+        expansion = []
+        for path, path_id, score in frontier:
+            child_scores, child_tokens = _path_log_probs(path_id, vocab).topk(top_k)
+            expansion += [
+                ((*path, int(token)), _path_id(path_id, int(token)), score + child_score)
+                for child_score, token in zip(child_scores, child_tokens, strict=True)
+            ]
+        candidates += expansion
+    best = sorted(candidates, key=lambda node: -float(node[2]))[: total_tokens - 1]
+    return {tuple(int(token) for token in path) for path, _, _ in best}
+
+
+@pytest.mark.parametrize("official_shape", [(60, 7, 10), (20, 3, 4), (128, 9, 16), (8, 0, 3)])
+def test_tree_selects_the_official_nodes_one_depth_deeper(official_shape):
+    """Our `depth` counts drafts per path; the reference code's counts head forwards after the first, one less.
+
+    With `eagle3_depth = official depth + 1` the tree holds exactly the nodes the reference rule selects (written
+    from the rule above, on a draft distribution set by the path), as deep as it reaches, after as many forwards.
+    """
+    total_tokens, official_depth, top_k = official_shape
+    vocab, root_id = 64, 12_345
+    forwards = []
+
+    def forward_level(level, tokens, hidden, tree_mask):
+        forwards.append(level)
+        ids = [
+            _path_id(int(parent), int(token))
+            for parent, token in zip(hidden[:, 0].tolist(), tokens.tolist(), strict=True)
+        ]
+        logits = torch.stack([_path_log_probs(path_id, vocab) for path_id in ids])
+        return SimpleNamespace(
+            logits=logits[None], hidden_states=torch.tensor(ids, dtype=torch.float32)[None, :, None]
+        )
+
+    draft_model = SimpleNamespace(draft_to_target_ids=lambda ids: ids)
+    tree = grow_draft_tree(
+        draft_model,
+        torch.tensor(3),
+        torch.tensor([float(root_id)]),
+        _path_log_probs(root_id, vocab),
+        forward_level,
+        total_tokens,
+        official_depth + 1,
+        top_k,
+    )
+    node_paths: list[tuple[int, ...]] = [()]
+    for node in range(1, len(tree)):
+        node_paths.append((*node_paths[int(tree.parents[node])], int(tree.tokens[node])))
+    expected = official_tree_paths(root_id, vocab, total_tokens, official_depth, top_k)
+    assert set(node_paths[1:]) == expected
+    assert len(tree) == 1 + len(expected)
+    assert tree.depths.tolist() == [len(path) for path in node_paths]
+    assert len(forwards) == official_depth
+    assert max(len(path) for path in expected) <= official_depth + 1
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])

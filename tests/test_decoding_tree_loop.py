@@ -19,7 +19,7 @@ from tree_decoding import (
 )
 
 
-@pytest.mark.parametrize("tree_shape", [SMALL_TREE, DEFAULT_TREE], ids=["8-3-2", "60-7-10"])
+@pytest.mark.parametrize("tree_shape", [SMALL_TREE, DEFAULT_TREE], ids=["8-3-2", "60-8-10"])
 def test_greedy_matches_target_with_random_head(arch, tree_shape):
     """Mostly rejections; a reduced draft vocabulary on the small tree, the default tree shape on the full one."""
     target = make_target(arch)

@@ -23,7 +23,7 @@ from hf_eagle3.decoding.stats import Eagle3GenerationStats
 from hf_eagle3.decoding.tree_loop import tree_assisted_decoding
 
 SMALL_TREE = (8, 3, 2)  # total_tokens, depth, top_k
-DEFAULT_TREE = (60, 7, 10)
+DEFAULT_TREE = (60, 8, 10)
 
 
 @dataclass

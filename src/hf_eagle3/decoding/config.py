@@ -12,11 +12,12 @@ from typing import Any
 from transformers import GenerationConfig
 
 EAGLE3_MODES = ("tree", "chain")
-# The dynamic tree's shape of the EAGLE reference code, whose `depth=d` counts one head forward less (`d + 1` here).
+# The dynamic tree of the EAGLE reference code, 60/7/10 there: its `depth` counts the head forwards after the first,
+# so its paths hold up to 8 drafts, which is `eagle3_depth=8` here (drafts per path = head forwards per step).
 DEFAULT_EAGLE3_KNOBS: dict[str, Any] = {
     "eagle3_mode": "tree",
     "eagle3_total_tokens": 60,
-    "eagle3_depth": 7,
+    "eagle3_depth": 8,
     "eagle3_top_k": 10,
     # Tree mode on static caches: None where it applies (CUDA, see `static_tree.use_static_tree`), True to insist
     # (also off CUDA, without graphs), False for the dynamic cache.
