@@ -7,14 +7,14 @@ target and prompts standalone, so that divisor can be checked against transforme
 
 - CACHE `exact`: each prompt with a static cache sized for it alone (prompt + new tokens), warmed up on the same
   input (the best one call can do, at the price of a compilation per new length); `bucket`: sized per prompt and
-  rounded up to 64 positions, every length warmed up first (what `plain_compiled` does); `shared`: one length for
-  every prompt (the longest prompt plus the new tokens), warmed up once on the longest prompt;
+  rounded up to 64 positions, every length warmed up first; `shared`: one length for every prompt (the longest
+  prompt plus the new tokens), warmed up once on the longest prompt (what `plain_compiled` does);
 - COMPILE `default`: transformers' `CompileConfig()`; `fullgraph`: `CompileConfig(fullgraph=True, dynamic=False)`;
 - `forced`: `min_new_tokens` makes every call produce all its tokens (EOS ends some answers early, and the per-call
   cost of `generate` and the prefill is then spread over fewer tokens).
 
 Per configuration it reports tokens/s over all calls, the time of one decoding token (the difference between a call
-that makes all the tokens and one that makes a single token, divided by the tokens in between) and the frames
+that makes all the tokens and one that makes a single token, divided by the tokens in between) and the graphs
 torch.compile compiled inside the timed calls (zero when nothing recompiles).
 
     python benchmarks/compiled_baseline.py --gguf PIECE... --configs bucket:fullgraph exact:fullgraph exact:default
@@ -32,15 +32,15 @@ from pathlib import Path
 import torch
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent
+# The `bucket` configuration's cache lengths are multiples of this.
+CACHE_BUCKET = 64
 sys.path.insert(0, str(BENCHMARKS_DIR))
 
 from run_benchmark import (  # noqa: E402
     DATA_DIR,
-    PLAIN_COMPILED_CACHE_BUCKET,
     RESULTS_DIR,
     _synchronize,
-    cache_length,
-    compiled_frames,
+    compiled_graphs,
     encode_prompt,
     environment,
     gguf_location,
@@ -49,14 +49,14 @@ from run_benchmark import (  # noqa: E402
 
 
 def timed_generate(target, inputs, **kwargs) -> tuple[float, int, int]:
-    """Seconds, new tokens and newly compiled frames of one `generate` call."""
-    frames = compiled_frames()
+    """Seconds, new tokens and newly compiled graphs of one `generate` call."""
+    graphs = compiled_graphs()
     _synchronize(target.device)
     start = time.perf_counter()
     output = target.generate(**inputs, do_sample=False, **kwargs)
     _synchronize(target.device)
     seconds = time.perf_counter() - start
-    return seconds, output.shape[1] - inputs["input_ids"].shape[1], compiled_frames() - frames
+    return seconds, output.shape[1] - inputs["input_ids"].shape[1], compiled_graphs() - graphs
 
 
 def measure_configuration(target, encoded: list, max_new_tokens: int, configuration: str) -> dict:
@@ -69,7 +69,7 @@ def measure_configuration(target, encoded: list, max_new_tokens: int, configurat
     longest = max(inputs["input_ids"].shape[1] for inputs in encoded)
     lengths = {
         "exact": lambda length: length + max_new_tokens,
-        "bucket": lambda length: cache_length(length, max_new_tokens, PLAIN_COMPILED_CACHE_BUCKET),
+        "bucket": lambda length: -(-(length + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET,
         "shared": lambda length: longest + max_new_tokens,
     }[cache]
     torch._dynamo.reset()
@@ -86,14 +86,14 @@ def measure_configuration(target, encoded: list, max_new_tokens: int, configurat
         warm_ups[kwargs["max_cache_len"]] = (inputs, kwargs)
     for inputs, kwargs in warm_ups.values():
         target.generate(**inputs, do_sample=False, **kwargs, **full)
-    seconds = tokens = frames = 0
+    seconds = tokens = graphs = 0
     per_token_ms = []
     for inputs, kwargs in calls:
-        call_seconds, call_tokens, call_frames = timed_generate(target, inputs, **kwargs, **full)
-        one_seconds, _, one_frames = timed_generate(target, inputs, **kwargs, max_new_tokens=1)
+        call_seconds, call_tokens, call_graphs = timed_generate(target, inputs, **kwargs, **full)
+        one_seconds, _, one_graphs = timed_generate(target, inputs, **kwargs, max_new_tokens=1)
         seconds += call_seconds
         tokens += call_tokens
-        frames += call_frames + one_frames
+        graphs += call_graphs + one_graphs
         if call_tokens > 1:
             per_token_ms.append(1000 * (call_seconds - one_seconds) / (call_tokens - 1))
     return {
@@ -103,7 +103,7 @@ def measure_configuration(target, encoded: list, max_new_tokens: int, configurat
         "tokens_per_s": round(tokens / seconds, 2),
         "new_tokens": tokens,
         "decode_ms_per_token": round(sum(per_token_ms) / len(per_token_ms), 3),
-        "compiled_frames_in_timed_calls": frames,
+        "compiled_graphs_in_timed_calls": graphs,
     }
 
 

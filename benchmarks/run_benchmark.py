@@ -58,8 +58,6 @@ METHOD_PATTERN = re.compile(r"^eagle3_(chain|tree_graph|tree_compiled|tree)((?:_
 PHASES = ("draft", "verify", "accept")
 # Untimed warm-up length of the methods that neither compile nor capture anything.
 EAGER_WARMUP_TOKENS = 8
-# plain_compiled's static cache lengths are multiples of this.
-PLAIN_COMPILED_CACHE_BUCKET = 64
 
 
 def _progress(message: str) -> None:
@@ -76,22 +74,6 @@ class Method:
     generate_kwargs: dict = field(default_factory=dict)
     uses_head: bool = False
     compiled: bool = False
-    # A static cache sized for each call: its prompt and new tokens, rounded up to a multiple of this.
-    cache_bucket: int | None = None
-
-    def call_kwargs(self, prompt_length: int, max_new_tokens: int) -> dict:
-        """The `generate` arguments of one call."""
-        if self.cache_bucket is None:
-            return self.generate_kwargs
-        return {
-            **self.generate_kwargs,
-            "max_cache_len": cache_length(prompt_length, max_new_tokens, self.cache_bucket),
-        }
-
-
-def cache_length(prompt_length: int, max_new_tokens: int, bucket: int) -> int:
-    """Static cache positions for one call, rounded up to `bucket`: few distinct lengths, so few compilations."""
-    return -(-(prompt_length + max_new_tokens) // bucket) * bucket
 
 
 def parse_method(name: str) -> Method:
@@ -100,19 +82,10 @@ def parse_method(name: str) -> Method:
     if name == "prompt_lookup":
         return Method(name, {"prompt_lookup_num_tokens": 10})
     if name == "plain_compiled":
-        # transformers' static cache, whose decoding forward `generate` compiles by itself on CUDA (uncompiled on
-        # the CPU), as a well-informed user sets it up for batch-1 latency: the whole forward in one graph, and a
-        # cache sized for each call (a cache longer than the call costs time on every token; benchmarks/README.md,
-        # "The compiled baseline").
-        from transformers import CompileConfig
-
-        compile_config = CompileConfig(fullgraph=True, dynamic=False)
-        return Method(
-            name,
-            {"cache_implementation": "static", "compile_config": compile_config},
-            compiled=True,
-            cache_bucket=PLAIN_COMPILED_CACHE_BUCKET,
-        )
+        # What a user compares a fast path against on GPU: transformers' static cache, whose decoding forward
+        # `generate` compiles by itself on CUDA (uncompiled on the CPU). One cache length for the whole run (see
+        # `measure`), so every call reuses one compiled forward and its CUDA graph.
+        return Method(name, {"cache_implementation": "static"}, compiled=True)
     match = METHOD_PATTERN.match(name)
     if match is None:
         raise ValueError(
@@ -172,11 +145,12 @@ def encode_prompt(tokenizer, prompt: str, device: torch.device):
     ).to(device)
 
 
-def compiled_frames() -> int:
-    """Frames torch.compile has compiled so far in this process (`torch._dynamo`'s counters)."""
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled so far in this process (`torch._dynamo`'s counters; its frame counter
+    misses `fullgraph=True` compilations)."""
     from torch._dynamo.utils import counters
 
-    return int(counters["frames"]["ok"])
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _synchronize(device: torch.device) -> None:
@@ -210,7 +184,7 @@ class Tally:
     accepted_per_depth: list[int] = field(default_factory=list)
     phase_seconds: dict[str, float] = field(default_factory=dict)
     timed_calls: int = 0  # calls whose statistics timed their phases
-    compiled_frames: int = 0  # frames torch.compile compiled during the timed calls: 0 unless one recompiled
+    compiled_graphs: int = 0  # graphs torch.compile compiled during the timed calls: 0 unless one recompiled
     outputs: list[torch.Tensor] = field(default_factory=list)
 
     @property
@@ -235,7 +209,7 @@ def run_method(target, tokenizer, head, method: Method, prompts: list[str], temp
     """Generate every prompt with one method, timing each call; sampling is seeded per prompt."""
     device = target.device
     sampling = {"do_sample": False} if temperature == 0 else {"do_sample": True, "temperature": temperature}
-    kwargs = {**sampling, "max_new_tokens": args.max_new_tokens}
+    kwargs = {**sampling, "max_new_tokens": args.max_new_tokens, **method.generate_kwargs}
     if method.uses_head:
         kwargs["assistant_model"] = head
     tally = Tally()
@@ -251,14 +225,13 @@ def run_method(target, tokenizer, head, method: Method, prompts: list[str], temp
             for forward_counter in (counter, draft_counter):
                 if forward_counter is not None:
                     forward_counter.count = 0
-            call_kwargs = {**kwargs, **method.call_kwargs(inputs["input_ids"].shape[1], args.max_new_tokens)}
-            frames = compiled_frames()
+            graphs = compiled_graphs()
             _synchronize(device)
             start = time.perf_counter()
-            output = target.generate(**inputs, **call_kwargs)
+            output = target.generate(**inputs, **kwargs)
             _synchronize(device)
             tally.seconds += time.perf_counter() - start
-            tally.compiled_frames += compiled_frames() - frames
+            tally.compiled_graphs += compiled_graphs() - graphs
             new = output[0, inputs["input_ids"].shape[1] :].cpu()
             tally.outputs.append(new)
             tally.new_tokens += len(new)
@@ -344,14 +317,9 @@ def result_row(
         "setup_s": round(tally.phase_seconds["setup"], 4) if timed and "setup" in tally.phase_seconds else None,
         # The untimed calls before timing: compilation or graph capture for the compiled methods.
         "warmup_s": round(warmup_s, 3) if warmup_s is not None else None,
-        "recompilations": tally.compiled_frames,
-        "generate_kwargs": {
-            key: value.to_dict() if hasattr(value, "to_dict") else value
-            for key, value in method.generate_kwargs.items()
-        },
+        "recompilations": tally.compiled_graphs,
+        "generate_kwargs": method.generate_kwargs,
     }
-    if method.cache_bucket is not None:
-        row["max_cache_len"] = f"prompt + max_new_tokens, rounded up to a multiple of {method.cache_bucket}"
     if temperature == 0 and plain is not None:
         pairs = list(zip(tally.outputs, plain.outputs, strict=True))
         row["greedy_identical"] = all(torch.equal(output, reference) for output, reference in pairs)
@@ -416,38 +384,28 @@ def measure(args: argparse.Namespace) -> dict:
         for prompt in task_prompts
     }
     longest = max(lengths, key=lengths.get)
+    # Compiled plain generate sizes its static cache for the longest call of the run, so that every call reuses
+    # the one compiled forward instead of recompiling for a new cache length.
+    for method in methods:
+        if method.generate_kwargs.get("cache_implementation") == "static":
+            method.generate_kwargs["max_cache_len"] = lengths[longest] + args.max_new_tokens
 
-    def warm_up_prompts(method: Method) -> list[str]:
-        """The longest prompt; for a method whose cache is sized per call, the longest of each cache length."""
-        if method.cache_bucket is None:
-            return [longest]
-        by_length = {}
-        for prompt, length in sorted(lengths.items(), key=lambda item: item[1]):
-            by_length[cache_length(length, args.max_new_tokens, method.cache_bucket)] = prompt
-        return list(by_length.values())
-
-    # Each method makes untimed calls per temperature right before its timed calls. The compiled methods compile
-    # or capture their graphs on them, so they take the longest prompt (of each cache length) at full length: every
-    # cache size the timed calls meet has been seen. The others only need CUDA and its libraries initialised.
-    # Methods run one after another, not interleaved per task: a head keeps one static-tree runner, which another
-    # tree shape would replace (and a compiled one recompile) inside the timed calls.
+    # Each method makes one untimed call per temperature right before its timed calls. The compiled methods compile
+    # or capture their graphs on it, so it takes the longest prompt at full length: every cache size the timed calls
+    # meet has been seen. The others only need CUDA and its libraries initialised. Methods run one after another, not
+    # interleaved per task: a head keeps one static-tree runner, which another tree shape would replace (and a compiled
+    # one recompile) inside the timed calls.
     short = argparse.Namespace(**{**vars(args), "max_new_tokens": EAGER_WARMUP_TOKENS})
 
     def warm_up(method: Method) -> float:
         _progress(f"Warming up {method.name} ...")
-        warm_ups = warm_up_prompts(method)
-        # One compiled graph per cache length: torch.compile must not give up on the later ones and fall back to
-        # eager inside the timed calls.
-        limit = getattr(torch._dynamo.config, "recompile_limit", None)
-        if limit is not None and limit < len(warm_ups) + 1:
-            torch._dynamo.config.recompile_limit = len(warm_ups) + 1
         seconds = sum(
             run_method(
-                target, tokenizer, head, method, warm_ups, temperature, args if method.compiled else short
+                target, tokenizer, head, method, [longest], temperature, args if method.compiled else short
             ).seconds
             for temperature in args.temperatures
         )
-        _progress(f"    {seconds:.1f} s ({len(warm_ups)} prompts x {len(args.temperatures)} temperatures)")
+        _progress(f"    {seconds:.1f} s")
         return seconds
 
     payload = {
@@ -557,7 +515,7 @@ def markdown_table(payload: dict) -> str:
         "identical = greedy text equals plain generate's on every prompt (prefix = share of plain's tokens "
         "reproduced before the first difference); ms/step = wall time per target forward, drafting and overhead "
         "included; warm-up = the untimed calls before timing (compilation, graph capture), seconds; recompiled = "
-        "frames torch.compile compiled inside the timed calls (0: nothing recompiled).",
+        "graphs torch.compile compiled inside the timed calls (0: nothing recompiled).",
         "",
         "| temperature | task | method | prompts | tokens/s | speedup | vs compiled | tau | acceptance per depth "
         "| identical | prefix | ms/step | warm-up | recompiled |",
