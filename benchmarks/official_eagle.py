@@ -38,28 +38,11 @@ from pathlib import Path
 
 import torch
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The harness's prompt files and pick; it imports nothing from hf_eagle3 at module level, so it loads here too.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def load_prompts(path: Path, limit: int | None, stride: int, offset: int) -> list[str]:
-    """First user turns of a Spec-Bench style JSONL file, every `stride`-th from `offset`: `run_benchmark.py`'s pick."""
-    prompts = []
-    with open(path, encoding="utf-8") as file:
-        for line_number, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if row.get("turns"):
-                prompts.append(row["turns"][0])
-            elif isinstance(row.get("prompt"), str):
-                prompts.append(row["prompt"])
-            else:
-                raise ValueError(f"{path}:{line_number} has neither a `turns` list nor a `prompt` string.")
-    prompts = prompts[offset::stride][:limit]
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts (from offset {offset}, every {stride}).")
-    return prompts
+from run_benchmark import DATA_DIR, load_prompts  # noqa: E402
 
 
 def check_inputs(target: Path, head: Path) -> None:
