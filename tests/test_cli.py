@@ -55,6 +55,21 @@ def test_first_name_installs_the_generate_hook():
     assert installed == "False True"
 
 
+def test_a_head_built_through_submodule_imports_drafts():
+    """No name taken from `hf_eagle3` itself: building the head installs the hook, and generate uses it."""
+    output = _run_python(
+        "import torch; from transformers import LlamaConfig, LlamaForCausalLM; "
+        "from hf_eagle3.configuration_eagle3 import Eagle3Config; from hf_eagle3.modeling_eagle3 import Eagle3DraftModel; "
+        "config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, "
+        "num_attention_heads=4, num_key_value_heads=2); target = LlamaForCausalLM(config).eval(); "
+        "head = Eagle3DraftModel(Eagle3Config.from_target_config(config)).eval().attach_target(target); "
+        "ids = torch.tensor([[5, 6, 7]]); plain = target.generate(ids, max_new_tokens=6, do_sample=False); "
+        "out = target.generate(ids, assistant_model=head, max_new_tokens=6, do_sample=False, return_dict_in_generate=True); "
+        "print(torch.equal(out.sequences, plain), out.eagle3_stats.target_forwards > 0)"
+    )
+    assert output.splitlines()[-1] == "True True"
+
+
 def test_unknown_command_and_version(capsys):
     assert main(["bogus"]) == 2
     error = capsys.readouterr().err

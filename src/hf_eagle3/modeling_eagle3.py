@@ -9,6 +9,7 @@ official, SpecForge and SGLang heads load without renaming.
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from collections.abc import Callable
@@ -235,6 +236,10 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         # Set by each `target.generate(..., assistant_model=head)` call: an `Eagle3GenerationStats`.
         self.last_generation_stats = None
         self.post_init()
+        # A head drafts only through the package's `generate` hook, which the first name taken from `hf_eagle3`
+        # installs; a head reached another way (a submodule import) installs it here, once. Looked up at run time:
+        # the hook's own module imports this one.
+        importlib.import_module(__package__)._install()
 
     def _freeze_unused_parameters(self) -> None:
         """Freeze the target's embedding, and `norm` when nothing reads it (`norm_before_lm_head=False`): DDP
