@@ -1,7 +1,7 @@
 """Every published EAGLE-3 layout loads with the native model's logits, and every export loads back equal.
 
-The fixture checkpoints are written here by hand, in each tool's own layout (config fields and key names as the
-reference describes), not by this library's exporter, so import and export are checked independently.
+The fixture checkpoints are written here by hand, in each tool's own layout (config fields and key names as that
+tool's code writes them), not by this library's exporter, so import and export are checked independently.
 """
 
 import json

@@ -131,7 +131,7 @@ def test_loss_mask_is_assistant_content_and_end_of_turn(byte_level_tokenizer, te
 
 
 def test_masks_without_trl(byte_level_tokenizer, monkeypatch):
-    """Where TRL is not installed (the GPU machine), the rendered-prefix method gives the same masks."""
+    """Where TRL is not installed, the rendered-prefix method gives the same masks."""
     tokenizer = make_tokenizer(byte_level_tokenizer, llama3_chat_template)
     with_trl = tokenize_conversation(tokenizer, CONVERSATION, get_assistant_mask_template(tokenizer))
     monkeypatch.setitem(sys.modules, "trl.chat_template_utils", None)  # makes the import raise ImportError

@@ -1,9 +1,9 @@
 """The static tree path with compiled step functions (`eagle3_compile=True`), on the CPU: greedy output stays the
 target's own, sampling keeps its distribution, a second call reuses the compiled code, and misuse is a clear error.
 
-CI has no GPU, so inductor compiles C++ here; one test runs that real default backend (about a minute from a cold
-inductor cache on two cores). The others compile with `aot_eager`: dynamo traces the same whole steps (fullgraph, so
-a graph break would fail them) and AOT autograd functionalises them, in seconds. On CUDA `tests/test_decoding_cuda.py`
+CI has no GPU, so inductor compiles C++ here; one test runs that real default backend (slow from a cold inductor
+cache). The others compile with `aot_eager`: dynamo traces the same whole steps (fullgraph, so a graph break would
+fail them) and AOT autograd functionalises them, which is quick. On CUDA `tests/test_decoding_cuda.py`
 compiles with inductor and captures the compiled steps as CUDA graphs.
 """
 

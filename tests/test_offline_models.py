@@ -103,7 +103,7 @@ def test_gguf_found_in_a_directory(tmp_path, layout):
 
 
 def test_pieces_given_in_order(tmp_path):
-    """Halves that travelled separately (the GPU machine takes 64 MB per step), named anyhow."""
+    """Halves that travelled separately (where a transfer takes only so much at once), named anyhow."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     (tmp_path / "a" / "smol.part00").write_bytes(CONTENT[:100])
@@ -227,7 +227,7 @@ def build_wheel(directory: Path, distribution: str, files: dict[str, bytes]) -> 
 
 
 def test_carried_wheels_install_without_index(tmp_path):
-    """What the GPU machine does: the wheels travel with the code and pip installs them with --no-index."""
+    """A machine without an index: the wheels travel with the code and pip installs them with --no-index."""
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     for requirement, part, content in zip(FAKE.requirements, FAKE.parts, PIECES, strict=True):

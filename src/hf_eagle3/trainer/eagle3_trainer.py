@@ -122,7 +122,7 @@ class Eagle3Trainer(Trainer):
     whole frozen target (under FSDP the head shards a copy of the target's embedding).
     """
 
-    # The loss is a per-step mean over one micro-batch, as in the reference code; Trainer divides it by the
+    # The loss is a per-step mean over one micro-batch, as in the official EAGLE code; Trainer divides it by the
     # gradient-accumulation steps (transformers >= 5.24 reads this, older releases `model_accepts_loss_kwargs`).
     loss_is_scaled_for_ga = False
 
