@@ -141,7 +141,7 @@ def test_gradient_accumulation_matches_larger_batch(tmp_path):
         torch.testing.assert_close(accumulated[name], value)
 
 
-def test_offline_features_give_the_online_loss_and_resume(tmp_path):
+def test_stored_features_give_the_online_loss_and_resume(tmp_path):
     target = make_target()
     head = make_head(target, draft_vocab_size=50)
     rows = make_rows(5)

@@ -51,7 +51,7 @@ class Eagle3TrainingArguments(TrainingArguments):
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (paper: 5e-5 at 8B scale)."})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2, as in the EAGLE-3 paper."})
     max_grad_norm: float = field(default=0.5, metadata={"help": "Gradient clipping, as in the EAGLE-3 paper."})
-    # Rows carry `loss_mask` (and precomputed features offline), which the head's forward does not take.
+    # Rows carry `loss_mask` (and stored features, when trained from them), which the head's forward does not take.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the dataset columns TTT needs."})
     # Every trainable parameter of the head gets a gradient each step; the unused-parameter search of DDP
     # would only cost time (and the head is called once per TTT step within one backward).
