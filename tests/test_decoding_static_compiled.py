@@ -61,6 +61,7 @@ def assert_lossless_without_recompiling(target, head, **knobs) -> static_tree.St
     return runner
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_greedy_matches_target_and_a_second_call_does_not_recompile(arch, aot_eager):
     """A random head (mostly rejections, a reduced draft vocabulary) and one that drafts long accepted runs, asked
@@ -73,6 +74,7 @@ def test_greedy_matches_target_and_a_second_call_does_not_recompile(arch, aot_ea
     assert assert_compiled_run(output, head) and output.eagle3_stats.mean_accept_len > 2
 
 
+@pytest.mark.slow
 def test_same_steps_as_the_uncompiled_static_path(aot_eager, batched_greedy):
     """Compiled and eager steps draft the same trees and accept the same runs, through the batched acceptance."""
     target, head = make_oracle_pair("qwen3", 0.3)
@@ -101,6 +103,7 @@ def test_sampling_matches_target_distribution(aot_eager):
     assert_sampling_matches_target_distribution(static_cache=True, compile=True)
 
 
+@pytest.mark.slow
 def test_inductor_the_default_backend():
     """Inductor's C++ kernels: the same greedy text, no recompilation on later calls."""
     assert static_tree.COMPILE_OPTIONS["backend"] == "inductor"
@@ -115,6 +118,7 @@ def test_inductor_the_default_backend():
     )
 
 
+@pytest.mark.slow
 def test_each_runner_compiles_its_own_copy(aot_eager, monkeypatch):
     """More runners than dynamo's recompile limit (one here; runners for other cache lengths) each compile their own
     step functions: none counts against another's limit, which a fullgraph function would fail at."""

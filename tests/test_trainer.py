@@ -303,7 +303,7 @@ def test_cli_train_online_from_yaml_resumes_and_exports(tmp_path):
     assert [log["learning_rate"] for log in state["log_history"] if "loss" in log][:2] == pytest.approx([1e-4, 5e-5])
 
 
-def test_cli_prepare_features_then_train_offline(tmp_path):
+def test_cli_prepare_features_then_train_from_them(tmp_path):
     """From a `prepare-data` folder (save_to_disk + vocab_map.safetensors) the map travels with the features."""
     from datasets import Dataset
 
@@ -413,6 +413,7 @@ def accelerate_launch_two_processes(launch_flags: str, train_args: list[str]) ->
     assert result.returncode == 0, tracebacks or result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_ddp_and_fsdp_on_two_processes_train_like_one_process_on_the_global_batch(tmp_path):
     from hf_eagle3.cli import main
 
