@@ -31,13 +31,6 @@ SMALL_TREE = dict(eagle3_total_tokens=8, eagle3_depth=3, eagle3_top_k=2)
 ORACLE_TREE = dict(eagle3_total_tokens=16, eagle3_depth=5, eagle3_top_k=3)
 
 
-@pytest.fixture
-def aot_eager(monkeypatch):
-    """Compile the step functions with dynamo and AOT autograd only (no inductor code generation): seconds, not a
-    minute."""
-    monkeypatch.setitem(static_tree.COMPILE_OPTIONS, "backend", "aot_eager")
-
-
 def assert_compiled_run(output, head) -> static_tree.StaticTreeRunner:
     """The call decoded on static caches with compiled steps; its runner."""
     stats = output.eagle3_stats

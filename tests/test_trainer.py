@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_head, make_target
+from conftest import make_args, make_head, make_rows, make_target, write_cli_inputs
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
@@ -22,34 +22,6 @@ from hf_eagle3.trainer import (
     Eagle3TrainingArguments,
     prepare_features,
 )
-
-
-def make_rows(num_rows: int = 8, length: int = 12, vocab_size: int = 96, seed: int = 0) -> list[dict]:
-    generator = torch.Generator().manual_seed(seed)
-    rows = []
-    for i in range(num_rows):
-        size = length - i % 3  # uneven lengths exercise padding
-        ids = torch.randint(3, vocab_size, (size,), generator=generator).tolist()
-        rows.append({"input_ids": ids, "loss_mask": [0] * 3 + [1] * (size - 3)})
-    return rows
-
-
-def make_args(tmp_path, **overrides) -> Eagle3TrainingArguments:
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=2,
-        per_device_eval_batch_size=4,
-        max_steps=2,
-        logging_steps=1,
-        ttt_steps=2,
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        save_strategy="no",
-        seed=0,
-    )
-    values.update(overrides)
-    return Eagle3TrainingArguments(**values)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -246,22 +218,6 @@ def test_lora_on_existing_head_trains_saves_loads_and_merges(tmp_path):
         merged = loaded.merge_and_unload()
         assert isinstance(merged, Eagle3DraftModel)
         torch.testing.assert_close(merged(input_ids=ids, target_hidden_states=features).logits, expected)
-
-
-def write_cli_inputs(tmp_path, num_rows: int = 6):
-    """A saved tiny target and `prepare-data`-style rows (JSONL) with their draft-vocabulary map."""
-    from hf_eagle3.data.vocab import build_vocab_maps, save_vocab_map
-
-    target = make_target()
-    target.save_pretrained(tmp_path / "target")
-    rows = make_rows(num_rows)
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    with open(data_dir / "train.jsonl", "w") as file:
-        file.writelines(json.dumps(row) + "\n" for row in rows)
-    d2t, t2d, _ = build_vocab_maps(rows, 50, 96)
-    save_vocab_map(tmp_path / "vocab_map.safetensors", d2t, t2d)
-    return target, d2t
 
 
 def test_cli_train_online_from_yaml_resumes_and_exports(tmp_path):
