@@ -168,8 +168,8 @@ def batched_greedy(monkeypatch):
 
 @pytest.fixture
 def aot_eager(monkeypatch):
-    """Compile the step functions with dynamo and AOT autograd only (no inductor code generation): seconds, not a
-    minute."""
+    """Compile the step functions with dynamo and AOT autograd only: no inductor code generation, so compiling is
+    quick."""
     monkeypatch.setitem(static_tree.COMPILE_OPTIONS, "backend", "aot_eager")
 
 
