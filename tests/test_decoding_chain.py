@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_head, make_target
+from conftest import chat_inputs, make_head, make_target
 from lossless import (
     assert_greedy_lossless,
     chi_square_p_value,
@@ -171,19 +171,14 @@ def test_processors_that_leave_no_draft_token(monkeypatch):
 
 
 @pytest.mark.real_model
-def test_real_target_chain_is_lossless():
+@pytest.mark.slow
+def test_real_target_chain_is_lossless(smollm2):
     """SmolLM2-135M-Instruct (from its PyPI GGUF, float32) with an untrained reduced-vocabulary head: rejections only,
     through a 49k vocabulary, tied embeddings and 30 layers; the greedy text must not change."""
-    pytest.importorskip("gguf", reason="loading a GGUF target needs the `gguf` package")
-    from hf_eagle3.offline_models import load_target
-
-    target, tokenizer = load_target("smollm2", verbose=False)
+    target, tokenizer = smollm2
     head = make_head(target, draft_vocab_size=4096)
     for prompt in ("What is the capital of France?", "Write a Python function that reverses a string."):
-        messages = [{"role": "user", "content": prompt}]
-        inputs = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
+        inputs = chat_inputs(tokenizer, prompt)
         assert_greedy_lossless(
             target, head, inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=24, **CHAIN
         )

@@ -18,7 +18,7 @@ functions compiled by inductor (Triton kernels), warmed up, then captured; calls
 graphs and compile nothing again (`fail_on_recompile` would raise). Every new runner compiles anew, so the compiled
 half is slower: run it as a call of its own.
 
-On the GPU machine, with the static-tree suite on CUDA too (see conftest), in two calls:
+On a CUDA machine, with the static-tree suite on CUDA too (see conftest), in two calls:
     HF_EAGLE3_TEST_DEVICE=cuda python -m pytest tests/test_decoding_cuda.py tests/test_decoding_static_tree.py -q -rA -s -k "not compiled"
     python -m pytest tests/test_decoding_cuda.py -q -rA -s -k compiled
 """

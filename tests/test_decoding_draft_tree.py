@@ -108,7 +108,7 @@ def official_tree_paths(root_id: int, vocab: int, total_tokens: int, official_de
 
 @pytest.mark.parametrize("official_shape", [(60, 7, 10), (20, 3, 4), (128, 9, 16), (8, 0, 3)])
 def test_tree_selects_the_official_nodes_one_depth_deeper(official_shape):
-    """Our `depth` counts drafts per path; the reference code's counts head forwards after the first, one less.
+    """Our `depth` counts drafts per path; the official EAGLE code's counts head forwards after the first, one less.
 
     With `eagle3_depth = official depth + 1` the tree holds exactly the nodes the reference rule selects (written
     from the rule above, on a draft distribution set by the path), as deep as it reaches, after as many forwards.

@@ -1,9 +1,9 @@
 """The static tree path with compiled step functions (`eagle3_compile=True`), on the CPU: greedy output stays the
 target's own, sampling keeps its distribution, a second call reuses the compiled code, and misuse is a clear error.
 
-CI has no GPU, so inductor compiles C++ here; one test runs that real default backend (about a minute from a cold
-inductor cache on two cores). The others compile with `aot_eager`: dynamo traces the same whole steps (fullgraph, so
-a graph break would fail them) and AOT autograd functionalises them, in seconds. On CUDA `tests/test_decoding_cuda.py`
+CI has no GPU, so inductor compiles C++ here; one test runs that real default backend (slow from a cold inductor
+cache). The others compile with `aot_eager`: dynamo traces the same whole steps (fullgraph, so a graph break would
+fail them) and AOT autograd functionalises them, which is quick. On CUDA `tests/test_decoding_cuda.py`
 compiles with inductor and captures the compiled steps as CUDA graphs.
 """
 
@@ -31,13 +31,6 @@ SMALL_TREE = dict(eagle3_total_tokens=8, eagle3_depth=3, eagle3_top_k=2)
 ORACLE_TREE = dict(eagle3_total_tokens=16, eagle3_depth=5, eagle3_top_k=3)
 
 
-@pytest.fixture
-def aot_eager(monkeypatch):
-    """Compile the step functions with dynamo and AOT autograd only (no inductor code generation): seconds, not a
-    minute."""
-    monkeypatch.setitem(static_tree.COMPILE_OPTIONS, "backend", "aot_eager")
-
-
 def assert_compiled_run(output, head) -> static_tree.StaticTreeRunner:
     """The call decoded on static caches with compiled steps; its runner."""
     stats = output.eagle3_stats
@@ -61,6 +54,7 @@ def assert_lossless_without_recompiling(target, head, **knobs) -> static_tree.St
     return runner
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_greedy_matches_target_and_a_second_call_does_not_recompile(arch, aot_eager):
     """A random head (mostly rejections, a reduced draft vocabulary) and one that drafts long accepted runs, asked
@@ -73,6 +67,7 @@ def test_greedy_matches_target_and_a_second_call_does_not_recompile(arch, aot_ea
     assert assert_compiled_run(output, head) and output.eagle3_stats.mean_accept_len > 2
 
 
+@pytest.mark.slow
 def test_same_steps_as_the_uncompiled_static_path(aot_eager, batched_greedy):
     """Compiled and eager steps draft the same trees and accept the same runs, through the batched acceptance."""
     target, head = make_oracle_pair("qwen3", 0.3)
@@ -101,6 +96,7 @@ def test_sampling_matches_target_distribution(aot_eager):
     assert_sampling_matches_target_distribution(static_cache=True, compile=True)
 
 
+@pytest.mark.slow
 def test_inductor_the_default_backend():
     """Inductor's C++ kernels: the same greedy text, no recompilation on later calls."""
     assert static_tree.COMPILE_OPTIONS["backend"] == "inductor"
@@ -115,6 +111,7 @@ def test_inductor_the_default_backend():
     )
 
 
+@pytest.mark.slow
 def test_each_runner_compiles_its_own_copy(aot_eager, monkeypatch):
     """More runners than dynamo's recompile limit (one here; runners for other cache lengths) each compile their own
     step functions: none counts against another's limit, which a fullgraph function would fail at."""

@@ -19,7 +19,6 @@ from conftest import make_head, make_target
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from lossless import _make_successor_target, _train_head, assert_greedy_lossless, prompt_reaching_eos
 from safetensors.torch import load_file, save_file
-from test_decoding_static_compiled import aot_eager  # noqa: F401  (fixture)
 
 from hf_eagle3 import Eagle3Config, Eagle3DraftModel
 from hf_eagle3.configuration_eagle3 import VARIANT_DEFAULTS
@@ -189,7 +188,7 @@ def test_trained_variant_heads_decode_losslessly_and_draft_well(trained_heads, s
         assert output.eagle3_stats.static_cache
 
 
-def test_compiled_static_tree_runs_every_switch(trained_heads, aot_eager):  # noqa: F811
+def test_compiled_static_tree_runs_every_switch(trained_heads, aot_eager):
     target, heads = trained_heads
     head = heads["fc_norm+norm_output+norm_before_residual"]
     output = assert_greedy_lossless(

@@ -5,9 +5,9 @@ from unittest import mock
 
 import pytest
 import torch
+from checkpoint_files import assert_same_logits, write_official
 from conftest import make_head, make_target
 from huggingface_hub import ModelCard, RepoUrl
-from test_checkpoint_formats import assert_same_logits, write_official
 
 from hf_eagle3 import Eagle3DraftModel, create_model_card
 

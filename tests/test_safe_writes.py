@@ -8,10 +8,8 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import make_head, make_target
-from test_checkpoint_formats import assert_same_logits
-from test_data import byte_level_tokenizer, chatml  # noqa: F401 - fixtures
-from test_trainer import make_args, make_rows, write_cli_inputs
+from checkpoint_files import assert_same_logits
+from conftest import make_args, make_head, make_rows, make_target, write_cli_inputs
 
 from hf_eagle3 import Eagle3DraftModel, Eagle3Trainer
 from hf_eagle3.cli import main
@@ -148,7 +146,7 @@ def test_writing_to_a_file_path_fails_and_reports_no_write(tmp_path, capsys):
         ),
     ],
 )
-def test_unreadable_data_names_the_file_and_line(tmp_path, content, message, chatml):  # noqa: F811
+def test_unreadable_data_names_the_file_and_line(tmp_path, content, message, chatml):
     write_cli_inputs(tmp_path)
     chatml.save_pretrained(tmp_path / "target")  # prepare-data loads the target's tokenizer first
     data = tmp_path / "data.jsonl"

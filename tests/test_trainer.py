@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_head, make_target
+from conftest import make_args, make_head, make_rows, make_target, write_cli_inputs
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
@@ -22,34 +22,6 @@ from hf_eagle3.trainer import (
     Eagle3TrainingArguments,
     prepare_features,
 )
-
-
-def make_rows(num_rows: int = 8, length: int = 12, vocab_size: int = 96, seed: int = 0) -> list[dict]:
-    generator = torch.Generator().manual_seed(seed)
-    rows = []
-    for i in range(num_rows):
-        size = length - i % 3  # uneven lengths exercise padding
-        ids = torch.randint(3, vocab_size, (size,), generator=generator).tolist()
-        rows.append({"input_ids": ids, "loss_mask": [0] * 3 + [1] * (size - 3)})
-    return rows
-
-
-def make_args(tmp_path, **overrides) -> Eagle3TrainingArguments:
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=2,
-        per_device_eval_batch_size=4,
-        max_steps=2,
-        logging_steps=1,
-        ttt_steps=2,
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        save_strategy="no",
-        seed=0,
-    )
-    values.update(overrides)
-    return Eagle3TrainingArguments(**values)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -141,7 +113,7 @@ def test_gradient_accumulation_matches_larger_batch(tmp_path):
         torch.testing.assert_close(accumulated[name], value)
 
 
-def test_offline_features_give_the_online_loss_and_resume(tmp_path):
+def test_stored_features_give_the_online_loss_and_resume(tmp_path):
     target = make_target()
     head = make_head(target, draft_vocab_size=50)
     rows = make_rows(5)
@@ -248,22 +220,6 @@ def test_lora_on_existing_head_trains_saves_loads_and_merges(tmp_path):
         torch.testing.assert_close(merged(input_ids=ids, target_hidden_states=features).logits, expected)
 
 
-def write_cli_inputs(tmp_path, num_rows: int = 6):
-    """A saved tiny target and `prepare-data`-style rows (JSONL) with their draft-vocabulary map."""
-    from hf_eagle3.data.vocab import build_vocab_maps, save_vocab_map
-
-    target = make_target()
-    target.save_pretrained(tmp_path / "target")
-    rows = make_rows(num_rows)
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    with open(data_dir / "train.jsonl", "w") as file:
-        file.writelines(json.dumps(row) + "\n" for row in rows)
-    d2t, t2d, _ = build_vocab_maps(rows, 50, 96)
-    save_vocab_map(tmp_path / "vocab_map.safetensors", d2t, t2d)
-    return target, d2t
-
-
 def test_cli_train_online_from_yaml_resumes_and_exports(tmp_path):
     from hf_eagle3.cli import main
 
@@ -303,7 +259,7 @@ def test_cli_train_online_from_yaml_resumes_and_exports(tmp_path):
     assert [log["learning_rate"] for log in state["log_history"] if "loss" in log][:2] == pytest.approx([1e-4, 5e-5])
 
 
-def test_cli_prepare_features_then_train_offline(tmp_path):
+def test_cli_prepare_features_then_train_from_them(tmp_path):
     """From a `prepare-data` folder (save_to_disk + vocab_map.safetensors) the map travels with the features."""
     from datasets import Dataset
 
@@ -413,6 +369,7 @@ def accelerate_launch_two_processes(launch_flags: str, train_args: list[str]) ->
     assert result.returncode == 0, tracebacks or result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_ddp_and_fsdp_on_two_processes_train_like_one_process_on_the_global_batch(tmp_path):
     from hf_eagle3.cli import main
 

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-# sdpa kernels for batches padded to a new length nearly every call (training, offline features): cuDNN's attention,
-# which sdpa may pick on Hopper, builds an execution plan on the host for each new shape. Measured on an H100 with
-# torch 2.11: 15 ms per forward and 72 ms per backward call, a 6x slower SmolLM2 training step. These need no plan.
+# sdpa kernels for batches padded to a new length nearly every call (training, stored features): cuDNN's attention,
+# which sdpa may pick on recent GPUs, builds an execution plan on the host for each new shape, which can cost more
+# than the step's arithmetic for a small target. These need no plan.
 PADDED_BATCH_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 

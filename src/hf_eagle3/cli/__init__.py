@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("hf_eagle3.cli.demo", "answer a few prompts with and without the shipped SmolLM2 head"),
     "convert": ("hf_eagle3.cli.convert", "convert a draft head to another checkpoint layout"),
     "prepare-data": ("hf_eagle3.cli.prepare_data", "tokenise chat data (or let the target write it) + draft vocab"),
-    "prepare-features": ("hf_eagle3.cli.prepare_features", "write target features for offline training"),
+    "prepare-features": ("hf_eagle3.cli.prepare_features", "store target features to train from"),
     "train": ("hf_eagle3.cli.train", "train an EAGLE-3 head with training-time test (Eagle3Trainer)"),
 }
 

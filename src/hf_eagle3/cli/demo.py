@@ -29,9 +29,8 @@ DEFAULT_PROMPTS = (
 
 
 # The tree the demo verifies on a CPU unless told otherwise. There a forward over 60 tree tokens costs several
-# single-token forwards, and the shipped SmolLM2 head's 16,384-id output layer costs a few more: on two cores
-# three runs gave 1.21x, 1.00x, 1.09x plain generate with this tree, two gave 0.88x, 0.99x with 8/4/2 (the
-# previous head's setting; 60/7/10 ran at 0.68x then), identical text throughout. The speed comes on a GPU.
+# single-token forwards, and the shipped SmolLM2 head's 16,384-id output layer costs a few more, so only a small
+# tree keeps up with plain generate; larger trees are slower there. The speed comes on a GPU.
 CPU_TREE = {"eagle3_total_tokens": 6, "eagle3_depth": 3, "eagle3_top_k": 2}
 
 
@@ -69,7 +68,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", help="float32 makes greedy text comparable token for token")
     parser.add_argument("--mode", choices=("tree", "chain"), default="tree", help="EAGLE-3 drafting mode")
-    # Tree knobs default to `CPU_TREE` on a CPU, elsewhere to the head's generation config, else the reference values.
+    # Tree knobs default to `CPU_TREE` on a CPU, elsewhere to the head's generation config, else the library defaults.
     parser.add_argument("--total_tokens", "--total-tokens", type=int, help="tree tokens verified per step")
     parser.add_argument("--depth", type=int, help="draft tree depth")
     parser.add_argument("--top_k", "--top-k", type=int, help="children kept per tree node")

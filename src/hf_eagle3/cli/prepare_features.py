@@ -1,4 +1,4 @@
-"""`hf-eagle3 prepare-features`: write target features for offline training (`hf_eagle3.trainer.jobs.write_features`)."""
+"""`hf-eagle3 prepare-features`: store target features to train from (`hf_eagle3.trainer.jobs.write_features`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ def main(argv: list[str]) -> int:
         (PrepareFeaturesArguments,),
         argv,
         prog="hf-eagle3 prepare-features",
-        description="Run the target once over tokenised data and write feature shards for offline training.",
+        description="Run the target once over tokenised data and write feature shards to train from.",
     )
     missing = [
         flag

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..trainer.eagle3_config import Eagle3TrainingArguments
 from ..trainer.jobs import TrainScriptArguments, is_feature_directory, train_head
+from ..trainer.training_args import Eagle3TrainingArguments
 from ._parsing import parse_options
 
 

@@ -5,8 +5,8 @@ content and the end-of-turn token that stops generation (a head that drafts it l
 inside a draft). The separator a template prints after the end-of-turn token (ChatML's newline) is not
 learned: the target never generates it.
 
-`datasets` and `trl` are imported inside the functions that need them: the GPU machine does not
-install them, and the rest of the package must import there.
+`datasets` and `trl` are imported inside the functions that need them: a machine that only decodes or
+trains from stored features may lack them, and the rest of the package must import there.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def get_assistant_mask_template(tokenizer: PreTrainedTokenizerBase) -> str | Non
     try:
         from trl.chat_template_utils import get_training_chat_template, has_generation_markers
     except ImportError:
-        # TRL does not travel everywhere (the GPU machine lacks it); the rendered-prefix method gives the
+        # TRL is optional (not every environment installs it); the rendered-prefix method gives the
         # same masks for every template it accepts, and refuses the others.
         return None
     template = tokenizer.chat_template
@@ -265,7 +265,7 @@ def tokenize_conversations(
 ):
     """Tokenise conversations into a `datasets.Dataset` of `input_ids`, `attention_mask`, `loss_mask`.
 
-    Conversations longer than `max_length` tokens are dropped, as the EAGLE reference does, or cut to
+    Conversations longer than `max_length` tokens are dropped, as the official EAGLE code does, or cut to
     `max_length` with `truncate=True` (dropped anyway when no assistant token survives the cut). Runs as a
     batched `Dataset.map`, in `num_proc` processes when given.
 

@@ -64,7 +64,7 @@ class PrepareDataArguments:
     max_length: int = field(default=2048, metadata={"help": "Longest sample in tokens."})
     truncate: bool = field(
         default=False,
-        metadata={"help": "Cut longer samples to max_length instead of dropping them (the reference drops)."},
+        metadata={"help": "Cut longer samples to max_length instead of dropping them (official EAGLE drops them)."},
     )
     regenerate: bool = field(
         default=False, metadata={"help": "Replace the assistant turns with the target's own answers."}

@@ -118,7 +118,7 @@ def check_eagle3_inputs(
     """Clear errors for what this call's decoding mode cannot do with these inputs, before any forward runs."""
     if input_ids.shape[0] != 1:
         raise ValueError(
-            f"EAGLE-3 decoding runs one sequence at a time (batch size 1, like the reference implementation); got a "
+            f"EAGLE-3 decoding runs one sequence at a time (batch size 1, like the official EAGLE code); got a "
             f"batch of {input_ids.shape[0]}. Call `generate` once per prompt."
         )
     if config.mode == "chain" and isinstance(model_kwargs.get(CACHE_NAME), StaticCache):

@@ -12,7 +12,7 @@ from typing import Any
 from transformers import GenerationConfig
 
 EAGLE3_MODES = ("tree", "chain")
-# The dynamic tree of the EAGLE reference code, 60/7/10 there: its `depth` counts the head forwards after the first,
+# The dynamic tree of the official EAGLE code, 60/7/10 there: its `depth` counts the head forwards after the first,
 # so its paths hold up to 8 drafts, which is `eagle3_depth=8` here (drafts per path = head forwards per step).
 DEFAULT_EAGLE3_KNOBS: dict[str, Any] = {
     "eagle3_mode": "tree",

@@ -17,8 +17,8 @@ Why hooks and not a public seam: transformers picks the decoding method and the 
 `GenerationMixin` methods, without a registry. `generate(custom_generate=callable)` would have to be passed on every
 call, and it hands the callable neither `assistant_model` nor `streamer`; chain mode reuses `_assisted_decoding`, which
 asks `_get_candidate_generator` for its generator. Each hook calls transformers' method unchanged unless the assistant
-is an `Eagle3DraftModel` (or, for the first, `eagle3_*` kwargs are present). `import hf_eagle3` installs them
-(`enable_eagle3_generation`); `disable_eagle3_generation()` puts transformers' methods back but for a guard that
+is an `Eagle3DraftModel` (or, for the first, `eagle3_*` kwargs are present). The first name used from `hf_eagle3`
+installs them (`enable_eagle3_generation`); `disable_eagle3_generation()` puts transformers' methods back but for a guard that
 refuses an EAGLE-3 assistant by name and says how to turn the hooks on again.
 """
 
@@ -218,7 +218,7 @@ _WRAPPERS: dict[str, Callable[[Callable], Callable]] = {
 
 
 def enable_eagle3_generation() -> None:
-    """Let `generate(assistant_model=<Eagle3DraftModel>)` run EAGLE-3 decoding (done on `import hf_eagle3`).
+    """Let `generate(assistant_model=<Eagle3DraftModel>)` run EAGLE-3 decoding (done on first use of `hf_eagle3`).
 
     Idempotent. Other assistants and generation modes keep transformers' behaviour exactly.
     """

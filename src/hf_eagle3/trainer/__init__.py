@@ -1,8 +1,8 @@
-"""Training EAGLE-3 draft heads: `Eagle3Trainer` with training-time test, online or from offline features."""
+"""Training EAGLE-3 draft heads: `Eagle3Trainer` with training-time test, online or from stored features."""
 
-from .eagle3_config import Eagle3TrainingArguments
 from .eagle3_trainer import Eagle3DataCollator, Eagle3Trainer
-from .offline_features import Eagle3FeatureDataset, prepare_features
+from .stored_features import Eagle3FeatureDataset, prepare_features
+from .training_args import Eagle3TrainingArguments
 from .ttt import TargetDistribution, TTTOutput, target_distribution_from_logits, training_time_test
 
 __all__ = [

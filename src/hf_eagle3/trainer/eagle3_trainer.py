@@ -3,7 +3,7 @@
 `Trainer.model` is the head alone, so checkpoints are a complete, loadable `Eagle3DraftModel` (plus
 optimizer, scheduler, RNG and trainer state for `resume_from_checkpoint`). The frozen target lives in
 `self.target_model` and runs inside each step without gradients ("online"); with an
-`Eagle3FeatureDataset` it is not needed at all ("offline").
+`Eagle3FeatureDataset` (stored features) it is not needed at all.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from ..model_card import create_model_card
 from ..modeling_eagle3 import Eagle3DraftModel
 from ..target_features import TargetFeatureCapture, padded_batch_attention
 from .checkpoints import prepare_output_dir
-from .eagle3_config import Eagle3TrainingArguments
-from .offline_features import Eagle3FeatureDataset
+from .stored_features import Eagle3FeatureDataset
+from .training_args import Eagle3TrainingArguments
 from .ttt import TTTOutput, simulated_acceptance_length, target_distribution_from_logits, training_time_test
 
 REQUIRED_COLUMNS = ("input_ids", "loss_mask")
@@ -108,7 +108,7 @@ class Eagle3Trainer(Trainer):
         model: the draft head (`Eagle3DraftModel`, or a `PeftModel` around one to train adapters).
         target_model: the frozen target (any causal LM, or a `PeftModel` with its LoRA adapters). Load it in
             bfloat16 on GPU; it is moved to the training device, put in eval mode and never gets gradients.
-            Not needed when the datasets are `Eagle3FeatureDataset`s (offline features).
+            Not needed when the datasets are `Eagle3FeatureDataset`s (stored features).
         args: `Eagle3TrainingArguments`.
         train_dataset / eval_dataset: rows with `input_ids`, `loss_mask` (1 on tokens to learn) and optionally
             `attention_mask`; or an `Eagle3FeatureDataset`.
@@ -122,7 +122,7 @@ class Eagle3Trainer(Trainer):
     whole frozen target (under FSDP the head shards a copy of the target's embedding).
     """
 
-    # The loss is a per-step mean over one micro-batch, as in the reference code; Trainer divides it by the
+    # The loss is a per-step mean over one micro-batch, as in the official EAGLE code; Trainer divides it by the
     # gradient-accumulation steps (transformers >= 5.24 reads this, older releases `model_accepts_loss_kwargs`).
     loss_is_scaled_for_ga = False
 
@@ -252,7 +252,7 @@ class Eagle3Trainer(Trainer):
 
     @torch.no_grad()
     def target_outputs(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fused-layer features and full-vocabulary logits of the target for a batch, online or offline."""
+        """The fused-layer features and full-vocabulary logits of the target for a batch, online or stored."""
         if "target_hidden_states" in inputs:
             return inputs["target_hidden_states"], self.target_output_embeddings(inputs["target_last_hidden_state"])
         with self.feature_capture as capture:

@@ -2,7 +2,7 @@
 
 `train_head(script_args, training_args)` builds (or continues) a head for a target, trains it with `Eagle3Trainer`,
 merges a LoRA adapter and exports a serving layout when asked; `write_features(args)` runs the target once over
-tokenised data for offline training. The argument dataclasses are what the command line parses.
+tokenised data and stores its features to train from. The argument dataclasses are what the command line parses.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from ..data.vocab import VOCAB_MAP_NAME, count_loss_tokens, load_vocab_map
 from ..modeling_eagle3 import Eagle3DraftModel
 from ..offline_models import load_target
 from .checkpoints import prepare_output_dir
-from .eagle3_config import Eagle3TrainingArguments
 from .eagle3_trainer import Eagle3Trainer
-from .offline_features import FEATURES_CONFIG_NAME, Eagle3FeatureDataset, prepare_features
+from .stored_features import FEATURES_CONFIG_NAME, Eagle3FeatureDataset, prepare_features
+from .training_args import Eagle3TrainingArguments
 
 logger = logging.get_logger(__name__)
 
@@ -56,7 +56,7 @@ class TrainScriptArguments(TargetArguments):
         default=None,
         metadata={
             "help": "Training data: a `hf-eagle3 prepare-data` output folder, a JSONL/JSON/Parquet file of rows with "
-            "input_ids and loss_mask, or a `hf-eagle3 prepare-features` folder (offline training)."
+            "input_ids and loss_mask, or a `hf-eagle3 prepare-features` folder (stored features)."
         },
     )
     eval_data: str | None = field(default=None, metadata={"help": "Evaluation data, in any form --data takes."})
@@ -251,13 +251,13 @@ def train_head(script_args: TrainScriptArguments, training_args: Eagle3TrainingA
     set_seed(training_args.seed)
     train_dataset = load_training_rows(script_args.data)
     eval_dataset = load_training_rows(script_args.eval_data) if script_args.eval_data else None
-    offline = isinstance(train_dataset, Eagle3FeatureDataset)
+    from_stored_features = isinstance(train_dataset, Eagle3FeatureDataset)
     target = load_training_target(script_args) if script_args.target is not None else None
     target_config = target.config if target is not None else train_dataset.target_config
     head = build_head(script_args, target_config)
     if target is not None:
         head.attach_target(target)
-    if not offline and head.config.uses_draft_vocab and training_args.process_index == 0:
+    if not from_stored_features and head.config.uses_draft_vocab and training_args.process_index == 0:
         logger.info(
             vocab_coverage_report(
                 head, train_dataset, suggest_remap=script_args.head is not None and not script_args.remap_vocab
@@ -297,7 +297,7 @@ def train_head(script_args: TrainScriptArguments, training_args: Eagle3TrainingA
     if script_args.export_format is not None:
         export_dir = Path(training_args.output_dir) / f"export-{script_args.export_format}"
         exported = Eagle3DraftModel.from_pretrained(final_dir)
-        # The speculators/vLLM layout stores the target's embedding: from the loaded target, or (offline) read
+        # The speculators/vLLM layout stores the target's embedding: from the loaded target, or (stored features) read
         # from the target's checkpoint alone.
         if target is not None:
             exported.attach_target(target)

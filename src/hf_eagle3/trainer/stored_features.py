@@ -1,4 +1,4 @@
-"""Offline training: run the target once over a tokenised dataset, store what TTT needs, train from disk.
+"""Training from stored features: run the target once over a tokenised dataset, store what TTT needs, train from disk.
 
 What is stored per token: the three feature layers (`3 * H`) and the input of the target's output
 projection (`H`, the final normed hidden state), in the target's dtype. The trainer recomputes the
@@ -53,7 +53,7 @@ class TargetOutputCapture:
         if not isinstance(self.output_embeddings, nn.Linear):
             raise ValueError(
                 f"{type(target).__name__} has no linear output projection (`get_output_embeddings()` returned "
-                f"{type(self.output_embeddings).__name__}); offline features need one to recompute the logits."
+                f"{type(self.output_embeddings).__name__}); stored features need one to recompute the logits."
             )
         self.hidden_state: torch.Tensor | None = None
 
@@ -162,7 +162,7 @@ def prepare_features(
                     if not torch.allclose(recomputed.float(), logits.float(), atol=1e-2, rtol=1e-2):
                         raise ValueError(
                             f"The logits of {type(target).__name__} are not its output projection of its final "
-                            "hidden state (logit soft-capping or scaling?). Offline features would train on the "
+                            "hidden state (logit soft-capping or scaling?). Stored features would train on the "
                             "wrong distribution: train this target online (without prepare-features)."
                         )
                     checked = True

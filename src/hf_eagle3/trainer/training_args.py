@@ -25,7 +25,7 @@ class Eagle3TrainingArguments(TrainingArguments):
             (a trained head, an earlier run's checkpoints) unless this is set; resuming needs no flag. transformers
             v5 dropped the v4 argument of this name and overwrites silently.
         ttt_steps: how many steps the head is unrolled on its own outputs (training-time test). The
-            reference code uses 7; a head drafts well about as deep as it was trained.
+            official EAGLE code uses 7; a head drafts well about as deep as it was trained.
         step_loss_decay: step k's loss is weighted `step_loss_decay**k`.
         max_length: longer samples are truncated to this many tokens by the default collator.
         target_logits_chunk_size: positions whose full-vocabulary target logits are upcast to float32 at once
@@ -39,7 +39,7 @@ class Eagle3TrainingArguments(TrainingArguments):
             "without it such a run is refused, so that a trained head is never replaced by surprise."
         },
     )
-    ttt_steps: int = field(default=7, metadata={"help": "Training-time-test unroll length (reference code: 7)."})
+    ttt_steps: int = field(default=7, metadata={"help": "Training-time-test unroll length (official EAGLE code: 7)."})
     step_loss_decay: float = field(default=0.8, metadata={"help": "Step k's loss is weighted step_loss_decay**k."})
     max_length: int | None = field(
         default=2048, metadata={"help": "Samples longer than this are truncated by the default collator."}
@@ -51,7 +51,7 @@ class Eagle3TrainingArguments(TrainingArguments):
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (paper: 5e-5 at 8B scale)."})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2, as in the EAGLE-3 paper."})
     max_grad_norm: float = field(default=0.5, metadata={"help": "Gradient clipping, as in the EAGLE-3 paper."})
-    # Rows carry `loss_mask` (and precomputed features offline), which the head's forward does not take.
+    # Rows carry `loss_mask` (and stored features, when trained from them), which the head's forward does not take.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the dataset columns TTT needs."})
     # Every trainable parameter of the head gets a gradient each step; the unused-parameter search of DDP
     # would only cost time (and the head is called once per TTT step within one backward).
