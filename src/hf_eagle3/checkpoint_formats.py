@@ -637,8 +637,7 @@ def read_target_embedding(files: CheckpointFiles) -> torch.Tensor:
             continue
         embedding = None
         if filename.endswith(".index.json"):
-            with open(path, encoding="utf-8") as file:
-                weight_map = json.load(file)["weight_map"]
+            weight_map = read_json(path)["weight_map"]
             names = [name for name in weight_map if name.endswith(EMBEDDING_KEY)]
             if names:
                 name = min(names, key=len)
