@@ -186,6 +186,8 @@ class Tally:
     timed_calls: int = 0  # calls whose statistics timed their phases
     compiled_graphs: int = 0  # graphs torch.compile compiled during the timed calls: 0 unless one recompiled
     outputs: list[torch.Tensor] = field(default_factory=list)
+    # Per prompt: (tokens after the first, verification steps); for a paired comparison of acceptance between runs.
+    per_prompt_steps: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def target_forwards(self) -> int:
@@ -239,6 +241,7 @@ def run_method(target, tokenizer, head, method: Method, prompts: list[str], temp
                 stats = head.last_generation_stats
                 tally.decode_tokens += stats.new_tokens
                 tally.decode_forwards += stats.target_forwards
+                tally.per_prompt_steps.append((stats.new_tokens, stats.target_forwards))
                 tally.add_depths(stats.accepted_per_depth)
                 # Empty where the path times no phases.
                 tally.add_phases(getattr(stats, "phase_seconds", {}))
@@ -274,9 +277,10 @@ def result_row(
     plain: Tally | None,
     compiled: Tally | None = None,
     warmup_s: float | None = None,
+    save_outputs: bool = False,
 ) -> dict:
     """One row of the results; `plain` and `compiled` are this run's `plain` and `plain_compiled` on the same task
-    and temperature (None where the run did not measure them)."""
+    and temperature (None where the run did not measure them). `save_outputs` keeps each prompt's new token ids."""
     tokens_per_s = _tokens_per_s(tally)
     forwards = tally.decode_forwards
     # Device time per verification step of each phase, where every call of the method timed its phases.
@@ -320,6 +324,10 @@ def result_row(
         "recompilations": tally.compiled_graphs,
         "generate_kwargs": method.generate_kwargs,
     }
+    if tally.per_prompt_steps:
+        row["per_prompt"] = [{"tokens": tokens, "steps": steps} for tokens, steps in tally.per_prompt_steps]
+    if save_outputs:
+        row["outputs"] = [output.tolist() for output in tally.outputs]
     if temperature == 0 and plain is not None:
         pairs = list(zip(tally.outputs, plain.outputs, strict=True))
         row["greedy_identical"] = all(torch.equal(output, reference) for output, reference in pairs)
@@ -449,6 +457,7 @@ def measure(args: argparse.Namespace) -> dict:
                     cell.get("plain"),
                     cell.get("plain_compiled"),
                     warmup_s,
+                    save_outputs=args.save_outputs,
                 )
                 _progress(
                     f"    {row['tokens_per_s']:.1f} tokens/s, speedup {row['speedup']} "
@@ -728,6 +737,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--name", help="output file name without extension (default: the target's name)")
     run.add_argument("--output_dir", type=Path, default=RESULTS_DIR)
     run.add_argument("--no_plot", action="store_true")
+    run.add_argument(
+        "--save_outputs", action="store_true", help="keep every prompt's new token ids in the JSON (text comparisons)"
+    )
 
     merge = commands.add_parser("merge", help="combine partial measure results into one")
     merge.add_argument("files", nargs="+", type=Path)
