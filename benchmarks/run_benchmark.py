@@ -383,7 +383,8 @@ def measure(args: argparse.Namespace) -> dict:
     head = None
     if any(method.uses_head for method in methods):
         _progress(f"Loading the EAGLE-3 head from {head_path} ...")
-        head = Eagle3DraftModel.from_pretrained(head_path, dtype=target.dtype).to(target.device).eval()
+        head_kwargs = {"attn_implementation": args.head_attn} if args.head_attn else {}
+        head = Eagle3DraftModel.from_pretrained(head_path, dtype=target.dtype, **head_kwargs).to(target.device).eval()
         head.attach_target(target)
 
     lengths = {
@@ -425,6 +426,7 @@ def measure(args: argparse.Namespace) -> dict:
         "settings": {
             "dtype": str(target.dtype).removeprefix("torch."),
             "attn_implementation": target.config._attn_implementation,
+            "head_attn_implementation": head.config._attn_implementation if head is not None else None,
             "max_new_tokens": args.max_new_tokens,
             "batch_size": 1,
             "limit": args.limit,
@@ -733,6 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
     run.add_argument("--attn", default="sdpa", help="target attention implementation (tree decoding: sdpa, eager)")
+    run.add_argument("--head_attn", help="the head's attention implementation (default: transformers' choice)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--name", help="output file name without extension (default: the target's name)")
     run.add_argument("--output_dir", type=Path, default=RESULTS_DIR)
