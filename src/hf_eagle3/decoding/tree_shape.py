@@ -59,11 +59,12 @@ logger = logging.get_logger(__name__)
 
 # Bump when what a cache file holds, or how it is measured, changes: older files are then measured again.
 CACHE_FORMAT = 1
-# New tokens of each calibration decode (one per top_k) and of each timed decode (one per measured shape).
+# New tokens of each calibration decode (one per top_k and prompt) and of each timed decode.
 CALIBRATION_TOKENS = 64
-TIMING_TOKENS = 32
-# Untimed decode before each timed one: allocations, lazy initialisations.
-WARMUP_TOKENS = 4
+TIMING_TOKENS = 16
+# Timed decodes per measured shape: each phase keeps its fastest, which discounts first-call costs and the time other
+# processes take from a shared CPU.
+TIMING_ROUNDS = 3
 
 
 @dataclass(frozen=True, order=True)
@@ -290,33 +291,38 @@ def time_shapes(
     static_cache: bool,
     compile: bool,
     new_tokens: int = TIMING_TOKENS,
+    rounds: int = TIMING_ROUNDS,
 ) -> list[StepTiming]:
-    """Draft and verify seconds per step of each shape, from a greedy decode of `prompt` on the given path."""
-    timings = []
-    for shape in shapes:
-        kwargs = dict(
+    """Draft and verify seconds per step of each shape, the fastest of `rounds` greedy decodes of `prompt` on the
+    given path. The dynamic path takes the shapes in turn every round, so that a busy spell of a shared CPU does not
+    fall on one shape; the static one decodes each shape `rounds` times in a row (its runner is built per shape)."""
+    order = (
+        [(r, s) for s in shapes for r in range(rounds)]
+        if static_cache
+        else [(r, s) for r in range(rounds) for s in shapes]
+    )
+    fastest: dict[TreeShape, StepTiming] = {}
+    for _, shape in order:
+        model.generate(
+            prompt,
             attention_mask=torch.ones_like(prompt),
             assistant_model=draft_model,
             do_sample=False,
+            max_new_tokens=new_tokens,
             eagle3_mode="tree",
             eagle3_static_cache=static_cache,
             eagle3_compile=compile,
             **shape.generate_kwargs(),
         )
-        model.generate(prompt, max_new_tokens=WARMUP_TOKENS, **kwargs)
-        model.generate(prompt, max_new_tokens=new_tokens, **kwargs)
         stats = draft_model.last_generation_stats
         if stats.target_forwards == 0:
             raise RuntimeError(f"timing the tree {shape} decoded no step: the prompt ends the text at once.")
-        phases = stats.phase_seconds
-        timings.append(
-            StepTiming(
-                shape,
-                phases["draft"] / stats.target_forwards,
-                (phases["verify"] + phases["accept"]) / stats.target_forwards,
-            )
-        )
-    return timings
+        phases, steps = stats.phase_seconds, stats.target_forwards
+        draft, verify = phases["draft"] / steps, (phases["verify"] + phases["accept"]) / steps
+        if shape in fastest:
+            draft, verify = min(draft, fastest[shape].draft), min(verify, fastest[shape].verify)
+        fastest[shape] = StepTiming(shape, draft, verify)
+    return [fastest[shape] for shape in shapes]
 
 
 class StepTimeModel:
