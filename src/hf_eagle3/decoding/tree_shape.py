@@ -392,15 +392,17 @@ def device_name(device: torch.device) -> str:
     return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-_FINGERPRINTS: dict[int, tuple[tuple, str]] = {}
+# Where a head keeps its fingerprint, with the storage and version of every tensor it was computed from.
+FINGERPRINT_ATTRIBUTE = "_eagle3_fingerprint"
 
 
 def head_fingerprint(draft_model: Eagle3DraftModel) -> str:
-    """A digest of the head's weights (names, shapes, sums and first values), kept while they are unchanged."""
+    """A digest of the head's weights (names, shapes, sums and first values), kept on the head while they are
+    unchanged (same tensors, no in-place update)."""
     tensors = dict(draft_model.named_parameters())
     tensors.update(draft_model.named_buffers())
     version = tuple((tensor.data_ptr(), tensor._version) for tensor in tensors.values())
-    known = _FINGERPRINTS.get(id(draft_model))
+    known = getattr(draft_model, FINGERPRINT_ATTRIBUTE, None)
     if known is not None and known[0] == version:
         return known[1]
     digest = hashlib.sha256()
@@ -408,7 +410,7 @@ def head_fingerprint(draft_model: Eagle3DraftModel) -> str:
         values = tensor.detach().double()
         summary = [float(values.sum()), float(values.abs().sum()), *values.flatten()[:8].tolist()]
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}{summary}".encode())
-    _FINGERPRINTS[id(draft_model)] = (version, digest.hexdigest())
+    setattr(draft_model, FINGERPRINT_ATTRIBUTE, (version, digest.hexdigest()))
     return digest.hexdigest()
 
 
@@ -436,8 +438,9 @@ def cache_file(key: dict[str, Any]) -> Path:
     return tree_shape_cache_dir() / f"{digest}.json"
 
 
-def read_cached_shape(key: dict[str, Any]) -> TreeShape | None:
-    """The shape stored for `key`, or None when there is none; an unreadable file is reported and ignored."""
+def read_cached_record(key: dict[str, Any]) -> dict[str, Any] | None:
+    """The record stored for `key` (its `shape` checked), or None when there is none; an unreadable file is reported
+    and ignored."""
     path = cache_file(key)
     if not path.is_file():
         return None
@@ -451,7 +454,7 @@ def read_cached_shape(key: dict[str, Any]) -> TreeShape | None:
     except (OSError, ValueError, KeyError, TypeError) as error:
         logger.warning(f"The cached EAGLE-3 tree shape {path} is unreadable ({error}): measuring it again.")
         return None
-    return shape
+    return record
 
 
 def write_cached_shape(key: dict[str, Any], record: dict[str, Any]) -> Path:
@@ -483,11 +486,13 @@ def tune_tree_shape(
     unless cached, then cached: call it before `generate` to calibrate on prompts of your choosing; `refresh`
     measures again."""
     grid = grid or default_grid(model.device)
+    # Branching beyond the draft vocabulary is not a tree `generate` can grow.
+    grid = replace(grid, top_ks=tuple(k for k in grid.top_ks if k <= draft_model.config.draft_vocab_size))
     key = cache_key(model, draft_model, decoding_path(static_cache, compile), grid)
-    if not refresh:
-        shape = read_cached_shape(key)
-        if shape is not None:
-            return shape, json.loads(cache_file(key).read_text(encoding="utf-8"))
+    record = None if refresh else read_cached_record(key)
+    if record is not None:
+        return TreeShape(**record["shape"]), record
+    prompts = [prompt.to(model.device) for prompt in prompts]
     shapes = grid.shapes()
     timed = timing_shapes(grid)
     logger.warning(
