@@ -271,3 +271,29 @@ def test_auto_with_shape_knobs_in_generate_is_an_error(pair):
         target.generate(prompt(0), assistant_model=head, max_new_tokens=4, eagle3_tree="auto", eagle3_top_k=2)
     with pytest.raises(ValueError, match="eagle3_tree must be one of"):
         target.generate(prompt(0), assistant_model=head, max_new_tokens=4, eagle3_tree="big")
+
+
+@pytest.mark.slow
+def test_compiled_path_measures_compiled_steps(pair, cache_dir, aot_eager):
+    """On the compiled path the step times come from compiled decodes, kept apart from the uncompiled static path's."""
+    target, head = pair
+    output = assert_greedy_lossless(
+        target, head, prompt(4), max_new_tokens=12, eagle3_static_cache=True, eagle3_compile=True
+    )
+    (stored,) = [json.loads(path.read_text()) for path in cache_dir.glob("*.json")]
+    assert stored["key"]["path"] == "compiled" and output.eagle3_stats.compiled
+    assert output.eagle3_stats.tree_shape == tuple(stored["shape"].values())
+
+
+def test_demo_decodes_with_the_automatic_tree(tmp_path, cache_dir, capsys):
+    from conftest import save_chat_checkpoint
+
+    from hf_eagle3.cli import main as cli_main
+
+    save_chat_checkpoint(tmp_path)
+    argv = ["demo", "--target", str(tmp_path / "target"), "--head", str(tmp_path / "head"), "--device", "cpu"]
+    assert cli_main([*argv, "--prompt", "w5 w6 w7 w5 w6", "--max-new-tokens", "8"]) == 0
+    output = capsys.readouterr().out
+    (stored,) = [json.loads(path.read_text()) for path in cache_dir.glob("*.json")]
+    shape = "/".join(str(value) for value in stored["shape"].values())
+    assert f"(tree, tree {shape} (total tokens/depth/top-k))" in output and "identical text: yes" in output
