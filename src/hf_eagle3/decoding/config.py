@@ -60,10 +60,10 @@ def _positive_int(name: str, value: Any) -> int:
 @dataclass(frozen=True)
 class Eagle3DecodingConfig:
     """How one call decodes: `mode` (`"tree"` or `"chain"`), `tree` (`"auto"`: the shape is measured for the device,
-    see `tree_shape`, and filled in before decoding; `"fixed"`: the knobs), the tree's shape (`total_tokens`: nodes
-    verified per step, root included; `depth`: most draft tokens per step; `top_k`: branching),
-    `num_assistant_tokens` (drafts per chain step), `static_cache` (`eagle3_static_cache`) and `compile`
-    (`eagle3_compile`)."""
+    see `tree_shape`, and filled in before decoding; `"fixed"`, also of a config built directly: the shape as given),
+    the tree's shape (`total_tokens`: nodes verified per step, root included; `depth`: most draft tokens per step;
+    `top_k`: branching), `num_assistant_tokens` (drafts per chain step), `static_cache` (`eagle3_static_cache`) and
+    `compile` (`eagle3_compile`)."""
 
     mode: str = DEFAULT_EAGLE3_KNOBS["eagle3_mode"]
     tree: str = "fixed"
