@@ -59,15 +59,12 @@ logger = logging.get_logger(__name__)
 
 # Bump when what a cache file holds, or how it is measured, changes: older files are then measured again.
 CACHE_FORMAT = 1
-# New tokens of each calibration decode (one per top_k and prompt) and of each timed decode.
-CALIBRATION_TOKENS = 64
-TIMING_TOKENS = 16
 # Timed decodes per measured shape: each phase keeps its fastest, which discounts first-call costs and the time other
 # processes take from a shared CPU.
 TIMING_ROUNDS = 3
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class TreeShape:
     """A draft tree shape: `total_tokens` nodes verified per step (root included), `depth` drafts at most per step
     (head forwards per step), `top_k` branching."""
@@ -91,11 +88,14 @@ class TreeShape:
 @dataclass(frozen=True)
 class ShapeGrid:
     """The shapes `auto` chooses from: every `(total_tokens, depth, top_k)` combination whose tree has
-    `total_tokens` nodes."""
+    `total_tokens` nodes; and the new tokens of each calibration decode (one per top_k and prompt) and of each
+    timed decode."""
 
     total_tokens: tuple[int, ...]
     depths: tuple[int, ...]
     top_ks: tuple[int, ...]
+    calibration_tokens: int = 64
+    timing_tokens: int = 16
 
     def shapes(self) -> list[TreeShape]:
         shapes = (
@@ -108,10 +108,14 @@ class ShapeGrid:
 
 
 # Small trees on a CPU, where every verified token costs; large ones on accelerators, where a forward over hundreds
-# of tokens costs about as much as over one.
+# of tokens costs about as much as over one, and longer measurements are cheap.
 CPU_GRID = ShapeGrid(total_tokens=(3, 4, 5, 6, 8, 10, 12, 16, 20, 24), depths=(2, 3, 4, 5, 6), top_ks=(2, 3, 4))
 ACCELERATOR_GRID = ShapeGrid(
-    total_tokens=(32, 48, 64, 96, 128, 192, 256, 384), depths=(6, 8, 10, 12), top_ks=(8, 16, 24)
+    total_tokens=(32, 48, 64, 96, 128, 192, 256, 384),
+    depths=(6, 8, 10, 12),
+    top_ks=(8, 16, 24),
+    calibration_tokens=256,
+    timing_tokens=64,
 )
 
 
@@ -193,7 +197,7 @@ def calibrate_acceptance(
     draft_model: Eagle3DraftModel,
     prompts: list[torch.LongTensor],
     shapes: list[TreeShape],
-    new_tokens: int = CALIBRATION_TOKENS,
+    new_tokens: int,
 ) -> dict[TreeShape, float]:
     """Greedy tau (tokens per step: accepted drafts + 1) of every shape, from one decode per top_k and prompt.
 
@@ -290,7 +294,7 @@ def time_shapes(
     shapes: list[TreeShape],
     static_cache: bool,
     compile: bool,
-    new_tokens: int = TIMING_TOKENS,
+    new_tokens: int,
     rounds: int = TIMING_ROUNDS,
 ) -> list[StepTiming]:
     """Draft and verify seconds per step of each shape, the fastest of `rounds` greedy decodes of `prompt` on the
@@ -502,8 +506,8 @@ def tune_tree_shape(
         f"device, target, head and path; the choice is kept in {tree_shape_cache_dir()}."
     )
     start = time.perf_counter()
-    taus = calibrate_acceptance(model, draft_model, prompts, shapes)
-    timings = time_shapes(model, draft_model, prompts[0], timed, static_cache, compile)
+    taus = calibrate_acceptance(model, draft_model, prompts, shapes, grid.calibration_tokens)
+    timings = time_shapes(model, draft_model, prompts[0], timed, static_cache, compile, grid.timing_tokens)
     shape, table = choose_shape(taus, StepTimeModel(timings))
     record = {
         "shape": asdict(shape),
