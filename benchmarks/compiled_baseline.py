@@ -59,6 +59,22 @@ def timed_generate(target, inputs, **kwargs) -> tuple[float, int, int]:
     return seconds, output.shape[1] - inputs["input_ids"].shape[1], compiled_graphs() - graphs
 
 
+def host_speed_ms(repeats: int = 5) -> float:
+    """Best time of a fixed host-side workload (tiny tensor ops and Python, as in a decoding loop's bookkeeping).
+
+    Batch-1 decoding of a small model is bound by the host, so a row's time per token moves with the host's speed at
+    that moment; this index, measured before each row, shows whether a spread between rows is the host's.
+    """
+    a, b = torch.ones(1), torch.ones(1)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(2000):
+            a = torch.add(a, b).mul_(0.5)
+        best = min(best, time.perf_counter() - start)
+    return round(1000 * best, 3)
+
+
 def measure_configuration(target, encoded: list, max_new_tokens: int, configuration: str) -> dict:
     """One configuration over the prompts: untimed warm-ups, then a timed full call and a timed one-token call each."""
     from transformers import CompileConfig
@@ -98,6 +114,7 @@ def measure_configuration(target, encoded: list, max_new_tokens: int, configurat
             per_token_ms.append(1000 * (call_seconds - one_seconds) / (call_tokens - 1))
     return {
         "configuration": configuration,
+        "host_speed_ms": host_speed_ms(),
         "prompts": len(encoded),
         "cache_lengths": sorted(warm_ups),
         "tokens_per_s": round(tokens / seconds, 2),
@@ -122,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--configs", nargs="+", default=["bucket:fullgraph", "exact:fullgraph", "exact:default", "shared:default"]
     )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="measure each configuration this many times, each compiled afresh (the spread between compilations)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "compiled-baseline.json")
     args = parser.parse_args(argv)
 
@@ -129,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = load_prompts(args.prompts, args.limit, args.stride)
     encoded = [encode_prompt(tokenizer, prompt, target.device) for prompt in prompts]
     rows = []
-    for configuration in args.configs:
+    for configuration in [name for name in args.configs for _ in range(args.repeats)]:
         row = measure_configuration(target, encoded, args.max_new_tokens, configuration)
         print(json.dumps(row), flush=True)
         rows.append(row)

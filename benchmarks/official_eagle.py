@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup_tokens", type=int, default=16, help="untimed generation before the timed prompts")
     parser.add_argument("--output", type=Path, help="write the JSON here (else print it)")
+    parser.add_argument("--save_outputs", action="store_true", help="keep every prompt's new token ids in the JSON")
     parser.add_argument("--trace", type=Path, help="also write every step's draft tree and output, as JSON lines")
     args = parser.parse_args(argv)
 
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         prompts = load_prompts(DATA_DIR / task / "question.jsonl", args.limit, args.stride, args.offset)
         generate(prompts[0], args.warmup_tokens)
         log.trees.clear()
-        accepted, new_tokens, seconds = [], 0, 0.0
+        accepted, new_tokens, seconds, per_prompt = [], 0, 0.0, []
         for index, prompt in enumerate(prompts):
             torch.manual_seed(args.seed + index)
             log.reset()
@@ -198,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
             seconds += time.perf_counter() - start
             new_tokens += len(output)
             accepted += log.accepted
+            per_prompt.append({"tokens": sum(a + 1 for a in log.accepted), "steps": len(log.accepted)})
+            if args.save_outputs:
+                per_prompt[-1]["output"] = output
             if log.trace:
                 trace_rows.append({"task": task, "prompt": index, "output": output, "accepted": list(log.accepted)})
                 trace_rows += [{"task": task, "prompt": index, **tree} for tree in log.trees]
@@ -223,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                     "eagle3_depth": args.depth + 1,
                     "eagle3_top_k": args.top_k,
                 },
+                "per_prompt": [{key: row[key] for key in ("tokens", "steps")} for row in per_prompt],
+                **({"outputs": [row["output"] for row in per_prompt]} if args.save_outputs else {}),
             }
         )
     payload = {

@@ -194,6 +194,8 @@ class Tally:
     compiled_graphs: int = 0  # graphs torch.compile compiled during the timed calls: 0 unless one recompiled
     tree_shapes: set[tuple[int, int, int]] = field(default_factory=set)  # what tree decoding ran with
     outputs: list[torch.Tensor] = field(default_factory=list)
+    # Per prompt: (tokens after the first, verification steps); for a paired comparison of acceptance between runs.
+    per_prompt_steps: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def target_forwards(self) -> int:
@@ -247,6 +249,7 @@ def run_method(target, tokenizer, head, method: Method, prompts: list[str], temp
                 stats = head.last_generation_stats
                 tally.decode_tokens += stats.new_tokens
                 tally.decode_forwards += stats.target_forwards
+                tally.per_prompt_steps.append((stats.new_tokens, stats.target_forwards))
                 tally.add_depths(stats.accepted_per_depth)
                 # Empty where the path times no phases.
                 tally.add_phases(getattr(stats, "phase_seconds", {}))
@@ -284,9 +287,10 @@ def result_row(
     plain: Tally | None,
     compiled: Tally | None = None,
     warmup_s: float | None = None,
+    save_outputs: bool = False,
 ) -> dict:
     """One row of the results; `plain` and `compiled` are this run's `plain` and `plain_compiled` on the same task
-    and temperature (None where the run did not measure them)."""
+    and temperature (None where the run did not measure them). `save_outputs` keeps each prompt's new token ids."""
     tokens_per_s = _tokens_per_s(tally)
     forwards = tally.decode_forwards
     # Device time per verification step of each phase, where every call of the method timed its phases.
@@ -332,6 +336,10 @@ def result_row(
         # The trees it decoded with, `total_tokens/depth/top_k` (the automatic one's choice).
         "tree_shapes": ["/".join(map(str, shape)) for shape in sorted(tally.tree_shapes)],
     }
+    if tally.per_prompt_steps:
+        row["per_prompt"] = [{"tokens": tokens, "steps": steps} for tokens, steps in tally.per_prompt_steps]
+    if save_outputs:
+        row["outputs"] = [output.tolist() for output in tally.outputs]
     if temperature == 0 and plain is not None:
         pairs = list(zip(tally.outputs, plain.outputs, strict=True))
         row["greedy_identical"] = all(torch.equal(output, reference) for output, reference in pairs)
@@ -463,6 +471,7 @@ def measure(args: argparse.Namespace) -> dict:
                     cell.get("plain"),
                     cell.get("plain_compiled"),
                     warmup_s,
+                    save_outputs=args.save_outputs,
                 )
                 _progress(
                     f"    {row['tokens_per_s']:.1f} tokens/s, speedup {row['speedup']} "
@@ -783,6 +792,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--name", help="output file name without extension (default: the target's name)")
     run.add_argument("--output_dir", type=Path, default=RESULTS_DIR)
     run.add_argument("--no_plot", action="store_true")
+    run.add_argument(
+        "--save_outputs", action="store_true", help="keep every prompt's new token ids in the JSON (text comparisons)"
+    )
     run.add_argument(
         "--tree_cache",
         type=Path,
