@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import shlex
@@ -51,9 +52,9 @@ DEFAULT_METHODS = (
     "eagle3_tree_compiled",
 )
 # Sweep suffixes of eagle3 method names: eagle3_tree_t32_d6_k8 = 32 tree tokens, depth 6, top-k 8;
-# eagle3_chain_n4 = chains of 4 drafted tokens.
+# eagle3_chain_n4 = chains of 4 drafted tokens; eagle3_tree_auto = the tree that fits the device (eagle3_tree="auto").
 SUFFIX_KNOBS = {"t": "eagle3_total_tokens", "d": "eagle3_depth", "k": "eagle3_top_k", "n": "num_assistant_tokens"}
-METHOD_PATTERN = re.compile(r"^eagle3_(chain|tree_graph|tree_compiled|tree)((?:_[tdkn]\d+)*)$")
+METHOD_PATTERN = re.compile(r"^eagle3_(chain|tree_graph|tree_compiled|tree)((?:_[tdkn]\d+)*|_auto)$")
 # Phases of one EAGLE-3 tree step, timed by the decoding loop (`stats.phase_seconds`; device time on CUDA).
 PHASES = ("draft", "verify", "accept")
 # Untimed warm-up length of the methods that neither compile nor capture anything.
@@ -91,7 +92,8 @@ def parse_method(name: str) -> Method:
         raise ValueError(
             f"Unknown method {name!r}: use plain, plain_compiled, prompt_lookup, eagle3_chain, eagle3_tree, "
             "eagle3_tree_graph or eagle3_tree_compiled, the eagle3 ones optionally with knob suffixes "
-            "_t<total tokens>_d<depth>_k<top-k> (tree) or _n<draft length> (chain), e.g. eagle3_tree_t32_d6_k8."
+            "_t<total tokens>_d<depth>_k<top-k> (tree) or _n<draft length> (chain), e.g. eagle3_tree_t32_d6_k8, "
+            "or the tree ones with _auto (the tree that fits the device)."
         )
     mode = match.group(1)
     kwargs = {"eagle3_mode": "chain" if mode == "chain" else "tree"}
@@ -101,6 +103,11 @@ def parse_method(name: str) -> Method:
         kwargs["eagle3_static_cache"] = mode != "tree"
     if mode == "tree_compiled":
         kwargs["eagle3_compile"] = True
+    if match.group(2) == "_auto":
+        if mode == "chain":
+            raise ValueError(f"Unknown method {name!r}: _auto chooses a tree shape; chain mode has none.")
+        kwargs["eagle3_tree"] = "auto"
+        return Method(name, kwargs, uses_head=True, compiled=mode in ("tree_graph", "tree_compiled"))
     for knob in filter(None, match.group(2).split("_")):
         kwargs[SUFFIX_KNOBS[knob[0]]] = int(knob[1:])
     return Method(name, kwargs, uses_head=True, compiled=mode in ("tree_graph", "tree_compiled"))
@@ -185,6 +192,7 @@ class Tally:
     phase_seconds: dict[str, float] = field(default_factory=dict)
     timed_calls: int = 0  # calls whose statistics timed their phases
     compiled_graphs: int = 0  # graphs torch.compile compiled during the timed calls: 0 unless one recompiled
+    tree_shapes: set[tuple[int, int, int]] = field(default_factory=set)  # what tree decoding ran with
     outputs: list[torch.Tensor] = field(default_factory=list)
     # Per prompt: (tokens after the first, verification steps); for a paired comparison of acceptance between runs.
     per_prompt_steps: list[tuple[int, int]] = field(default_factory=list)
@@ -245,6 +253,8 @@ def run_method(target, tokenizer, head, method: Method, prompts: list[str], temp
                 tally.add_depths(stats.accepted_per_depth)
                 # Empty where the path times no phases.
                 tally.add_phases(getattr(stats, "phase_seconds", {}))
+                if getattr(stats, "tree_shape", None) is not None:
+                    tally.tree_shapes.add(tuple(stats.tree_shape))
                 if draft_counter is not None:
                     tally.draft_forwards += draft_counter.count
             else:
@@ -323,6 +333,8 @@ def result_row(
         "warmup_s": round(warmup_s, 3) if warmup_s is not None else None,
         "recompilations": tally.compiled_graphs,
         "generate_kwargs": method.generate_kwargs,
+        # The trees it decoded with, `total_tokens/depth/top_k` (the automatic one's choice).
+        "tree_shapes": ["/".join(map(str, shape)) for shape in sorted(tally.tree_shapes)],
     }
     if tally.per_prompt_steps:
         row["per_prompt"] = [{"tokens": tokens, "steps": steps} for tokens, steps in tally.per_prompt_steps]
@@ -380,6 +392,8 @@ def measure(args: argparse.Namespace) -> dict:
     target, tokenizer = load_target(
         args.target, dtype=args.dtype, device=args.device, gguf_path=gguf_location(args), attn_implementation=args.attn
     )
+    if args.tree_cache is not None:
+        os.environ["HF_EAGLE3_CACHE"] = str(args.tree_cache)
     head = None
     if any(method.uses_head for method in methods):
         _progress(f"Loading the EAGLE-3 head from {head_path} ...")
@@ -542,6 +556,7 @@ def markdown_table(payload: dict) -> str:
             f"{_cell(row['greedy_prefix_match'])} | {row['ms_per_step']:.1f} | {_cell(row.get('warmup_s'), 1)} | "
             f"{row.get('recompilations', '-')} |"
         )
+    lines += auto_tree_summary(payload["results"])
     tree_rows = [row for row in payload["results"] if row["method"].startswith("eagle3_tree")]
     if tree_rows:
         lines += [
@@ -568,6 +583,46 @@ def markdown_table(payload: dict) -> str:
                 f"{row['ms_per_step']:.1f} | {' | '.join(_cell(ms) for ms in phases)} | {_cell(rest)} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def auto_tree_summary(rows: list[dict]) -> list[str]:
+    """Markdown lines comparing each `_auto` method with the best fixed shape of its path (same task and
+    temperature), where the run measured both."""
+    lines = []
+    for auto in rows:
+        match = METHOD_PATTERN.match(auto["method"])
+        if match is None or match.group(2) != "_auto":
+            continue
+        fixed = [
+            row
+            for row in rows
+            if (row["task"], row["temperature"]) == (auto["task"], auto["temperature"])
+            and (other := METHOD_PATTERN.match(row["method"])) is not None
+            and other.group(1) == match.group(1)
+            and other.group(2).startswith("_t")
+        ]
+        if not fixed:
+            continue
+        best = max(fixed, key=lambda row: row["tokens_per_s"])
+        lines.append(
+            f"| {auto['temperature']:g} | {auto['task']} | {auto['method']} | {', '.join(auto['tree_shapes'])} | "
+            f"{auto['tokens_per_s']:.1f} | {best['method']} | {best['tokens_per_s']:.1f} | "
+            f"{auto['tokens_per_s'] / best['tokens_per_s']:.3f} | {len(fixed)} | {_cell(auto.get('warmup_s'), 1)} |"
+        )
+    if not lines:
+        return []
+    return [
+        "",
+        "## The automatic tree against fixed ones",
+        "",
+        'auto = the `_auto` method (`eagle3_tree="auto"`) and the tree it chose (total_tokens/depth/top_k); best '
+        "fixed = the fastest fixed shape of the same path in this run; ratio = auto's tokens/s over the best fixed "
+        "one's; warm-up = auto's untimed calls, which include measuring the tree when it was not cached yet.",
+        "",
+        "| temperature | task | auto | chose | tokens/s | best fixed | tokens/s | ratio | fixed shapes | warm-up |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *lines,
+    ]
 
 
 def plot_results(payload: dict, path: Path) -> None:
@@ -743,6 +798,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--save_outputs", action="store_true", help="keep every prompt's new token ids in the JSON (text comparisons)"
     )
+    run.add_argument(
+        "--tree_cache",
+        type=Path,
+        help="cache folder of the automatic tree (the _auto methods; default: HF_EAGLE3_CACHE, else "
+        "~/.cache/hf_eagle3): an empty one makes their warm-up measure the tree, which warm-up seconds then include",
+    )
 
     merge = commands.add_parser("merge", help="combine partial measure results into one")
     merge.add_argument("files", nargs="+", type=Path)
@@ -779,7 +840,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in {"prepare-data", "train"}:
         return run_library_command(args.command, args, passthrough)
     if args.command == "measure":
-        payload = measure(args)
+        # The automatic tree's measurements go where --tree_cache says (the target's files stay in the usual cache).
+        previous = os.environ.get("HF_EAGLE3_CACHE")
+        try:
+            payload = measure(args)
+        finally:
+            if args.tree_cache is not None:
+                if previous is None:
+                    os.environ.pop("HF_EAGLE3_CACHE", None)
+                else:
+                    os.environ["HF_EAGLE3_CACHE"] = previous
     else:
         payload = merge_results([json.loads(path.read_text(encoding="utf-8")) for path in args.files])
     for path in write_results(payload, args.output_dir, args.name or payload["target"], plot=not args.no_plot):

@@ -29,6 +29,7 @@ from transformers import (
 
 from hf_eagle3 import Eagle3Config, Eagle3DraftModel
 from hf_eagle3.decoding import static_tree, tree_loop
+from hf_eagle3.decoding.config import DEFAULT_EAGLE3_KNOBS
 
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core runner the threads' spin-waiting makes every
 # forward several times slower than with one thread.
@@ -156,6 +157,18 @@ def chat_inputs(tokenizer, prompt: str) -> dict[str, torch.Tensor]:
     """`input_ids` and `attention_mask` of one user turn in the tokenizer's chat template, ready for the answer."""
     messages = [{"role": "user", "content": prompt}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+
+
+# The module that tests `eagle3_tree="auto"` (with a tiny grid and its own cache folder).
+AUTO_TREE_MODULES = {"test_decoding_tree_shape.py"}
+
+
+@pytest.fixture(autouse=True)
+def fixed_default_tree(request, monkeypatch):
+    """Everywhere else the default tree is the fixed 60/8/10: what those tests check is the decoding of a given tree,
+    and measuring the tree that fits would take seconds for every new head (and write to the user's cache)."""
+    if request.node.path.name not in AUTO_TREE_MODULES:
+        monkeypatch.setitem(DEFAULT_EAGLE3_KNOBS, "eagle3_tree", "fixed")
 
 
 @pytest.fixture

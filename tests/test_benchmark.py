@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -373,3 +374,33 @@ def test_card_names_a_method_by_its_generate_arguments():
     assert run_benchmark.generate_arguments("eagle3_tree_compiled_t512_d14_k32") == (
         "`eagle3_compile=True, eagle3_total_tokens=512, eagle3_depth=14, eagle3_top_k=32`"
     )
+
+
+def test_automatic_tree_against_fixed_shapes(tiny, tmp_path, monkeypatch):
+    """`eagle3_tree_auto` measures the tree in its warm-up (an empty --tree_cache), reports the tree it chose and how
+    it compares with the fastest fixed shape of its path; the cache folder is the run's only."""
+    from hf_eagle3.decoding import tree_shape
+
+    grid = tree_shape.ShapeGrid(total_tokens=(3, 4), depths=(2, 3), top_ks=(2,))
+    monkeypatch.setattr(tree_shape, "CPU_GRID", grid)
+    method = run_benchmark.parse_method("eagle3_tree_graph_auto")
+    assert method.generate_kwargs == {"eagle3_mode": "tree", "eagle3_static_cache": True, "eagle3_tree": "auto"}
+    with pytest.raises(ValueError, match="chain mode has none"):
+        run_benchmark.parse_method("eagle3_chain_auto")
+    methods = ["plain", "eagle3_tree_auto", "eagle3_tree_t3_d2_k2", "eagle3_tree_t4_d3_k2"]
+    cache = tmp_path / "tree_cache"
+    payload = measure(
+        tiny, tmp_path, "--methods", *methods, "--temperatures", "0", "--no_plot", "--tree_cache", str(cache)
+    )
+    rows = {row["method"]: row for row in payload["results"]}
+    auto = rows["eagle3_tree_auto"]
+    (chosen,) = auto["tree_shapes"]
+    assert chosen in {"3/2/2", "4/2/2", "3/3/2", "4/3/2"} and auto["greedy_identical"]
+    assert rows["eagle3_tree_t3_d2_k2"]["tree_shapes"] == ["3/2/2"]
+    assert len(list((cache / "tree_shapes").glob("*.json"))) == 1
+    table = (tmp_path / "target.md").read_text()
+    best = max((rows[name] for name in methods[2:]), key=lambda row: row["tokens_per_s"])
+    ratio = auto["tokens_per_s"] / best["tokens_per_s"]
+    assert f"| 0 | tiny_task | eagle3_tree_auto | {chosen} | {auto['tokens_per_s']:.1f} | {best['method']} |" in table
+    assert f"| {ratio:.3f} | 2 |" in table
+    assert "HF_EAGLE3_CACHE" not in os.environ or os.environ["HF_EAGLE3_CACHE"] != str(cache)

@@ -28,16 +28,14 @@ DEFAULT_PROMPTS = (
 )
 
 
-# The tree the demo verifies on a CPU unless told otherwise. There a forward over 60 tree tokens costs several
-# single-token forwards, and the shipped SmolLM2 head's 16,384-id output layer costs a few more, so only a small
-# tree keeps up with plain generate; larger trees are slower there. The speed comes on a GPU.
-CPU_TREE = {"eagle3_total_tokens": 6, "eagle3_depth": 3, "eagle3_top_k": 2}
-
-
 def _show(*lines: str) -> None:
     """Results as they come, also when stdout is a file (the demo runs for minutes on a CPU)."""
     tqdm_class.write("\n".join(lines), file=sys.stdout)  # above the progress bar, not through it
     sys.stdout.flush()
+
+
+def _tree(shape: tuple[int, int, int] | None) -> str:
+    return "" if shape is None else f", tree {shape[0]}/{shape[1]}/{shape[2]} (total tokens/depth/top-k)"
 
 
 def _timed_generate(target, inputs, **kwargs) -> tuple[torch.LongTensor, float]:
@@ -68,7 +66,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", help="float32 makes greedy text comparable token for token")
     parser.add_argument("--mode", choices=("tree", "chain"), default="tree", help="EAGLE-3 drafting mode")
-    # Tree knobs default to `CPU_TREE` on a CPU, elsewhere to the head's generation config, else the library defaults.
+    # Without tree knobs the tree is the one that fits the device (`eagle3_tree="auto"`), measured on the first run.
     parser.add_argument("--total_tokens", "--total-tokens", type=int, help="tree tokens verified per step")
     parser.add_argument("--depth", type=int, help="draft tree depth")
     parser.add_argument("--top_k", "--top-k", type=int, help="children kept per tree node")
@@ -115,22 +113,25 @@ def main(argv: list[str]) -> int:
         "num_assistant_tokens": args.num_assistant_tokens,
     }
     knobs = {name: value for name, value in knobs.items() if value is not None}
-    if args.device == "cpu" and args.mode == "tree" and not knobs.keys() & CPU_TREE.keys():
-        knobs.update(CPU_TREE)
     eagle3 = {**greedy, "assistant_model": draft, **knobs}
+    prompts = args.prompts or DEFAULT_PROMPTS
+
+    def chat(prompt: str):
+        messages = [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        ).to(args.device)
+
+    # On the first run on a device the warm-up also measures the tree that fits it, on the first prompt.
     logger.info("Warming up ...")
-    warm_up = tokenizer("Hello", return_tensors="pt").to(args.device)
+    warm_up = chat(prompts[0])
     target.generate(**warm_up, do_sample=False, max_new_tokens=4)
     target.generate(**warm_up, **{**eagle3, "max_new_tokens": 4})
 
     totals = {"plain": [0, 0.0], "eagle3": [0, 0.0]}
     accept_lengths, identical = [], 0
-    prompts = args.prompts or DEFAULT_PROMPTS
     for prompt in tqdm(prompts, desc=f"Prompts ({args.max_new_tokens} new tokens, without and with the head)"):
-        messages = [{"role": "user", "content": prompt}]
-        inputs = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        ).to(args.device)
+        inputs = chat(prompt)
         plain, plain_seconds = _timed_generate(target, inputs, **greedy)
         fast, fast_seconds = _timed_generate(target, inputs, **eagle3)
         stats = draft.last_generation_stats
@@ -145,8 +146,8 @@ def main(argv: list[str]) -> int:
             f"\n=== {prompt}",
             f"--- plain generate: {len(plain) / plain_seconds:.1f} tokens/s",
             tokenizer.decode(plain, skip_special_tokens=True),
-            f"--- with the EAGLE-3 head ({args.mode}): {len(fast) / fast_seconds:.1f} tokens/s, "
-            f"mean acceptance length {stats.mean_accept_len:.2f}",
+            f"--- with the EAGLE-3 head ({args.mode}{_tree(stats.tree_shape)}): {len(fast) / fast_seconds:.1f} "
+            f"tokens/s, mean acceptance length {stats.mean_accept_len:.2f}",
             tokenizer.decode(fast, skip_special_tokens=True),
             f"--- identical text: {'yes' if same else 'NO'}",
         )

@@ -12,10 +12,15 @@ from typing import Any
 from transformers import GenerationConfig
 
 EAGLE3_MODES = ("tree", "chain")
+# "auto": the tree shape that fits the device, measured once and cached (`tree_shape`); "fixed": the shape knobs.
+EAGLE3_TREES = ("auto", "fixed")
+SHAPE_KNOBS = ("eagle3_total_tokens", "eagle3_depth", "eagle3_top_k")
 # The dynamic tree of the official EAGLE code, 60/7/10 there: its `depth` counts the head forwards after the first,
 # so its paths hold up to 8 drafts, which is `eagle3_depth=8` here (drafts per path = head forwards per step).
+# They are the shape of `eagle3_tree="fixed"`, which setting any shape knob selects.
 DEFAULT_EAGLE3_KNOBS: dict[str, Any] = {
     "eagle3_mode": "tree",
+    "eagle3_tree": "auto",
     "eagle3_total_tokens": 60,
     "eagle3_depth": 8,
     "eagle3_top_k": 10,
@@ -27,7 +32,7 @@ DEFAULT_EAGLE3_KNOBS: dict[str, Any] = {
     "eagle3_compile": False,
 }
 # Tree-only knobs: chain mode drafts `num_assistant_tokens` tokens instead.
-TREE_KNOBS = ("eagle3_total_tokens", "eagle3_depth", "eagle3_top_k", "eagle3_static_cache", "eagle3_compile")
+TREE_KNOBS = ("eagle3_tree", *SHAPE_KNOBS, "eagle3_static_cache", "eagle3_compile")
 # Knobs of transformers' other assistants (small LMs, prompt lookup, universal assisted decoding): the EAGLE-3 head
 # drafts by its own rules, so setting them changes nothing.
 UNUSED_ASSISTED_KNOBS = (
@@ -54,11 +59,14 @@ def _positive_int(name: str, value: Any) -> int:
 
 @dataclass(frozen=True)
 class Eagle3DecodingConfig:
-    """How one call decodes: `mode` (`"tree"` or `"chain"`), the tree's shape (`total_tokens`: nodes verified per
-    step, root included; `depth`: most draft tokens per step; `top_k`: branching), `num_assistant_tokens` (drafts per
-    chain step), `static_cache` (`eagle3_static_cache`) and `compile` (`eagle3_compile`)."""
+    """How one call decodes: `mode` (`"tree"` or `"chain"`), `tree` (`"auto"`: the shape is measured for the device,
+    see `tree_shape`, and filled in before decoding; `"fixed"`, also of a config built directly: the shape as given),
+    the tree's shape (`total_tokens`: nodes verified per step, root included; `depth`: most draft tokens per step;
+    `top_k`: branching), `num_assistant_tokens` (drafts per chain step), `static_cache` (`eagle3_static_cache`) and
+    `compile` (`eagle3_compile`)."""
 
     mode: str = DEFAULT_EAGLE3_KNOBS["eagle3_mode"]
+    tree: str = "fixed"
     total_tokens: int = DEFAULT_EAGLE3_KNOBS["eagle3_total_tokens"]
     depth: int = DEFAULT_EAGLE3_KNOBS["eagle3_depth"]
     top_k: int = DEFAULT_EAGLE3_KNOBS["eagle3_top_k"]
@@ -69,6 +77,11 @@ class Eagle3DecodingConfig:
     def __post_init__(self):
         if self.mode not in EAGLE3_MODES:
             raise ValueError(f"eagle3_mode must be one of {EAGLE3_MODES}, got {self.mode!r}.")
+        if self.tree not in EAGLE3_TREES:
+            raise ValueError(
+                f"eagle3_tree must be one of {EAGLE3_TREES} ('auto': the shape measured for this device; 'fixed': "
+                f"eagle3_total_tokens, eagle3_depth and eagle3_top_k), got {self.tree!r}."
+            )
         for name in ("total_tokens", "depth", "top_k"):
             _positive_int(f"eagle3_{name}", getattr(self, name))
         _positive_int("num_assistant_tokens", self.num_assistant_tokens)
@@ -94,20 +107,41 @@ class Eagle3DecodingConfig:
     def resolve(
         cls, generation_config: GenerationConfig, draft_generation_config: GenerationConfig | None
     ) -> Eagle3DecodingConfig:
-        """The settings of a call from its prepared generation config and the head's own (None when it has none)."""
+        """The settings of a call from its prepared generation config and the head's own (None when it has none).
 
-        def knob(name: str) -> Any:
-            for config in (generation_config, draft_generation_config):
+        The tree is `"fixed"` where the call or the head sets a shape knob and not `eagle3_tree` (the call's settings
+        before the head's); setting both in the call is an error.
+        """
+
+        def setting(name: str) -> tuple[Any, int | None]:
+            """The value and where it came from: 0 the call, 1 the head, None the defaults."""
+            for source, config in enumerate((generation_config, draft_generation_config)):
                 value = getattr(config, name, None)
                 if value is not None:
-                    return value
-            return DEFAULT_EAGLE3_KNOBS[name]
+                    return value, source
+            return DEFAULT_EAGLE3_KNOBS[name], None
+
+        def knob(name: str) -> Any:
+            return setting(name)[0]
+
+        tree, tree_source = setting("eagle3_tree")
+        shape_sources = {name: setting(name)[1] for name in SHAPE_KNOBS}
+        shape_set = [name for name, source in shape_sources.items() if source is not None]
+        call_shape = [name for name in shape_set if shape_sources[name] == 0]
+        if tree == "auto" and tree_source == 0 and call_shape:
+            raise ValueError(
+                f"eagle3_tree='auto' chooses the tree shape, and this call also sets {call_shape}. Drop those to let "
+                "it choose, or pass eagle3_tree='fixed' (or leave eagle3_tree out) to decode with them."
+            )
+        if shape_set and (tree_source is None or min(shape_sources[name] for name in shape_set) < tree_source):
+            tree = "fixed"
 
         chain_length = getattr(generation_config, EXPLICIT_CHAIN_LENGTH_ATTRIBUTE, None)
         if chain_length is None:
             chain_length = getattr(draft_generation_config, "num_assistant_tokens", None)
         return cls(
             mode=knob("eagle3_mode"),
+            tree=tree,
             total_tokens=knob("eagle3_total_tokens"),
             depth=knob("eagle3_depth"),
             top_k=knob("eagle3_top_k"),
@@ -121,5 +155,6 @@ __all__ = [
     "DEFAULT_CHAIN_LENGTH",
     "DEFAULT_EAGLE3_KNOBS",
     "EAGLE3_MODES",
+    "EAGLE3_TREES",
     "Eagle3DecodingConfig",
 ]

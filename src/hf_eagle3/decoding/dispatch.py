@@ -8,7 +8,8 @@ The path of `assistant_model` from `generate` to the verification forward:
    `checks.check_generation_mode` for an EAGLE-3 head (beam search, several sequences, static caches, other candidate
    sources are errors) and rejects `eagle3_*` knobs without one.
 3. `generate` calls `_assisted_decoding`; its hook runs `eagle3_assisted_decoding`: the call's settings are resolved
-   once into an `Eagle3DecodingConfig` and the inputs checked once (`checks.check_eagle3_inputs`); then tree mode runs
+   once into an `Eagle3DecodingConfig` and the inputs checked once (`checks.check_eagle3_inputs`), the automatic tree
+   shape filled in (`tree_shape.resolve_auto_tree`: measured the first time, then cached); then tree mode runs
    `tree_loop.tree_assisted_decoding` (whose backend's `verify` is the target forward over the draft tree), and chain
    mode runs transformers' own loop with an `Eagle3CandidateGenerator`, which the hook on `_get_candidate_generator`
    hands it.
@@ -48,6 +49,7 @@ from .config import (
 from .sdpa_backends import shape_stable_attention
 from .stats import Eagle3GenerationStats
 from .tree_loop import tree_assisted_decoding
+from .tree_shape import resolve_auto_tree
 
 
 @dataclass
@@ -89,6 +91,8 @@ def eagle3_assisted_decoding(
     check_eagle3_inputs(model, draft, config, input_ids, generation_config, synced_gpus, model_kwargs)
     if not draft.has_target_embeddings:
         draft.attach_target(model)
+    if config.mode == "tree" and config.tree == "auto":
+        config = resolve_auto_tree(model, draft, config, input_ids, model_kwargs)
     # A fresh record per call, also reachable from the head after the call.
     stats = Eagle3GenerationStats()
     draft.last_generation_stats = stats
@@ -105,6 +109,7 @@ def eagle3_assisted_decoding(
             stats=stats,
             **model_kwargs,
         )
+        stats.tree_shape = (config.total_tokens, config.depth, config.top_k)
     else:
         generator = Eagle3CandidateGenerator(
             model, draft, generation_config, config, stats, logits_processor, stopping_criteria

@@ -18,7 +18,7 @@ class Eagle3GenerationStats:
     static path's caches and CUDA graphs, when they had to be built), `prefill` (the prompt and the first token),
     `draft`, `verify` and `accept` (acceptance, cache compaction and bookkeeping). `static_cache` tells whether tree
     decoding ran on static caches (see `eagle3_static_cache`), `compiled` whether their steps ran compiled (see
-    `eagle3_compile`).
+    `eagle3_compile`), `tree_shape` the `(total_tokens, depth, top_k)` tree mode decoded with (see `eagle3_tree`).
     """
 
     target_forwards: int = 0
@@ -27,6 +27,7 @@ class Eagle3GenerationStats:
     phase_seconds: dict[str, float] = field(default_factory=dict)
     static_cache: bool = False
     compiled: bool = False
+    tree_shape: tuple[int, int, int] | None = None
 
     def record(self, num_accepted: int, num_emitted: int) -> None:
         """One verification forward that accepted `num_accepted` draft tokens and emitted `num_emitted` tokens.
@@ -59,6 +60,7 @@ class Eagle3GenerationStats:
             "phase_seconds": dict(self.phase_seconds),
             "static_cache": self.static_cache,
             "compiled": self.compiled,
+            "tree_shape": self.tree_shape,
         }
 
 

@@ -1,0 +1,557 @@
+"""The tree that fits the device: the draft tree shape `eagle3_tree="auto"` decodes with.
+
+The best tree trades acceptance against step time, and step time depends on the device, the target, the head, the
+dtype and the decoding path: on a small CPU only a few tree tokens pay, on a GPU hundreds verify about as fast as
+one. The shape maximising expected tokens/s = tau(shape) / step_seconds(shape) is chosen from a grid of shapes, once
+per device, target, head, dtype and path, and cached on disk (`tree_shape_cache_dir`).
+
+Acceptance (tau: tokens per step) is measured exactly for every shape of the grid at once, per `top_k`: EAGLE-2's
+tree of `(total_tokens, depth, top_k)` is the `total_tokens - 1` best-scoring candidates of levels `<= depth` of the
+level-by-level expansion, which depends on `top_k` only (`draft_tree.grow_draft_tree`), and the target's greedy
+token at a node depends only on that node's ancestors (tree attention). One greedy decode per `top_k` that verifies
+the union of every shape's nodes therefore gives, at each step, the number of drafts each shape would accept from
+the same root. The decode follows the union's greedy path, so it roots its steps at fewer positions than a small
+tree would: tau is averaged over the positions it visits.
+
+Step time is measured on the call's own path (dynamic cache, static caches with CUDA graphs, or compiled) by short
+greedy decodes with a few shapes, read from the loop's phase timers (device time on CUDA), and modelled as
+`draft = base(top_k) + (depth - 1) * level(top_k)` (two depths per `top_k`) plus `verify(tree nodes)`, acceptance
+included (piecewise linear between the measured sizes). Every measured shape is a new static runner on that path
+(captured, and compiled with `eagle3_compile=True`), which is where most of the one-time cost goes.
+
+Sampling (`do_sample=True`) decodes with the shape chosen from greedy acceptance: sampling accepts less, by a
+margin that depends on the temperature and the warpers of each call, and a shape that pays for greedy decoding stays
+close to the best one there (fixed knobs remain available for a sampling-only workload).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import transformers
+from transformers.cache_utils import DynamicCache
+from transformers.utils import logging
+
+from .._compat import CACHE_NAME
+from ..target_features import TargetFeatureCapture
+from .acceptance import StepResult
+from .draft_tree import DraftTree
+from .dynamic_tree import DynamicTreeDecoder
+from .sdpa_backends import shape_stable_attention
+from .static_tree import tree_size, use_static_tree
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from ..modeling_eagle3 import Eagle3DraftModel
+    from .config import Eagle3DecodingConfig
+
+logger = logging.get_logger(__name__)
+
+# Bump when what a cache file holds, or how it is measured, changes: older files are then measured again.
+CACHE_FORMAT = 1
+# Timed decodes per measured shape: each phase keeps its fastest, which discounts first-call costs and the time other
+# processes take from a shared CPU.
+TIMING_ROUNDS = 3
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """A draft tree shape: `total_tokens` nodes verified per step (root included), `depth` drafts at most per step
+    (head forwards per step), `top_k` branching."""
+
+    total_tokens: int
+    depth: int
+    top_k: int
+
+    @property
+    def nodes(self) -> int:
+        """Nodes the tree actually has: fewer than `total_tokens` when the expansion has fewer candidates."""
+        return tree_size(self.total_tokens, self.depth, self.top_k)
+
+    def generate_kwargs(self) -> dict[str, int]:
+        return {"eagle3_total_tokens": self.total_tokens, "eagle3_depth": self.depth, "eagle3_top_k": self.top_k}
+
+    def __str__(self) -> str:
+        return f"{self.total_tokens}/{self.depth}/{self.top_k}"
+
+
+@dataclass(frozen=True)
+class ShapeGrid:
+    """The shapes `auto` chooses from: every `(total_tokens, depth, top_k)` combination whose tree has
+    `total_tokens` nodes; and the new tokens of each calibration decode (one per top_k and prompt) and of each
+    timed decode."""
+
+    total_tokens: tuple[int, ...]
+    depths: tuple[int, ...]
+    top_ks: tuple[int, ...]
+    calibration_tokens: int = 64
+    timing_tokens: int = 16
+
+    def shapes(self) -> list[TreeShape]:
+        shapes = (
+            TreeShape(total, depth, top_k)
+            for top_k in self.top_ks
+            for depth in self.depths
+            for total in self.total_tokens
+        )
+        return [shape for shape in shapes if shape.nodes == shape.total_tokens]
+
+
+# Small trees on a CPU, where every verified token costs; large ones on accelerators, where a forward over hundreds
+# of tokens costs about as much as over one, and longer measurements are cheap.
+CPU_GRID = ShapeGrid(total_tokens=(3, 4, 5, 6, 8, 10, 12, 16, 20, 24), depths=(2, 3, 4, 5, 6), top_ks=(2, 3, 4))
+ACCELERATOR_GRID = ShapeGrid(
+    total_tokens=(32, 48, 64, 96, 128, 192, 256, 384),
+    depths=(6, 8, 10, 12),
+    top_ks=(8, 16, 24),
+    calibration_tokens=256,
+    timing_tokens=64,
+)
+
+
+def default_grid(device: torch.device) -> ShapeGrid:
+    return CPU_GRID if device.type == "cpu" else ACCELERATOR_GRID
+
+
+# ------------------------------------------------------------------------------------------------ acceptance
+def expansion_size(depth: int, top_k: int) -> int:
+    """Nodes of the tree that keeps every candidate of the expansion, root included."""
+    return 1 + top_k + (depth - 1) * top_k * top_k
+
+
+def union_nodes(tree: DraftTree, depths: tuple[int, ...], max_total_tokens: int) -> torch.LongTensor:
+    """Nodes of `tree` (grown with every candidate kept) in some shape of `depths` with at most `max_total_tokens`
+    nodes, root included, in tree order: the union of the `max_total_tokens - 1` best of levels `<= depth`."""
+    order = torch.sort(tree.scores[1:], descending=True, stable=True).indices + 1
+    keep = torch.zeros(len(tree), dtype=torch.bool, device=tree.tokens.device)
+    keep[0] = True
+    for depth in depths:
+        best = order[tree.depths[order] <= depth][: max_total_tokens - 1]
+        keep[best] = True
+    return keep.nonzero()[:, 0]
+
+
+def subtree(tree: DraftTree, nodes: torch.LongTensor) -> DraftTree:
+    """The tree of the ancestor-closed `nodes` (ascending, root first) of `tree`."""
+    index_of = torch.zeros(len(tree), dtype=torch.long, device=nodes.device)
+    index_of[nodes] = torch.arange(nodes.numel(), device=nodes.device)
+    return DraftTree(
+        tokens=tree.tokens[nodes],
+        parents=index_of[tree.parents[nodes]],
+        depths=tree.depths[nodes],
+        ancestors=tree.ancestors[nodes][:, nodes],
+        scores=tree.scores[nodes],
+    )
+
+
+def accepted_per_shape(
+    tree: DraftTree, target_tokens: torch.LongTensor, shapes: list[TreeShape]
+) -> tuple[list[int], dict[TreeShape, int]]:
+    """The greedy path through `tree` (nodes from the root) given the target's token at every node, and the drafts
+    each shape (of `tree`'s top_k, its nodes all in `tree`) accepts: the path's prefix inside that shape's tree."""
+    children = tree.children()
+    tokens, wanted = tree.tokens.tolist(), target_tokens.tolist()
+    path = [0]
+    while True:
+        child = next((c for c in children[path[-1]] if tokens[c] == wanted[path[-1]]), None)
+        if child is None:
+            break
+        path.append(child)
+    order = torch.sort(tree.scores[1:], descending=True, stable=True).indices + 1
+    path_nodes = torch.tensor(path[1:], dtype=torch.long, device=tree.tokens.device)
+    accepted = {}
+    for shape in shapes:
+        selected = torch.zeros(len(tree), dtype=torch.bool, device=tree.tokens.device)
+        selected[order[tree.depths[order] <= shape.depth][: shape.total_tokens - 1]] = True
+        # The shape's tree is ancestor-closed, so its part of the path is a prefix.
+        accepted[shape] = int(selected[path_nodes].int().cumprod(0).sum()) if path_nodes.numel() else 0
+    return path, accepted
+
+
+class _UnionTreeDecoder(DynamicTreeDecoder):
+    """The dynamic-cache decoder, verifying the union of the shapes' trees out of a tree grown with every candidate."""
+
+    def __init__(self, *args, depths: tuple[int, ...], max_total_tokens: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.union_depths, self.max_total_tokens = depths, max_total_tokens
+
+    def draft(self, input_ids: torch.LongTensor) -> DraftTree:
+        grown = super().draft(input_ids)
+        self.tree = subtree(grown, union_nodes(grown, self.union_depths, self.max_total_tokens))
+        return self.tree
+
+
+@torch.no_grad()
+def calibrate_acceptance(
+    model: PreTrainedModel,
+    draft_model: Eagle3DraftModel,
+    prompts: list[torch.LongTensor],
+    shapes: list[TreeShape],
+    new_tokens: int,
+) -> dict[TreeShape, float]:
+    """Greedy tau (tokens per step: accepted drafts + 1) of every shape, from one decode per top_k and prompt.
+
+    Every prompt `(1, length)` is decoded for `new_tokens` tokens (past EOS: only acceptance is counted) along the
+    greedy path of the union of the shapes' trees of one top_k.
+    """
+    totals = {shape: 0 for shape in shapes}
+    steps = {shape: 0 for shape in shapes}
+    for top_k in sorted({shape.top_k for shape in shapes}):
+        group = [shape for shape in shapes if shape.top_k == top_k]
+        depths = tuple(sorted({shape.depth for shape in group}))
+        max_total = max(shape.total_tokens for shape in group)
+        full = expansion_size(depths[-1], top_k)
+        for prompt in prompts:
+            for _, step in union_steps(model, draft_model, prompt, new_tokens, full, depths, top_k, max_total, group):
+                for shape, accepted in step.items():
+                    totals[shape] += accepted
+                    steps[shape] += 1
+    return {shape: 1 + totals[shape] / steps[shape] for shape in shapes}
+
+
+def union_steps(
+    model: PreTrainedModel,
+    draft_model: Eagle3DraftModel,
+    prompt: torch.LongTensor,
+    new_tokens: int,
+    full: int,
+    depths: tuple[int, ...],
+    top_k: int,
+    max_total: int,
+    shapes: list[TreeShape],
+) -> Iterator[tuple[int, dict[TreeShape, int]]]:
+    """Each step of a greedy decode of the union trees: the tokens it emitted, and the drafts each shape accepts."""
+    model_kwargs = {CACHE_NAME: DynamicCache(config=model.config), "attention_mask": None, "use_cache": True}
+    with TargetFeatureCapture(model, draft_model.config.target_layer_ids) as capture, shape_stable_attention():
+        decoder = _UnionTreeDecoder(
+            model,
+            draft_model,
+            capture,
+            full,
+            depths[-1],
+            top_k,
+            model_kwargs,
+            depths=depths,
+            max_total_tokens=max_total,
+        )
+        logits = decoder.prefill(prompt, model_kwargs)
+        input_ids = torch.cat([prompt, logits.argmax(-1).view(1, 1)], dim=1)
+        decoder.start(input_ids)
+        while input_ids.shape[1] - prompt.shape[1] < new_tokens:
+            tree = decoder.draft(input_ids)
+            logits, _ = decoder.verify()
+            target_tokens = logits.argmax(-1)
+            path, accepted = accepted_per_shape(tree, target_tokens, shapes)
+            emitted = target_tokens[path]
+            input_ids = torch.cat([input_ids, emitted[None]], dim=1)
+            step = StepResult(tokens=emitted.tolist(), visited=path, num_accepted=len(path) - 1, finished=False)
+            decoder.commit(step, torch.tensor(path, device=input_ids.device), input_ids)
+            yield len(path), accepted
+
+
+# ------------------------------------------------------------------------------------------------ step time
+@dataclass(frozen=True)
+class StepTiming:
+    """Seconds per step of one shape, as its decode's phase timers recorded them."""
+
+    shape: TreeShape
+    draft: float
+    verify: float  # verification and acceptance
+
+
+def timing_shapes(grid: ShapeGrid) -> list[TreeShape]:
+    """The shapes decoded to fit the step-time model: two depths per top_k (the draft cost), spread over the grid's
+    tree sizes (the verify cost), larger trees on the deeper and wider expansions that can hold them."""
+    depths = sorted({min(grid.depths), max(grid.depths)})
+    expansions = sorted(
+        ((depth, top_k) for top_k in grid.top_ks for depth in depths),
+        key=lambda expansion: expansion_size(*expansion),
+    )
+    totals = sorted(grid.total_tokens)
+    last = max(len(expansions) - 1, 1)
+    picks = [totals[round(i * (len(totals) - 1) / last)] for i in range(len(expansions))]
+    return [
+        TreeShape(min(total, tree_size(total, depth, top_k)), depth, top_k)
+        for total, (depth, top_k) in zip(picks, expansions, strict=True)
+    ]
+
+
+@torch.no_grad()
+def time_shapes(
+    model: PreTrainedModel,
+    draft_model: Eagle3DraftModel,
+    prompt: torch.LongTensor,
+    shapes: list[TreeShape],
+    static_cache: bool,
+    compile: bool,
+    new_tokens: int,
+    rounds: int = TIMING_ROUNDS,
+) -> list[StepTiming]:
+    """Draft and verify seconds per step of each shape, the fastest of `rounds` greedy decodes of `prompt` on the
+    given path. The dynamic path takes the shapes in turn every round, so that a busy spell of a shared CPU does not
+    fall on one shape; the static one decodes each shape `rounds` times in a row (its runner is built per shape)."""
+    order = (
+        [(r, s) for s in shapes for r in range(rounds)]
+        if static_cache
+        else [(r, s) for r in range(rounds) for s in shapes]
+    )
+    fastest: dict[TreeShape, StepTiming] = {}
+    for _, shape in order:
+        model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            assistant_model=draft_model,
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            eagle3_mode="tree",
+            eagle3_static_cache=static_cache,
+            eagle3_compile=compile,
+            **shape.generate_kwargs(),
+        )
+        stats = draft_model.last_generation_stats
+        if stats.target_forwards == 0:
+            raise RuntimeError(f"timing the tree {shape} decoded no step: the prompt ends the text at once.")
+        phases, steps = stats.phase_seconds, stats.target_forwards
+        draft, verify = phases["draft"] / steps, (phases["verify"] + phases["accept"]) / steps
+        if shape in fastest:
+            draft, verify = min(draft, fastest[shape].draft), min(verify, fastest[shape].verify)
+        fastest[shape] = StepTiming(shape, draft, verify)
+    return [fastest[shape] for shape in shapes]
+
+
+class StepTimeModel:
+    """Seconds per step of any shape from the timed ones: `base(top_k) + (depth - 1) * level(top_k)` to draft
+    (fitted per top_k), `verify(nodes)` piecewise linear in the tree's nodes (linear past the ends)."""
+
+    def __init__(self, timings: list[StepTiming]):
+        self.draft_fit: dict[int, tuple[float, float]] = {}
+        for top_k in {timing.shape.top_k for timing in timings}:
+            points = [(timing.shape.depth - 1, timing.draft) for timing in timings if timing.shape.top_k == top_k]
+            levels = [x for x, _ in points]
+            mean_x, mean_y = sum(levels) / len(points), sum(y for _, y in points) / len(points)
+            spread = sum((x - mean_x) ** 2 for x in levels)
+            slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / spread if spread else 0.0
+            slope = max(slope, 0.0)
+            self.draft_fit[top_k] = (mean_y - slope * mean_x, slope)
+        by_nodes: dict[int, list[float]] = {}
+        for timing in timings:
+            by_nodes.setdefault(timing.shape.nodes, []).append(timing.verify)
+        self.verify_points = sorted((nodes, sum(ys) / len(ys)) for nodes, ys in by_nodes.items())
+
+    def draft_seconds(self, shape: TreeShape) -> float:
+        if shape.top_k not in self.draft_fit:
+            raise ValueError(f"No timed shape has top_k={shape.top_k} (timed: {sorted(self.draft_fit)}).")
+        base, level = self.draft_fit[shape.top_k]
+        return base + level * (shape.depth - 1)
+
+    def verify_seconds(self, shape: TreeShape) -> float:
+        points, nodes = self.verify_points, shape.nodes
+        if len(points) == 1:
+            return points[0][1]
+        # The segment holding `nodes`, or the nearest end segment.
+        right = next((i for i, (x, _) in enumerate(points) if x >= nodes), len(points) - 1)
+        right = min(max(right, 1), len(points) - 1)
+        (x0, y0), (x1, y1) = points[right - 1], points[right]
+        return max(y0 + (y1 - y0) * (nodes - x0) / (x1 - x0), 0.0)
+
+    def step_seconds(self, shape: TreeShape) -> float:
+        return self.draft_seconds(shape) + self.verify_seconds(shape)
+
+
+def choose_shape(taus: dict[TreeShape, float], step_time: StepTimeModel) -> tuple[TreeShape, list[dict]]:
+    """The shape with the most expected tokens/s (tau / step seconds; the smaller shape on a tie), and the table of
+    every shape's figures, best first."""
+    rows = [
+        {
+            "shape": asdict(shape),
+            "tau": tau,
+            "step_ms": 1000 * step_time.step_seconds(shape),
+            "tokens_per_s": tau / max(step_time.step_seconds(shape), 1e-9),
+        }
+        for shape, tau in taus.items()
+    ]
+    rows.sort(key=lambda row: (-row["tokens_per_s"], row["shape"]["total_tokens"], row["shape"]["depth"]))
+    return TreeShape(**rows[0]["shape"]), rows
+
+
+# ------------------------------------------------------------------------------------------------ the cache
+def tree_shape_cache_dir() -> Path:
+    """Where chosen shapes are kept: `$HF_EAGLE3_CACHE/tree_shapes` (default `~/.cache/hf_eagle3/tree_shapes`)."""
+    return Path(os.environ.get("HF_EAGLE3_CACHE", Path.home() / ".cache" / "hf_eagle3")) / "tree_shapes"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+# Where a head keeps its fingerprint, with the storage and version of every tensor it was computed from.
+FINGERPRINT_ATTRIBUTE = "_eagle3_fingerprint"
+
+
+def head_fingerprint(draft_model: Eagle3DraftModel) -> str:
+    """A digest of the head's weights (names, shapes, sums and first values), kept on the head while they are
+    unchanged (same tensors, no in-place update)."""
+    tensors = dict(draft_model.named_parameters())
+    tensors.update(draft_model.named_buffers())
+    version = tuple((tensor.data_ptr(), tensor._version) for tensor in tensors.values())
+    known = getattr(draft_model, FINGERPRINT_ATTRIBUTE, None)
+    if known is not None and known[0] == version:
+        return known[1]
+    digest = hashlib.sha256()
+    for name, tensor in sorted(tensors.items()):
+        values = tensor.detach().double()
+        summary = [float(values.sum()), float(values.abs().sum()), *values.flatten()[:8].tolist()]
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}{summary}".encode())
+    setattr(draft_model, FINGERPRINT_ATTRIBUTE, (version, digest.hexdigest()))
+    return digest.hexdigest()
+
+
+def cache_key(model: PreTrainedModel, draft_model: Eagle3DraftModel, path: str, grid: ShapeGrid) -> dict[str, Any]:
+    """What a chosen shape depends on: device, target, head, dtypes, attention, decoding path, grid, versions."""
+    target_config = model.config.to_json_string(use_diff=False)
+    key = {
+        "format": CACHE_FORMAT,
+        "device": device_name(model.device),
+        "target_config": hashlib.sha256(target_config.encode()).hexdigest(),
+        "head": head_fingerprint(draft_model),
+        "dtype": str(model.dtype),
+        "head_dtype": str(draft_model.dtype),
+        "attention": model.config._attn_implementation,
+        "path": path,
+        "grid": asdict(grid),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    return json.loads(json.dumps(key))  # as a cache file holds it (lists, not tuples)
+
+
+def cache_file(key: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return tree_shape_cache_dir() / f"{digest}.json"
+
+
+def read_cached_record(key: dict[str, Any]) -> dict[str, Any] | None:
+    """The record stored for `key` (its `shape` checked), or None when there is none; an unreadable file is reported
+    and ignored."""
+    path = cache_file(key)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record["key"] != key:
+            raise ValueError("it was written for other settings")
+        shape = TreeShape(**record["shape"])
+        if not all(isinstance(value, int) and value > 0 for value in asdict(shape).values()):
+            raise ValueError(f"its shape {record['shape']} is not three positive integers")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        logger.warning(f"The cached EAGLE-3 tree shape {path} is unreadable ({error}): measuring it again.")
+        return None
+    return record
+
+
+def write_cached_shape(key: dict[str, Any], record: dict[str, Any]) -> Path:
+    """Store `record` (with `shape`) for `key`, through a temporary file so no reader sees half a file."""
+    path = cache_file(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    temporary.write_text(json.dumps({"key": key, **record}, indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ choosing
+def decoding_path(static_cache: bool, compile: bool) -> str:
+    return "compiled" if compile and static_cache else "static" if static_cache else "dynamic"
+
+
+def tune_tree_shape(
+    model: PreTrainedModel,
+    draft_model: Eagle3DraftModel,
+    prompts: list[torch.LongTensor],
+    static_cache: bool = False,
+    compile: bool = False,
+    grid: ShapeGrid | None = None,
+    refresh: bool = False,
+) -> tuple[TreeShape, dict[str, Any]]:
+    """The shape `eagle3_tree="auto"` decodes with on this path (`static_cache`, `compile`), and the cache record
+    (acceptance and timings of every shape). Measured on `prompts` (`(1, length)` ids each, e.g. chat-templated)
+    unless cached, then cached: call it before `generate` to calibrate on prompts of your choosing; `refresh`
+    measures again."""
+    grid = grid or default_grid(model.device)
+    # Branching beyond the draft vocabulary is not a tree `generate` can grow.
+    grid = replace(grid, top_ks=tuple(k for k in grid.top_ks if k <= draft_model.config.draft_vocab_size))
+    key = cache_key(model, draft_model, decoding_path(static_cache, compile), grid)
+    record = None if refresh else read_cached_record(key)
+    if record is not None:
+        return TreeShape(**record["shape"]), record
+    prompts = [prompt.to(model.device) for prompt in prompts]
+    shapes = grid.shapes()
+    timed = timing_shapes(grid)
+    logger.warning(
+        f"EAGLE-3 is measuring which draft tree fits {key['device']} on the {key['path']} path (eagle3_tree='auto'): "
+        f"acceptance of {len(shapes)} shapes from {len({s.top_k for s in shapes})} calibration decodes, step time "
+        f"of {len(timed)} shapes{' (each compiled first)' if key['path'] == 'compiled' else ''}. Once for this "
+        f"device, target, head and path; the choice is kept in {tree_shape_cache_dir()}."
+    )
+    start = time.perf_counter()
+    taus = calibrate_acceptance(model, draft_model, prompts, shapes, grid.calibration_tokens)
+    timings = time_shapes(model, draft_model, prompts[0], timed, static_cache, compile, grid.timing_tokens)
+    shape, table = choose_shape(taus, StepTimeModel(timings))
+    record = {
+        "shape": asdict(shape),
+        "seconds": round(time.perf_counter() - start, 2),
+        "timings": [
+            {"shape": asdict(t.shape), "draft_ms": 1000 * t.draft, "verify_ms": 1000 * t.verify} for t in timings
+        ],
+        "candidates": table,
+    }
+    path = write_cached_shape(key, record)
+    best = table[0]
+    logger.warning(
+        f"EAGLE-3 tree for this device: {shape} (total_tokens/depth/top_k; expected tau {best['tau']:.2f}, "
+        f"{best['step_ms']:.1f} ms per step), measured in {record['seconds']:.0f} s, kept in {path}."
+    )
+    return shape, {"key": key, **record}
+
+
+def resolve_auto_tree(
+    model: PreTrainedModel,
+    draft_model: Eagle3DraftModel,
+    config: Eagle3DecodingConfig,
+    input_ids: torch.LongTensor,
+    model_kwargs: dict[str, Any],
+) -> Eagle3DecodingConfig:
+    """`config` with the shape `tune_tree_shape` gives for this call's path, calibrated on the call's prompt the first
+    time (its unpadded first row)."""
+    static = use_static_tree(config.static_cache, model, draft_model, input_ids.device, model_kwargs)
+    padding_mask = model_kwargs.get("attention_mask")
+    prompt = input_ids[:1] if padding_mask is None else input_ids[:1, padding_mask[0].bool()]
+    shape, _ = tune_tree_shape(model, draft_model, [prompt], static_cache=static, compile=config.compile and static)
+    return replace(config, total_tokens=shape.total_tokens, depth=shape.depth, top_k=shape.top_k)
+
+
+__all__ = [
+    "ACCELERATOR_GRID",
+    "CPU_GRID",
+    "ShapeGrid",
+    "StepTimeModel",
+    "StepTiming",
+    "TreeShape",
+    "calibrate_acceptance",
+    "choose_shape",
+    "resolve_auto_tree",
+    "tree_shape_cache_dir",
+    "tune_tree_shape",
+]

@@ -1,0 +1,299 @@
+"""`eagle3_tree="auto"`: exact acceptance of every shape from one decode, the step-time model, the choice, the cache,
+the knob and the automatic tree end to end through `generate`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from lossless import assert_greedy_lossless
+from tree_decoding import make_oracle_pair, prompt
+
+from hf_eagle3.decoding import tree_shape
+from hf_eagle3.decoding.config import Eagle3DecodingConfig
+from hf_eagle3.decoding.stats import Eagle3GenerationStats
+from hf_eagle3.decoding.tree_shape import (
+    ShapeGrid,
+    StepTimeModel,
+    StepTiming,
+    TreeShape,
+    choose_shape,
+    expansion_size,
+    tune_tree_shape,
+    union_steps,
+)
+
+# A grid small enough to measure in a second or two on the tiny models.
+TINY_GRID = ShapeGrid(total_tokens=(3, 4, 6), depths=(2, 3), top_ks=(2,))
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_EAGLE3_CACHE", str(tmp_path))
+    monkeypatch.setattr(tree_shape, "CPU_GRID", TINY_GRID)
+    return tmp_path / "tree_shapes"
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """A target that rejects some drafts (context matters) and a head that mostly agrees with it, without EOS."""
+    return make_oracle_pair("llama", context_weight=0.3, eos_token_id=None)
+
+
+def _steps_of_generate(target, head, input_ids, shape: TreeShape, new_tokens: int, monkeypatch) -> dict[int, int]:
+    """Drafts accepted at each step of `generate` with a fixed `shape`, by the number of tokens emitted before it."""
+    recorded = []
+    original = Eagle3GenerationStats.record
+
+    def record(self, num_accepted, num_emitted):
+        recorded.append((num_accepted, num_emitted))
+        original(self, num_accepted, num_emitted)
+
+    monkeypatch.setattr(Eagle3GenerationStats, "record", record)
+    target.generate(
+        input_ids, assistant_model=head, do_sample=False, max_new_tokens=new_tokens, **shape.generate_kwargs()
+    )
+    monkeypatch.undo()
+    steps, emitted = {}, 1  # the prefill emits the first token
+    for num_accepted, num_emitted in recorded[:-1]:  # the last step may stop inside its accepted run
+        steps[emitted] = num_accepted
+        emitted += num_emitted
+    return steps
+
+
+def test_every_smaller_tree_accepts_what_the_union_tree_predicts(pair, monkeypatch):
+    """The claim `auto` rests on: from the same root, the tree of (T, D, k) accepts exactly the prefix of the union
+    tree's greedy path that lies among its T - 1 best candidates of levels <= D."""
+    target, head = pair
+    top_k, depths = 3, (2, 3, 4, 5)
+    shapes = [TreeShape(16, 5, 3), TreeShape(10, 4, 3), TreeShape(6, 3, 3), TreeShape(4, 2, 3), TreeShape(12, 2, 3)]
+    input_ids, new_tokens = prompt(3), 40
+    predicted, emitted = {shape: {} for shape in shapes}, 1
+    for num_emitted, accepted in union_steps(
+        target, head, input_ids, new_tokens, expansion_size(5, top_k), depths, top_k, 16, shapes
+    ):
+        for shape in shapes:
+            predicted[shape][emitted] = accepted[shape]
+        emitted += num_emitted
+    for shape in shapes:
+        actual = _steps_of_generate(target, head, input_ids, shape, new_tokens, monkeypatch)
+        common = sorted(predicted[shape].keys() & actual.keys())
+        assert len(common) >= 5, f"{shape}: too few common roots to compare ({common})"
+        assert [predicted[shape][p] for p in common] == [actual[p] for p in common], shape
+    # Not a vacuous comparison: the shapes accept different amounts, some of them more than nothing.
+    assert len({sum(steps.values()) for steps in predicted.values()}) > 1
+    assert max(max(steps.values()) for steps in predicted.values()) >= 2
+
+
+def _linear_timings(draft_base, draft_level, verify_per_node, verify_base, shapes):
+    return [
+        StepTiming(
+            shape,
+            draft_base[shape.top_k] + draft_level[shape.top_k] * (shape.depth - 1),
+            verify_base + verify_per_node * shape.nodes,
+        )
+        for shape in shapes
+    ]
+
+
+def test_step_time_model_recovers_linear_costs():
+    grid = ShapeGrid(total_tokens=(3, 4, 6, 8, 12, 16, 24), depths=(2, 3, 4, 6), top_ks=(2, 3, 4))
+    base, level = {2: 0.010, 3: 0.012, 4: 0.015}, {2: 0.002, 3: 0.003, 4: 0.004}
+    model = StepTimeModel(_linear_timings(base, level, 0.001, 0.005, tree_shape.timing_shapes(grid)))
+    for shape in grid.shapes():
+        expected = base[shape.top_k] + level[shape.top_k] * (shape.depth - 1) + 0.005 + 0.001 * shape.nodes
+        assert model.step_seconds(shape) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="top_k=5"):
+        model.step_seconds(TreeShape(8, 3, 5))
+
+
+def test_timing_shapes_cover_two_depths_per_top_k_and_the_range_of_sizes():
+    grid = tree_shape.CPU_GRID
+    shapes = tree_shape.timing_shapes(grid)
+    assert {(shape.depth, shape.top_k) for shape in shapes} == {(d, k) for d in (2, 6) for k in (2, 3, 4)}
+    nodes = sorted(shape.nodes for shape in shapes)
+    assert nodes[0] == min(grid.total_tokens) and nodes[-1] == max(grid.total_tokens)
+    assert all(shape.nodes == shape.total_tokens for shape in shapes)
+
+
+def test_choice_follows_the_device_costs():
+    """The same acceptance, two devices: where each verified token costs, a small tree wins; where verification is
+    flat in the tree size, the large one."""
+    taus = {TreeShape(4, 2, 2): 1.8, TreeShape(8, 3, 2): 2.3, TreeShape(24, 6, 4): 2.9}
+    timed = [TreeShape(4, 2, 2), TreeShape(8, 6, 2), TreeShape(6, 2, 4), TreeShape(24, 6, 4)]
+    level = {2: 0.001, 4: 0.001}
+    cpu = StepTimeModel(_linear_timings({2: 0.002, 4: 0.002}, level, 0.010, 0.0, timed))
+    gpu = StepTimeModel(_linear_timings({2: 0.002, 4: 0.002}, level, 0.0, 0.010, timed))
+    assert choose_shape(taus, cpu)[0] == TreeShape(4, 2, 2)
+    shape, table = choose_shape(taus, gpu)
+    assert shape == TreeShape(24, 6, 4)
+    assert [row["tokens_per_s"] for row in table] == sorted((row["tokens_per_s"] for row in table), reverse=True)
+    expected = {s: tau / gpu.step_seconds(s) for s, tau in taus.items()}
+    assert table[0]["tokens_per_s"] == pytest.approx(max(expected.values()))
+
+
+def test_tie_goes_to_the_smaller_tree():
+    timed = [TreeShape(4, 2, 2), TreeShape(8, 3, 2)]
+    costs = StepTimeModel(_linear_timings({2: 0.0}, {2: 0.0}, 0.0, 0.01, timed))
+    assert choose_shape({TreeShape(8, 3, 2): 2.0, TreeShape(4, 2, 2): 2.0}, costs)[0] == TreeShape(4, 2, 2)
+
+
+def _measurements(monkeypatch) -> list[str]:
+    """Spy on the measurements `tune_tree_shape` makes."""
+    calls = []
+    calibrate = tree_shape.calibrate_acceptance
+
+    def spy(*args, **kwargs):
+        calls.append("calibrate")
+        return calibrate(*args, **kwargs)
+
+    monkeypatch.setattr(tree_shape, "calibrate_acceptance", spy)
+    return calls
+
+
+def test_cache_hit_miss_and_corruption(pair, cache_dir, monkeypatch, caplog):
+    target, head = pair
+    calls = _measurements(monkeypatch)
+    prompts = [prompt(1)]
+    shape, record = tune_tree_shape(target, head, prompts)
+    assert calls == ["calibrate"] and shape in TINY_GRID.shapes()
+    files = list(cache_dir.glob("*.json"))
+    assert len(files) == 1
+    stored = json.loads(files[0].read_text())
+    assert stored["shape"] == record["shape"] and stored["key"]["path"] == "dynamic"
+    assert len(stored["candidates"]) == len(TINY_GRID.shapes())
+
+    assert tune_tree_shape(target, head, prompts)[0] == shape  # hit: nothing measured
+    assert calls == ["calibrate"]
+
+    # Another path is another entry.
+    tune_tree_shape(target, head, prompts, static_cache=True)
+    assert calls == ["calibrate"] * 2 and len(list(cache_dir.glob("*.json"))) == 2
+
+    for broken in ("{not json", json.dumps({"key": stored["key"], "shape": {"total_tokens": "x"}}), "[]"):
+        files[0].write_text(broken)
+        with caplog.at_level("WARNING"):
+            assert tune_tree_shape(target, head, prompts)[0] in TINY_GRID.shapes()
+        assert "is unreadable" in caplog.text and "measuring it again" in caplog.text
+        caplog.clear()
+        assert json.loads(files[0].read_text())["key"] == stored["key"]  # rewritten whole
+    assert calls == ["calibrate"] * 5
+
+
+def test_other_weights_are_measured_again(pair, cache_dir, monkeypatch):
+    target, head = pair
+    calls = _measurements(monkeypatch)
+    tune_tree_shape(target, head, [prompt(1)])
+    with torch.no_grad():
+        head.fc.weight.mul_(1.0)  # an in-place update: the fingerprint is computed again, and is the same
+    tune_tree_shape(target, head, [prompt(1)])
+    assert calls == ["calibrate"]
+    original = head.fc.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            head.fc.weight.add_(1e-3)
+        tune_tree_shape(target, head, [prompt(1)])
+        assert calls == ["calibrate"] * 2
+    finally:
+        with torch.no_grad():
+            head.fc.weight.copy_(original)
+
+
+@pytest.mark.parametrize("static_cache", [False, True])
+def test_auto_is_the_default_and_lossless(pair, cache_dir, static_cache):
+    target, head = pair
+    input_ids = prompt(5)
+    output = assert_greedy_lossless(
+        target, head, input_ids, max_new_tokens=24, eagle3_tree="auto", eagle3_static_cache=static_cache
+    )
+    (stored,) = [json.loads(path.read_text()) for path in cache_dir.glob("*.json")]
+    assert stored["key"]["path"] == ("static" if static_cache else "dynamic")
+    chosen = tuple(stored["shape"].values())
+    assert output.eagle3_stats.tree_shape == chosen
+    # Without any tree knob the call decodes with the cached choice.
+    output = target.generate(
+        input_ids, assistant_model=head, do_sample=False, max_new_tokens=8, return_dict_in_generate=True
+    )
+    assert output.eagle3_stats.tree_shape == chosen
+    # A shape knob fixes the tree.
+    output = target.generate(
+        input_ids,
+        assistant_model=head,
+        do_sample=False,
+        max_new_tokens=8,
+        eagle3_total_tokens=5,
+        eagle3_static_cache=static_cache,
+        return_dict_in_generate=True,
+    )
+    assert output.eagle3_stats.tree_shape == (5, 8, 10)
+
+
+def test_sampling_decodes_with_the_greedy_choice(pair, cache_dir):
+    target, head = pair
+    greedy = target.generate(
+        prompt(2), assistant_model=head, do_sample=False, max_new_tokens=4, return_dict_in_generate=True
+    )
+    sampled = target.generate(
+        prompt(2), assistant_model=head, do_sample=True, max_new_tokens=4, return_dict_in_generate=True
+    )
+    assert sampled.eagle3_stats.tree_shape == greedy.eagle3_stats.tree_shape
+
+
+def test_tree_knob_validation():
+    with pytest.raises(ValueError, match="eagle3_tree must be one of"):
+        Eagle3DecodingConfig(tree="best")
+    from transformers import GenerationConfig
+
+    def resolve(call: dict, head: dict | None = None):
+        config = GenerationConfig()
+        for name, value in call.items():
+            setattr(config, name, value)
+        head_config = None
+        if head is not None:
+            head_config = GenerationConfig()
+            for name, value in head.items():
+                setattr(head_config, name, value)
+        return Eagle3DecodingConfig.resolve(config, head_config)
+
+    assert resolve({}).tree == "auto"
+    assert resolve({"eagle3_depth": 4}).tree == "fixed"
+    assert resolve({}, {"eagle3_top_k": 4}).tree == "fixed"
+    assert resolve({"eagle3_tree": "auto"}, {"eagle3_top_k": 4}).tree == "auto"  # the call before the head
+    assert resolve({"eagle3_tree": "fixed"}).tree == "fixed"
+    with pytest.raises(ValueError, match=r"eagle3_tree='auto' chooses the tree shape.*\['eagle3_total_tokens'\]"):
+        resolve({"eagle3_tree": "auto", "eagle3_total_tokens": 32})
+
+
+def test_auto_with_shape_knobs_in_generate_is_an_error(pair):
+    target, head = pair
+    with pytest.raises(ValueError, match="eagle3_tree='auto' chooses the tree shape"):
+        target.generate(prompt(0), assistant_model=head, max_new_tokens=4, eagle3_tree="auto", eagle3_top_k=2)
+    with pytest.raises(ValueError, match="eagle3_tree must be one of"):
+        target.generate(prompt(0), assistant_model=head, max_new_tokens=4, eagle3_tree="big")
+
+
+@pytest.mark.slow
+def test_compiled_path_measures_compiled_steps(pair, cache_dir, aot_eager):
+    """On the compiled path the step times come from compiled decodes, kept apart from the uncompiled static path's."""
+    target, head = pair
+    output = assert_greedy_lossless(
+        target, head, prompt(4), max_new_tokens=12, eagle3_static_cache=True, eagle3_compile=True
+    )
+    (stored,) = [json.loads(path.read_text()) for path in cache_dir.glob("*.json")]
+    assert stored["key"]["path"] == "compiled" and output.eagle3_stats.compiled
+    assert output.eagle3_stats.tree_shape == tuple(stored["shape"].values())
+
+
+def test_demo_decodes_with_the_automatic_tree(tmp_path, cache_dir, capsys):
+    from conftest import save_chat_checkpoint
+
+    from hf_eagle3.cli import main as cli_main
+
+    save_chat_checkpoint(tmp_path)
+    argv = ["demo", "--target", str(tmp_path / "target"), "--head", str(tmp_path / "head"), "--device", "cpu"]
+    assert cli_main([*argv, "--prompt", "w5 w6 w7 w5 w6", "--max-new-tokens", "8"]) == 0
+    output = capsys.readouterr().out
+    (stored,) = [json.loads(path.read_text()) for path in cache_dir.glob("*.json")]
+    shape = "/".join(str(value) for value in stored["shape"].values())
+    assert f"(tree, tree {shape} (total tokens/depth/top-k))" in output and "identical text: yes" in output
