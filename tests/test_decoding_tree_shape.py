@@ -273,12 +273,26 @@ def test_auto_with_shape_knobs_in_generate_is_an_error(pair):
         target.generate(prompt(0), assistant_model=head, max_new_tokens=4, eagle3_tree="big")
 
 
+def test_compile_keeps_the_fixed_tree_unless_auto_is_asked_for():
+    """Measuring on the compiled path compiles every measured shape: the default there is the fixed tree."""
+    from transformers import GenerationConfig
+
+    from hf_eagle3.decoding.config import Eagle3DecodingConfig
+
+    assert Eagle3DecodingConfig.resolve(GenerationConfig(), None).tree == "auto"
+    assert Eagle3DecodingConfig.resolve(GenerationConfig(eagle3_compile=True), None).tree == "fixed"
+    asked = GenerationConfig(eagle3_compile=True, eagle3_tree="auto")
+    assert Eagle3DecodingConfig.resolve(asked, None).tree == "auto"
+    from_head = GenerationConfig(eagle3_tree="auto")
+    assert Eagle3DecodingConfig.resolve(GenerationConfig(eagle3_compile=True), from_head).tree == "auto"
+
+
 @pytest.mark.slow
 def test_compiled_path_measures_compiled_steps(pair, cache_dir, aot_eager):
     """On the compiled path the step times come from compiled decodes, kept apart from the uncompiled static path's."""
     target, head = pair
     output = assert_greedy_lossless(
-        target, head, prompt(4), max_new_tokens=12, eagle3_static_cache=True, eagle3_compile=True
+        target, head, prompt(4), max_new_tokens=12, eagle3_static_cache=True, eagle3_compile=True, eagle3_tree="auto"
     )
     (stored,) = [json.loads(path.read_text()) for path in cache_dir.glob("*.json")]
     assert stored["key"]["path"] == "compiled" and output.eagle3_stats.compiled

@@ -110,7 +110,8 @@ class Eagle3DecodingConfig:
         """The settings of a call from its prepared generation config and the head's own (None when it has none).
 
         The tree is `"fixed"` where the call or the head sets a shape knob and not `eagle3_tree` (the call's settings
-        before the head's); setting both in the call is an error.
+        before the head's), and with `eagle3_compile=True` unless `eagle3_tree="auto"` is set; setting both a shape
+        knob and `eagle3_tree` in the call is an error.
         """
 
         def setting(name: str) -> tuple[Any, int | None]:
@@ -134,6 +135,9 @@ class Eagle3DecodingConfig:
                 "it choose, or pass eagle3_tree='fixed' (or leave eagle3_tree out) to decode with them."
             )
         if shape_set and (tree_source is None or min(shape_sources[name] for name in shape_set) < tree_source):
+            tree = "fixed"
+        # On the compiled path every measured shape is a compilation (minutes in all): auto only when asked for.
+        if tree_source is None and knob("eagle3_compile"):
             tree = "fixed"
 
         chain_length = getattr(generation_config, EXPLICIT_CHAIN_LENGTH_ATTRIBUTE, None)
