@@ -101,6 +101,9 @@ def parse_method(name: str) -> Method:
         # eagle3_tree stays the eager dynamic-cache path whatever the library's default; eagle3_tree_graph forces
         # the static-cache path (with CUDA graphs on CUDA), eagle3_tree_compiled also compiles its steps first.
         kwargs["eagle3_static_cache"] = mode != "tree"
+        if not match.group(2):
+            # No suffix: the fixed default shape (60/8/10), not the library's automatic one (that is _auto).
+            kwargs["eagle3_tree"] = "fixed"
     if mode == "tree_compiled":
         kwargs["eagle3_compile"] = True
     if match.group(2) == "_auto":

@@ -369,8 +369,8 @@ def test_ship_a_head_with_its_card(tiny, full_run, tmp_path):
 
 
 def test_card_names_a_method_by_its_generate_arguments():
-    assert run_benchmark.generate_arguments("eagle3_tree") == "`eagle3_static_cache=False`"
-    assert run_benchmark.generate_arguments("eagle3_tree_graph") == "default knobs"
+    assert run_benchmark.generate_arguments("eagle3_tree") == "`eagle3_static_cache=False, eagle3_tree='fixed'`"
+    assert run_benchmark.generate_arguments("eagle3_tree_graph") == "`eagle3_tree='fixed'`"
     assert run_benchmark.generate_arguments("eagle3_tree_compiled_t512_d14_k32") == (
         "`eagle3_compile=True, eagle3_total_tokens=512, eagle3_depth=14, eagle3_top_k=32`"
     )
