@@ -1,7 +1,9 @@
 """Which tokens of a verified draft tree are emitted: the acceptance rules, exact for greedy decoding and sampling.
 
-A walk from the root emits one token per visited node as `_sample` would at that position (`accept`); greedy
-decoding without logits processors finds the same path on the device in one go (`greedy_path`, `accept_greedy`).
+A walk from the root emits one token per visited node as `_sample` would at that position (`accept`). The same path
+is found on the device for the whole tree in one go, with one host transfer: for greedy decoding without processors
+(`greedy_path`, `accept_greedy`), and for sampling or processed greedy decoding (`sampled_path`, `accept_on_device`)
+where every processor is one `tree_processors` can apply to all nodes exactly.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList
 
 from .draft_tree import DraftTree
 from .stopping import HostStopRule, first_stop
+from .tree_processors import process_tree_logits, processes_rows_independently
 
 
 def sample_with_candidates(probs: torch.Tensor, candidates: torch.LongTensor) -> tuple[int, int | None]:
@@ -113,25 +116,113 @@ def uses_batched_greedy(do_sample: bool, logits_processor: LogitsProcessorList, 
     return not do_sample and len(logits_processor) == 0 and device.type != "cpu"
 
 
-# `(num_visited, visited, emitted)` of `greedy_path`, on the device.
-GreedyPath = tuple[torch.Tensor, torch.LongTensor, torch.LongTensor]
+def uses_device_acceptance(do_sample: bool, logits_processor: LogitsProcessorList, device: torch.device) -> bool:
+    """Whether to accept through `accept_on_device`: sampling or processors, every processor one that
+    `process_tree_logits` handles exactly, and an accelerator.
 
-
-def greedy_path(logits: torch.Tensor, tree: DraftTree, width: int) -> GreedyPath:
-    """The path greedy acceptance keeps, found on the device with fixed shapes (no host read).
-
-    A node is on the path when every node from the root to it holds the target's argmax at its parent (siblings are
-    distinct tokens, so the path is unique): the walk of `accept` without processors. Returns the path length (a
-    device scalar), `visited` `(width,)`: the path nodes in level order (= path order) followed by other nodes,
-    and `emitted` `(width,)`: the target's argmax at each of them. `width` must be at least the longest path.
+    On the CPU the walk of `accept` wins again: it processes and samples only the rows it visits.
     """
-    argmax = logits.argmax(-1)
-    agrees = tree.tokens == argmax[tree.parents]
-    agrees[:1].fill_(True)  # the root is already emitted (a device fill: graphs cannot copy a host value)
-    on_path = ~(tree.ancestors & ~agrees).any(-1)
+    return (
+        (do_sample or len(logits_processor) > 0)
+        and processes_rows_independently(logits_processor)
+        and device.type != "cpu"
+    )
+
+
+# `(num_visited, visited, emitted)`, on the device: the path length (a scalar), `visited` `(width,)`: the path's
+# nodes in level order (= path order) followed by other nodes, and `emitted` `(width,)`: the token emitted at each.
+TreePath = tuple[torch.Tensor, torch.LongTensor, torch.LongTensor]
+
+
+def _kept_path(on_child: torch.BoolTensor, next_tokens: torch.LongTensor, tree: DraftTree, width: int) -> TreePath:
+    """The path through the nodes whose parent moved on to them (`on_child`), and the tokens emitted along it.
+
+    A node is on the path when every node from the root to it is. `next_tokens` `(n,)`: the token each node emits.
+    """
+    on_child[:1].fill_(True)  # the root is already emitted (a device fill: graphs cannot copy a host value)
+    on_path = ~(tree.ancestors & ~on_child).any(-1)
     # Path nodes first, in level order: a stable sort of "not on path".
     visited = torch.sort((~on_path).to(torch.uint8), stable=True).indices[:width]
-    return on_path.sum(), visited, argmax[visited]
+    return on_path.sum(), visited, next_tokens[visited]
+
+
+def greedy_path(logits: torch.Tensor, tree: DraftTree, width: int) -> TreePath:
+    """The path greedy acceptance keeps, found on the device with fixed shapes (no host read).
+
+    A node is on the path when every node from the root to it holds the argmax of `logits` at its parent (siblings
+    are distinct tokens, so the path is unique): the walk of `accept` for greedy decoding. `width` must be at least
+    the longest path.
+    """
+    argmax = logits.argmax(-1)
+    return _kept_path(tree.tokens == argmax[tree.parents], argmax, tree, width)
+
+
+def sampled_path(probs: torch.Tensor, tree: DraftTree, width: int) -> TreePath:
+    """The path sampling acceptance keeps, drawn on the device with fixed shapes (no host read).
+
+    `sample_with_candidates` at every node at once, `probs` `(n, vocab)` being the nodes' processed distributions:
+    each node's children are tried in level order (best draft score first), the child `x_i` accepted with probability
+    `p(x_i) / (1 - mass of the earlier, rejected children)`; a node none of whose children is accepted emits a draw
+    from its residual (its children's tokens zeroed). Every node draws independently; the walk from the root only
+    reads the nodes it visits, so the emitted tokens have exactly `_sample`'s distribution. `width` must be at least
+    the longest path.
+    """
+    nodes = torch.arange(len(tree), device=probs.device)
+    drafted = nodes > 0
+    child_probs = probs[tree.parents, tree.tokens]
+    # [i, j]: j is an earlier sibling of i. Elementwise sums, not a matmul: TF32 would round the masses.
+    earlier = (tree.parents[:, None] == tree.parents[None, :]) & (nodes[None, :] < nodes[:, None]) & drafted
+    rejected_mass = (earlier * child_probs).sum(-1)
+    accept_probs = child_probs / (1 - rejected_mass).clamp_min(torch.finfo(probs.dtype).tiny)
+    accepted = torch.rand(len(tree), device=probs.device, dtype=probs.dtype) < accept_probs
+    chosen = accepted & ~(earlier & accepted).any(-1)
+
+    residual = probs.index_put((tree.parents[1:], tree.tokens[1:]), probs.new_zeros(()))
+    # Only float rounding can leave no residual mass (the children held all of it); p itself is then exact.
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, probs)
+    # One categorical draw per row: argmax of p / Exp(1) noise (`torch.multinomial` would read the device).
+    noise = torch.empty_like(residual).exponential_()
+    draws = torch.where(residual > 0, residual / noise, -1).argmax(-1)
+    # [i, j]: j is the child i moves on to.
+    moves_to = (tree.parents[None, :] == nodes[:, None]) & chosen & drafted
+    next_tokens = torch.where(moves_to.any(-1), (moves_to * tree.tokens).sum(-1), draws)
+    return _kept_path(chosen, next_tokens, tree, width)
+
+
+def accept_path(
+    path: TreePath,
+    processed: torch.Tensor,
+    logits: torch.Tensor,
+    input_ids: torch.LongTensor,
+    stopping_criteria: StoppingCriteriaList,
+    stop_rule: HostStopRule | None,
+    scores: tuple | None,
+    raw_logits: tuple | None,
+) -> tuple[StepResult, torch.LongTensor, torch.LongTensor, tuple | None, tuple | None]:
+    """`accept`'s outputs for a path found on the device, with ONE host-device transfer.
+
+    `processed` / `logits` `(n, vocab)`: the nodes' processed scores and raw logits (what `scores` and `raw_logits`
+    collect). Generation stops after the first emitted token a criterion stops at. Also returns the kept path as a
+    device index `(len(visited),)`, for the caches and the next head input.
+    """
+    num_visited, visited_index, emitted = path
+    width = visited_index.numel()
+    host = torch.cat([num_visited.view(1), visited_index, emitted]).tolist()
+    num_visited = host[0]
+    visited, tokens = host[1 : 1 + num_visited], host[1 + width : 1 + width + num_visited]
+
+    new_ids = emitted[None, :num_visited]
+    new_scores = [processed[node : node + 1] for node in visited]
+    stop = first_stop(stopping_criteria, stop_rule, input_ids, new_ids, tokens, scores, new_scores)
+    num_emitted, finished = (len(tokens), False) if stop is None else (stop + 1, True)
+    input_ids = torch.cat([input_ids, new_ids[:, :num_emitted]], dim=-1)
+    if scores is not None:
+        scores += tuple(new_scores[:num_emitted])
+    if raw_logits is not None:
+        raw_logits += tuple(logits[node : node + 1] for node in visited[:num_emitted])
+    # Every emitted token but the full path's last (drawn at the last node) matched a drafted child.
+    step = StepResult(tokens[:num_emitted], visited[:num_emitted], min(num_emitted, len(visited) - 1), finished)
+    return step, visited_index[:num_emitted], input_ids, scores, raw_logits
 
 
 def accept_greedy(
@@ -142,40 +233,54 @@ def accept_greedy(
     stop_rule: HostStopRule | None,
     scores: tuple | None,
     raw_logits: tuple | None,
-    path: GreedyPath | None = None,
+    path: TreePath | None = None,
 ) -> tuple[StepResult, torch.LongTensor, torch.LongTensor, tuple | None, tuple | None]:
     """`accept` for greedy decoding without logits processors, with ONE host-device transfer per step.
 
     Without processors a node's processed logits are its raw logits, so the accepted path is found on the device at
-    once (`greedy_path`, or `path` when the verification computed it already). Also returns the accepted path as a
-    device index `(len(visited),)`, for the caches and the next head input.
+    once (`greedy_path`, or `path` when the verification computed it already). Returns what `accept_path` does.
     """
-    num_visited, visited_index, emitted = path if path is not None else greedy_path(logits, tree, len(tree))
-    width = visited_index.numel()
-    host = torch.cat([num_visited.view(1), visited_index, emitted]).tolist()
-    num_visited = host[0]
-    visited, tokens = host[1 : 1 + num_visited], host[1 + width : 1 + width + num_visited]
+    path = path if path is not None else greedy_path(logits, tree, len(tree))
+    return accept_path(path, logits, logits, input_ids, stopping_criteria, stop_rule, scores, raw_logits)
 
-    new_ids = emitted[None, :num_visited]
-    new_scores = [logits[node : node + 1] for node in visited]
-    stop = first_stop(stopping_criteria, stop_rule, input_ids, new_ids, tokens, scores, new_scores)
-    num_emitted, finished = (len(tokens), False) if stop is None else (stop + 1, True)
-    input_ids = torch.cat([input_ids, new_ids[:, :num_emitted]], dim=-1)
-    if scores is not None:
-        scores += tuple(new_scores[:num_emitted])
-    if raw_logits is not None:
-        raw_logits += tuple(new_scores[:num_emitted])
-    # Every emitted token but the full path's last (the target's bonus) matched a drafted child.
-    step = StepResult(tokens[:num_emitted], visited[:num_emitted], min(num_emitted, len(visited) - 1), finished)
-    return step, visited_index[:num_emitted], input_ids, scores, raw_logits
+
+def accept_on_device(
+    logits: torch.Tensor,
+    tree: DraftTree,
+    depth: int,
+    input_ids: torch.LongTensor,
+    logits_processor: LogitsProcessorList,
+    do_sample: bool,
+    stopping_criteria: StoppingCriteriaList,
+    stop_rule: HostStopRule | None,
+    scores: tuple | None,
+    raw_logits: tuple | None,
+) -> tuple[StepResult, torch.LongTensor, torch.LongTensor, tuple | None, tuple | None]:
+    """`accept` for sampling or processed greedy decoding, with ONE host-device transfer per step.
+
+    Every node's logits are processed as `_sample` would process them (`process_tree_logits`: the processors must
+    satisfy `processes_rows_independently`), then the path is drawn (`sampled_path`) or found (`greedy_path`) for the
+    whole tree at once. `depth` bounds the tree's depth. Returns what `accept_path` does.
+    """
+    processed = process_tree_logits(logits, tree, input_ids, logits_processor, depth)
+    width = min(depth + 1, len(tree))
+    if do_sample:
+        path = sampled_path(processed.softmax(-1), tree, width)
+    else:
+        path = greedy_path(processed, tree, width)
+    return accept_path(path, processed, logits, input_ids, stopping_criteria, stop_rule, scores, raw_logits)
 
 
 __all__ = [
-    "GreedyPath",
     "StepResult",
+    "TreePath",
     "accept",
     "accept_greedy",
+    "accept_on_device",
+    "accept_path",
     "greedy_path",
     "sample_with_candidates",
+    "sampled_path",
     "uses_batched_greedy",
+    "uses_device_acceptance",
 ]

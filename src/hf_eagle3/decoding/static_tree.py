@@ -48,7 +48,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, StaticCache, StaticLayer
 
 from .._compat import CACHE_NAME, cache_kwargs
-from .acceptance import GreedyPath, StepResult, greedy_path
+from .acceptance import StepResult, TreePath, greedy_path
 from .draft_tree import DraftTree, additive_mask, grow_draft_tree
 from .kv_cache import keep_static_cache_positions, set_cache_length, static_cache_problem
 
@@ -395,7 +395,7 @@ class StaticTreeRunner:
     def draft(self, input_ids: torch.LongTensor) -> DraftTree:
         return self._draft_step()[0]
 
-    def verify(self) -> tuple[torch.Tensor, GreedyPath]:
+    def verify(self) -> tuple[torch.Tensor, TreePath]:
         logits, _, num_visited = self._verify_step()
         if self.keep_logits:
             # The scores and logits tuples keep rows of these; the next replay overwrites graph outputs.
