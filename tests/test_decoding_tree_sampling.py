@@ -118,12 +118,12 @@ def walk_distribution(probs: torch.Tensor, tree) -> dict[tuple[int, ...], float]
     return outcomes
 
 
-def draw_steps(probs: torch.Tensor, tree, draws: int) -> list[tuple[int, ...]]:
-    """`draws` steps of `sampled_path`, checking that each is a path whose tokens lead from node to node."""
+def draw_steps(logits: torch.Tensor, tree, draws: int) -> list[tuple[int, ...]]:
+    """`draws` steps of `sampled_path` over the nodes' `logits`, checking that each is a path whose tokens lead from node to node."""
     parents, tokens = tree.parents.tolist(), tree.tokens.tolist()
     steps = []
     for _ in range(draws):
-        num_visited, visited, emitted = sampled_path(probs, tree, 4)
+        num_visited, visited, emitted = sampled_path(logits, tree, 4)
         num_visited, visited, emitted = int(num_visited), visited.tolist(), emitted.tolist()
         path = visited[:num_visited]
         assert path[0] == 0 and all(parents[node] == previous for previous, node in zip(path, path[1:], strict=False))
@@ -148,10 +148,9 @@ def test_sampled_path_has_the_walks_distribution(case):
         logits[0, tree.tokens[1]], logits[0, tree.tokens[2]] = 0.3, 0.0
     if case == "zero-children":
         logits[1, tree.tokens[3]] = float("-inf")  # node 3 can never be reached
-    probs = logits.softmax(-1)
-    exact = walk_distribution(probs, tree)
+    exact = walk_distribution(logits.softmax(-1), tree)
     torch.manual_seed(0)
-    steps = draw_steps(probs, tree, 3000)
+    steps = draw_steps(logits, tree, 3000)
     assert chi_square_p_value(steps, exact) > 1e-4
     assert max(map(len, steps)) >= 3, "deep paths should be drawn"
 
@@ -185,9 +184,13 @@ def test_sampling_matches_target_distribution(device_acceptance, arch, sampling)
     assert device_acceptance, "the device acceptance was not used"
 
 
-def test_static_path_sampling_matches_target_distribution(device_acceptance):
-    assert_sampling_matches_target_distribution(static_cache=True)
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_static_path_sampling_matches_target_distribution(device_acceptance, aot_eager, caplog, compile):
+    """The static runner draws the path in a step function of its own, compiled with the others."""
+    with caplog.at_level("WARNING"):
+        assert_sampling_matches_target_distribution(static_cache=True, compile=compile)
     assert device_acceptance, "the device acceptance was not used"
+    assert "sampled acceptance without a compiled or captured step" not in caplog.text
 
 
 @pytest.mark.parametrize("static_cache", [False, True], ids=["dynamic", "static"])

@@ -8,6 +8,7 @@ where every processor is one `tree_processors` can apply to all nodes exactly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -134,16 +135,16 @@ def uses_device_acceptance(do_sample: bool, logits_processor: LogitsProcessorLis
 TreePath = tuple[torch.Tensor, torch.LongTensor, torch.LongTensor]
 
 
-def _kept_path(on_child: torch.BoolTensor, next_tokens: torch.LongTensor, tree: DraftTree, width: int) -> TreePath:
-    """The path through the nodes whose parent moved on to them (`on_child`), and the tokens emitted along it.
+def _path_nodes(on_child: torch.BoolTensor, tree: DraftTree, width: int) -> tuple[torch.Tensor, torch.LongTensor]:
+    """The path through the nodes whose parent moved on to them (`on_child`): its length (a device scalar), and its
+    nodes in level order (= path order) followed by other nodes, `(width,)`.
 
-    A node is on the path when every node from the root to it is. `next_tokens` `(n,)`: the token each node emits.
+    A node is on the path when every node from the root to it is.
     """
     on_child[:1].fill_(True)  # the root is already emitted (a device fill: graphs cannot copy a host value)
     on_path = ~(tree.ancestors & ~on_child).any(-1)
     # Path nodes first, in level order: a stable sort of "not on path".
-    visited = torch.sort((~on_path).to(torch.uint8), stable=True).indices[:width]
-    return on_path.sum(), visited, next_tokens[visited]
+    return on_path.sum(), torch.sort((~on_path).to(torch.uint8), stable=True).indices[:width]
 
 
 def greedy_path(logits: torch.Tensor, tree: DraftTree, width: int) -> TreePath:
@@ -154,39 +155,47 @@ def greedy_path(logits: torch.Tensor, tree: DraftTree, width: int) -> TreePath:
     the longest path.
     """
     argmax = logits.argmax(-1)
-    return _kept_path(tree.tokens == argmax[tree.parents], argmax, tree, width)
+    num_visited, visited = _path_nodes(tree.tokens == argmax[tree.parents], tree, width)
+    return num_visited, visited, argmax[visited]
 
 
-def sampled_path(probs: torch.Tensor, tree: DraftTree, width: int) -> TreePath:
+def sampled_path(scores: torch.Tensor, tree: DraftTree, width: int) -> TreePath:
     """The path sampling acceptance keeps, drawn on the device with fixed shapes (no host read).
 
-    `sample_with_candidates` at every node at once, `probs` `(n, vocab)` being the nodes' processed distributions:
-    each node's children are tried in level order (best draft score first), the child `x_i` accepted with probability
-    `p(x_i) / (1 - mass of the earlier, rejected children)`; a node none of whose children is accepted emits a draw
-    from its residual (its children's tokens zeroed). Every node draws independently; the walk from the root only
-    reads the nodes it visits, so the emitted tokens have exactly `_sample`'s distribution. `width` must be at least
-    the longest path.
+    `sample_with_candidates` at every node at once, `scores` `(n, vocab)` being the nodes' processed scores (their
+    softmax is what `_sample` draws from): each node's children are tried in level order (best draft score first),
+    the child `x_i` accepted with probability `p(x_i) / (1 - mass of the earlier, rejected children)`. Every node
+    decides independently and the walk from the root only reads the nodes it visits, so only the path's last node
+    needs its residual (its children's tokens zeroed): one draw there ends the step. `width` must be at least the
+    longest path.
     """
-    nodes = torch.arange(len(tree), device=probs.device)
+    nodes = torch.arange(len(tree), device=scores.device)
     drafted = nodes > 0
-    child_probs = probs[tree.parents, tree.tokens]
+    log_norm = scores.logsumexp(-1)
+    child_probs = (scores[tree.parents, tree.tokens] - log_norm[tree.parents]).exp()
     # [i, j]: j is an earlier sibling of i. Elementwise sums, not a matmul: TF32 would round the masses.
     earlier = (tree.parents[:, None] == tree.parents[None, :]) & (nodes[None, :] < nodes[:, None]) & drafted
     rejected_mass = (earlier * child_probs).sum(-1)
-    accept_probs = child_probs / (1 - rejected_mass).clamp_min(torch.finfo(probs.dtype).tiny)
-    accepted = torch.rand(len(tree), device=probs.device, dtype=probs.dtype) < accept_probs
-    chosen = accepted & ~(earlier & accepted).any(-1)
+    accept_probs = child_probs / (1 - rejected_mass).clamp_min(torch.finfo(scores.dtype).tiny)
+    accepted = torch.rand(len(tree), device=scores.device, dtype=scores.dtype) < accept_probs
+    num_visited, visited = _path_nodes(accepted & ~(earlier & accepted).any(-1), tree, width)
 
-    residual = probs.index_put((tree.parents[1:], tree.tokens[1:]), probs.new_zeros(()))
+    last = visited.gather(0, (num_visited - 1).view(1))
+    probs = scores.index_select(0, last)[0].sub(log_norm.index_select(0, last)).exp()
+    # Count, not assign: a child's token may also be another node's, whose entry must not win.
+    children = torch.zeros_like(probs).index_put_(
+        (tree.tokens,), ((tree.parents == last) & drafted).to(probs.dtype), accumulate=True
+    )
+    residual = probs * (children == 0)
     # Only float rounding can leave no residual mass (the children held all of it); p itself is then exact.
-    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, probs)
-    # One categorical draw per row: argmax of p / Exp(1) noise (`torch.multinomial` would read the device).
+    residual = torch.where(residual.sum() > 0, residual, probs)
+    # A categorical draw: argmax of p / Exp(1) noise (`torch.multinomial` would read the device).
     noise = torch.empty_like(residual).exponential_()
-    draws = torch.where(residual > 0, residual / noise, -1).argmax(-1)
-    # [i, j]: j is the child i moves on to.
-    moves_to = (tree.parents[None, :] == nodes[:, None]) & chosen & drafted
-    next_tokens = torch.where(moves_to.any(-1), (moves_to * tree.tokens).sum(-1), draws)
-    return _kept_path(chosen, next_tokens, tree, width)
+    draw = torch.where(residual > 0, residual / noise, -1).argmax().view(1)
+    # Along the path each node emits its successor's token; the last one emits the draw.
+    successors = torch.cat([tree.tokens[visited[1:]], draw])
+    emitted = torch.where(nodes[:width] == num_visited - 1, draw, successors)
+    return num_visited, visited, emitted
 
 
 def accept_path(
@@ -255,17 +264,19 @@ def accept_on_device(
     stop_rule: HostStopRule | None,
     scores: tuple | None,
     raw_logits: tuple | None,
+    draw: Callable[[torch.Tensor], TreePath] | None = None,
 ) -> tuple[StepResult, torch.LongTensor, torch.LongTensor, tuple | None, tuple | None]:
     """`accept` for sampling or processed greedy decoding, with ONE host-device transfer per step.
 
     Every node's logits are processed as `_sample` would process them (`process_tree_logits`: the processors must
-    satisfy `processes_rows_independently`), then the path is drawn (`sampled_path`) or found (`greedy_path`) for the
-    whole tree at once. `depth` bounds the tree's depth. Returns what `accept_path` does.
+    satisfy `processes_rows_independently`), then the path is drawn (`sampled_path`, or `draw` of the processed
+    scores: the same, computed by the backend) or found (`greedy_path`) for the whole tree at once. `depth` bounds
+    the tree's depth. Returns what `accept_path` does.
     """
     processed = process_tree_logits(logits, tree, input_ids, logits_processor, depth)
     width = min(depth + 1, len(tree))
     if do_sample:
-        path = sampled_path(processed.softmax(-1), tree, width)
+        path = draw(processed) if draw is not None else sampled_path(processed, tree, width)
     else:
         path = greedy_path(processed, tree, width)
     return accept_path(path, processed, logits, input_ids, stopping_criteria, stop_rule, scores, raw_logits)

@@ -30,6 +30,9 @@ class TreeDecoder(Protocol):
     def verify(self) -> tuple[torch.Tensor, TreePath | None]:
         """Run the target over the tree: its float logits `(n, vocab)`, and the greedy path if it came along."""
 
+    def sampled_path(self, scores: torch.Tensor) -> TreePath:
+        """`acceptance.sampled_path` over the verified tree, for its nodes' processed `scores` `(n, vocab)`."""
+
     def commit(self, step: StepResult, visited: torch.LongTensor, input_ids: torch.LongTensor) -> None:
         """Keep the `visited` nodes in both caches; the head encodes them in the next `draft`."""
 

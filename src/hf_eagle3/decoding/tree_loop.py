@@ -9,6 +9,7 @@ steps: `DynamicTreeDecoder` (transformers' dynamic cache, eager forwards) or, wh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
@@ -78,7 +79,13 @@ def tree_assisted_decoding(
     timer = PhaseTimer(input_ids.device)
 
     def accept_step(
-        logits: torch.Tensor, tree: DraftTree, path: TreePath | None, input_ids: torch.LongTensor, scores, raw_logits
+        logits: torch.Tensor,
+        tree: DraftTree,
+        path: TreePath | None,
+        draw: Callable[[torch.Tensor], TreePath] | None,
+        input_ids: torch.LongTensor,
+        scores,
+        raw_logits,
     ):
         if batched_greedy:
             return accept_greedy(logits, tree, input_ids, stopping_criteria, stop_rule, scores, raw_logits, path)
@@ -94,6 +101,7 @@ def tree_assisted_decoding(
                 stop_rule,
                 scores,
                 raw_logits,
+                draw,
             )
         step, input_ids, scores, raw_logits = accept(
             logits,
@@ -130,7 +138,7 @@ def tree_assisted_decoding(
         first_logits = decoder.prefill(input_ids, model_kwargs)
         # The prompt's last token stands as the root of a tree without drafts.
         step, _, input_ids, scores, raw_logits = accept_step(
-            first_logits, DraftTree.root_only(input_ids[0, -1]), None, input_ids, scores, raw_logits
+            first_logits, DraftTree.root_only(input_ids[0, -1]), None, None, input_ids, scores, raw_logits
         )
         if streamer is not None:
             streamer.put(torch.tensor([step.tokens]))
@@ -144,7 +152,7 @@ def tree_assisted_decoding(
             logits, path = decoder.verify()
             timer.mark("verify")
             step, visited, input_ids, scores, raw_logits = accept_step(
-                logits, tree, path, input_ids, scores, raw_logits
+                logits, tree, path, decoder.sampled_path, input_ids, scores, raw_logits
             )
             decoder.commit(step, visited, input_ids)
             stats.record(step.num_accepted, len(step.tokens))
