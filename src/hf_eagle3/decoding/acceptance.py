@@ -183,9 +183,7 @@ def sampled_path(scores: torch.Tensor, tree: DraftTree, width: int) -> TreePath:
     last = visited.gather(0, (num_visited - 1).view(1))
     probs = scores.index_select(0, last)[0].sub(log_norm.index_select(0, last)).exp()
     # Count, not assign: a child's token may also be another node's, whose entry must not win.
-    children = torch.zeros_like(probs).index_put_(
-        (tree.tokens,), ((tree.parents == last) & drafted).to(probs.dtype), accumulate=True
-    )
+    children = torch.zeros_like(probs).index_add_(0, tree.tokens, ((tree.parents == last) & drafted).to(probs.dtype))
     residual = probs * (children == 0)
     # Only float rounding can leave no residual mass (the children held all of it); p itself is then exact.
     residual = torch.where(residual.sum() > 0, residual, probs)
