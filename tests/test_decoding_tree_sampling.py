@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_head, make_target
 from lossless import chi_square_p_value
-from test_decoding_overhead import SyncCounter, walk_tree_logits
+from test_decoding_overhead import assert_one_host_transfer_per_step, walk_tree_logits
 from transformers.generation import (
     EosTokenCriteria,
     LogitsProcessor,
@@ -28,16 +27,11 @@ from transformers.generation import (
 )
 from tree_decoding import (
     PLAIN_SAMPLING,
-    RecordingStats,
     assert_sampling_matches_target_distribution,
     hand_built_tree,
-    prompt,
-    tree_generate,
 )
 
 from hf_eagle3.decoding.acceptance import accept, accept_on_device, sampled_path
-from hf_eagle3.decoding.dynamic_tree import DynamicTreeDecoder
-from hf_eagle3.decoding.static_tree import StaticTreeRunner
 from hf_eagle3.decoding.stopping import host_stop_rule
 from hf_eagle3.decoding.tree_processors import path_tokens, process_tree_logits, processes_rows_independently
 
@@ -196,37 +190,5 @@ def test_static_path_sampling_matches_target_distribution(device_acceptance, aot
 @pytest.mark.parametrize("static_cache", [False, True], ids=["dynamic", "static"])
 def test_one_host_transfer_per_sampled_step(device_acceptance, monkeypatch, static_cache):
     """A sampled step with processors, drafted, verified and accepted, reads the device once."""
-    target = make_target("llama")
-    head = make_head(target, draft_vocab_size=64)
-    counter = SyncCounter()
-    tolist = torch.Tensor.tolist
-
-    def counted_tolist(tensor):
-        counter.count += 1
-        return tolist(tensor)
-
-    monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
-    first_step = {}
-    for decoder in (DynamicTreeDecoder, StaticTreeRunner):
-
-        def counting_draft(self, input_ids, draft=decoder.draft):
-            first_step.setdefault("count", counter.count)
-            return draft(self, input_ids)
-
-        monkeypatch.setattr(decoder, "draft", counting_draft)
-    stats = RecordingStats()
-    with counter:
-        tree_generate(
-            target,
-            head,
-            prompt(0),
-            (8, 3, 2),
-            stats,
-            static_cache=static_cache,
-            max_new_tokens=16,
-            do_sample=True,
-            **PROCESSED_TOP_P,
-        )
-    steps = stats.target_forwards
-    assert steps > 5 and stats.static_cache == static_cache
-    assert counter.count - first_step["count"] == steps
+    assert_one_host_transfer_per_step(monkeypatch, static_cache, do_sample=True, **PROCESSED_TOP_P)
+    assert device_acceptance, "the device acceptance was not used"
