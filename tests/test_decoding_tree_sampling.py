@@ -29,9 +29,14 @@ from tree_decoding import (
     PLAIN_SAMPLING,
     assert_sampling_matches_target_distribution,
     hand_built_tree,
+    make_oracle_pair,
+    prompt,
+    tree_generate,
 )
 
+from hf_eagle3.decoding import static_tree
 from hf_eagle3.decoding.acceptance import accept, accept_on_device, sampled_path
+from hf_eagle3.decoding.static_tree import StaticTreeRunner
 from hf_eagle3.decoding.stopping import host_stop_rule
 from hf_eagle3.decoding.tree_processors import path_tokens, process_tree_logits, processes_rows_independently
 
@@ -192,3 +197,31 @@ def test_one_host_transfer_per_sampled_step(device_acceptance, monkeypatch, stat
     """A sampled step with processors, drafted, verified and accepted, reads the device once."""
     assert_one_host_transfer_per_step(monkeypatch, static_cache, do_sample=True, **PROCESSED_TOP_P)
     assert device_acceptance, "the device acceptance was not used"
+
+
+def test_static_sample_step_that_cannot_be_compiled_runs_eagerly(device_acceptance, aot_eager, monkeypatch, caplog):
+    """A sample step that fails to compile is drawn eagerly, with a warning; the other steps stay compiled. Its
+    buffer outlives an inference-mode call."""
+    compile_step = static_tree._compile_step
+
+    def failing_sample(method):
+        if method.__func__ is not StaticTreeRunner._sample:
+            return compile_step(method)
+
+        def fail():
+            raise RuntimeError("cannot trace this")
+
+        return fail
+
+    monkeypatch.setattr(static_tree, "_compile_step", failing_sample)
+    target, head = make_oracle_pair("llama", 0.3, eos_token_id=None)
+    kwargs = dict(max_new_tokens=10, do_sample=True, static_cache=True, compile=True, **PROCESSED_TOP_P)
+    with caplog.at_level("WARNING"), torch.inference_mode():
+        output = tree_generate(target, head, prompt(1), (8, 3, 2), **kwargs)
+    assert "sampled acceptance without a compiled or captured step: cannot trace this" in caplog.text
+    runner = static_tree.cached_runner(head)
+    assert runner.compiled and runner._sample_step.function == runner._sample
+    assert output.shape[1] == prompt(1).shape[1] + 10
+    # Outside inference mode, the same runner and buffer.
+    assert tree_generate(target, head, prompt(2), (8, 3, 2), **kwargs).shape[1] == prompt(2).shape[1] + 10
+    assert static_tree.cached_runner(head) is runner and device_acceptance

@@ -425,10 +425,15 @@ class StaticTreeRunner:
         Where the step cannot be compiled or captured, it runs eagerly (with a warning): the draws stay exact.
         """
         if self._sample_step is None:
-            self.sample_scores = torch.zeros_like(scores)
+            self._allocate_sample_scores(scores)
             self._sample_step = self._build_sample_step()
         self.sample_scores.copy_(scores)
         return self._sample_step(), self.visited, self.emitted
+
+    # A normal tensor even when allocated inside `torch.inference_mode()`, like the other buffers.
+    @torch.inference_mode(False)
+    def _allocate_sample_scores(self, scores: torch.Tensor) -> None:
+        self.sample_scores = torch.zeros_like(scores)
 
     def _build_sample_step(self) -> _StepFunction:
         step = _StepFunction(self._sample, self.compiled)
