@@ -6,8 +6,11 @@ dominate), and so does each head forward. With the tree shape fixed, every tenso
 the tokens accepted) is a device scalar. A step is then three functions on fixed buffers, each captured once as a
 CUDA graph and replayed: `_draft` (the head encodes the tokens emitted last step, then grows the tree), `_verify`
 (the target over the tree, and greedy acceptance on the device) and `_commit` (keep the accepted path in the target
-cache, prepare the next head input). A greedy step reads the device once. Off CUDA the same functions are simply
-called, which is how the CPU tests cover all of their logic.
+cache, prepare the next head input). A greedy step reads the device once. A sampled one too: the call's processors run
+eagerly over the verified tree's logits, then a fourth step function, `_sample`, draws the path (captured by the first
+sampled step, in a memory pool of its own since greedy steps skip it; random draws replay from the default
+generator's graph-safe philox state). Off CUDA the same functions are simply called, which is how the CPU tests cover
+all of their logic.
 
 Captured as they are, the steps replay eager kernels: hundreds of small unfused launches per forward. With
 `eagle3_compile=True` each step function is first compiled whole by torch.compile (inductor, which fuses norms,
@@ -19,7 +22,7 @@ the trace: dynamo turns `int(tensor)` into a guard on the value, which recompile
 CUDA, reads the device during capture. The CPU tests check that calls after the first compile nothing.
 
 What must hold for capture (the CUDA tests check it; nothing here enforces it):
-- the three step functions read nothing on the host: no `.item()`, `.tolist()`, `bool(tensor)`, Python branches on
+- the step functions read nothing on the host: no `.item()`, `.tolist()`, `bool(tensor)`, Python branches on
   tensor values, data-dependent shapes (`nonzero`, boolean-mask indexing) or tensors made from Python data
   (`torch.tensor(...)` copies from the host);
 - every buffer they read or write keeps its address: cache keys/values and `cumulative_length` (allocated by
@@ -60,6 +63,7 @@ if TYPE_CHECKING:
     from ..target_features import TargetFeatureCapture
 
 logger = logging.get_logger(__name__)
+
 # Cache lengths are rounded up to a multiple of this: later calls with a little more room reuse the runner, and the
 # masks' last dimension stays aligned for the fused attention kernels.
 CACHE_LENGTH_MULTIPLE = 256
