@@ -118,7 +118,8 @@ def walk_distribution(probs: torch.Tensor, tree) -> dict[tuple[int, ...], float]
 
 
 def draw_steps(logits: torch.Tensor, tree, draws: int) -> list[tuple[int, ...]]:
-    """`draws` steps of `sampled_path` over the nodes' `logits`, checking that each is a path whose tokens lead from node to node."""
+    """`draws` steps of `sampled_path` over the nodes' `logits`, checking that each is a path whose tokens lead from
+    node to node."""
     parents, tokens = tree.parents.tolist(), tree.tokens.tolist()
     steps = []
     for _ in range(draws):
