@@ -30,6 +30,7 @@ from transformers import (
 from hf_eagle3 import Eagle3Config, Eagle3DraftModel
 from hf_eagle3.decoding import static_tree, tree_loop
 from hf_eagle3.decoding.config import DEFAULT_EAGLE3_KNOBS
+from hf_eagle3.decoding.tree_processors import processes_rows_independently
 
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core runner the threads' spin-waiting makes every
 # forward several times slower than with one thread.
@@ -177,6 +178,28 @@ def batched_greedy(monkeypatch):
     monkeypatch.setattr(
         tree_loop, "uses_batched_greedy", lambda do_sample, processors, device: not do_sample and not processors
     )
+
+
+@pytest.fixture
+def device_acceptance(monkeypatch) -> list:
+    """Take the accelerator's acceptance for sampling and processors (one host transfer per step) on the CPU; the
+    list it returns gets one entry per step accepted that way."""
+    steps = []
+    accept_on_device = tree_loop.accept_on_device
+
+    def counted(*args, **kwargs):
+        steps.append(True)
+        return accept_on_device(*args, **kwargs)
+
+    monkeypatch.setattr(tree_loop, "accept_on_device", counted)
+    monkeypatch.setattr(
+        tree_loop,
+        "uses_device_acceptance",
+        lambda do_sample, processors, device: (
+            (do_sample or bool(processors)) and processes_rows_independently(processors)
+        ),
+    )
+    return steps
 
 
 @pytest.fixture

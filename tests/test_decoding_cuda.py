@@ -10,7 +10,9 @@ did (a capture failure would fall back to the dynamic cache with a warning, and 
 - bfloat16 (no identity expected: other kernels round differently and near-ties flip): every emitted token is the
   argmax of the verification logits the call returns for it (`output_logits`), a fresh forward over the output
   agrees with those tokens up to near-ties, and the text mostly matches plain `generate` (agreements printed).
-- sampling: continuations follow the target's exact distribution (chi-square), with temperature and top-k.
+- sampling: continuations follow the target's exact distribution (chi-square), with temperature and top-k, the
+  acceptance drawn on the device by a captured step of its own; with top-p and a repetition penalty too, on the
+  static and the dynamic path.
 - statistics: `static_cache` and the draft / verify / accept phase times.
 
 Each check runs twice: on the captured eager steps (`graphs`) and with `eagle3_compile=True` (`compiled`): the step
@@ -29,7 +31,7 @@ import pytest
 import torch
 from conftest import make_head, make_target
 from lossless import assert_greedy_lossless, chi_square_p_value, exact_continuation_probs
-from tree_decoding import make_oracle_pair, prompt
+from tree_decoding import assert_sampling_matches_target_distribution, make_oracle_pair, prompt
 
 from hf_eagle3.decoding import static_tree
 
@@ -169,7 +171,8 @@ def sampling_p_value(temperature: float, top_k: int | None, device=CUDA, runs: i
             return_dict_in_generate=True,
             **knobs,
         )
-        assert_graph_path(output, head, knobs.get("eagle3_compile", False))
+        runner = assert_graph_path(output, head, knobs.get("eagle3_compile", False))
+        assert runner._sample_step.graph is not None, "the sampled acceptance was not captured as a CUDA graph"
         samples.append(tuple(output.sequences[0, input_ids.shape[1] :].tolist()))
         stats = output.eagle3_stats
         accepted += sum(stats.accepted_per_depth[:1])
@@ -182,6 +185,21 @@ def sampling_p_value(temperature: float, top_k: int | None, device=CUDA, runs: i
 @pytest.mark.parametrize(("temperature", "top_k"), [(1.0, None), (0.7, 4)], ids=["t1", "t0.7-top4"])
 def test_sampling_matches_target_distribution(temperature, top_k, compiled):
     assert sampling_p_value(temperature, top_k, eagle3_compile=compiled) > 1e-4
+
+
+@COMPILED
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_processed_sampling_matches_target_distribution_on_both_paths(arch, compiled):
+    """Temperature, top-k, top-p and a repetition penalty (which reads each node's sequence): tokens 2, 3 and the
+    pair against the exact distribution, on the static path (captured, compiled or not) and the dynamic one."""
+    sampling = dict(temperature=0.7, top_k=6, top_p=0.9, repetition_penalty=1.3)
+    assert_sampling_matches_target_distribution(
+        static_cache=True, device=CUDA, compile=compiled, arch=arch, sampling=sampling, runs=400
+    )
+    if not compiled:
+        assert_sampling_matches_target_distribution(
+            static_cache=False, device=CUDA, arch=arch, sampling=sampling, runs=400
+        )
 
 
 @COMPILED

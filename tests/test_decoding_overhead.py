@@ -141,13 +141,9 @@ class SyncCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("static_cache", [False, True], ids=["dynamic", "static"])
-def test_one_host_transfer_per_step(batched_greedy, monkeypatch, static_cache):
-    """On an accelerator each host read stalls the launch queue: a greedy step reads the device once.
-
-    On the static path this also shows that drafting, verification and commit read nothing on the host, as CUDA
-    graph capture requires.
-    """
+def assert_one_host_transfer_per_step(monkeypatch, static_cache: bool, **generate_kwargs):
+    """16 tokens through the tree loop read the device once per step, counted from the first draft on (the setup
+    and the prefill, with its prompt checks and EOS ids, may read it more)."""
     target = make_target("llama")
     head = make_head(target, draft_vocab_size=64)
     counter = SyncCounter()
@@ -158,7 +154,6 @@ def test_one_host_transfer_per_step(batched_greedy, monkeypatch, static_cache):
         return tolist(tensor)
 
     monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
-    # Measured from the first draft on: the setup and the prefill (prompt checks, EOS ids) may read the device.
     first_step = {}
     for decoder in (DynamicTreeDecoder, StaticTreeRunner):
 
@@ -170,11 +165,21 @@ def test_one_host_transfer_per_step(batched_greedy, monkeypatch, static_cache):
     stats = RecordingStats()
     with counter:
         tree_generate(
-            target, head, prompt(0), (8, 3, 2), stats, static_cache=static_cache, max_new_tokens=16, do_sample=False
+            target, head, prompt(0), (8, 3, 2), stats, static_cache=static_cache, max_new_tokens=16, **generate_kwargs
         )
     steps = stats.target_forwards
     assert steps > 5 and stats.static_cache == static_cache
     assert counter.count - first_step["count"] == steps
+
+
+@pytest.mark.parametrize("static_cache", [False, True], ids=["dynamic", "static"])
+def test_one_host_transfer_per_step(batched_greedy, monkeypatch, static_cache):
+    """On an accelerator each host read stalls the launch queue: a greedy step reads the device once.
+
+    On the static path this also shows that drafting, verification and commit read nothing on the host, as CUDA
+    graph capture requires.
+    """
+    assert_one_host_transfer_per_step(monkeypatch, static_cache, do_sample=False)
 
 
 def test_keep_cache_positions_with_nothing_to_move_only_crops():

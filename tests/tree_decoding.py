@@ -13,6 +13,7 @@ from transformers.generation import (
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
+    TopPLogitsWarper,
 )
 
 from hf_eagle3 import Eagle3Config, Eagle3DraftModel
@@ -201,23 +202,48 @@ def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(torch.special.gammaincc((support.sum() - 1) / 2.0, statistic / 2))
 
 
-def assert_sampling_matches_target_distribution(static_cache: bool | None = None, device=None, compile: bool = False):
-    """End to end through `generate`: token 2 and 3 marginals vs the exact processed target distribution.
+# The settings of the end-to-end sampling checks: temperature, top-k, top-p and a repetition penalty (which reads the
+# sequence), or the target's plain distribution.
+PROCESSED_SAMPLING = dict(temperature=0.8, top_k=5, top_p=1.0, repetition_penalty=1.3)
+PLAIN_SAMPLING = dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
 
-    Token 2 is drawn at the tree root, token 3 often below an accepted draft, both through temperature, top-k and
-    a repetition penalty. Few runs keep it fast: the walk itself is checked precisely above. The models live on
+
+def sampling_processors(temperature: float, top_k: int, top_p: float, repetition_penalty: float):
+    """The processors `generate` builds for these sampling settings, in its order."""
+    processors = LogitsProcessorList()
+    if repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+    if temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        processors.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p))
+    return processors
+
+
+def assert_sampling_matches_target_distribution(
+    static_cache: bool | None = None,
+    device=None,
+    compile: bool = False,
+    arch: str = "llama",
+    sampling: dict | None = None,
+    runs: int = 150,
+):
+    """End to end through `generate`: tokens 2 and 3, and the pair, vs the exact processed target distribution.
+
+    Token 2 is drawn at the tree root, token 3 often below an accepted draft (conditioned on token 2), with the
+    `sampling` settings (default `PROCESSED_SAMPLING`: temperature, top-k and a repetition penalty). Few runs keep it
+    fast: the acceptance rules themselves are checked precisely in `test_decoding_acceptance`. The models live on
     `device` (default `TEST_DEVICE`); the counts and exact probabilities on the CPU.
     """
+    sampling = PROCESSED_SAMPLING if sampling is None else sampling
     vocab = 8
-    target, head = make_oracle_pair(
-        "llama", 0.5, vocab_size=vocab, eos_token_id=None, num_hidden_layers=4, device=device
-    )
+    target, head = make_oracle_pair(arch, 0.5, vocab_size=vocab, eos_token_id=None, num_hidden_layers=4, device=device)
     head.oracle = head.oracle / 10  # agree often, not always: both acceptance and residual draws happen
     input_ids = torch.tensor([[3, 5, 4, 6]], device=target.device)
     tokens = torch.arange(vocab, device=target.device)
-    processors = LogitsProcessorList(
-        [RepetitionPenaltyLogitsProcessor(1.3), TemperatureLogitsWarper(0.8), TopKLogitsWarper(5)]
-    )
+    processors = sampling_processors(**sampling)
 
     def next_probs(sequences: torch.LongTensor) -> torch.Tensor:
         with torch.no_grad():
@@ -230,11 +256,11 @@ def assert_sampling_matches_target_distribution(static_cache: bool | None = None
     pairs = torch.cat([contexts.repeat_interleave(vocab, 0), tokens.repeat(vocab)[:, None]], dim=1)
     third = next_probs(pairs).view(vocab, vocab, vocab)  # [t1, t2, t3]
     joint12 = first[:, None] * second
-    exact = {2: joint12.sum(0).cpu(), 3: (joint12[..., None] * third).sum((0, 1)).cpu()}
+    joint23 = (joint12[..., None] * third).sum(0).cpu()
+    exact = {2: joint12.sum(0).cpu(), 3: joint23.sum(0), (2, 3): joint23}
 
     torch.manual_seed(0)
-    runs = 150
-    counts = {2: torch.zeros(vocab), 3: torch.zeros(vocab)}
+    counts = {2: torch.zeros(vocab), 3: torch.zeros(vocab), (2, 3): torch.zeros(vocab, vocab)}
     stats = RecordingStats()
     for _ in range(runs):
         output = tree_generate(
@@ -247,17 +273,16 @@ def assert_sampling_matches_target_distribution(static_cache: bool | None = None
             compile=compile,
             max_new_tokens=3,
             do_sample=True,
-            temperature=0.8,
-            top_k=5,
-            top_p=1.0,
-            repetition_penalty=1.3,
+            **sampling,
         )
         counts[2][int(output[0, 5])] += 1
         counts[3][int(output[0, 6])] += 1
+        counts[2, 3][int(output[0, 5]), int(output[0, 6])] += 1
     assert 0 < sum(accepted for accepted, _ in stats.steps) < len(stats.steps), "need acceptances and rejections"
     assert stats.static_cache == bool(static_cache) and stats.compiled == compile
-    for position in (2, 3):
-        assert chi_square_p_value(counts[position], exact[position]) > 1e-4, (position, counts)
+    for position in (2, 3, (2, 3)):
+        p_value = chi_square_p_value(counts[position].flatten(), exact[position].flatten())
+        assert p_value > 1e-4, (position, counts[position])
 
 
 def assert_friendly_head_lossless(arch: str, knobs: dict):

@@ -1,11 +1,14 @@
 """Which tokens of a verified draft tree are emitted: the acceptance rules, exact for greedy decoding and sampling.
 
-A walk from the root emits one token per visited node as `_sample` would at that position (`accept`); greedy
-decoding without logits processors finds the same path on the device in one go (`greedy_path`, `accept_greedy`).
+A walk from the root emits one token per visited node as `_sample` would at that position (`accept`). The same path
+is found on the device for the whole tree in one go, with one host transfer: for greedy decoding without processors
+(`greedy_path`, `accept_greedy`), and for sampling or processed greedy decoding (`sampled_path`, `accept_on_device`)
+where every processor is one `tree_processors` can apply to all nodes exactly.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +17,7 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList
 
 from .draft_tree import DraftTree
 from .stopping import HostStopRule, first_stop
+from .tree_processors import process_tree_logits, processes_rows_independently
 
 
 def sample_with_candidates(probs: torch.Tensor, candidates: torch.LongTensor) -> tuple[int, int | None]:
@@ -113,25 +117,119 @@ def uses_batched_greedy(do_sample: bool, logits_processor: LogitsProcessorList, 
     return not do_sample and len(logits_processor) == 0 and device.type != "cpu"
 
 
-# `(num_visited, visited, emitted)` of `greedy_path`, on the device.
-GreedyPath = tuple[torch.Tensor, torch.LongTensor, torch.LongTensor]
+def uses_device_acceptance(do_sample: bool, logits_processor: LogitsProcessorList, device: torch.device) -> bool:
+    """Whether to accept through `accept_on_device`: sampling or processors, every processor one that
+    `process_tree_logits` handles exactly, and an accelerator.
+
+    On the CPU the walk of `accept` wins again: it processes and samples only the rows it visits.
+    """
+    return (
+        (do_sample or len(logits_processor) > 0)
+        and processes_rows_independently(logits_processor)
+        and device.type != "cpu"
+    )
 
 
-def greedy_path(logits: torch.Tensor, tree: DraftTree, width: int) -> GreedyPath:
+# `(num_visited, visited, emitted)`, on the device: the path length (a scalar), `visited` `(width,)`: the path's
+# nodes in level order (= path order) followed by other nodes, and `emitted` `(width,)`: the token emitted at each.
+TreePath = tuple[torch.Tensor, torch.LongTensor, torch.LongTensor]
+
+
+def _path_nodes(on_child: torch.BoolTensor, tree: DraftTree, width: int) -> tuple[torch.Tensor, torch.LongTensor]:
+    """The path through the nodes whose parent moved on to them (`on_child`): its length (a device scalar), and its
+    nodes in level order (= path order) followed by other nodes, `(width,)`.
+
+    A node is on the path when every node from the root to it is.
+    """
+    on_child[:1].fill_(True)  # the root is already emitted (a device fill: graphs cannot copy a host value)
+    on_path = ~(tree.ancestors & ~on_child).any(-1)
+    # Path nodes first, in level order: a stable sort of "not on path".
+    return on_path.sum(), torch.sort((~on_path).to(torch.uint8), stable=True).indices[:width]
+
+
+def greedy_path(logits: torch.Tensor, tree: DraftTree, width: int) -> TreePath:
     """The path greedy acceptance keeps, found on the device with fixed shapes (no host read).
 
-    A node is on the path when every node from the root to it holds the target's argmax at its parent (siblings are
-    distinct tokens, so the path is unique): the walk of `accept` without processors. Returns the path length (a
-    device scalar), `visited` `(width,)`: the path nodes in level order (= path order) followed by other nodes,
-    and `emitted` `(width,)`: the target's argmax at each of them. `width` must be at least the longest path.
+    A node is on the path when every node from the root to it holds the argmax of `logits` at its parent (siblings
+    are distinct tokens, so the path is unique): the walk of `accept` for greedy decoding. `width` must be at least
+    the longest path.
     """
     argmax = logits.argmax(-1)
-    agrees = tree.tokens == argmax[tree.parents]
-    agrees[:1].fill_(True)  # the root is already emitted (a device fill: graphs cannot copy a host value)
-    on_path = ~(tree.ancestors & ~agrees).any(-1)
-    # Path nodes first, in level order: a stable sort of "not on path".
-    visited = torch.sort((~on_path).to(torch.uint8), stable=True).indices[:width]
-    return on_path.sum(), visited, argmax[visited]
+    num_visited, visited = _path_nodes(tree.tokens == argmax[tree.parents], tree, width)
+    return num_visited, visited, argmax[visited]
+
+
+def sampled_path(scores: torch.Tensor, tree: DraftTree, width: int) -> TreePath:
+    """The path sampling acceptance keeps, drawn on the device with fixed shapes (no host read).
+
+    `sample_with_candidates` at every node at once, `scores` `(n, vocab)` being the nodes' processed scores (their
+    softmax is what `_sample` draws from): each node's children are tried in level order (best draft score first),
+    the child `x_i` accepted with probability `p(x_i) / (1 - mass of the earlier, rejected children)`. Every node
+    decides independently and the walk from the root only reads the nodes it visits, so only the path's last node
+    needs its residual (its children's tokens zeroed): one draw there ends the step. `width` must be at least the
+    longest path.
+    """
+    nodes = torch.arange(len(tree), device=scores.device)
+    drafted = nodes > 0
+    log_norm = scores.logsumexp(-1)
+    child_probs = (scores[tree.parents, tree.tokens] - log_norm[tree.parents]).exp()
+    # [i, j]: j is an earlier sibling of i. Elementwise sums, not a matmul: TF32 would round the masses.
+    earlier = (tree.parents[:, None] == tree.parents[None, :]) & (nodes[None, :] < nodes[:, None]) & drafted
+    rejected_mass = (earlier * child_probs).sum(-1)
+    accept_probs = child_probs / (1 - rejected_mass).clamp_min(torch.finfo(scores.dtype).tiny)
+    accepted = torch.rand(len(tree), device=scores.device, dtype=scores.dtype) < accept_probs
+    num_visited, visited = _path_nodes(accepted & ~(earlier & accepted).any(-1), tree, width)
+
+    last = visited.gather(0, (num_visited - 1).view(1))
+    probs = scores.index_select(0, last)[0].sub(log_norm.index_select(0, last)).exp()
+    # Count, not assign: a child's token may also be another node's, whose entry must not win.
+    children = torch.zeros_like(probs).index_add_(0, tree.tokens, ((tree.parents == last) & drafted).to(probs.dtype))
+    residual = probs * (children == 0)
+    # Only float rounding can leave no residual mass (the children held all of it); p itself is then exact.
+    residual = torch.where(residual.sum() > 0, residual, probs)
+    # A categorical draw: argmax of p / Exp(1) noise (`torch.multinomial` would read the device).
+    noise = torch.empty_like(residual).exponential_()
+    draw = torch.where(residual > 0, residual / noise, -1).argmax().view(1)
+    # Along the path each node emits its successor's token; the last one emits the draw.
+    successors = torch.cat([tree.tokens[visited[1:]], draw])
+    emitted = torch.where(nodes[:width] == num_visited - 1, draw, successors)
+    return num_visited, visited, emitted
+
+
+def accept_path(
+    path: TreePath,
+    processed: torch.Tensor,
+    logits: torch.Tensor,
+    input_ids: torch.LongTensor,
+    stopping_criteria: StoppingCriteriaList,
+    stop_rule: HostStopRule | None,
+    scores: tuple | None,
+    raw_logits: tuple | None,
+) -> tuple[StepResult, torch.LongTensor, torch.LongTensor, tuple | None, tuple | None]:
+    """`accept`'s outputs for a path found on the device, with ONE host-device transfer.
+
+    `processed` / `logits` `(n, vocab)`: the nodes' processed scores and raw logits (what `scores` and `raw_logits`
+    collect). Generation stops after the first emitted token a criterion stops at. Also returns the kept path as a
+    device index `(len(visited),)`, for the caches and the next head input.
+    """
+    num_visited, visited_index, emitted = path
+    width = visited_index.numel()
+    host = torch.cat([num_visited.view(1), visited_index, emitted]).tolist()
+    num_visited = host[0]
+    visited, tokens = host[1 : 1 + num_visited], host[1 + width : 1 + width + num_visited]
+
+    new_ids = emitted[None, :num_visited]
+    new_scores = [processed[node : node + 1] for node in visited]
+    stop = first_stop(stopping_criteria, stop_rule, input_ids, new_ids, tokens, scores, new_scores)
+    num_emitted, finished = (len(tokens), False) if stop is None else (stop + 1, True)
+    input_ids = torch.cat([input_ids, new_ids[:, :num_emitted]], dim=-1)
+    if scores is not None:
+        scores += tuple(new_scores[:num_emitted])
+    if raw_logits is not None:
+        raw_logits += tuple(logits[node : node + 1] for node in visited[:num_emitted])
+    # Every emitted token but the full path's last (drawn at the last node) matched a drafted child.
+    step = StepResult(tokens[:num_emitted], visited[:num_emitted], min(num_emitted, len(visited) - 1), finished)
+    return step, visited_index[:num_emitted], input_ids, scores, raw_logits
 
 
 def accept_greedy(
@@ -142,40 +240,56 @@ def accept_greedy(
     stop_rule: HostStopRule | None,
     scores: tuple | None,
     raw_logits: tuple | None,
-    path: GreedyPath | None = None,
+    path: TreePath | None = None,
 ) -> tuple[StepResult, torch.LongTensor, torch.LongTensor, tuple | None, tuple | None]:
     """`accept` for greedy decoding without logits processors, with ONE host-device transfer per step.
 
     Without processors a node's processed logits are its raw logits, so the accepted path is found on the device at
-    once (`greedy_path`, or `path` when the verification computed it already). Also returns the accepted path as a
-    device index `(len(visited),)`, for the caches and the next head input.
+    once (`greedy_path`, or `path` when the verification computed it already). Returns what `accept_path` does.
     """
-    num_visited, visited_index, emitted = path if path is not None else greedy_path(logits, tree, len(tree))
-    width = visited_index.numel()
-    host = torch.cat([num_visited.view(1), visited_index, emitted]).tolist()
-    num_visited = host[0]
-    visited, tokens = host[1 : 1 + num_visited], host[1 + width : 1 + width + num_visited]
+    path = path if path is not None else greedy_path(logits, tree, len(tree))
+    return accept_path(path, logits, logits, input_ids, stopping_criteria, stop_rule, scores, raw_logits)
 
-    new_ids = emitted[None, :num_visited]
-    new_scores = [logits[node : node + 1] for node in visited]
-    stop = first_stop(stopping_criteria, stop_rule, input_ids, new_ids, tokens, scores, new_scores)
-    num_emitted, finished = (len(tokens), False) if stop is None else (stop + 1, True)
-    input_ids = torch.cat([input_ids, new_ids[:, :num_emitted]], dim=-1)
-    if scores is not None:
-        scores += tuple(new_scores[:num_emitted])
-    if raw_logits is not None:
-        raw_logits += tuple(new_scores[:num_emitted])
-    # Every emitted token but the full path's last (the target's bonus) matched a drafted child.
-    step = StepResult(tokens[:num_emitted], visited[:num_emitted], min(num_emitted, len(visited) - 1), finished)
-    return step, visited_index[:num_emitted], input_ids, scores, raw_logits
+
+def accept_on_device(
+    logits: torch.Tensor,
+    tree: DraftTree,
+    depth: int,
+    input_ids: torch.LongTensor,
+    logits_processor: LogitsProcessorList,
+    do_sample: bool,
+    stopping_criteria: StoppingCriteriaList,
+    stop_rule: HostStopRule | None,
+    scores: tuple | None,
+    raw_logits: tuple | None,
+    draw: Callable[[torch.Tensor], TreePath] | None = None,
+) -> tuple[StepResult, torch.LongTensor, torch.LongTensor, tuple | None, tuple | None]:
+    """`accept` for sampling or processed greedy decoding, with ONE host-device transfer per step.
+
+    Every node's logits are processed as `_sample` would process them (`process_tree_logits`: the processors must
+    satisfy `processes_rows_independently`), then the path is drawn (`sampled_path`, or `draw` of the processed
+    scores: the same, computed by the backend) or found (`greedy_path`) for the whole tree at once. `depth` bounds
+    the tree's depth. Returns what `accept_path` does.
+    """
+    processed = process_tree_logits(logits, tree, input_ids, logits_processor, depth)
+    width = min(depth + 1, len(tree))
+    if do_sample:
+        path = draw(processed) if draw is not None else sampled_path(processed, tree, width)
+    else:
+        path = greedy_path(processed, tree, width)
+    return accept_path(path, processed, logits, input_ids, stopping_criteria, stop_rule, scores, raw_logits)
 
 
 __all__ = [
-    "GreedyPath",
     "StepResult",
+    "TreePath",
     "accept",
     "accept_greedy",
+    "accept_on_device",
+    "accept_path",
     "greedy_path",
     "sample_with_candidates",
+    "sampled_path",
     "uses_batched_greedy",
+    "uses_device_acceptance",
 ]

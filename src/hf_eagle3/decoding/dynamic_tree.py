@@ -12,7 +12,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from .._compat import CACHE_NAME, cache_kwargs
-from .acceptance import StepResult
+from .acceptance import StepResult, TreePath, sampled_path
 from .draft_tree import DraftTree, build_draft_tree
 from .kv_cache import keep_cache_positions
 
@@ -109,6 +109,9 @@ class DynamicTreeDecoder:
         )
         self.features = self.capture.pop()
         return outputs.logits[0].float(), None
+
+    def sampled_path(self, scores: torch.Tensor) -> TreePath:
+        return sampled_path(scores, self.tree, min(self.depth + 1, len(self.tree)))
 
     def commit(self, step: StepResult, visited: torch.LongTensor, input_ids: torch.LongTensor) -> None:
         # The root, and often the best first child, already sit where they stay: only the rest moves.

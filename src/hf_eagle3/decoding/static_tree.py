@@ -6,8 +6,11 @@ dominate), and so does each head forward. With the tree shape fixed, every tenso
 the tokens accepted) is a device scalar. A step is then three functions on fixed buffers, each captured once as a
 CUDA graph and replayed: `_draft` (the head encodes the tokens emitted last step, then grows the tree), `_verify`
 (the target over the tree, and greedy acceptance on the device) and `_commit` (keep the accepted path in the target
-cache, prepare the next head input). A greedy step reads the device once. Off CUDA the same functions are simply
-called, which is how the CPU tests cover all of their logic.
+cache, prepare the next head input). A greedy step reads the device once. A sampled one too: the call's processors run
+eagerly over the verified tree's logits, then a fourth step function, `_sample`, draws the path (captured by the first
+sampled step, in a memory pool of its own since greedy steps skip it; random draws replay from the default
+generator's graph-safe philox state). Off CUDA the same functions are simply called, which is how the CPU tests cover
+all of their logic.
 
 Captured as they are, the steps replay eager kernels: hundreds of small unfused launches per forward. With
 `eagle3_compile=True` each step function is first compiled whole by torch.compile (inductor, which fuses norms,
@@ -19,7 +22,7 @@ the trace: dynamo turns `int(tensor)` into a guard on the value, which recompile
 CUDA, reads the device during capture. The CPU tests check that calls after the first compile nothing.
 
 What must hold for capture (the CUDA tests check it; nothing here enforces it):
-- the three step functions read nothing on the host: no `.item()`, `.tolist()`, `bool(tensor)`, Python branches on
+- the step functions read nothing on the host: no `.item()`, `.tolist()`, `bool(tensor)`, Python branches on
   tensor values, data-dependent shapes (`nonzero`, boolean-mask indexing) or tensors made from Python data
   (`torch.tensor(...)` copies from the host);
 - every buffer they read or write keeps its address: cache keys/values and `cumulative_length` (allocated by
@@ -46,9 +49,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, StaticCache, StaticLayer
+from transformers.utils import logging
 
 from .._compat import CACHE_NAME, cache_kwargs
-from .acceptance import GreedyPath, StepResult, greedy_path
+from .acceptance import StepResult, TreePath, greedy_path, sampled_path
 from .draft_tree import DraftTree, additive_mask, grow_draft_tree
 from .kv_cache import keep_static_cache_positions, set_cache_length, static_cache_problem
 
@@ -57,6 +61,8 @@ if TYPE_CHECKING:
 
     from ..modeling_eagle3 import Eagle3DraftModel, Eagle3DraftOutput
     from ..target_features import TargetFeatureCapture
+
+logger = logging.get_logger(__name__)
 
 # Cache lengths are rounded up to a multiple of this: later calls with a little more room reuse the runner, and the
 # masks' last dimension stays aligned for the fused attention kernels.
@@ -235,6 +241,9 @@ class StaticTreeRunner:
         self._verify_step = _StepFunction(self._verify, compiled)
         self._commit_step = _StepFunction(self._commit, compiled)
         self._steps = (self._draft_step, self._verify_step, self._commit_step)
+        # Sampling's acceptance, built by the first sampled step (greedy calls never need it).
+        self._sample_step: _StepFunction | None = None
+        self.sample_scores: torch.Tensor | None = None
 
         # Set per call by `begin`.
         self.capture: TargetFeatureCapture | None = None
@@ -343,6 +352,15 @@ class StaticTreeRunner:
         self.emitted.copy_(emitted)
         return logits, features, num_visited
 
+    def _sample(self) -> torch.Tensor:
+        """Draw the sampled path over the verified tree from the processed scores in `sample_scores` (the path goes to
+        the buffers); its length."""
+        tree = self._draft_step.outputs[0]
+        num_visited, visited, emitted = sampled_path(self.sample_scores, tree, self.width)
+        self.visited.copy_(visited)
+        self.emitted.copy_(emitted)
+        return num_visited
+
     def _commit(self) -> None:
         """Keep the path in the target cache; its tokens and features become the head's next input block."""
         _, features, _ = self._verify_step.outputs
@@ -395,17 +413,55 @@ class StaticTreeRunner:
     def draft(self, input_ids: torch.LongTensor) -> DraftTree:
         return self._draft_step()[0]
 
-    def verify(self) -> tuple[torch.Tensor, GreedyPath]:
+    def verify(self) -> tuple[torch.Tensor, TreePath]:
         logits, _, num_visited = self._verify_step()
         if self.keep_logits:
             # The scores and logits tuples keep rows of these; the next replay overwrites graph outputs.
             logits = logits.clone()
         return logits, (num_visited, self.visited, self.emitted)
 
+    @torch.no_grad()
+    def sampled_path(self, scores: torch.Tensor) -> TreePath:
+        """`acceptance.sampled_path` over the verified tree as a step of its own: compiled with the others, and on
+        CUDA captured (in a pool of its own, as greedy steps skip it) and replayed. The processors ran eagerly: they
+        change from call to call.
+
+        Where the step cannot be compiled or captured, it runs eagerly (with a warning): the draws stay exact.
+        """
+        if self._sample_step is None:
+            self._allocate_sample_scores(scores)
+            self._sample_step = self._build_sample_step()
+        self.sample_scores.copy_(scores)
+        return self._sample_step(), self.visited, self.emitted
+
+    # A normal tensor even when allocated inside `torch.inference_mode()`, like the other buffers.
+    @torch.inference_mode(False)
+    def _allocate_sample_scores(self, scores: torch.Tensor) -> None:
+        self.sample_scores = torch.zeros_like(scores)
+
+    def _build_sample_step(self) -> _StepFunction:
+        step = _StepFunction(self._sample, self.compiled)
+        try:
+            if self.length.device.type == "cuda":
+                with torch.cuda.device(self.length.device):
+                    stream = torch.cuda.Stream()
+                    stream.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(stream):
+                        for _ in range(self._warmup_steps):
+                            step()
+                    torch.cuda.current_stream().wait_stream(stream)
+                    step.capture(torch.cuda.graph_pool_handle())
+            elif self.compiled:
+                step()  # compile now, so that a failure falls back here
+        except RuntimeError as error:
+            logger.warning_once(f"EAGLE-3 draws its sampled acceptance without a compiled or captured step: {error}")
+            step = _StepFunction(self._sample, compiled=False)
+        return step
+
     def commit(self, step: StepResult, visited: torch.LongTensor, input_ids: torch.LongTensor) -> None:
         num_new = len(step.tokens)
         if not self.batched_greedy:
-            # The host walk chose the path; the verification only left the greedy one on the device.
+            # The host walk or the sampled acceptance chose the path; the verification left the greedy one.
             self.visited[:num_new].copy_(visited)
             self.emitted[:num_new].copy_(input_ids[0, -num_new:])
         # Fewer than the path's nodes when generation stopped inside it.

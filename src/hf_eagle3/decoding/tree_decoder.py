@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .acceptance import GreedyPath, StepResult
+from .acceptance import StepResult, TreePath
 from .draft_tree import DraftTree
 
 
@@ -27,8 +27,11 @@ class TreeDecoder(Protocol):
     def draft(self, input_ids: torch.LongTensor) -> DraftTree:
         """Grow the draft tree rooted at the last token of `input_ids`."""
 
-    def verify(self) -> tuple[torch.Tensor, GreedyPath | None]:
+    def verify(self) -> tuple[torch.Tensor, TreePath | None]:
         """Run the target over the tree: its float logits `(n, vocab)`, and the greedy path if it came along."""
+
+    def sampled_path(self, scores: torch.Tensor) -> TreePath:
+        """`acceptance.sampled_path` over the verified tree, for its nodes' processed `scores` `(n, vocab)`."""
 
     def commit(self, step: StepResult, visited: torch.LongTensor, input_ids: torch.LongTensor) -> None:
         """Keep the `visited` nodes in both caches; the head encodes them in the next `draft`."""

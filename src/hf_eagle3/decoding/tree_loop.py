@@ -9,6 +9,7 @@ steps: `DynamicTreeDecoder` (transformers' dynamic cache, eager forwards) or, wh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,14 @@ from transformers.utils import logging
 from .._compat import CACHE_NAME, cache_kwargs
 from ..target_features import TargetFeatureCapture
 from . import static_tree
-from .acceptance import GreedyPath, accept, accept_greedy, uses_batched_greedy
+from .acceptance import (
+    TreePath,
+    accept,
+    accept_greedy,
+    accept_on_device,
+    uses_batched_greedy,
+    uses_device_acceptance,
+)
 from .draft_tree import DraftTree
 from .dynamic_tree import DynamicTreeDecoder
 from .sdpa_backends import shape_stable_attention
@@ -66,14 +74,35 @@ def tree_assisted_decoding(
     scores = () if return_dict and generation_config.output_scores else None
     raw_logits = () if return_dict and generation_config.output_logits else None
     batched_greedy = uses_batched_greedy(do_sample, logits_processor, input_ids.device)
+    device_acceptance = not batched_greedy and uses_device_acceptance(do_sample, logits_processor, input_ids.device)
     stop_rule = host_stop_rule(stopping_criteria)
     timer = PhaseTimer(input_ids.device)
 
     def accept_step(
-        logits: torch.Tensor, tree: DraftTree, path: GreedyPath | None, input_ids: torch.LongTensor, scores, raw_logits
+        logits: torch.Tensor,
+        tree: DraftTree,
+        path: TreePath | None,
+        draw: Callable[[torch.Tensor], TreePath] | None,
+        input_ids: torch.LongTensor,
+        scores,
+        raw_logits,
     ):
         if batched_greedy:
             return accept_greedy(logits, tree, input_ids, stopping_criteria, stop_rule, scores, raw_logits, path)
+        if device_acceptance:
+            return accept_on_device(
+                logits,
+                tree,
+                decoding_config.depth,
+                input_ids,
+                logits_processor,
+                do_sample,
+                stopping_criteria,
+                stop_rule,
+                scores,
+                raw_logits,
+                draw,
+            )
         step, input_ids, scores, raw_logits = accept(
             logits,
             tree.tokens,
@@ -109,7 +138,7 @@ def tree_assisted_decoding(
         first_logits = decoder.prefill(input_ids, model_kwargs)
         # The prompt's last token stands as the root of a tree without drafts.
         step, _, input_ids, scores, raw_logits = accept_step(
-            first_logits, DraftTree.root_only(input_ids[0, -1]), None, input_ids, scores, raw_logits
+            first_logits, DraftTree.root_only(input_ids[0, -1]), None, None, input_ids, scores, raw_logits
         )
         if streamer is not None:
             streamer.put(torch.tensor([step.tokens]))
@@ -123,7 +152,7 @@ def tree_assisted_decoding(
             logits, path = decoder.verify()
             timer.mark("verify")
             step, visited, input_ids, scores, raw_logits = accept_step(
-                logits, tree, path, input_ids, scores, raw_logits
+                logits, tree, path, decoder.sampled_path, input_ids, scores, raw_logits
             )
             decoder.commit(step, visited, input_ids)
             stats.record(step.num_accepted, len(step.tokens))
