@@ -19,12 +19,14 @@ if TYPE_CHECKING:
 
 
 def additive_mask(allowed: torch.BoolTensor, dtype: torch.dtype) -> torch.Tensor:
-    """The mask `(1, 1, q, k)` a stock transformers model takes for `allowed` `(q, k)`: 0 or `dtype`'s minimum.
+    """The mask `(batch, 1, q, k)` a stock transformers model takes for `allowed` `(q, k)` (batch 1) or
+    `(batch, q, k)`: 0 or `dtype`'s minimum.
 
     Float, not boolean: eager attention adds a boolean mask as 0/1 instead of masking.
     """
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None] if allowed.dim() == 2 else mask[:, None]
 
 
 @dataclass
@@ -171,8 +173,8 @@ def grow_draft_trees(
         scores, best = cumulative.topk(top_k)
         parent_slot = best // top_k
         frontier_tokens = tokens.gather(1, best)
-        frontier_hidden = _gather_rows(out.hidden_states, parent_slot)
-        frontier_ancestors = _gather_rows(tree_mask, parent_slot)
+        frontier_hidden = gather_rows(out.hidden_states, parent_slot)
+        frontier_ancestors = gather_rows(tree_mask, parent_slot)
         frontier_ids = best + num_candidates
         num_candidates += top_k * top_k
 
@@ -203,7 +205,7 @@ def grow_draft_trees(
     return DraftTree(tokens=tokens, parents=parents, depths=depths, ancestors=ancestors, scores=scores)
 
 
-def _gather_rows(values: torch.Tensor, index: torch.LongTensor) -> torch.Tensor:
+def gather_rows(values: torch.Tensor, index: torch.LongTensor) -> torch.Tensor:
     """`values[b, index[b]]` for every row `b`: `(batch, m, ...)` from `values` `(batch, n, ...)`."""
     shape = (*index.shape, *values.shape[2:])
     return values.gather(1, index.view(*index.shape, *([1] * (values.dim() - 2))).expand(shape))
@@ -262,4 +264,4 @@ def build_draft_tree(
     return tree
 
 
-__all__ = ["DraftTree", "additive_mask", "build_draft_tree", "grow_draft_tree", "grow_draft_trees"]
+__all__ = ["DraftTree", "additive_mask", "build_draft_tree", "gather_rows", "grow_draft_tree", "grow_draft_trees"]

@@ -46,24 +46,36 @@ def check_tree_cache(cache: Cache | None, max_length: int) -> None:
 def keep_cache_positions(cache: DynamicCache, start: int, keep: torch.LongTensor) -> None:
     """Keep positions `[0, start)` and `start + keep` (in that order) of every layer; drop all later ones.
 
-    `keep` indexes the block of positions after `start` (e.g. the accepted tree nodes, in path order).
-    Only `len(keep)` entries per layer are copied, so the cost does not grow with the prefix.
+    `keep` indexes the block of positions after `start` (e.g. the accepted tree nodes, in path order): `(k,)` for
+    every row, or `(batch, k)`, each row its own. Only `k` entries per row and layer are copied, so the cost does
+    not grow with the prefix.
     """
     total = cache.get_seq_length()
-    kept = start + keep.numel()
+    kept = start + keep.shape[-1]
     if kept > total:
-        raise ValueError(f"Cannot keep {keep.numel()} positions after {start}: the cache holds only {total}.")
+        raise ValueError(f"Cannot keep {keep.shape[-1]} positions after {start}: the cache holds only {total}.")
     source = keep + start
     for layer in cache.layers:
         if not layer.is_initialized or not keep.numel():
             continue
         # Layers may live on different devices (`device_map`).
         source = source.to(layer.keys.device)
-        # Advanced indexing on the right copies the rows first, so overlapping source/destination is safe.
-        layer.keys[..., start:kept, :] = layer.keys[..., source, :]
-        layer.values[..., start:kept, :] = layer.values[..., source, :]
+        # The source rows are read out before the destination is written, so overlapping them is safe.
+        if source.dim() == 1:
+            layer.keys[..., start:kept, :] = layer.keys[..., source, :]
+            layer.values[..., start:kept, :] = layer.values[..., source, :]
+        else:
+            layer.keys[..., start:kept, :] = _gather_positions(layer.keys, source)
+            layer.values[..., start:kept, :] = _gather_positions(layer.values, source)
     if kept < total:
         cache.crop(kept - total)
+
+
+def _gather_positions(states: torch.Tensor, positions: torch.LongTensor) -> torch.Tensor:
+    """`states[b, :, positions[b]]` for every row `b`: `(batch, heads, k, dim)` from `(batch, heads, length, dim)`."""
+    batch, heads, _, dim = states.shape
+    index = positions[:, None, :, None].expand(batch, heads, positions.shape[1], dim)
+    return states.gather(2, index)
 
 
 def static_cache_problem(cache: Cache) -> str | None:

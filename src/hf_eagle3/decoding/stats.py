@@ -19,6 +19,11 @@ class Eagle3GenerationStats:
     `draft`, `verify` and `accept` (acceptance, cache compaction and bookkeeping). `static_cache` tells whether tree
     decoding ran on static caches (see `eagle3_static_cache`), `compiled` whether their steps ran compiled (see
     `eagle3_compile`).
+
+    For a batch of several prompts, `rows` holds each row's own counts and the call's counts are their sums: each
+    verification forward counts once for every row it served, so `mean_accept_len` stays the tokens a row gets per
+    forward. `batch_forwards` counts the verification forwards themselves; `cache_holes` the cache entries the rows
+    left empty (masked) because another row accepted more tokens in the same step.
     """
 
     target_forwards: int = 0
@@ -27,6 +32,9 @@ class Eagle3GenerationStats:
     phase_seconds: dict[str, float] = field(default_factory=dict)
     static_cache: bool = False
     compiled: bool = False
+    rows: list[Eagle3GenerationStats] = field(default_factory=list)
+    batch_forwards: int = 0
+    cache_holes: int = 0
 
     def record(self, num_accepted: int, num_emitted: int) -> None:
         """One verification forward that accepted `num_accepted` draft tokens and emitted `num_emitted` tokens.
@@ -59,6 +67,9 @@ class Eagle3GenerationStats:
             "phase_seconds": dict(self.phase_seconds),
             "static_cache": self.static_cache,
             "compiled": self.compiled,
+            "rows": [row.to_dict() for row in self.rows],
+            "batch_forwards": self.batch_forwards,
+            "cache_holes": self.cache_holes,
         }
 
 

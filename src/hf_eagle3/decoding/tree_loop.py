@@ -21,6 +21,7 @@ from .._compat import CACHE_NAME, cache_kwargs
 from ..target_features import TargetFeatureCapture
 from . import static_tree
 from .acceptance import GreedyPath, accept, accept_greedy, uses_batched_greedy
+from .batched_tree import batched_tree_decoding
 from .draft_tree import DraftTree
 from .dynamic_tree import DynamicTreeDecoder
 from .sdpa_backends import shape_stable_attention
@@ -60,7 +61,25 @@ def tree_assisted_decoding(
     picks the static-shape path where it applies, see `static_tree.use_static_tree`) and `compile` (compile the static
     path's steps); `stats` is updated once per verification. The inputs were checked by `checks.check_eagle3_inputs`.
     `model_kwargs` are what `generate` passes to `_assisted_decoding`: the cache, attention mask, position ids.
+    A batch of several (left-padded) prompts is decoded by `batched_tree.batched_tree_decoding`.
     """
+    if input_ids.shape[0] > 1:
+        if streamer is not None:
+            raise ValueError(
+                f"transformers' streamers take one sequence, and this call decodes a batch of {input_ids.shape[0]}. "
+                "Drop `streamer`, or call `generate` once per prompt to stream it."
+            )
+        return batched_tree_decoding(
+            model,
+            input_ids,
+            logits_processor,
+            stopping_criteria,
+            generation_config,
+            draft_model=draft_model,
+            decoding_config=decoding_config,
+            stats=stats,
+            **model_kwargs,
+        )
     do_sample = generation_config.do_sample
     return_dict = generation_config.return_dict_in_generate
     scores = () if return_dict and generation_config.output_scores else None
