@@ -9,12 +9,22 @@ the batch, and its entries leave both caches. This path runs eagerly on transfor
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.cache_utils import DynamicCache
-from transformers.generation import GenerateDecoderOnlyOutput, GenerationConfig, LogitsProcessorList
-from transformers.generation.stopping_criteria import StoppingCriteriaList
+from transformers.generation import (
+    GenerateDecoderOnlyOutput,
+    GenerationConfig,
+    LogitsProcessorList,
+    PrefixConstrainedLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    SynthIDTextWatermarkLogitsProcessor,
+    UnbatchedClassifierFreeGuidanceLogitsProcessor,
+)
+from transformers.generation.stopping_criteria import MaxLengthCriteria, StoppingCriteriaList
 from transformers.utils import logging
 
 from .._compat import CACHE_NAME, cache_kwargs
@@ -196,13 +206,22 @@ def batched_tree_decoding(
     entries have holes and lack the rows that finished early.
     """
     _log_dynamic_fallback(decoding_config, input_ids.device)
+    batch = input_ids.shape[0]
+    processors = [row_processors(logits_processor, row) for row in range(batch)]
+    if not any(hasattr(criterion, "eos_token_id") for criterion in stopping_criteria) and any(
+        type(criterion) is not MaxLengthCriteria for criterion in stopping_criteria
+    ):
+        raise ValueError(
+            "Without an EOS token, `generate` keeps decoding a row of a batch after its stopping criteria fired, "
+            "until every row has stopped; EAGLE-3 decodes each row until its own criteria fire. Set "
+            "`eos_token_id` (and `pad_token_id`), or call `generate` once per prompt."
+        )
     do_sample = generation_config.do_sample
     return_dict = generation_config.return_dict_in_generate
     keep_scores = return_dict and generation_config.output_scores
     keep_logits = return_dict and generation_config.output_logits
     stop_rule = host_stop_rule(stopping_criteria)
     timer = PhaseTimer(input_ids.device)
-    batch = input_ids.shape[0]
     sequences = list(input_ids.split(1))
     scores: list[tuple | None] = [() if keep_scores else None for _ in range(batch)]
     raw_logits: list[tuple | None] = [() if keep_logits else None for _ in range(batch)]
@@ -214,7 +233,7 @@ def batched_tree_decoding(
             tree.tokens,
             tree.children(),
             sequences[row],
-            logits_processor,
+            processors[row],
             stopping_criteria,
             do_sample,
             scores[row],
@@ -273,6 +292,40 @@ def batched_tree_decoding(
     )
 
 
+def row_processors(processors: LogitsProcessorList, row: int) -> LogitsProcessorList:
+    """The processors as `_sample` applies them to row `row` of its batch, for calls on that row alone.
+
+    transformers' processors treat every row alike, but for the repetition penalty's padding lengths (per row) and
+    the batch id `prefix_allowed_tokens_fn` is called with; processors whose state spans the batch are refused.
+    """
+    view = LogitsProcessorList()
+    for processor in processors:
+        if isinstance(processor, SynthIDTextWatermarkLogitsProcessor | UnbatchedClassifierFreeGuidanceLogitsProcessor):
+            raise ValueError(
+                f"{type(processor).__name__} keeps state for the whole batch, which EAGLE-3 cannot split into rows "
+                "that advance by different numbers of tokens. Call `generate` once per prompt with it."
+            )
+        if isinstance(processor, RepetitionPenaltyLogitsProcessor) and isinstance(
+            processor.prompt_ignore_length, torch.Tensor
+        ):
+            processor = copy.copy(processor)
+            processor.prompt_ignore_length = processor.prompt_ignore_length[row : row + 1]
+        elif isinstance(processor, PrefixConstrainedLogitsProcessor):
+            processor = copy.copy(processor)
+            processor._prefix_allowed_tokens_fn = _with_batch_id(processor._prefix_allowed_tokens_fn, row)
+        view.append(processor)
+    return view
+
+
+def _with_batch_id(function: Callable[[int, torch.Tensor], list[int]], row: int) -> Callable:
+    """`function(batch_id, input_ids)` called with `row` as the batch id whatever it is given."""
+
+    def for_row(batch_id: int, input_ids: torch.Tensor) -> list[int]:
+        return function(row, input_ids)
+
+    return for_row
+
+
 def _go_on(decoder: BatchedTreeDecoder, active: list[int], steps: list[StepResult]) -> list[int]:
     """The rows of `active` that did not finish at `steps`; the decoder keeps only those."""
     going_on = [row for row, step in zip(active, steps, strict=True) if not step.finished]
@@ -314,4 +367,4 @@ def _log_dynamic_fallback(config: Eagle3DecodingConfig, device: torch.device) ->
         )
 
 
-__all__ = ["BatchedTreeDecoder", "batched_tree_decoding"]
+__all__ = ["BatchedTreeDecoder", "batched_tree_decoding", "row_processors"]

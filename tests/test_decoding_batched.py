@@ -1,0 +1,146 @@
+"""Tree decoding of a left-padded batch: every row as if decoded alone, and as plain batched `generate` leaves it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_head, make_target
+from lossless import chi_square_p_value, exact_continuation_probs, make_friendly_pair, prompt_reaching_eos
+from tree_decoding import CollectingStreamer
+
+SMALL_TREE = dict(eagle3_total_tokens=8, eagle3_depth=3, eagle3_top_k=2)
+
+
+def left_pad(prompts: list[torch.LongTensor], pad_token_id: int) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """`(1, length)` prompts as one left-padded batch: input ids and attention mask."""
+    length = max(prompt.shape[1] for prompt in prompts)
+    input_ids = torch.full((len(prompts), length), pad_token_id, device=prompts[0].device)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, length - prompt.shape[1] :] = prompt[0]
+        attention_mask[row, length - prompt.shape[1] :] = 1
+    return input_ids, attention_mask
+
+
+def assert_rows_lossless(target, head, prompts: list[torch.LongTensor], **generate_kwargs):
+    """Greedy EAGLE-3 on the padded batch: equal to plain batched `generate` (pads included), and every row's
+    tokens equal to its prompt generated alone, followed by pads. Returns the EAGLE-3 output."""
+    kwargs = dict(do_sample=False, **generate_kwargs)
+    plain_kwargs = {name: value for name, value in kwargs.items() if not name.startswith("eagle3_")}
+    pad = target.config.pad_token_id
+    input_ids, attention_mask = left_pad(prompts, pad)
+    output = target.generate(
+        input_ids, attention_mask=attention_mask, assistant_model=head, return_dict_in_generate=True, **kwargs
+    )
+    plain = target.generate(input_ids, attention_mask=attention_mask, **plain_kwargs)
+    assert torch.equal(output.sequences, plain), f"\n  plain:  {plain.tolist()}\n  eagle3: {output.sequences.tolist()}"
+    for row, prompt in enumerate(prompts):
+        alone = target.generate(prompt, **plain_kwargs)[0, prompt.shape[1] :]
+        got = output.sequences[row, input_ids.shape[1] :]
+        assert torch.equal(got[: len(alone)], alone), (row, alone.tolist(), got.tolist())
+        assert bool((got[len(alone) :] == pad).all()), (row, got.tolist())
+    return output
+
+
+@pytest.mark.parametrize("head_kind", ["friendly", "random"])
+def test_greedy_rows_match_their_prompts_alone(arch, head_kind):
+    """Prompt lengths 5, 9 and 3; the first row stops at EOS early, the second runs to max_new_tokens, the third
+    ends at EOS later. The friendly head gets long runs accepted (ragged per row), the random one mostly not."""
+    target, head = make_friendly_pair(arch)
+    if head_kind == "random":
+        head = make_head(target, draft_vocab_size=64)
+    prompts = [
+        prompt_reaching_eos(target, 4, length=5),
+        prompt_reaching_eos(target, 40, length=9),
+        prompt_reaching_eos(target, 13, length=3),
+    ]
+    output = assert_rows_lossless(target, head, prompts, max_new_tokens=20, **SMALL_TREE)
+    stats = output.eagle3_stats
+    assert [row.new_tokens + 1 for row in stats.rows] == [5, 20, 14]  # the prefill's token is not counted
+    assert stats.new_tokens == sum(row.new_tokens for row in stats.rows)
+    assert stats.target_forwards == sum(row.target_forwards for row in stats.rows)
+    assert stats.batch_forwards == max(row.target_forwards for row in stats.rows)
+    if head_kind == "friendly":
+        assert all(row.mean_accept_len > 2 for row in stats.rows)
+
+
+def test_greedy_rows_with_default_tree_and_processors():
+    """The default tree shape, a repetition penalty (per-row histories) and a random target whose rows differ."""
+    target = make_target("llama")
+    head = make_head(target)
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 96, (1, length), generator=generator) for length in (6, 11, 4, 8)]
+    assert_rows_lossless(target, head, prompts, max_new_tokens=12, repetition_penalty=1.3)
+
+
+def test_scores_hold_each_rows_own_steps():
+    """`output_scores`/`output_logits`: step t holds each row's scores for its token t; zeros once a row stopped."""
+    target, head = make_friendly_pair("qwen2")
+    prompts = [prompt_reaching_eos(target, 3), prompt_reaching_eos(target, 30, length=7)]
+    kwargs = dict(max_new_tokens=10, output_scores=True, output_logits=True)
+    output = assert_rows_lossless(target, head, prompts, **kwargs, **SMALL_TREE)
+    assert len(output.scores) == len(output.logits) == 10
+    for row, prompt in enumerate(prompts):
+        alone = target.generate(prompt, do_sample=False, return_dict_in_generate=True, **kwargs)
+        steps = len(alone.scores)
+        for name in ("scores", "logits"):
+            got = torch.stack(getattr(output, name))[:, row]
+            torch.testing.assert_close(got[:steps], torch.cat(getattr(alone, name)), atol=1e-4, rtol=1e-4)
+            assert bool((got[steps:] == 0).all())
+
+
+def test_rows_finishing_at_the_first_token():
+    """A row whose prompt's next token is EOS leaves the batch at the prefill; the other decodes on."""
+    target, head = make_friendly_pair("llama")
+    prompts = [prompt_reaching_eos(target, 0), prompt_reaching_eos(target, 8, length=4)]
+    output = assert_rows_lossless(target, head, prompts, max_new_tokens=12, **SMALL_TREE)
+    assert output.eagle3_stats.rows[0].target_forwards == 0
+
+
+def test_sampling_keeps_each_rows_distribution():
+    """Sampled continuations of each row of a padded batch follow that prompt's exact distribution."""
+    target = make_target("llama", vocab_size=8, seed=2)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(6)  # context-dependent distributions far from uniform
+    head = make_head(target, draft_vocab_size=6, seed=1)
+    prompts = [torch.tensor([[3, 5, 4, 7]]), torch.tensor([[6, 3]])]
+    input_ids, attention_mask = left_pad(prompts, target.config.pad_token_id)
+    settings = dict(do_sample=True, temperature=0.8, top_k=3, max_new_tokens=3)
+    probs = [exact_continuation_probs(target, prompt, 3, temperature=0.8, top_k=3) for prompt in prompts]
+    samples: list[list[tuple[int, ...]]] = [[], []]
+    accepted = 0
+    for seed in range(200):
+        torch.manual_seed(seed)
+        output = target.generate(
+            input_ids,
+            attention_mask=attention_mask,
+            assistant_model=head,
+            return_dict_in_generate=True,
+            eagle3_total_tokens=6,
+            eagle3_depth=3,
+            eagle3_top_k=2,
+            **settings,
+        )
+        for row in range(2):
+            tokens = output.sequences[row, input_ids.shape[1] :].tolist()
+            # A row that stopped at EOS is padded after it.
+            end = tokens.index(target.config.eos_token_id) + 1 if target.config.eos_token_id in tokens else 3
+            samples[row].append(tuple(tokens[:end]))
+        accepted += sum(output.eagle3_stats.accepted_per_depth)
+    assert accepted > 40  # the drafts were really put to the test
+    for row in range(2):
+        assert chi_square_p_value(samples[row], probs[row]) > 1e-3, row
+
+
+def test_batch_errors_name_the_fix():
+    target, head = make_friendly_pair("llama")
+    input_ids, attention_mask = left_pad(
+        [prompt_reaching_eos(target, 5), prompt_reaching_eos(target, 5, length=3)], target.config.pad_token_id
+    )
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask, assistant_model=head, max_new_tokens=4)
+    with pytest.raises(ValueError, match="eagle3_mode='tree'"):
+        target.generate(**batch, eagle3_mode="chain")
+    with pytest.raises(ValueError, match="Drop `streamer`"):
+        target.generate(**batch, streamer=CollectingStreamer())
+    with pytest.raises(ValueError, match="padding_side = 'left'"):
+        target.generate(**{**batch, "attention_mask": attention_mask.flip(1)})
