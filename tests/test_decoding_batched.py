@@ -42,10 +42,14 @@ def assert_rows_lossless(target, head, prompts: list[torch.LongTensor], **genera
     return output
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["walk", "batched"])
 @pytest.mark.parametrize("head_kind", ["friendly", "random"])
-def test_greedy_rows_match_their_prompts_alone(arch, head_kind):
+def test_greedy_rows_match_their_prompts_alone(arch, head_kind, batched, request):
     """Prompt lengths 5, 9 and 3; the first row stops at EOS early, the second runs to max_new_tokens, the third
-    ends at EOS later. The friendly head gets long runs accepted (ragged per row), the random one mostly not."""
+    ends at EOS later. The friendly head gets long runs accepted (ragged per row), the random one mostly not. Rows
+    accept by walking their trees on the host, or all at once on the device (the accelerator's greedy path)."""
+    if batched:
+        request.getfixturevalue("batched_greedy")
     target, head = make_friendly_pair(arch)
     if head_kind == "random":
         head = make_head(target, draft_vocab_size=64)
@@ -73,8 +77,11 @@ def test_greedy_rows_with_default_tree_and_processors():
     assert_rows_lossless(target, head, prompts, max_new_tokens=12, repetition_penalty=1.3)
 
 
-def test_scores_hold_each_rows_own_steps():
+@pytest.mark.parametrize("batched", [False, True], ids=["walk", "batched"])
+def test_scores_hold_each_rows_own_steps(batched, request):
     """`output_scores`/`output_logits`: step t holds each row's scores for its token t; zeros once a row stopped."""
+    if batched:
+        request.getfixturevalue("batched_greedy")
     target, head = make_friendly_pair("qwen2")
     prompts = [prompt_reaching_eos(target, 3), prompt_reaching_eos(target, 30, length=7)]
     kwargs = dict(max_new_tokens=10, output_scores=True, output_logits=True)

@@ -124,14 +124,16 @@ def greedy_path(logits: torch.Tensor, tree: DraftTree, width: int) -> GreedyPath
     distinct tokens, so the path is unique): the walk of `accept` without processors. Returns the path length (a
     device scalar), `visited` `(width,)`: the path nodes in level order (= path order) followed by other nodes,
     and `emitted` `(width,)`: the target's argmax at each of them. `width` must be at least the longest path.
+    Trees with a leading batch dimension (`grow_draft_trees`) and their logits give every row's path, each output
+    with that leading dimension.
     """
     argmax = logits.argmax(-1)
-    agrees = tree.tokens == argmax[tree.parents]
-    agrees[:1].fill_(True)  # the root is already emitted (a device fill: graphs cannot copy a host value)
-    on_path = ~(tree.ancestors & ~agrees).any(-1)
+    agrees = tree.tokens == argmax.gather(-1, tree.parents)
+    agrees[..., :1].fill_(True)  # the root is already emitted (a device fill: graphs cannot copy a host value)
+    on_path = ~(tree.ancestors & ~agrees[..., None, :]).any(-1)
     # Path nodes first, in level order: a stable sort of "not on path".
-    visited = torch.sort((~on_path).to(torch.uint8), stable=True).indices[:width]
-    return on_path.sum(), visited, argmax[visited]
+    visited = torch.sort((~on_path).to(torch.uint8), dim=-1, stable=True).indices[..., :width]
+    return on_path.sum(-1), visited, argmax.gather(-1, visited)
 
 
 def accept_greedy(

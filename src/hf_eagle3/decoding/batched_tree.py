@@ -29,7 +29,7 @@ from transformers.utils import logging
 
 from .._compat import CACHE_NAME, cache_kwargs
 from ..target_features import TargetFeatureCapture
-from .acceptance import StepResult, accept
+from .acceptance import StepResult, accept, accept_greedy, greedy_path
 from .draft_tree import DraftTree, additive_mask, gather_rows, grow_draft_trees
 from .kv_cache import keep_cache_positions
 from .sdpa_backends import shape_stable_attention
@@ -195,9 +195,13 @@ def batched_tree_decoding(
     draft_model: Eagle3DraftModel,
     decoding_config: Eagle3DecodingConfig,
     stats: Eagle3GenerationStats,
+    batched_greedy: bool = False,
     **model_kwargs,
 ) -> GenerateDecoderOnlyOutput | torch.LongTensor:
     """`tree_loop.tree_assisted_decoding` for a batch of several left-padded prompts.
+
+    With `batched_greedy` (`acceptance.uses_batched_greedy`), every row's greedy path is found on the device at
+    once; otherwise each row's tree is walked on the host (`acceptance.accept`).
 
     Every row is decoded as `_sample` decodes it in a batch: processors and stopping criteria see that row's own
     sequence (its padding, prompt and tokens so far), a row that stops emits nothing more and is filled with
@@ -242,6 +246,27 @@ def batched_tree_decoding(
         )
         return step
 
+    def accept_rows(logits: torch.Tensor, trees: DraftTree, active: list[int]) -> list[StepResult]:
+        if not batched_greedy:
+            return [accept_row(row, logits[index], trees.row(index)) for index, row in enumerate(active)]
+        # The longest path holds the root and `depth` drafts.
+        num_visited, visited, emitted = greedy_path(logits, trees, min(decoding_config.depth + 1, logits.shape[1]))
+        steps = []
+        for index, row in enumerate(active):
+            path = (num_visited[index], visited[index], emitted[index])
+            step, _, sequences[row], scores[row], raw_logits[row] = accept_greedy(
+                logits[index],
+                trees.row(index),
+                sequences[row],
+                stopping_criteria,
+                stop_rule,
+                scores[row],
+                raw_logits[row],
+                path,
+            )
+            steps.append(step)
+        return steps
+
     with TargetFeatureCapture(model, draft_model.config.target_layer_ids) as capture, shape_stable_attention():
         timer.mark()
         decoder = BatchedTreeDecoder(
@@ -269,7 +294,7 @@ def batched_tree_decoding(
             timer.mark("draft")
             logits = decoder.verify()
             timer.mark("verify")
-            steps = [accept_row(row, logits[index], trees.row(index)) for index, row in enumerate(active)]
+            steps = accept_rows(logits, trees, active)
             stats.batch_forwards += 1
             for row, step in zip(active, steps, strict=True):
                 stats.rows[row].record(step.num_accepted, len(step.tokens))

@@ -63,6 +63,7 @@ def tree_assisted_decoding(
     `model_kwargs` are what `generate` passes to `_assisted_decoding`: the cache, attention mask, position ids.
     A batch of several (left-padded) prompts is decoded by `batched_tree.batched_tree_decoding`.
     """
+    batched_greedy = uses_batched_greedy(generation_config.do_sample, logits_processor, input_ids.device)
     if input_ids.shape[0] > 1:
         if streamer is not None:
             raise ValueError(
@@ -78,13 +79,13 @@ def tree_assisted_decoding(
             draft_model=draft_model,
             decoding_config=decoding_config,
             stats=stats,
+            batched_greedy=batched_greedy,
             **model_kwargs,
         )
     do_sample = generation_config.do_sample
     return_dict = generation_config.return_dict_in_generate
     scores = () if return_dict and generation_config.output_scores else None
     raw_logits = () if return_dict and generation_config.output_logits else None
-    batched_greedy = uses_batched_greedy(do_sample, logits_processor, input_ids.device)
     stop_rule = host_stop_rule(stopping_criteria)
     timer = PhaseTimer(input_ids.device)
 
