@@ -8,6 +8,8 @@ from conftest import make_head, make_target
 from lossless import chi_square_p_value, exact_continuation_probs, make_friendly_pair, prompt_reaching_eos
 from tree_decoding import CollectingStreamer
 
+from hf_eagle3.decoding import batched_tree
+
 SMALL_TREE = dict(eagle3_total_tokens=8, eagle3_depth=3, eagle3_top_k=2)
 
 
@@ -66,6 +68,24 @@ def test_greedy_rows_match_their_prompts_alone(arch, head_kind, batched, request
     assert stats.batch_forwards == max(row.target_forwards for row in stats.rows)
     if head_kind == "friendly":
         assert all(row.mean_accept_len > 2 for row in stats.rows)
+
+
+def test_compacted_caches_keep_rows_lossless(monkeypatch):
+    """Compacting the caches at every step (moving each row's entries to the end, dropping holes) changes nothing."""
+    monkeypatch.setattr(batched_tree, "COMPACT_RATIO", 1.0)
+    compactions = []
+    compact = batched_tree.BatchedTreeDecoder._compact
+    monkeypatch.setattr(
+        batched_tree.BatchedTreeDecoder, "_compact", lambda decoder: (compactions.append(1), compact(decoder))
+    )
+    target, head = make_friendly_pair("qwen3")
+    prompts = [
+        prompt_reaching_eos(target, 6, length=8),
+        prompt_reaching_eos(target, 40),
+        prompt_reaching_eos(target, 17),
+    ]
+    output = assert_rows_lossless(target, head, prompts, max_new_tokens=24, **SMALL_TREE)
+    assert output.eagle3_stats.cache_holes > 0 and len(compactions) > 2
 
 
 def test_greedy_rows_with_default_tree_and_processors():

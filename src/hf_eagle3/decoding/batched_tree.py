@@ -44,13 +44,18 @@ if TYPE_CHECKING:
 
 logger = logging.get_logger(__name__)
 
+# The caches are compacted (every row's entries moved to the end, most holes dropped) once they are this many times
+# as long as the longest row: holes never cost more than this factor in cache memory and attention reads.
+COMPACT_RATIO = 2.0
+
 
 class BatchedTreeDecoder:
     """The caches and forwards of tree decoding for the rows of a batch still generating.
 
     `mask` `(rows, length)` marks the valid entries of both caches (the head's holds the same positions as the
-    target's: the features of each kept position with the embedding of its successor); `root_positions` `(rows,)`
-    is each row's position of its last emitted token, the root of its next tree.
+    target's: the features of each kept position with the embedding of its successor), `valid_lengths` counts them
+    per row on the host; `root_positions` `(rows,)` is each row's position of its last emitted token, the root of
+    its next tree.
     """
 
     def __init__(
@@ -69,6 +74,7 @@ class BatchedTreeDecoder:
         self.cache.activate_past_recording()
         self.draft_cache = DynamicCache()
         self.mask = torch.empty(0)
+        self.valid_lengths: list[int] = []
         self.root_positions = torch.empty(0)
         self.features = torch.empty(0)  # the target's features of its last forward
         self.roots = torch.empty(0)  # each row's last emitted token
@@ -85,6 +91,7 @@ class BatchedTreeDecoder:
         self.mask = model_kwargs.get("attention_mask")
         if self.mask is None:
             self.mask = input_ids.new_ones(input_ids.shape)
+        self.valid_lengths = self.mask.sum(1).tolist()
         position_ids = model_kwargs.get("position_ids")
         if position_ids is None:
             position_ids = (self.mask.long().cumsum(-1) - 1).clamp_min(0)
@@ -106,6 +113,8 @@ class BatchedTreeDecoder:
         encoded = self.draft_model(
             **self.head_inputs, past_key_values=self.draft_cache, use_cache=True, logits_to_keep=1
         )
+        if self.mask.shape[1] > COMPACT_RATIO * max(self.valid_lengths):
+            self._compact()
         prefix = self.mask.bool()
         rows, top_k = prefix.shape[0], self.top_k
 
@@ -136,6 +145,16 @@ class BatchedTreeDecoder:
             self.draft_cache.crop(-top_k * (self.depth - 1))
         return self.trees
 
+    def _compact(self) -> None:
+        """Move every row's valid entries, in order, to the end of both caches, and drop the holes before the
+        longest row's; positions are the rows' own, so nothing else changes."""
+        length = max(self.valid_lengths)
+        # A stable sort of the mask puts each row's holes first and keeps its entries in order.
+        order = torch.sort(self.mask.to(torch.uint8), dim=1, stable=True).indices[:, -length:]
+        for cache in (self.cache, self.draft_cache):
+            keep_cache_positions(cache, 0, order)
+        self.mask = self.mask.gather(1, order)
+
     def verify(self) -> torch.Tensor:
         """Run the target over every row's tree: float logits `(rows, n, vocab)`."""
         trees = self.trees
@@ -152,18 +171,22 @@ class BatchedTreeDecoder:
         self.features = self.capture.pop()
         return outputs.logits.float()
 
-    def keep_rows(self, rows: torch.LongTensor) -> None:
+    def keep_rows(self, kept: list[int]) -> None:
         """Go on with these rows only (the others finished); the caches still hold the verified trees."""
+        rows = torch.tensor(kept, device=self.mask.device)
         self.cache.batch_select_indices(rows)
         self.draft_cache.batch_select_indices(rows)
         self.mask, self.root_positions, self.features = self.mask[rows], self.root_positions[rows], self.features[rows]
         self.roots = self.roots[rows]
         self.head_inputs = {name: value[rows] for name, value in self.head_inputs.items()}
+        self.valid_lengths = [self.valid_lengths[row] for row in kept]
 
     def commit(self, steps: list[StepResult]) -> int:
         """Keep each row's visited nodes at the end of a block as long as the longest row's; returns the holes."""
-        counts = torch.tensor([len(step.visited) for step in steps], device=self.mask.device)
-        width = int(counts.max())
+        lengths = [len(step.visited) for step in steps]
+        self.valid_lengths = [valid + length for valid, length in zip(self.valid_lengths, lengths, strict=True)]
+        counts = torch.tensor(lengths, device=self.mask.device)
+        width = max(lengths)
         # Holes first: they repeat the row's first kept node, so their entries hold finite values.
         keep = torch.tensor([[step.visited[0]] * (width - len(step.visited)) + step.visited for step in steps])
         successors = torch.tensor([[step.tokens[0]] * (width - len(step.tokens)) + step.tokens for step in steps])
@@ -181,7 +204,7 @@ class BatchedTreeDecoder:
         )
         self.roots = successors[:, -1]
         self.root_positions = self.root_positions + counts
-        return int((width - counts).sum())
+        return sum(width - length for length in lengths)
 
 
 @torch.no_grad()
@@ -356,7 +379,7 @@ def _go_on(decoder: BatchedTreeDecoder, active: list[int], steps: list[StepResul
     going_on = [row for row, step in zip(active, steps, strict=True) if not step.finished]
     if going_on and len(going_on) < len(active):
         kept = [index for index, step in enumerate(steps) if not step.finished]
-        decoder.keep_rows(torch.tensor(kept, device=decoder.mask.device))
+        decoder.keep_rows(kept)
     return going_on
 
 
