@@ -37,6 +37,10 @@ UNUSED_ASSISTED_KNOBS = (
     "target_lookbehind",
     "max_matching_ngram_size",
 )
+# A batch verifies every row's tree in one target forward. Where the call and the head leave the tree shape to the
+# defaults, the rows share about this many tree tokens per verification (the default tree up to batch 4, then smaller
+# trees), so that the forward stays about as cheap per row as the verification of a short chain.
+BATCH_TREE_TOKENS = 256
 # Drafts per chain step: about what a head's acceptance pays for against one target forward.
 DEFAULT_CHAIN_LENGTH = 6
 # transformers fills `num_assistant_tokens` with a global default (20, sized for small assistant LMs) before the
@@ -92,34 +96,59 @@ class Eagle3DecodingConfig:
 
     @classmethod
     def resolve(
-        cls, generation_config: GenerationConfig, draft_generation_config: GenerationConfig | None
+        cls,
+        generation_config: GenerationConfig,
+        draft_generation_config: GenerationConfig | None,
+        batch_size: int = 1,
     ) -> Eagle3DecodingConfig:
-        """The settings of a call from its prepared generation config and the head's own (None when it has none)."""
+        """The settings of a call from its prepared generation config and the head's own (None when it has none).
 
-        def knob(name: str) -> Any:
+        A batch of several prompts whose call and head set none of the tree knobs gets `batch_tree_shape`.
+        """
+
+        def given(name: str) -> Any:
             for config in (generation_config, draft_generation_config):
                 value = getattr(config, name, None)
                 if value is not None:
                     return value
-            return DEFAULT_EAGLE3_KNOBS[name]
+            return None
+
+        def knob(name: str) -> Any:
+            value = given(name)
+            return DEFAULT_EAGLE3_KNOBS[name] if value is None else value
+
+        tree = {name: knob(f"eagle3_{name}") for name in ("total_tokens", "depth", "top_k")}
+        if batch_size > 1 and all(given(f"eagle3_{name}") is None for name in tree):
+            tree = batch_tree_shape(batch_size)
 
         chain_length = getattr(generation_config, EXPLICIT_CHAIN_LENGTH_ATTRIBUTE, None)
         if chain_length is None:
             chain_length = getattr(draft_generation_config, "num_assistant_tokens", None)
         return cls(
             mode=knob("eagle3_mode"),
-            total_tokens=knob("eagle3_total_tokens"),
-            depth=knob("eagle3_depth"),
-            top_k=knob("eagle3_top_k"),
+            **tree,
             num_assistant_tokens=DEFAULT_CHAIN_LENGTH if chain_length is None else chain_length,
             static_cache=knob("eagle3_static_cache"),
             compile=knob("eagle3_compile"),
         )
 
 
+def batch_tree_shape(batch_size: int) -> dict[str, int]:
+    """The default tree for each row of a batch: `BATCH_TREE_TOKENS` tree tokens shared by the rows (at most the
+    default tree, at least a root and three drafts), the default depth and branching cut to fit."""
+    total_tokens = max(4, min(DEFAULT_EAGLE3_KNOBS["eagle3_total_tokens"], BATCH_TREE_TOKENS // batch_size))
+    return {
+        "total_tokens": total_tokens,
+        "depth": min(DEFAULT_EAGLE3_KNOBS["eagle3_depth"], total_tokens - 1),
+        "top_k": min(DEFAULT_EAGLE3_KNOBS["eagle3_top_k"], total_tokens - 1),
+    }
+
+
 __all__ = [
+    "BATCH_TREE_TOKENS",
     "DEFAULT_CHAIN_LENGTH",
     "DEFAULT_EAGLE3_KNOBS",
     "EAGLE3_MODES",
     "Eagle3DecodingConfig",
+    "batch_tree_shape",
 ]
