@@ -5,43 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_head, make_target
-from lossless import chi_square_p_value, exact_continuation_probs, make_friendly_pair, prompt_reaching_eos
+from lossless import (
+    assert_rows_lossless,
+    chi_square_p_value,
+    exact_continuation_probs,
+    left_pad,
+    make_friendly_pair,
+    prompt_reaching_eos,
+)
 from tree_decoding import CollectingStreamer
 
 from hf_eagle3.decoding import batched_tree
 
 SMALL_TREE = dict(eagle3_total_tokens=8, eagle3_depth=3, eagle3_top_k=2)
-
-
-def left_pad(prompts: list[torch.LongTensor], pad_token_id: int) -> tuple[torch.LongTensor, torch.LongTensor]:
-    """`(1, length)` prompts as one left-padded batch: input ids and attention mask."""
-    length = max(prompt.shape[1] for prompt in prompts)
-    input_ids = torch.full((len(prompts), length), pad_token_id, device=prompts[0].device)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, length - prompt.shape[1] :] = prompt[0]
-        attention_mask[row, length - prompt.shape[1] :] = 1
-    return input_ids, attention_mask
-
-
-def assert_rows_lossless(target, head, prompts: list[torch.LongTensor], **generate_kwargs):
-    """Greedy EAGLE-3 on the padded batch: equal to plain batched `generate` (pads included), and every row's
-    tokens equal to its prompt generated alone, followed by pads. Returns the EAGLE-3 output."""
-    kwargs = dict(do_sample=False, **generate_kwargs)
-    plain_kwargs = {name: value for name, value in kwargs.items() if not name.startswith("eagle3_")}
-    pad = target.config.pad_token_id
-    input_ids, attention_mask = left_pad(prompts, pad)
-    output = target.generate(
-        input_ids, attention_mask=attention_mask, assistant_model=head, return_dict_in_generate=True, **kwargs
-    )
-    plain = target.generate(input_ids, attention_mask=attention_mask, **plain_kwargs)
-    assert torch.equal(output.sequences, plain), f"\n  plain:  {plain.tolist()}\n  eagle3: {output.sequences.tolist()}"
-    for row, prompt in enumerate(prompts):
-        alone = target.generate(prompt, **plain_kwargs)[0, prompt.shape[1] :]
-        got = output.sequences[row, input_ids.shape[1] :]
-        assert torch.equal(got[: len(alone)], alone), (row, alone.tolist(), got.tolist())
-        assert bool((got[len(alone) :] == pad).all()), (row, got.tolist())
-    return output
 
 
 @pytest.mark.parametrize("batched", [False, True], ids=["walk", "batched"])
@@ -93,7 +69,7 @@ def test_greedy_rows_with_default_tree_and_processors():
     target = make_target("llama")
     head = make_head(target)
     generator = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(3, 96, (1, length), generator=generator) for length in (6, 11, 4, 8)]
+    prompts = [torch.randint(3, 96, (1, length), generator=generator).to(target.device) for length in (6, 11, 4, 8)]
     assert_rows_lossless(target, head, prompts, max_new_tokens=12, repetition_penalty=1.3)
 
 
@@ -130,7 +106,7 @@ def test_sampling_keeps_each_rows_distribution():
     with torch.no_grad():
         target.lm_head.weight.mul_(6)  # context-dependent distributions far from uniform
     head = make_head(target, draft_vocab_size=6, seed=1)
-    prompts = [torch.tensor([[3, 5, 4, 7]]), torch.tensor([[6, 3]])]
+    prompts = [torch.tensor([[3, 5, 4, 7]], device=target.device), torch.tensor([[6, 3]], device=target.device)]
     input_ids, attention_mask = left_pad(prompts, target.config.pad_token_id)
     settings = dict(do_sample=True, temperature=0.8, top_k=3, max_new_tokens=3)
     probs = [exact_continuation_probs(target, prompt, 3, temperature=0.8, top_k=3) for prompt in prompts]

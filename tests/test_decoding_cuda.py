@@ -12,6 +12,9 @@ did (a capture failure would fall back to the dynamic cache with a warning, and 
   agrees with those tokens up to near-ties, and the text mostly matches plain `generate` (agreements printed).
 - sampling: continuations follow the target's exact distribution (chi-square), with temperature and top-k.
 - statistics: `static_cache` and the draft / verify / accept phase times.
+- a padded batch (the automatic choice decodes it on the dynamic cache, with the automatic tree shape): every row
+  token-identical to its prompt alone and to plain batched `generate` (float32). The CPU suite of batches runs on
+  CUDA too with `HF_EAGLE3_TEST_DEVICE=cuda` (tests/test_decoding_batched.py).
 
 Each check runs twice: on the captured eager steps (`graphs`) and with `eagle3_compile=True` (`compiled`): the step
 functions compiled by inductor (Triton kernels), warmed up, then captured; calls that reuse the runner replay its
@@ -28,7 +31,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_head, make_target
-from lossless import assert_greedy_lossless, chi_square_p_value, exact_continuation_probs
+from lossless import assert_greedy_lossless, assert_rows_lossless, chi_square_p_value, exact_continuation_probs
 from tree_decoding import make_oracle_pair, prompt
 
 from hf_eagle3.decoding import static_tree
@@ -202,3 +205,14 @@ def test_stats_report_the_graph_path(compiled):
     assert {"setup", "prefill", *PHASES} <= set(stats.phase_seconds)
     assert all(stats.phase_seconds[phase] > 0 for phase in PHASES), stats.phase_seconds
     assert_graph_path(output, head, compiled)
+
+
+@pytest.mark.parametrize("batch_size", [2, 8])
+def test_float32_padded_batch_rows_are_token_identical(arch, batch_size):
+    """Rows of different lengths, some reaching EOS, each accepting its own number of drafts per step."""
+    target, head = make_oracle_pair(arch, 0.3, device=CUDA)
+    prompts = [prompt(seed, length=3 + (5 * seed) % 11, device=CUDA) for seed in range(batch_size)]
+    output = assert_rows_lossless(target, head, prompts, max_new_tokens=32)
+    stats = output.eagle3_stats
+    assert not stats.static_cache and len(stats.rows) == batch_size
+    assert stats.mean_accept_len > 1.5, "the oracle head should get drafts accepted"
