@@ -147,3 +147,12 @@ def test_batch_errors_name_the_fix():
         target.generate(**batch, streamer=CollectingStreamer())
     with pytest.raises(ValueError, match="padding_side = 'left'"):
         target.generate(**{**batch, "attention_mask": attention_mask.flip(1)})
+
+
+def test_a_batch_asking_for_static_caches_decodes_eagerly():
+    """Static caches and compiled steps serve batch 1: a batch that asks for them decodes (identically) without."""
+    target, head = make_friendly_pair("llama")
+    prompts = [prompt_reaching_eos(target, 6), prompt_reaching_eos(target, 9, length=3)]
+    for knobs in (dict(eagle3_static_cache=True), dict(eagle3_compile=True)):
+        output = assert_rows_lossless(target, head, prompts, max_new_tokens=12, **knobs, **SMALL_TREE)
+        assert not output.eagle3_stats.static_cache and not output.eagle3_stats.compiled
