@@ -348,6 +348,25 @@ def environment() -> dict:
     return {"device": device, "versions": versions}
 
 
+def run_header(args: argparse.Namespace, target) -> dict:
+    """What a result file says first: the target, the machine and versions, the command, the date."""
+    return {
+        "target": output_name(args.target),
+        "target_name_or_path": target.config._name_or_path,
+        **environment(),
+        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def target_settings(args: argparse.Namespace, target) -> dict:
+    return {
+        "dtype": str(target.dtype).removeprefix("torch."),
+        "attn_implementation": target.config._attn_implementation,
+        "max_new_tokens": args.max_new_tokens,
+    }
+
+
 def measure(args: argparse.Namespace) -> dict:
     from hf_eagle3 import Eagle3DraftModel
     from hf_eagle3.offline_models import load_target, shipped_head_path
@@ -411,15 +430,9 @@ def measure(args: argparse.Namespace) -> dict:
         return seconds
 
     payload = {
-        "target": output_name(args.target),
-        "target_name_or_path": target.config._name_or_path,
-        **environment(),
-        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **run_header(args, target),
         "settings": {
-            "dtype": str(target.dtype).removeprefix("torch."),
-            "attn_implementation": target.config._attn_implementation,
-            "max_new_tokens": args.max_new_tokens,
+            **target_settings(args, target),
             "batch_size": 1,
             "limit": args.limit,
             "stride": args.stride,
@@ -541,14 +554,9 @@ def measure_batch(args: argparse.Namespace) -> dict:
         if method.generate_kwargs.get("cache_implementation") == "static":
             method.generate_kwargs["max_cache_len"] = longest + args.max_new_tokens
     payload = {
-        "target": output_name(args.target),
-        **environment(),
-        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **run_header(args, target),
         "settings": {
-            "dtype": str(target.dtype).removeprefix("torch."),
-            "attn_implementation": target.config._attn_implementation,
-            "max_new_tokens": args.max_new_tokens,
+            **target_settings(args, target),
             "prompts": len(prompts),
             "batches_per_size": args.batches,
             "head": str(head_path) if head is not None else None,
