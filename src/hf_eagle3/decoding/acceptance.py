@@ -145,16 +145,19 @@ def accept_greedy(
     scores: tuple | None,
     raw_logits: tuple | None,
     path: GreedyPath | None = None,
+    host: list[int] | None = None,
 ) -> tuple[StepResult, torch.LongTensor, torch.LongTensor, tuple | None, tuple | None]:
     """`accept` for greedy decoding without logits processors, with ONE host-device transfer per step.
 
     Without processors a node's processed logits are its raw logits, so the accepted path is found on the device at
     once (`greedy_path`, or `path` when the verification computed it already). Also returns the accepted path as a
-    device index `(len(visited),)`, for the caches and the next head input.
+    device index `(len(visited),)`, for the caches and the next head input. `host` is `path` read on the host
+    (`[num_visited, *visited, *emitted]`) where the caller read it already (one transfer for a whole batch).
     """
     num_visited, visited_index, emitted = path if path is not None else greedy_path(logits, tree, len(tree))
     width = visited_index.numel()
-    host = torch.cat([num_visited.view(1), visited_index, emitted]).tolist()
+    if host is None:
+        host = torch.cat([num_visited.view(1), visited_index, emitted]).tolist()
     num_visited = host[0]
     visited, tokens = host[1 : 1 + num_visited], host[1 + width : 1 + width + num_visited]
 

@@ -274,6 +274,8 @@ def batched_tree_decoding(
             return [accept_row(row, logits[index], trees.row(index)) for index, row in enumerate(active)]
         # The longest path holds the root and `depth` drafts.
         num_visited, visited, emitted = greedy_path(logits, trees, min(decoding_config.depth + 1, logits.shape[1]))
+        # Every row's path reaches the host in one transfer.
+        hosts = torch.cat([num_visited[:, None], visited, emitted], dim=1).tolist()
         steps = []
         for index, row in enumerate(active):
             path = (num_visited[index], visited[index], emitted[index])
@@ -286,6 +288,7 @@ def batched_tree_decoding(
                 scores[row],
                 raw_logits[row],
                 path,
+                hosts[index],
             )
             steps.append(step)
         return steps
