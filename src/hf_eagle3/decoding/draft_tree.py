@@ -107,20 +107,73 @@ def grow_draft_tree(
     depth: int,
     top_k: int,
 ) -> DraftTree:
-    """EAGLE-2's dynamic tree for one sequence: `grow_draft_trees` for a batch of one row.
+    """EAGLE-2's dynamic tree: expand level by level with `depth - 1` head forwards, then rerank.
 
-    `root_token` `()`, `root_hidden` `(hidden,)`, `root_logits` `(draft_vocab,)`; `forward_level` takes the frontier
-    without a batch dimension (tokens `(top_k,)`, hidden `(top_k, hidden)`, tree mask `(top_k, level * top_k)`)
-    and returns the head's output for a batch of one.
+    Every shape depends on the tree knobs only and nothing is read on the host, so the static path can record it in
+    a CUDA graph. `forward_level(level, tokens, hidden, tree_mask)` runs the head on the `top_k` frontier nodes at
+    depth `level` (their tokens `(top_k,)` and their parents' hidden states `(top_k, hidden)`), appending them to the
+    head's cache; besides the prefix they may attend to the tree entries of the cache that `tree_mask`
+    `(top_k, level * top_k)` marks (earlier frontiers, in the order they were appended, then their own entries).
+    The other arguments are those of `build_draft_tree`.
     """
+    device = root_hidden.device
+    identity = torch.eye(top_k, dtype=torch.bool, device=device)
 
-    def forward_row(level: int, tokens: torch.LongTensor, hidden: torch.Tensor, tree_mask: torch.BoolTensor):
-        return forward_level(level, tokens[0], hidden[0], tree_mask[0])
+    # Level 1: the root's top_k children. Every candidate of every level is kept for the final rerank.
+    scores, draft_ids = root_logits.float().log_softmax(-1).topk(top_k)
+    frontier_tokens = draft_model.draft_to_target_ids(draft_ids)
+    frontier_hidden = root_hidden.expand(top_k, -1)
+    frontier_ids = torch.arange(top_k, device=device)
+    # Which earlier frontier entries of the head cache each frontier node descends from.
+    frontier_ancestors = torch.zeros(top_k, 0, dtype=torch.bool, device=device)
+    all_scores, all_tokens = [scores], [frontier_tokens]
+    all_parents = [torch.full((top_k,), -1, device=device)]
+    all_depths = [torch.ones(top_k, dtype=torch.long, device=device)]
+    num_candidates = top_k
 
-    trees = grow_draft_trees(
-        draft_model, root_token.view(1), root_hidden[None], root_logits[None], forward_row, total_tokens, depth, top_k
-    )
-    return trees.row(0)
+    for level in range(1, depth):
+        tree_mask = torch.cat([frontier_ancestors, identity], dim=1)
+        out = forward_level(level, frontier_tokens, frontier_hidden, tree_mask)
+        child_scores, child_ids = out.logits[0].float().log_softmax(-1).topk(top_k)
+        cumulative = (scores[:, None] + child_scores).flatten()
+        tokens = draft_model.draft_to_target_ids(child_ids).flatten()
+        all_scores.append(cumulative)
+        all_tokens.append(tokens)
+        all_parents.append(frontier_ids[:, None].expand(top_k, top_k).flatten())
+        all_depths.append(torch.full((top_k * top_k,), level + 1, device=device))
+
+        scores, best = cumulative.topk(top_k)
+        parent_slot = best // top_k
+        frontier_tokens = tokens[best]
+        frontier_hidden = out.hidden_states[0, parent_slot]
+        frontier_ancestors = tree_mask[parent_slot]
+        frontier_ids = best + num_candidates
+        num_candidates += top_k * top_k
+
+    # Rerank: the best total_tokens - 1 candidates. A child never outscores its parent (log-probs are <= 0) and a
+    # stable sort puts a parent (lower index) before an equal-scoring child, so the kept set is ancestor-closed.
+    candidate_scores = torch.cat(all_scores)
+    order = torch.sort(candidate_scores, descending=True, stable=True).indices
+    selected = order[: total_tokens - 1].sort().values
+    node_of = torch.zeros(num_candidates + 1, dtype=torch.long, device=device)
+    node_of[selected + 1] = torch.arange(1, selected.numel() + 1, device=device)
+    zero = torch.zeros(1, dtype=torch.long, device=device)
+    parents = torch.cat([zero, node_of[torch.cat(all_parents)[selected] + 1]])
+    tokens = torch.cat([root_token.view(1), torch.cat(all_tokens)[selected]])
+    depths = torch.cat([zero, torch.cat(all_depths)[selected]])
+
+    # Pointer jumping: after `depth` hops from every node, all of its ancestors have been marked.
+    n = tokens.numel()
+    ancestors = torch.eye(n, dtype=torch.bool, device=device)
+    rows = torch.arange(n, device=device)
+    # Device-side values throughout: a Python `True` would be copied from the host, which CUDA graphs cannot replay.
+    marks = torch.ones(n, dtype=torch.bool, device=device)
+    hop = parents
+    for _ in range(depth):
+        ancestors.index_put_((rows, hop), marks)
+        hop = parents[hop]
+    scores = torch.cat([candidate_scores.new_zeros(1), candidate_scores[selected]])
+    return DraftTree(tokens=tokens, parents=parents, depths=depths, ancestors=ancestors, scores=scores)
 
 
 def grow_draft_trees(
@@ -133,7 +186,10 @@ def grow_draft_trees(
     depth: int,
     top_k: int,
 ) -> DraftTree:
-    """EAGLE-2's dynamic tree for each row of a batch: expand level by level with `depth - 1` head forwards, rerank.
+    """`grow_draft_tree` for each row of a batch: expand level by level with `depth - 1` head forwards, rerank.
+
+    The same steps with a leading batch dimension. Batch 1 keeps its own function: the batched indexing costs it
+    more host-side operations per step, which the eager path and the captured graphs of batch 1 should not pay.
 
     Every shape depends on the batch size and the tree knobs only and nothing is read on the host, so the static
     path can record it in a CUDA graph. `forward_level(level, tokens, hidden, tree_mask)` runs the head on the
