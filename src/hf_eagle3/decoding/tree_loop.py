@@ -180,14 +180,7 @@ def _make_decoder(
     """The call's backend: the static-cache runner where it applies (see `eagle3_static_cache`) and could be built,
     else the dynamic-cache decoder."""
     total_tokens, depth, top_k = config.total_tokens, config.depth, config.top_k
-    static = static_tree.use_static_tree(config.static_cache, model, draft_model, device, model_kwargs)
-    if config.compile and not static:
-        logger.warning_once(
-            "eagle3_compile=True compiles the static-cache path, which this call does not take "
-            "(eagle3_static_cache=None takes it on CUDA where it applies; pass eagle3_static_cache=True to insist, "
-            "or to learn what stands in the way): it decodes uncompiled on the dynamic cache."
-        )
-    if static:
+    if static_tree.takes_static_path(config, model, draft_model, device, model_kwargs):
         try:
             return static_tree.static_tree_runner(
                 model,
@@ -202,17 +195,7 @@ def _make_decoder(
                 compiled=config.compile,
             )
         except static_tree.StaticTreeCaptureError as error:
-            if config.compile:
-                raise ValueError(
-                    f"eagle3_compile=True cannot be honoured: {error}. Pass eagle3_compile=False to decode on "
-                    "static caches without compiling."
-                ) from error
-            if config.static_cache:
-                raise ValueError(
-                    f"eagle3_static_cache=True cannot be honoured: {error}. Pass eagle3_static_cache=False to "
-                    "decode with the dynamic cache."
-                ) from error
-            logger.warning_once(f"EAGLE-3 decodes with the dynamic cache instead: {error}.")
+            static_tree.capture_failure(error, config)
     return DynamicTreeDecoder(model, draft_model, capture, total_tokens, depth, top_k, model_kwargs)
 
 
