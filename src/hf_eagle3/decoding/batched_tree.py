@@ -3,14 +3,18 @@
 Each row accepts its own number of tokens per step, exactly as if it were decoded alone. Both KV caches stay
 rectangular: a step appends, to every row, as many entries as the row that accepted most; a row that accepted fewer
 keeps its entries at the end of that block and leaves the first ones empty, as holes its 2D mask hides (the way
-transformers hides left padding). Positions are counted per row, so holes shift nothing. A row that finishes leaves
-the batch, and its entries leave both caches. This path runs eagerly on transformers' dynamic cache.
+transformers hides left padding). Positions are counted per row, so holes shift nothing.
+
+`BatchedTreeDecoder` runs this eagerly on transformers' dynamic cache, where a row that finishes leaves the batch
+and its entries leave both caches; `batched_static_tree` runs it on static caches with fixed shapes (CUDA graphs),
+where finished rows stay. `batched_tree_decoding` is the loop around either: acceptance, stopping, outputs.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,11 +29,12 @@ from transformers.generation import (
     UnbatchedClassifierFreeGuidanceLogitsProcessor,
 )
 from transformers.generation.stopping_criteria import MaxLengthCriteria, StoppingCriteriaList
-from transformers.utils import logging
 
 from .._compat import CACHE_NAME, cache_kwargs
 from ..target_features import TargetFeatureCapture
-from .acceptance import StepResult, accept, accept_greedy, greedy_path
+from . import static_tree
+from .acceptance import GreedyPath, StepResult, accept, accept_greedy, greedy_path
+from .batched_static_tree import BatchedStaticTreeRunner, batched_static_tree_runner
 from .draft_tree import DraftTree, additive_mask, gather_rows, grow_draft_trees
 from .kv_cache import keep_cache_positions
 from .sdpa_backends import shape_stable_attention
@@ -41,8 +46,6 @@ if TYPE_CHECKING:
 
     from ..modeling_eagle3 import Eagle3DraftModel
     from .config import Eagle3DecodingConfig
-
-logger = logging.get_logger(__name__)
 
 # The caches are compacted (every row's entries moved to the end, most holes dropped) once they are this many times
 # as long as the longest row: holes never cost more than this factor in cache memory and attention reads.
@@ -80,6 +83,7 @@ class BatchedTreeDecoder:
         self.roots = torch.empty(0)  # each row's last emitted token
         self.head_inputs: dict[str, Any] = {}
         self.trees: DraftTree | None = None
+        self.rows: list[int] = []  # the batch row each of the decoder's rows decodes
 
     def prefill(self, input_ids: torch.LongTensor, model_kwargs: dict[str, Any]) -> torch.Tensor:
         """Run the target over the prompts; its float logits at their last position, `(batch, vocab)`."""
@@ -92,6 +96,7 @@ class BatchedTreeDecoder:
         if self.mask is None:
             self.mask = input_ids.new_ones(input_ids.shape)
         self.valid_lengths = self.mask.sum(1).tolist()
+        self.rows = list(range(input_ids.shape[0]))
         position_ids = model_kwargs.get("position_ids")
         if position_ids is None:
             position_ids = (self.mask.long().cumsum(-1) - 1).clamp_min(0)
@@ -155,8 +160,8 @@ class BatchedTreeDecoder:
             keep_cache_positions(cache, 0, order)
         self.mask = self.mask.gather(1, order)
 
-    def verify(self) -> torch.Tensor:
-        """Run the target over every row's tree: float logits `(rows, n, vocab)`."""
+    def verify(self) -> tuple[torch.Tensor, None]:
+        """Run the target over every row's tree: float logits `(rows, n, vocab)` (and no greedy path)."""
         trees = self.trees
         rows, n = trees.tokens.shape
         allowed = torch.cat([self.mask.bool()[:, None].expand(rows, n, -1), trees.ancestors], dim=2)
@@ -169,10 +174,14 @@ class BatchedTreeDecoder:
             **cache_kwargs(self.cache),
         )
         self.features = self.capture.pop()
-        return outputs.logits.float()
+        return outputs.logits.float(), None
 
-    def keep_rows(self, kept: list[int]) -> None:
-        """Go on with these rows only (the others finished); the caches still hold the verified trees."""
+    def keep_rows(self, rows: list[int]) -> None:
+        """Go on with these batch rows only (the others finished); the caches still hold the verified trees."""
+        if len(rows) == len(self.rows):
+            return
+        kept = [self.rows.index(row) for row in rows]
+        self.rows = rows
         rows = torch.tensor(kept, device=self.mask.device)
         self.cache.batch_select_indices(rows)
         self.draft_cache.batch_select_indices(rows)
@@ -181,8 +190,10 @@ class BatchedTreeDecoder:
         self.head_inputs = {name: value[rows] for name, value in self.head_inputs.items()}
         self.valid_lengths = [self.valid_lengths[row] for row in kept]
 
-    def commit(self, steps: list[StepResult]) -> int:
-        """Keep each row's visited nodes at the end of a block as long as the longest row's; returns the holes."""
+    def commit(self, steps: dict[int, StepResult]) -> int:
+        """Keep each row's visited nodes (batch row -> step) at the end of a block as long as the longest row's;
+        returns the holes."""
+        steps = [steps[row] for row in self.rows]
         lengths = [len(step.visited) for step in steps]
         self.valid_lengths = [valid + length for valid, length in zip(self.valid_lengths, lengths, strict=True)]
         counts = torch.tensor(lengths, device=self.mask.device)
@@ -231,8 +242,10 @@ def batched_tree_decoding(
     `pad_token_id` up to the longest row. With `output_scores`/`output_logits`, step `t`'s entry holds each row's
     scores for its token `t`, and zeros for a row that had already stopped. The returned cache is None: its
     entries have holes and lack the rows that finished early.
+
+    The caches and forwards are those of `batched_static_tree.BatchedStaticTreeRunner` where the static path
+    applies (`static_tree.use_static_tree`, as for one prompt), else of `BatchedTreeDecoder`.
     """
-    _log_dynamic_fallback(decoding_config, input_ids.device)
     batch = input_ids.shape[0]
     processors = [row_processors(logits_processor, row) for row in range(batch)]
     if not any(hasattr(criterion, "eos_token_id") for criterion in stopping_criteria) and any(
@@ -269,15 +282,21 @@ def batched_tree_decoding(
         )
         return step
 
-    def accept_rows(logits: torch.Tensor, trees: DraftTree, active: list[int]) -> list[StepResult]:
+    def accept_rows(
+        logits: torch.Tensor, trees: DraftTree, path: GreedyPath | None, rows: list[int], active: list[int]
+    ) -> list[StepResult]:
+        """The steps of the `active` rows; the decoder's tensors hold `rows` (batch rows) in that order."""
+        slots = [rows.index(row) for row in active]
         if not batched_greedy:
-            return [accept_row(row, logits[index], trees.row(index)) for index, row in enumerate(active)]
-        # The longest path holds the root and `depth` drafts.
-        num_visited, visited, emitted = greedy_path(logits, trees, min(decoding_config.depth + 1, logits.shape[1]))
+            return [accept_row(row, logits[index], trees.row(index)) for index, row in zip(slots, active, strict=True)]
+        if path is None:
+            # The longest path holds the root and `depth` drafts.
+            path = greedy_path(logits, trees, min(decoding_config.depth + 1, logits.shape[1]))
+        num_visited, visited, emitted = path
         # Every row's path reaches the host in one transfer.
         hosts = torch.cat([num_visited[:, None], visited, emitted], dim=1).tolist()
         steps = []
-        for index, row in enumerate(active):
+        for index, row in zip(slots, active, strict=True):
             path = (num_visited[index], visited[index], emitted[index])
             step, _, sequences[row], scores[row], raw_logits[row] = accept_greedy(
                 logits[index],
@@ -293,17 +312,24 @@ def batched_tree_decoding(
             steps.append(step)
         return steps
 
-    with TargetFeatureCapture(model, draft_model.config.target_layer_ids) as capture, shape_stable_attention():
+    with TargetFeatureCapture(model, draft_model.config.target_layer_ids) as capture, ExitStack() as contexts:
         timer.mark()
-        decoder = BatchedTreeDecoder(
+        decoder = _make_batch_decoder(
             model,
             draft_model,
             capture,
-            decoding_config.total_tokens,
-            decoding_config.depth,
-            decoding_config.top_k,
+            decoding_config,
+            input_ids.shape[0],
+            generation_config.max_length,
             model_kwargs,
+            batched_greedy=batched_greedy,
+            keep_logits=keep_scores or keep_logits,
         )
+        static = isinstance(decoder, BatchedStaticTreeRunner)
+        if not static:
+            # The dynamic cache gives almost every forward new shapes (see `sdpa_backends`).
+            contexts.enter_context(shape_stable_attention())
+        timer.mark("setup")
         first_logits = decoder.prefill(input_ids, model_kwargs)
         # Each prompt's last token stands as the root of a tree without drafts.
         steps = [
@@ -318,20 +344,23 @@ def batched_tree_decoding(
         while active:
             trees = decoder.draft()
             timer.mark("draft")
-            logits = decoder.verify()
+            logits, path = decoder.verify()
             timer.mark("verify")
-            steps = accept_rows(logits, trees, active)
+            steps = accept_rows(logits, trees, path, decoder.rows, active)
             stats.batch_forwards += 1
             for row, step in zip(active, steps, strict=True):
                 stats.rows[row].record(step.num_accepted, len(step.tokens))
                 stats.record(step.num_accepted, len(step.tokens))
             going_on = _go_on(decoder, active, steps)
             if going_on:
-                stats.cache_holes += decoder.commit([step for step in steps if not step.finished])
+                kept = {row: step for row, step in zip(active, steps, strict=True) if not step.finished}
+                stats.cache_holes += decoder.commit(kept)
             active = going_on
             timer.mark("accept")
 
     stats.phase_seconds = timer.seconds()
+    stats.static_cache = static
+    stats.compiled = static and decoding_config.compile
     output_ids = _pad_rows(sequences, generation_config)
     if not return_dict:
         return output_ids
@@ -377,12 +406,47 @@ def _with_batch_id(function: Callable[[int, torch.Tensor], list[int]], row: int)
     return for_row
 
 
-def _go_on(decoder: BatchedTreeDecoder, active: list[int], steps: list[StepResult]) -> list[int]:
-    """The rows of `active` that did not finish at `steps`; the decoder keeps only those."""
+def _make_batch_decoder(
+    model: PreTrainedModel,
+    draft_model: Eagle3DraftModel,
+    capture: TargetFeatureCapture,
+    config: Eagle3DecodingConfig,
+    batch_size: int,
+    max_length: int,
+    model_kwargs: dict[str, Any],
+    batched_greedy: bool,
+    keep_logits: bool,
+) -> BatchedTreeDecoder | BatchedStaticTreeRunner:
+    """The batch's backend: the static-cache runner where it applies (see `eagle3_static_cache`) and could be built,
+    else the dynamic-cache decoder."""
+    total_tokens, depth, top_k = config.total_tokens, config.depth, config.top_k
+    if static_tree.takes_static_path(config, model, draft_model, model.device, model_kwargs):
+        try:
+            return batched_static_tree_runner(
+                model,
+                draft_model,
+                capture,
+                batch_size,
+                total_tokens,
+                depth,
+                top_k,
+                max_length,
+                batched_greedy=batched_greedy,
+                keep_logits=keep_logits,
+                compiled=config.compile,
+            )
+        except static_tree.StaticTreeCaptureError as error:
+            static_tree.capture_failure(error, config)
+    return BatchedTreeDecoder(model, draft_model, capture, total_tokens, depth, top_k, model_kwargs)
+
+
+def _go_on(
+    decoder: BatchedTreeDecoder | BatchedStaticTreeRunner, active: list[int], steps: list[StepResult]
+) -> list[int]:
+    """The rows of `active` that did not finish at `steps`; the decoder goes on with those."""
     going_on = [row for row, step in zip(active, steps, strict=True) if not step.finished]
-    if going_on and len(going_on) < len(active):
-        kept = [index for index, step in enumerate(steps) if not step.finished]
-        decoder.keep_rows(kept)
+    if going_on:
+        decoder.keep_rows(going_on)
     return going_on
 
 
@@ -407,15 +471,6 @@ def _stack_steps(per_row: list[tuple]) -> tuple[torch.Tensor, ...]:
             torch.cat([row[step] if step < len(row) else torch.zeros_like(reference) for row in per_row], dim=0)
         )
     return tuple(steps)
-
-
-def _log_dynamic_fallback(config: Eagle3DecodingConfig, device: torch.device) -> None:
-    """Say so when a batch decodes eagerly although the static path or compilation was asked for or applies."""
-    if config.static_cache or config.compile or (config.static_cache is None and device.type == "cuda"):
-        logger.warning_once(
-            "EAGLE-3 decodes a batch of several prompts on the dynamic cache, with eager forwards: static caches, "
-            "CUDA graphs and `eagle3_compile` serve batch size 1 only. The output is the same."
-        )
 
 
 __all__ = ["BatchedTreeDecoder", "batched_tree_decoding", "row_processors"]

@@ -109,15 +109,17 @@ def keep_static_cache_positions(
 ) -> None:
     """`keep_cache_positions` for a static cache, all on the device: keep `[0, start)` and `start + keep[:num_kept]`.
 
-    `start` and `num_kept` are device scalars and `keep` has a fixed length, so the copies have fixed shapes; the
-    rows of `keep` past `num_kept` are copied too and lie beyond the new length.
+    `start` and `num_kept` are device scalars (or ints) and `keep` has a fixed length, so the copies have fixed
+    shapes; the rows of `keep` past `num_kept` are copied too and lie beyond the new length. `keep` is `(k,)` for
+    every row, or `(batch, k)`, each row its own (written to the same `k` positions).
     """
     source = start + keep
-    destination = start + torch.arange(keep.numel(), device=keep.device)
+    destination = start + torch.arange(keep.shape[-1], device=keep.device)
     for layer in cache.layers:
-        # index_select copies the rows first, so overlapping source and destination is safe.
-        layer.keys.index_copy_(2, destination, layer.keys.index_select(2, source))
-        layer.values.index_copy_(2, destination, layer.values.index_select(2, source))
+        # The rows are read out first, so overlapping source and destination is safe.
+        for states in (layer.keys, layer.values):
+            rows = states.index_select(2, source) if source.dim() == 1 else _gather_positions(states, source)
+            states.index_copy_(2, destination, rows)
     set_cache_length(cache, start + num_kept)
 
 

@@ -177,7 +177,7 @@ def _compile_step(method: Callable[[], Any]) -> Callable[[], Any]:
     return torch.compile(types.MethodType(copy, method.__self__), **COMPILE_OPTIONS)
 
 
-class _StepFunction:
+class StepFunction:
     """A function of the runner's buffers: called (compiled or not), or replayed from the CUDA graph it was captured
     into."""
 
@@ -211,7 +211,7 @@ class GraphRunner:
     max_cache_len: int
     compiled: bool
     length: torch.Tensor  # a device buffer of the runner: where its graphs run
-    _steps: tuple[_StepFunction, ...]
+    _steps: tuple[StepFunction, ...]
 
     def _allocate_caches(self, batch_size: int) -> None:
         """The target's and the head's static caches of `max_cache_len` positions, allocated before capture."""
@@ -305,9 +305,9 @@ class StaticTreeRunner(GraphRunner):
         self.visited = torch.zeros(self.width, dtype=torch.long, device=device)
         self.emitted = torch.zeros(self.width, dtype=torch.long, device=device)
         self.num_kept = torch.ones((), dtype=torch.long, device=device)
-        self._draft_step = _StepFunction(self._draft, compiled)
-        self._verify_step = _StepFunction(self._verify, compiled)
-        self._commit_step = _StepFunction(self._commit, compiled)
+        self._draft_step = StepFunction(self._draft, compiled)
+        self._verify_step = StepFunction(self._verify, compiled)
+        self._commit_step = StepFunction(self._commit, compiled)
         self._steps = (self._draft_step, self._verify_step, self._commit_step)
 
         # Set per call by `begin`.
@@ -608,6 +608,7 @@ __all__ = [
     "GraphRunner",
     "StaticTreeCaptureError",
     "StaticTreeRunner",
+    "StepFunction",
     "bound_runner",
     "cached_runner",
     "capture_failure",

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers.generation import GenerateDecoderOnlyOutput, GenerationConfig, LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteriaList
-from transformers.utils import logging
 
 from .._compat import CACHE_NAME, cache_kwargs
 from ..target_features import TargetFeatureCapture
@@ -36,8 +35,6 @@ if TYPE_CHECKING:
     from .config import Eagle3DecodingConfig
     from .stats import Eagle3GenerationStats
     from .tree_decoder import TreeDecoder
-
-logger = logging.get_logger(__name__)
 
 
 @torch.no_grad()
