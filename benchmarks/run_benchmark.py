@@ -511,7 +511,7 @@ def run_batches(target, tokenizer, head, method: Method, batches: list[list[str]
     kwargs["pad_token_id"] = batch_pad_token_id(tokenizer)
     if method.uses_head:
         kwargs["assistant_model"] = head
-    seconds, new_tokens, outputs, accept_lens = 0.0, 0, [], []
+    seconds, new_tokens, outputs, accept_lens, static = 0.0, 0, [], [], []
     for prompts in batches:
         inputs = encode_batch(tokenizer, prompts, target.device)
         _synchronize(target.device)
@@ -525,11 +525,14 @@ def run_batches(target, tokenizer, head, method: Method, batches: list[list[str]
         if method.uses_head:
             stats = head.last_generation_stats
             accept_lens += [row.mean_accept_len for row in stats.rows or [stats] if row.target_forwards]
+            static.append(stats.static_cache)
     return {
         "seconds": seconds,
         "new_tokens": new_tokens,
         "outputs": outputs,
         "mean_accept_len": sum(accept_lens) / len(accept_lens) if accept_lens else None,
+        # Whether every call decoded on the static caches (CUDA graphs on CUDA); None without a head.
+        "static_cache": all(static) if static else None,
     }
 
 
@@ -590,6 +593,7 @@ def measure_batch(args: argparse.Namespace) -> dict:
                 if result["mean_accept_len"] is not None
                 else None,
                 "greedy_identical": all(torch.equal(output, expected) for output, expected in pairs),
+                "static_cache": result["static_cache"],
                 "generate_kwargs": method.generate_kwargs,
             }
             _progress(
