@@ -7,6 +7,8 @@ Subcommands (run with `--help` each; benchmarks/README.md lists the steps on a G
     prepare-data  `hf-eagle3 prepare-data` on the materialised target (other options pass through)
     train         `hf-eagle3 train` on the materialised target (other options pass through)
     measure       time every method on every task and temperature; write results/<name>.json, .md and a plot
+    measure-batch time methods on left-padded batches of prompts at several batch sizes; write
+                  results/<name>_batch.json and .md
     merge         combine partial measure results (runs that each fit one 10-minute step) into one
     ship          save a trained head compactly (bfloat16, small shards that pass file-size limits) with
                   its model card; by default into the package, as the head shipped for the target
@@ -369,6 +371,25 @@ def environment() -> dict:
     return {"device": device, "versions": versions}
 
 
+def run_header(args: argparse.Namespace, target) -> dict:
+    """What a result file says first: the target, the machine and versions, the command, the date."""
+    return {
+        "target": output_name(args.target),
+        "target_name_or_path": target.config._name_or_path,
+        **environment(),
+        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def target_settings(args: argparse.Namespace, target) -> dict:
+    return {
+        "dtype": str(target.dtype).removeprefix("torch."),
+        "attn_implementation": target.config._attn_implementation,
+        "max_new_tokens": args.max_new_tokens,
+    }
+
+
 def measure(args: argparse.Namespace) -> dict:
     from hf_eagle3 import Eagle3DraftModel
     from hf_eagle3.offline_models import load_target, shipped_head_path
@@ -435,16 +456,10 @@ def measure(args: argparse.Namespace) -> dict:
         return seconds
 
     payload = {
-        "target": output_name(args.target),
-        "target_name_or_path": target.config._name_or_path,
-        **environment(),
-        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **run_header(args, target),
         "settings": {
-            "dtype": str(target.dtype).removeprefix("torch."),
-            "attn_implementation": target.config._attn_implementation,
+            **target_settings(args, target),
             "head_attn_implementation": head.config._attn_implementation if head is not None else None,
-            "max_new_tokens": args.max_new_tokens,
             "batch_size": 1,
             "limit": args.limit,
             "stride": args.stride,
@@ -491,6 +506,163 @@ def measure(args: argparse.Namespace) -> dict:
                 # Every finished row is on disk at once: a step that runs out of time still brings back what it did.
                 write_results(payload, args.output_dir, args.name or payload["target"], plot=False)
     return payload
+
+
+def encode_batch(tokenizer, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """The prompts as one left-padded batch (each one user turn, chat template applied), ready for `generate`."""
+    rows = [encode_prompt(tokenizer, prompt, "cpu")["input_ids"][0] for prompt in prompts]
+    length = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), length), batch_pad_token_id(tokenizer), dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for index, row in enumerate(rows):
+        input_ids[index, length - len(row) :] = row
+        attention_mask[index, length - len(row) :] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+
+
+def batch_pad_token_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def row_tokens(new_ids: torch.Tensor, eos_token_id: int | None) -> list[torch.Tensor]:
+    """Each row's generated tokens, up to and including its first EOS (what follows is padding)."""
+    rows = []
+    for row in new_ids:
+        ends = (row == eos_token_id).nonzero() if eos_token_id is not None else []
+        rows.append(row[: int(ends[0]) + 1] if len(ends) else row)
+    return rows
+
+
+def run_batches(target, tokenizer, head, method: Method, batches: list[list[str]], args) -> dict:
+    """Greedy `generate` on each batch with one method: tokens (to EOS) per second, mean acceptance per row."""
+    kwargs = {"do_sample": False, "max_new_tokens": args.max_new_tokens, **method.generate_kwargs}
+    kwargs["pad_token_id"] = batch_pad_token_id(tokenizer)
+    if method.uses_head:
+        kwargs["assistant_model"] = head
+    seconds, new_tokens, outputs, accept_lens, static = 0.0, 0, [], [], []
+    for prompts in batches:
+        inputs = encode_batch(tokenizer, prompts, target.device)
+        _synchronize(target.device)
+        start = time.perf_counter()
+        output = target.generate(**inputs, **kwargs)
+        _synchronize(target.device)
+        seconds += time.perf_counter() - start
+        rows = row_tokens(output[:, inputs["input_ids"].shape[1] :].cpu(), tokenizer.eos_token_id)
+        outputs += rows
+        new_tokens += sum(len(row) for row in rows)
+        if method.uses_head:
+            stats = head.last_generation_stats
+            accept_lens += [row.mean_accept_len for row in stats.rows or [stats] if row.target_forwards]
+            static.append(stats.static_cache)
+    return {
+        "seconds": seconds,
+        "new_tokens": new_tokens,
+        "outputs": outputs,
+        "mean_accept_len": sum(accept_lens) / len(accept_lens) if accept_lens else None,
+        # Whether every call decoded on the static caches (CUDA graphs on CUDA); None without a head.
+        "static_cache": all(static) if static else None,
+    }
+
+
+def measure_batch(args: argparse.Namespace) -> dict:
+    """Greedy tokens/s of each method at each batch size; every row of a batch is a prompt of the task, cycled."""
+    from hf_eagle3 import Eagle3DraftModel
+    from hf_eagle3.offline_models import load_target, shipped_head_path
+
+    methods = [parse_method(name) for name in dict.fromkeys(args.methods)]
+    prompt_files = args.prompts or [DATA_DIR / task / "question.jsonl" for task in args.tasks]
+    prompts = [prompt for path in prompt_files for prompt in load_prompts(path, args.limit)]
+    head_path = args.head or shipped_head_path(args.target)
+    target, tokenizer = load_target(
+        args.target, dtype=args.dtype, device=args.device, gguf_path=gguf_location(args), attn_implementation=args.attn
+    )
+    head = None
+    if any(method.uses_head for method in methods):
+        head = Eagle3DraftModel.from_pretrained(head_path, dtype=target.dtype).to(target.device).eval()
+        head.attach_target(target)
+    longest = max(encode_prompt(tokenizer, prompt, "cpu")["input_ids"].shape[1] for prompt in prompts)
+    for method in methods:
+        if method.generate_kwargs.get("cache_implementation") == "static":
+            method.generate_kwargs["max_cache_len"] = longest + args.max_new_tokens
+    payload = {
+        **run_header(args, target),
+        "settings": {
+            **target_settings(args, target),
+            "prompts": len(prompts),
+            "batches_per_size": args.batches,
+            "head": str(head_path) if head is not None else None,
+        },
+        "results": [],
+    }
+    short = argparse.Namespace(**{**vars(args), "max_new_tokens": EAGER_WARMUP_TOKENS})
+    for batch_size in args.batch_sizes:
+        rows = [prompts[index % len(prompts)] for index in range(batch_size * args.batches)]
+        batches = [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
+        reference = None
+        for method in methods:
+            _progress(f"[batch {batch_size}] {method.name}: warming up, then {args.batches} batches ...")
+            # Compiled methods compile for this batch shape on a full-length call; the others only initialise.
+            run_batches(target, tokenizer, head, method, batches[:1], args if method.compiled else short)
+            result = run_batches(target, tokenizer, head, method, batches, args)
+            tokens_per_s = result["new_tokens"] / result["seconds"]
+            if reference is None:
+                reference = {**result, "tokens_per_s": tokens_per_s, "method": method.name}
+            pairs = list(zip(result["outputs"], reference["outputs"], strict=True))
+            row = {
+                "method": method.name,
+                "batch_size": batch_size,
+                "rows": len(rows),
+                "new_tokens": result["new_tokens"],
+                "seconds": round(result["seconds"], 4),
+                "tokens_per_s": round(tokens_per_s, 3),
+                "reference": reference["method"],
+                "speedup": round(tokens_per_s / reference["tokens_per_s"], 4),
+                "mean_accept_len_per_row": round(result["mean_accept_len"], 4)
+                if result["mean_accept_len"] is not None
+                else None,
+                "greedy_identical": all(torch.equal(output, expected) for output, expected in pairs),
+                "static_cache": result["static_cache"],
+                "generate_kwargs": method.generate_kwargs,
+            }
+            _progress(
+                f"    {row['tokens_per_s']:.1f} tokens/s, speedup {row['speedup']}, tau {row['mean_accept_len_per_row']}"
+            )
+            payload["results"].append(row)
+            write_batch_results(payload, args.output_dir, (args.name or payload["target"]) + "_batch")
+    return payload
+
+
+def batch_markdown_table(payload: dict) -> str:
+    settings = payload["settings"]
+    lines = [
+        f"# {payload['target']}: batched greedy decoding",
+        "",
+        f"{payload['device']}; {', '.join(f'{k} {v}' for k, v in payload['versions'].items())}; "
+        f"{settings['dtype']}, {settings['max_new_tokens']} new tokens at most; {payload['date']}.",
+        "",
+        f"Command: `{payload['command']}`",
+        "",
+        "Rows of a batch are the prompts cycled, left-padded; tokens/s counts each row's tokens up to its EOS; "
+        "speedup = over the first method at the same batch size; tau = tokens per target forward, mean over rows; "
+        "identical = every row's greedy tokens equal the first method's.",
+        "",
+        "| batch | method | rows | tokens/s | speedup | tau per row | identical |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in payload["results"]:
+        lines.append(
+            f"| {row['batch_size']} | {row['method']} | {row['rows']} | {row['tokens_per_s']:.1f} | "
+            f"{_cell(row['speedup'])} | {_cell(row['mean_accept_len_per_row'])} | {_cell(row['greedy_identical'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_batch_results(payload: dict, output_dir: Path, name: str) -> list[Path]:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = [output_dir / f"{name}.json", output_dir / f"{name}.md"]
+    written[0].write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    written[1].write_text(batch_markdown_table(payload), encoding="utf-8")
+    return written
 
 
 def output_name(target: str) -> str:
@@ -808,6 +980,29 @@ def build_parser() -> argparse.ArgumentParser:
         "~/.cache/hf_eagle3): an empty one makes their warm-up measure the tree, which warm-up seconds then include",
     )
 
+    batched = commands.add_parser(
+        "measure-batch", help="time methods on padded batches of prompts; write results/<name>_batch.json, .md"
+    )
+    add_target_arguments(batched)
+    batched.add_argument("--head", type=Path, help="trained head directory (default: the head shipped for --target)")
+    batched.add_argument("--tasks", nargs="+", choices=TASKS, default=["mt_bench"])
+    batched.add_argument("--prompts", nargs="+", type=Path, help="JSONL prompt files instead of --tasks")
+    batched.add_argument("--limit", type=int, help="prompts per task (default: all)")
+    batched.add_argument("--batch_sizes", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
+    batched.add_argument("--batches", type=int, default=1, help="timed batches per batch size")
+    batched.add_argument(
+        "--methods",
+        nargs="+",
+        default=["plain_compiled", "eagle3_tree"],
+        help="the first is the reference of the speedups and of greedy identity",
+    )
+    batched.add_argument("--max_new_tokens", type=int, default=256)
+    batched.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    batched.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    batched.add_argument("--attn", default="sdpa", help="target attention implementation (tree decoding: sdpa, eager)")
+    batched.add_argument("--name", help="output file name without extension and _batch (default: the target's name)")
+    batched.add_argument("--output_dir", type=Path, default=RESULTS_DIR)
+
     merge = commands.add_parser("merge", help="combine partial measure results into one")
     merge.add_argument("files", nargs="+", type=Path)
     merge.add_argument("--name", help="output name (default: the target's name)")
@@ -842,6 +1037,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command in {"prepare-data", "train"}:
         return run_library_command(args.command, args, passthrough)
+    if args.command == "measure-batch":
+        name = (args.name or output_name(args.target)) + "_batch"
+        for path in write_batch_results(measure_batch(args), args.output_dir, name):
+            _progress(f"Wrote {path}")
+        return 0
     if args.command == "measure":
         # The automatic tree's measurements go where --tree_cache says (the target's files stay in the usual cache).
         previous = os.environ.get("HF_EAGLE3_CACHE")

@@ -39,7 +39,7 @@ torch.set_num_threads(1)
 TEST_DEVICE = torch.device(os.environ.get("HF_EAGLE3_TEST_DEVICE", "cpu"))
 # Modules whose models and inputs all come from the factories (or follow the target's device): they run on
 # TEST_DEVICE. The others build CPU tensors of their own (or patch CPU-only behaviour) and are skipped off the CPU.
-DEVICE_AWARE_MODULES = {"test_decoding_static_tree.py", "test_decoding_cuda.py"}
+DEVICE_AWARE_MODULES = {"test_decoding_static_tree.py", "test_decoding_cuda.py", "test_decoding_batched.py"}
 
 
 def pytest_configure(config):

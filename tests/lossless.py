@@ -4,6 +4,8 @@ API:
 - `assert_greedy_lossless(target, head, input_ids, **generate_kwargs)`: greedy `target.generate` with and without
   `assistant_model=head` must agree token by token (float32); returns the EAGLE-3 output
   (`return_dict_in_generate=True`, so `.sequences` and `.eagle3_stats`).
+- `assert_rows_lossless(target, head, prompts, **generate_kwargs)`: the same for a left-padded batch of `(1, n)`
+  prompts (`left_pad`): equal to plain batched `generate`, every row equal to its prompt generated alone.
 - `make_friendly_pair(arch)`: a target whose greedy next token is a fixed function of the current token (a
   single cycle through every id but pad, so its text always reaches EOS) and a head trained on that text
   until it drafts it almost perfectly: long accepted runs, EOS and `max_new_tokens` inside a run. Built and
@@ -45,6 +47,37 @@ def assert_greedy_lossless(target, head, input_ids: torch.LongTensor, **generate
         f"EAGLE-3 output differs from the target's own greedy decoding at position {mismatch} "
         f"(lengths {len(got)} vs {len(expected)}):\n  target: {expected}\n  eagle3: {got}"
     )
+    return output
+
+
+def left_pad(prompts: list[torch.LongTensor], pad_token_id: int) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """`(1, length)` prompts as one left-padded batch: input ids and attention mask."""
+    length = max(prompt.shape[1] for prompt in prompts)
+    input_ids = torch.full((len(prompts), length), pad_token_id, device=prompts[0].device)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, length - prompt.shape[1] :] = prompt[0]
+        attention_mask[row, length - prompt.shape[1] :] = 1
+    return input_ids, attention_mask
+
+
+def assert_rows_lossless(target, head, prompts: list[torch.LongTensor], **generate_kwargs):
+    """Greedy EAGLE-3 on the padded batch: equal to plain batched `generate` (pads included), and every row's
+    tokens equal to its prompt generated alone, followed by pads. Returns the EAGLE-3 output."""
+    kwargs = dict(do_sample=False, **generate_kwargs)
+    plain_kwargs = {name: value for name, value in kwargs.items() if not name.startswith("eagle3_")}
+    pad = target.config.pad_token_id
+    input_ids, attention_mask = left_pad(prompts, pad)
+    output = target.generate(
+        input_ids, attention_mask=attention_mask, assistant_model=head, return_dict_in_generate=True, **kwargs
+    )
+    plain = target.generate(input_ids, attention_mask=attention_mask, **plain_kwargs)
+    assert torch.equal(output.sequences, plain), f"\n  plain:  {plain.tolist()}\n  eagle3: {output.sequences.tolist()}"
+    for row, prompt in enumerate(prompts):
+        alone = target.generate(prompt, **plain_kwargs)[0, prompt.shape[1] :]
+        got = output.sequences[row, input_ids.shape[1] :]
+        assert torch.equal(got[: len(alone)], alone), (row, alone.tolist(), got.tolist())
+        assert bool((got[len(alone) :] == pad).all()), (row, got.tolist())
     return output
 
 

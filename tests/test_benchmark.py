@@ -404,3 +404,23 @@ def test_automatic_tree_against_fixed_shapes(tiny, tmp_path, monkeypatch):
     assert f"| 0 | tiny_task | eagle3_tree_auto | {chosen} | {auto['tokens_per_s']:.1f} | {best['method']} |" in table
     assert f"| {ratio:.3f} | 2 |" in table
     assert "HF_EAGLE3_CACHE" not in os.environ or os.environ["HF_EAGLE3_CACHE"] != str(cache)
+
+
+def test_measure_batch_times_each_batch_size(tiny, tmp_path):
+    """`measure-batch`: every method at every batch size, rows cycled over the prompts, greedy rows identical."""
+    root, prompts = tiny
+    argv = ["measure-batch", "--target", str(root / "target"), "--head", str(root / "head"), "--prompts", str(prompts)]
+    argv += ["--limit", "2", "--max_new_tokens", "6", "--device", "cpu", "--output_dir", str(tmp_path)]
+    methods = ["plain_compiled", "eagle3_tree_t8_d3_k2", "eagle3_tree_graph_t8_d3_k2"]
+    argv += ["--batch_sizes", "1", "3", "--methods", *methods]
+    assert run_benchmark.main(argv) == 0
+    payload = json.loads((tmp_path / "target_batch.json").read_text())
+    rows = {(row["batch_size"], row["method"]): row for row in payload["results"]}
+    assert sorted(rows) == sorted((batch_size, method) for batch_size in (1, 3) for method in methods)
+    for (batch_size, method), row in rows.items():
+        assert row["rows"] == batch_size and row["tokens_per_s"] > 0 and row["greedy_identical"] is True
+        assert (row["mean_accept_len_per_row"] is None) == (method == "plain_compiled")
+        assert row["static_cache"] == {"plain_compiled": None, methods[1]: False, methods[2]: True}[method]
+    assert rows[(3, "plain_compiled")]["speedup"] == 1.0
+    table = (tmp_path / "target_batch.md").read_text()
+    assert "| 3 | eagle3_tree_t8_d3_k2 | 3 |" in table

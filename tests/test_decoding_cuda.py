@@ -14,6 +14,10 @@ did (a capture failure would fall back to the dynamic cache with a warning, and 
   acceptance drawn on the device by a captured step of its own; with top-p and a repetition penalty too, on the
   static and the dynamic path.
 - statistics: `static_cache` and the draft / verify / accept phase times.
+- a padded batch (the automatic choice decodes it on the batch runner's graphs, with the automatic tree shape):
+  every row token-identical to its prompt alone and to plain batched `generate` (float32), and sampled rows with
+  their exact distributions. The CPU suite of batches runs on CUDA too with `HF_EAGLE3_TEST_DEVICE=cuda`
+  (tests/test_decoding_batched.py: both backends, the static one captured).
 
 Each check runs twice: on the captured eager steps (`graphs`) and with `eagle3_compile=True` (`compiled`): the step
 functions compiled by inductor (Triton kernels), warmed up, then captured; calls that reuse the runner replay its
@@ -21,7 +25,7 @@ graphs and compile nothing again (`fail_on_recompile` would raise). Every new ru
 half is slower: run it as a call of its own.
 
 On a CUDA machine, with the static-tree suite on CUDA too (see conftest), in two calls:
-    HF_EAGLE3_TEST_DEVICE=cuda python -m pytest tests/test_decoding_cuda.py tests/test_decoding_static_tree.py -q -rA -s -k "not compiled"
+    HF_EAGLE3_TEST_DEVICE=cuda python -m pytest tests/test_decoding_cuda.py tests/test_decoding_static_tree.py tests/test_decoding_batched.py -q -rA -s -k "not compiled"
     python -m pytest tests/test_decoding_cuda.py -q -rA -s -k compiled
 """
 
@@ -30,7 +34,13 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_head, make_target
-from lossless import assert_greedy_lossless, chi_square_p_value, exact_continuation_probs
+from lossless import (
+    assert_greedy_lossless,
+    assert_rows_lossless,
+    chi_square_p_value,
+    exact_continuation_probs,
+    left_pad,
+)
 from tree_decoding import assert_sampling_matches_target_distribution, make_oracle_pair, prompt
 
 from hf_eagle3.decoding import static_tree
@@ -43,15 +53,15 @@ PHASES = ("draft", "verify", "accept")
 COMPILED = pytest.mark.parametrize("compiled", [False, True], ids=["graphs", "compiled"])
 
 
-def assert_graph_path(output, head, compiled: bool = False):
-    """The call decoded on the static path (replaying CUDA graphs on CUDA), with compiled steps or not, and timed its
-    phases; its runner."""
+def assert_graph_path(output, head, compiled: bool = False, batched: bool = False):
+    """The call (on a `batched` prompt or not) decoded on the static path (replaying CUDA graphs on CUDA), with
+    compiled steps or not, and timed its phases; its runner."""
     stats = output.eagle3_stats
+    runner = static_tree.cached_runner(head, batched)
     assert stats.static_cache, "not on the static path: did the capture fail (see the logged warning)?"
-    assert stats.compiled == compiled and static_tree.cached_runner(head).compiled == compiled
+    assert stats.compiled == compiled and runner.compiled == compiled
     assert set(PHASES) <= set(stats.phase_seconds), stats.phase_seconds
     assert all(stats.phase_seconds[phase] >= 0 for phase in PHASES) and sum(map(stats.phase_seconds.get, PHASES)) > 0
-    runner = static_tree.cached_runner(head)
     if output.sequences.device.type == "cuda":
         steps = (runner._draft_step, runner._verify_step, runner._commit_step)
         assert all(step.graph is not None for step in steps), "the tree step was not captured as CUDA graphs"
@@ -220,3 +230,62 @@ def test_stats_report_the_graph_path(compiled):
     assert {"setup", "prefill", *PHASES} <= set(stats.phase_seconds)
     assert all(stats.phase_seconds[phase] > 0 for phase in PHASES), stats.phase_seconds
     assert_graph_path(output, head, compiled)
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "compiled"), [(2, False), (8, False), (4, True)], ids=["2-graphs", "8-graphs", "4-compiled"]
+)
+def test_float32_padded_batch_rows_are_token_identical(arch, batch_size, compiled):
+    """Rows of different lengths, some reaching EOS, each accepting its own number of drafts per step, on the batch
+    runner's graphs (the automatic choice); a second batch of that size replays them without compiling again."""
+    target, head = make_oracle_pair(arch, 0.3, device=CUDA)
+    runner = None
+    for offset in (0, batch_size):
+        prompts = [
+            prompt(seed, length=3 + (5 * seed) % 11, device=CUDA) for seed in range(offset, offset + batch_size)
+        ]
+        with torch.compiler.set_stance("fail_on_recompile" if offset else "default"):
+            output = assert_rows_lossless(target, head, prompts, max_new_tokens=32, eagle3_compile=compiled)
+        current = assert_graph_path(output, head, compiled, batched=True)
+        assert runner is None or current is runner, "a batch that fits the runner should reuse it and its graphs"
+        runner = current
+        stats = output.eagle3_stats
+        assert len(stats.rows) == batch_size and runner.batch_size == batch_size
+        assert stats.mean_accept_len > 1.5, "the oracle head should get drafts accepted"
+
+
+@COMPILED
+def test_sampled_batch_rows_keep_their_distributions(compiled):
+    """Sampling on the batch runner's graphs: each row of a padded batch follows its prompt's exact distribution."""
+    vocab = 8
+    target, head = make_oracle_pair(
+        "llama", 0.5, vocab_size=vocab, eos_token_id=None, num_hidden_layers=4, device=CUDA
+    )
+    with torch.no_grad():
+        target.lm_head.weight.mul_(6)  # peaked distributions: few likely continuations, so the bins fill
+    prompts = [torch.tensor([[3, 5, 4, 6]], device=CUDA), torch.tensor([[6, 3]], device=CUDA)]
+    input_ids, attention_mask = left_pad(prompts, target.config.pad_token_id)
+    probs = [exact_continuation_probs(target, row, 3, temperature=0.8) for row in prompts]
+    torch.manual_seed(0)
+    samples: list[list[tuple[int, ...]]] = [[], []]
+    for _ in range(600):
+        output = target.generate(
+            input_ids,
+            attention_mask=attention_mask,
+            assistant_model=head,
+            max_new_tokens=3,
+            do_sample=True,
+            temperature=0.8,
+            top_k=vocab,
+            top_p=1.0,
+            eagle3_total_tokens=5,
+            eagle3_depth=2,
+            eagle3_top_k=2,
+            eagle3_compile=compiled,
+            return_dict_in_generate=True,
+        )
+        assert_graph_path(output, head, compiled, batched=True)
+        for row in range(2):
+            samples[row].append(tuple(output.sequences[row, input_ids.shape[1] :].tolist()))
+    for row in range(2):
+        assert chi_square_p_value(samples[row], probs[row]) > 1e-4, row

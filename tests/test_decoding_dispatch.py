@@ -173,8 +173,8 @@ def test_bad_settings_get_clear_errors(kwargs, message):
 def test_bad_inputs_get_clear_errors():
     target = make_target("llama")
     head = make_head(target)
-    with pytest.raises(ValueError, match="batch size 1"):
-        target.generate(PROMPT.repeat(2, 1), assistant_model=head, max_new_tokens=4)
+    with pytest.raises(ValueError, match="eagle3_mode='tree'"):
+        target.generate(PROMPT.repeat(2, 1), assistant_model=head, max_new_tokens=4, eagle3_mode="chain")
     static = StaticCache(config=target.config, max_cache_len=32)
     with pytest.raises(ValueError, match="StaticCache"):
         target.generate(PROMPT, assistant_model=head, max_new_tokens=4, eagle3_mode="chain", **{CACHE_NAME: static})

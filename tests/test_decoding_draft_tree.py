@@ -11,7 +11,7 @@ from transformers.cache_utils import DynamicCache
 from tree_decoding import hand_built_tree, prompt
 
 from hf_eagle3._compat import cache_kwargs
-from hf_eagle3.decoding.draft_tree import build_draft_tree, grow_draft_tree
+from hf_eagle3.decoding.draft_tree import build_draft_tree, grow_draft_tree, grow_draft_trees
 from hf_eagle3.decoding.kv_cache import keep_cache_positions
 from hf_eagle3.target_features import TargetFeatureCapture
 
@@ -207,3 +207,40 @@ def test_keep_cache_positions_equals_fresh_forward():
         torch.testing.assert_close(kept.values, reference.values, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="holds only 8"):
         keep_cache_positions(cache, 6, torch.tensor([0, 1, 2]))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(("total_tokens", "depth", "top_k"), [(8, 3, 2), (60, 8, 10), (12, 1, 16)])
+def test_batched_trees_are_each_rows_own_tree(total_tokens, depth, top_k):
+    """`grow_draft_trees` gives every row the tree `grow_draft_tree` grows for it alone, frontier inputs included."""
+    vocab, hidden_size, batch = 40, 8, 3
+    generator = torch.Generator().manual_seed(0)
+    embedding = torch.randn(vocab, hidden_size, generator=generator)
+    unembedding = torch.randn(hidden_size, vocab, generator=generator)
+    head = SimpleNamespace(draft_to_target_ids=lambda ids: ids + 1)
+
+    def head_output(level, tokens, hidden, tree_mask):
+        """A stand-in head: its outputs depend on each node's token, parent state, level and tree-mask row."""
+        states = torch.tanh(hidden + embedding[tokens - 1] + level + tree_mask.float().sum(-1, keepdim=True))
+        return states, 3 * states @ unembedding
+
+    def forward_row(level, tokens, hidden, tree_mask):
+        states, logits = head_output(level, tokens, hidden, tree_mask)
+        return SimpleNamespace(hidden_states=states[None], logits=logits[None])
+
+    def forward_rows(level, tokens, hidden, tree_mask):
+        states, logits = head_output(level, tokens, hidden, tree_mask)
+        return SimpleNamespace(hidden_states=states, logits=logits)
+
+    roots = torch.randint(1, vocab, (batch,), generator=generator)
+    root_hidden = torch.randn(batch, hidden_size, generator=generator)
+    root_logits = 3 * torch.randn(batch, vocab, generator=generator)
+    trees = grow_draft_trees(head, roots, root_hidden, root_logits, forward_rows, total_tokens, depth, top_k)
+    for row in range(batch):
+        alone = grow_draft_tree(
+            head, roots[row], root_hidden[row], root_logits[row], forward_row, total_tokens, depth, top_k
+        )
+        batched = trees.row(row)
+        for field in ("tokens", "parents", "depths", "ancestors"):
+            assert torch.equal(getattr(batched, field), getattr(alone, field)), (row, field)
+        torch.testing.assert_close(batched.scores, alone.scores)

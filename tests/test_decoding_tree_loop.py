@@ -115,8 +115,6 @@ def test_peft_wrapped_target():
 def test_bad_input_gets_clear_errors():
     target = make_target("llama")
     head = make_head(target)
-    with pytest.raises(ValueError, match="batch size 1"):
-        tree_generate(target, head, torch.cat([prompt(0), prompt(1)]), max_new_tokens=3)
     with pytest.raises(ValueError, match="DynamicCache"):
         tree_generate(target, head, prompt(0), max_new_tokens=3, cache_implementation="static")
     with pytest.raises(ValueError, match="top_k"):

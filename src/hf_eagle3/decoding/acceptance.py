@@ -139,12 +139,13 @@ def _path_nodes(on_child: torch.BoolTensor, tree: DraftTree, width: int) -> tupl
     """The path through the nodes whose parent moved on to them (`on_child`): its length (a device scalar), and its
     nodes in level order (= path order) followed by other nodes, `(width,)`.
 
-    A node is on the path when every node from the root to it is.
+    A node is on the path when every node from the root to it is. Trees with a leading batch dimension
+    (`grow_draft_trees`) give every row's path, each output with that leading dimension.
     """
-    on_child[:1].fill_(True)  # the root is already emitted (a device fill: graphs cannot copy a host value)
-    on_path = ~(tree.ancestors & ~on_child).any(-1)
+    on_child[..., :1].fill_(True)  # the root is already emitted (a device fill: graphs cannot copy a host value)
+    on_path = ~(tree.ancestors & ~on_child[..., None, :]).any(-1)
     # Path nodes first, in level order: a stable sort of "not on path".
-    return on_path.sum(), torch.sort((~on_path).to(torch.uint8), stable=True).indices[:width]
+    return on_path.sum(-1), torch.sort((~on_path).to(torch.uint8), dim=-1, stable=True).indices[..., :width]
 
 
 def greedy_path(logits: torch.Tensor, tree: DraftTree, width: int) -> TreePath:
@@ -152,11 +153,11 @@ def greedy_path(logits: torch.Tensor, tree: DraftTree, width: int) -> TreePath:
 
     A node is on the path when every node from the root to it holds the argmax of `logits` at its parent (siblings
     are distinct tokens, so the path is unique): the walk of `accept` for greedy decoding. `width` must be at least
-    the longest path.
+    the longest path. Batched trees and their logits give every row's path (see `_path_nodes`).
     """
     argmax = logits.argmax(-1)
-    num_visited, visited = _path_nodes(tree.tokens == argmax[tree.parents], tree, width)
-    return num_visited, visited, argmax[visited]
+    num_visited, visited = _path_nodes(tree.tokens == argmax.gather(-1, tree.parents), tree, width)
+    return num_visited, visited, argmax.gather(-1, visited)
 
 
 def sampled_path(scores: torch.Tensor, tree: DraftTree, width: int) -> TreePath:
@@ -205,8 +206,10 @@ def accept_path(
     stop_rule: HostStopRule | None,
     scores: tuple | None,
     raw_logits: tuple | None,
+    host: list[int] | None = None,
 ) -> tuple[StepResult, torch.LongTensor, torch.LongTensor, tuple | None, tuple | None]:
-    """`accept`'s outputs for a path found on the device, with ONE host-device transfer.
+    """`accept`'s outputs for a path found on the device, with ONE host-device transfer (none where the caller
+    passes the path read already as `host`: `[num_visited, *visited, *emitted]`).
 
     `processed` / `logits` `(n, vocab)`: the nodes' processed scores and raw logits (what `scores` and `raw_logits`
     collect). Generation stops after the first emitted token a criterion stops at. Also returns the kept path as a
@@ -214,7 +217,8 @@ def accept_path(
     """
     num_visited, visited_index, emitted = path
     width = visited_index.numel()
-    host = torch.cat([num_visited.view(1), visited_index, emitted]).tolist()
+    if host is None:
+        host = torch.cat([num_visited.view(1), visited_index, emitted]).tolist()
     num_visited = host[0]
     visited, tokens = host[1 : 1 + num_visited], host[1 + width : 1 + width + num_visited]
 
@@ -241,14 +245,16 @@ def accept_greedy(
     scores: tuple | None,
     raw_logits: tuple | None,
     path: TreePath | None = None,
+    host: list[int] | None = None,
 ) -> tuple[StepResult, torch.LongTensor, torch.LongTensor, tuple | None, tuple | None]:
     """`accept` for greedy decoding without logits processors, with ONE host-device transfer per step.
 
     Without processors a node's processed logits are its raw logits, so the accepted path is found on the device at
-    once (`greedy_path`, or `path` when the verification computed it already). Returns what `accept_path` does.
+    once (`greedy_path`, or `path` when the verification computed it already). `host` is `path` read on the host
+    where the caller read it already (one transfer for a whole batch). Returns what `accept_path` does.
     """
     path = path if path is not None else greedy_path(logits, tree, len(tree))
-    return accept_path(path, logits, logits, input_ids, stopping_criteria, stop_rule, scores, raw_logits)
+    return accept_path(path, logits, logits, input_ids, stopping_criteria, stop_rule, scores, raw_logits, host)
 
 
 def accept_on_device(

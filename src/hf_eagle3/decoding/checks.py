@@ -116,11 +116,8 @@ def check_eagle3_inputs(
     model_kwargs: dict[str, Any],
 ) -> None:
     """Clear errors for what this call's decoding mode cannot do with these inputs, before any forward runs."""
-    if input_ids.shape[0] != 1:
-        raise ValueError(
-            f"EAGLE-3 decoding runs one sequence at a time (batch size 1, like the official EAGLE code); got a "
-            f"batch of {input_ids.shape[0]}. Call `generate` once per prompt."
-        )
+    if input_ids.shape[0] > 1:
+        _check_batch(config, input_ids, model_kwargs)
     if config.mode == "chain" and isinstance(model_kwargs.get(CACHE_NAME), StaticCache):
         raise ValueError(
             "EAGLE-3 decoding rolls the target's KV cache back after every verification, which a StaticCache "
@@ -129,13 +126,14 @@ def check_eagle3_inputs(
     draft.check_vocab_maps()
     _warn_unused_knobs(config, generation_config)
     if config.mode == "tree":
-        _check_tree_inputs(model, draft, config, generation_config, synced_gpus, model_kwargs)
+        _check_tree_inputs(model, draft, config, input_ids, generation_config, synced_gpus, model_kwargs)
 
 
 def _check_tree_inputs(
     model: PreTrainedModel,
     draft: Eagle3DraftModel,
     config: Eagle3DecodingConfig,
+    input_ids: torch.LongTensor,
     generation_config: GenerationConfig,
     synced_gpus: bool,
     model_kwargs: dict[str, Any],
@@ -167,7 +165,34 @@ def _check_tree_inputs(
             f"need total_tokens >= 2 (root plus at least one draft node) and top_k <= the draft vocabulary "
             f"({draft_vocab})."
         )
-    check_tree_cache(model_kwargs.get(CACHE_NAME), generation_config.max_length)
+    max_length = generation_config.max_length
+    if input_ids.shape[0] > 1:
+        # The rows' caches grow by the longest accepted run of each step: up to `depth + 1` entries per token.
+        max_length = input_ids.shape[1] + (max_length - input_ids.shape[1]) * (config.depth + 1)
+    check_tree_cache(model_kwargs.get(CACHE_NAME), max_length)
+
+
+def _check_batch(config: Eagle3DecodingConfig, input_ids: torch.LongTensor, model_kwargs: dict[str, Any]) -> None:
+    """Clear errors for a batch of several prompts that batched tree decoding cannot take."""
+    batch = input_ids.shape[0]
+    if config.mode == "chain":
+        raise ValueError(
+            f"EAGLE-3 chain mode runs transformers' assisted-decoding loop, which decodes one sequence at a time; got "
+            f"a batch of {batch}. Pass eagle3_mode='tree' (the default) to decode the batch at once, or call "
+            "`generate` once per prompt."
+        )
+    padding_mask = model_kwargs.get("attention_mask")
+    if padding_mask is not None and not bool(padding_mask[:, -1].all()):
+        raise ValueError(
+            "EAGLE-3 decodes a batch from the last token of every row, but some rows end in padding (right padding). "
+            "Pad on the left: `tokenizer.padding_side = 'left'`."
+        )
+    cache = model_kwargs.get(CACHE_NAME)
+    if cache is not None and cache.get_seq_length() > 0:
+        raise ValueError(
+            f"EAGLE-3 decodes a batch of {batch} prompts from an empty cache, but this call passes a filled one. "
+            "Pass the whole sequences without `past_key_values`, or continue one prompt at a time."
+        )
 
 
 __all__ = ["check_eagle3_inputs", "check_generation_mode", "check_no_eagle3_knobs"]

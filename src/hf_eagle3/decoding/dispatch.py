@@ -87,7 +87,9 @@ def eagle3_assisted_decoding(
     `transformers_assisted_decoding` runs transformers' own loop on this call's arguments (chain mode).
     """
     draft = assistant_model
-    config = Eagle3DecodingConfig.resolve(generation_config, getattr(draft, "generation_config", None))
+    config = Eagle3DecodingConfig.resolve(
+        generation_config, getattr(draft, "generation_config", None), batch_size=input_ids.shape[0]
+    )
     check_eagle3_inputs(model, draft, config, input_ids, generation_config, synced_gpus, model_kwargs)
     if not draft.has_target_embeddings:
         draft.attach_target(model)

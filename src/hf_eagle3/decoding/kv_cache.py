@@ -46,24 +46,36 @@ def check_tree_cache(cache: Cache | None, max_length: int) -> None:
 def keep_cache_positions(cache: DynamicCache, start: int, keep: torch.LongTensor) -> None:
     """Keep positions `[0, start)` and `start + keep` (in that order) of every layer; drop all later ones.
 
-    `keep` indexes the block of positions after `start` (e.g. the accepted tree nodes, in path order).
-    Only `len(keep)` entries per layer are copied, so the cost does not grow with the prefix.
+    `keep` indexes the block of positions after `start` (e.g. the accepted tree nodes, in path order): `(k,)` for
+    every row, or `(batch, k)`, each row its own. Only `k` entries per row and layer are copied, so the cost does
+    not grow with the prefix.
     """
     total = cache.get_seq_length()
-    kept = start + keep.numel()
+    kept = start + keep.shape[-1]
     if kept > total:
-        raise ValueError(f"Cannot keep {keep.numel()} positions after {start}: the cache holds only {total}.")
+        raise ValueError(f"Cannot keep {keep.shape[-1]} positions after {start}: the cache holds only {total}.")
     source = keep + start
     for layer in cache.layers:
         if not layer.is_initialized or not keep.numel():
             continue
         # Layers may live on different devices (`device_map`).
         source = source.to(layer.keys.device)
-        # Advanced indexing on the right copies the rows first, so overlapping source/destination is safe.
-        layer.keys[..., start:kept, :] = layer.keys[..., source, :]
-        layer.values[..., start:kept, :] = layer.values[..., source, :]
+        # The source rows are read out before the destination is written, so overlapping them is safe.
+        if source.dim() == 1:
+            layer.keys[..., start:kept, :] = layer.keys[..., source, :]
+            layer.values[..., start:kept, :] = layer.values[..., source, :]
+        else:
+            layer.keys[..., start:kept, :] = _gather_positions(layer.keys, source)
+            layer.values[..., start:kept, :] = _gather_positions(layer.values, source)
     if kept < total:
         cache.crop(kept - total)
+
+
+def _gather_positions(states: torch.Tensor, positions: torch.LongTensor) -> torch.Tensor:
+    """`states[b, :, positions[b]]` for every row `b`: `(batch, heads, k, dim)` from `(batch, heads, length, dim)`."""
+    batch, heads, _, dim = states.shape
+    index = positions[:, None, :, None].expand(batch, heads, positions.shape[1], dim)
+    return states.gather(2, index)
 
 
 def static_cache_problem(cache: Cache) -> str | None:
@@ -97,15 +109,17 @@ def keep_static_cache_positions(
 ) -> None:
     """`keep_cache_positions` for a static cache, all on the device: keep `[0, start)` and `start + keep[:num_kept]`.
 
-    `start` and `num_kept` are device scalars and `keep` has a fixed length, so the copies have fixed shapes; the
-    rows of `keep` past `num_kept` are copied too and lie beyond the new length.
+    `start` and `num_kept` are device scalars (or ints) and `keep` has a fixed length, so the copies have fixed
+    shapes; the rows of `keep` past `num_kept` are copied too and lie beyond the new length. `keep` is `(k,)` for
+    every row, or `(batch, k)`, each row its own (written to the same `k` positions).
     """
     source = start + keep
-    destination = start + torch.arange(keep.numel(), device=keep.device)
+    destination = start + torch.arange(keep.shape[-1], device=keep.device)
     for layer in cache.layers:
-        # index_select copies the rows first, so overlapping source and destination is safe.
-        layer.keys.index_copy_(2, destination, layer.keys.index_select(2, source))
-        layer.values.index_copy_(2, destination, layer.values.index_select(2, source))
+        # The rows are read out first, so overlapping source and destination is safe.
+        for states in (layer.keys, layer.values):
+            rows = states.index_select(2, source) if source.dim() == 1 else _gather_positions(states, source)
+            states.index_copy_(2, destination, rows)
     set_cache_length(cache, start + num_kept)
 
 

@@ -61,6 +61,9 @@ if TYPE_CHECKING:
 
     from ..modeling_eagle3 import Eagle3DraftModel, Eagle3DraftOutput
     from ..target_features import TargetFeatureCapture
+    from .config import Eagle3DecodingConfig
+
+logger = logging.get_logger(__name__)
 
 logger = logging.get_logger(__name__)
 
@@ -111,7 +114,8 @@ def static_tree_problem(
     if len(devices) > 1:
         return f"the target and the head are spread over several devices ({sorted(map(str, devices))})"
     padding_mask = model_kwargs.get("attention_mask")
-    if padding_mask is not None and not bool(padding_mask.all()):
+    # A batch of several prompts is left-padded, which its runner masks (`batched_static_tree`).
+    if padding_mask is not None and padding_mask.shape[0] == 1 and not bool(padding_mask.all()):
         return "the prompt is padded (its attention_mask has zeros); pass it without padding"
     if model_kwargs[CACHE_NAME].get_seq_length() > 0:
         return "generation continues from a filled cache"
@@ -141,6 +145,24 @@ def use_static_tree(
     return problem is None
 
 
+def takes_static_path(
+    config: Eagle3DecodingConfig,
+    model: PreTrainedModel,
+    draft_model: Eagle3DraftModel,
+    device: torch.device,
+    model_kwargs: dict[str, Any],
+) -> bool:
+    """`use_static_tree` for a call's knobs; says so when `eagle3_compile=True` is left without a static path."""
+    static = use_static_tree(config.static_cache, model, draft_model, device, model_kwargs)
+    if config.compile and not static:
+        logger.warning_once(
+            "eagle3_compile=True compiles the static-cache path, which this call does not take "
+            "(eagle3_static_cache=None takes it on CUDA where it applies; pass eagle3_static_cache=True to insist, "
+            "or to learn what stands in the way): it decodes uncompiled on the dynamic cache."
+        )
+    return static
+
+
 class StaticTreeCaptureError(RuntimeError):
     """The static tree step could not be compiled or captured on this target; the dynamic path still decodes it."""
 
@@ -160,7 +182,7 @@ def _compile_step(method: Callable[[], Any]) -> Callable[[], Any]:
     return torch.compile(types.MethodType(copy, method.__self__), **COMPILE_OPTIONS)
 
 
-class _StepFunction:
+class StepFunction:
     """A function of the runner's buffers: called (compiled or not), or replayed from the CUDA graph it was captured
     into."""
 
@@ -183,7 +205,67 @@ class _StepFunction:
         return self.outputs
 
 
-class StaticTreeRunner:
+class GraphRunner:
+    """What the static runners share: step functions of fixed shapes (`_steps`, in replay order) warmed up, then
+    captured as CUDA graphs; bound to one `generate` call at a time (`begin`)."""
+
+    _warmup_steps = 2
+    key: tuple
+    model: PreTrainedModel
+    draft_model: Eagle3DraftModel
+    max_cache_len: int
+    compiled: bool
+    length: torch.Tensor  # a device buffer of the runner: where its graphs run
+    _steps: tuple[StepFunction, ...]
+
+    def _allocate_caches(self, batch_size: int) -> None:
+        """The target's and the head's static caches of `max_cache_len` positions, allocated before capture."""
+        model, draft_model, device = self.model, self.draft_model, self.model.device
+        text_config = model.config.get_text_config()
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        self.target_cache = StaticCache(config=model.config, max_cache_len=self.max_cache_len)
+        self.target_cache.early_initialization(
+            batch_size, text_config.num_key_value_heads, head_dim, model.dtype, device
+        )
+        head_config = draft_model.config
+        self.head_cache = Cache(layers=[StaticLayer(self.max_cache_len)])
+        self.head_cache.early_initialization(
+            batch_size, head_config.num_key_value_heads, head_config.head_dim, draft_model.dtype, device
+        )
+
+    def begin(self, capture: TargetFeatureCapture, batched_greedy: bool, keep_logits: bool) -> None:
+        """Bind a `generate` call: its feature hooks, its acceptance path, whether it keeps logits beyond a step."""
+        self.capture, self.batched_greedy, self.keep_logits = capture, batched_greedy, keep_logits
+
+    def _warm_up_state(self) -> None:
+        """Put the buffers in a state the steps can run from (what they leave lies beyond the prefill's lengths)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Run a few steps from a valid state: compilation, lazy initialisations, library workspaces. Within a call
+        (see `begin`)."""
+        self._warm_up_state()
+        for _ in range(self._warmup_steps):
+            for step in self._steps:
+                step()
+
+    @torch.no_grad()
+    def capture_graphs(self) -> None:
+        """Warm up on a side stream, then record the steps as CUDA graphs sharing one memory pool."""
+        with torch.cuda.device(self.length.device):
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self.warm_up()
+            torch.cuda.current_stream().wait_stream(stream)
+            pool = torch.cuda.graph_pool_handle()
+            for step in self._steps:
+                step.capture(pool)
+        # Capture runs nothing.
+
+
+class StaticTreeRunner(GraphRunner):
     """Tree decoding on static caches with fixed shapes, for one target, head and tree shape (a `TreeDecoder`).
 
     Kept on the head by `static_tree_runner` and reused by later calls, so the caches are allocated and the graphs
@@ -193,8 +275,6 @@ class StaticTreeRunner:
     `head_features` (the target's features of the nodes they follow). Acceptance leaves `visited` (path nodes first),
     `emitted` and `num_kept` for `_commit`. `compiled`: the step functions run compiled (`eagle3_compile`).
     """
-
-    _warmup_steps = 2
 
     # Normal tensors even when built inside `torch.inference_mode()`: a later call outside it updates them in place.
     @torch.inference_mode(False)
@@ -213,15 +293,8 @@ class StaticTreeRunner:
         self.total_tokens, self.depth, self.top_k = total_tokens, depth, top_k
         self.max_cache_len, self.key, self.compiled = max_cache_len, key, compiled
         device = model.device
-        text_config = model.config.get_text_config()
-        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-        self.target_cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
-        self.target_cache.early_initialization(1, text_config.num_key_value_heads, head_dim, model.dtype, device)
         head_config = draft_model.config
-        self.head_cache = Cache(layers=[StaticLayer(max_cache_len)])
-        self.head_cache.early_initialization(
-            1, head_config.num_key_value_heads, head_config.head_dim, draft_model.dtype, device
-        )
+        self._allocate_caches(1)
 
         self.num_nodes = tree_size(total_tokens, depth, top_k)
         # The longest accepted path: the root plus one node per level.
@@ -237,12 +310,12 @@ class StaticTreeRunner:
         self.visited = torch.zeros(self.width, dtype=torch.long, device=device)
         self.emitted = torch.zeros(self.width, dtype=torch.long, device=device)
         self.num_kept = torch.ones((), dtype=torch.long, device=device)
-        self._draft_step = _StepFunction(self._draft, compiled)
-        self._verify_step = _StepFunction(self._verify, compiled)
-        self._commit_step = _StepFunction(self._commit, compiled)
+        self._draft_step = StepFunction(self._draft, compiled)
+        self._verify_step = StepFunction(self._verify, compiled)
+        self._commit_step = StepFunction(self._commit, compiled)
         self._steps = (self._draft_step, self._verify_step, self._commit_step)
         # Sampling's acceptance, built by the first sampled step (greedy calls never need it).
-        self._sample_step: _StepFunction | None = None
+        self._sample_step: StepFunction | None = None
         self.sample_scores: torch.Tensor | None = None
 
         # Set per call by `begin`.
@@ -250,36 +323,12 @@ class StaticTreeRunner:
         self.batched_greedy = False
         self.keep_logits = False
 
-    def begin(self, capture: TargetFeatureCapture, batched_greedy: bool, keep_logits: bool) -> None:
-        """Bind a `generate` call: its feature hooks, its acceptance path, whether it keeps logits beyond a step."""
-        self.capture, self.batched_greedy, self.keep_logits = capture, batched_greedy, keep_logits
-
-    @torch.no_grad()
-    def warm_up(self) -> None:
-        """Run a few steps from a valid state (one token before the root, one new token to encode): compilation,
-        lazy initialisations, library workspaces. What they leave in the caches lies beyond the lengths the prefill
-        sets. Within a call (see `begin`)."""
+    def _warm_up_state(self) -> None:
+        # One token before the root, one new token to encode.
         self.length.fill_(1)
         self.num_new.fill_(1)
         self.num_kept.fill_(1)
         set_cache_length(self.target_cache, 1)
-        for _ in range(self._warmup_steps):
-            for step in self._steps:
-                step()
-
-    @torch.no_grad()
-    def capture_graphs(self) -> None:
-        """Warm up on a side stream, then record draft, verify and commit as CUDA graphs sharing one memory pool."""
-        with torch.cuda.device(self.length.device):
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self.warm_up()
-            torch.cuda.current_stream().wait_stream(stream)
-            pool = torch.cuda.graph_pool_handle()
-            for step in self._steps:
-                step.capture(pool)
-        # Capture runs nothing.
 
     # ------------------------------------------------------------------ step functions (captured)
     def _visible(self, block: torch.BoolTensor) -> torch.BoolTensor:
@@ -439,8 +488,8 @@ class StaticTreeRunner:
     def _allocate_sample_scores(self, scores: torch.Tensor) -> None:
         self.sample_scores = torch.zeros_like(scores)
 
-    def _build_sample_step(self) -> _StepFunction:
-        step = _StepFunction(self._sample, self.compiled)
+    def _build_sample_step(self) -> StepFunction:
+        step = StepFunction(self._sample, self.compiled)
         try:
             if self.length.device.type == "cuda":
                 with torch.cuda.device(self.length.device):
@@ -455,7 +504,7 @@ class StaticTreeRunner:
                 step()  # compile now, so that a failure falls back here
         except RuntimeError as error:
             logger.warning_once(f"EAGLE-3 draws its sampled acceptance without a compiled or captured step: {error}")
-            step = _StepFunction(self._sample, compiled=False)
+            step = StepFunction(self._sample, compiled=False)
         return step
 
     def commit(self, step: StepResult, visited: torch.LongTensor, input_ids: torch.LongTensor) -> None:
@@ -476,10 +525,11 @@ class StaticTreeRunner:
 
 @dataclass
 class _RunnerState:
-    """What decoding keeps on a head between calls: its runner, and the `(runner key, reason)` of the last tree step
-    that could not be captured (it would fail the same way every call)."""
+    """What decoding keeps on a head between calls: its runner for single prompts, its runner for batches, and the
+    `(runner key, reason)` of the last tree step that could not be captured (it would fail the same way every call)."""
 
-    runner: StaticTreeRunner | None = None
+    runner: GraphRunner | None = None
+    batched: GraphRunner | None = None
     failure: tuple[tuple, str] | None = None
 
 
@@ -491,9 +541,78 @@ def _runner_state(draft_model: Eagle3DraftModel) -> _RunnerState:
     return state
 
 
-def cached_runner(draft_model: Eagle3DraftModel) -> StaticTreeRunner | None:
-    """The runner `draft_model` keeps for later calls, or None."""
-    return _runner_state(draft_model).runner
+def cached_runner(draft_model: Eagle3DraftModel, batched: bool = False) -> GraphRunner | None:
+    """The runner `draft_model` keeps for later calls (on single prompts, or on `batched` ones), or None."""
+    state = _runner_state(draft_model)
+    return state.batched if batched else state.runner
+
+
+def runner_key(model: PreTrainedModel, draft_model: Eagle3DraftModel, compiled: bool, *shape: int) -> tuple:
+    """What a runner's caches and graphs were built for: `compiled`, the target, the head's tensors and settings,
+    and `shape` (the tree knobs, and the batch size of a batch runner)."""
+    return (
+        compiled,
+        id(model),
+        # The graphs read the head's weights and vocabulary maps where they were captured: new tensors (another draft
+        # vocabulary, weights loaded by assignment) need another runner.
+        tuple(tensor.data_ptr() for tensor in itertools.chain(draft_model.parameters(), draft_model.buffers())),
+        draft_model.config.draft_vocab_size,
+        *shape,
+        model.dtype,
+        draft_model.dtype,
+        model.device,
+        model.config._attn_implementation,
+        draft_model.config._attn_implementation,
+    )
+
+
+def bound_runner(
+    draft_model: Eagle3DraftModel,
+    batched: bool,
+    key: tuple,
+    max_cache_len: int,
+    build: Callable[[int], GraphRunner],
+    capture: TargetFeatureCapture,
+    batched_greedy: bool,
+    keep_logits: bool,
+) -> GraphRunner:
+    """The head's runner for `key` (its `batched` one or not) bound to this call; `build(max_cache_len)` makes a new
+    one when the head has none for `key` or its caches are too short, which is then compiled (warmed up) and, on
+    CUDA, captured. Raises `StaticTreeCaptureError` when that fails."""
+    state = _runner_state(draft_model)
+    if state.failure is not None and state.failure[0] == key:
+        raise StaticTreeCaptureError(state.failure[1])
+    runner = cached_runner(draft_model, batched)
+    if runner is not None and runner.key == key and runner.max_cache_len >= max_cache_len:
+        runner.begin(capture, batched_greedy, keep_logits)
+        return runner
+    # Free the old caches and graphs before allocating new ones.
+    if batched:
+        state.batched = runner = None
+    else:
+        state.runner = runner = None
+    runner = build(max_cache_len)
+    runner.begin(capture, batched_greedy, keep_logits)
+    cuda = runner.length.device.type == "cuda"
+    if cuda or runner.compiled:
+        try:
+            # Compilation happens on the first warm-up call: its failures surface here, before any decoding.
+            if cuda:
+                runner.capture_graphs()
+            else:
+                runner.warm_up()
+        except RuntimeError as error:
+            # Remembered per key: a forward that reads the host during capture, or that dynamo cannot trace whole,
+            # fails the same way every call.
+            done = ["compiled"] * runner.compiled + ["captured as CUDA graphs"] * cuda
+            message = f"the tree step of {type(runner.model).__name__} could not be {' and '.join(done)} ({error})"
+            state.failure = (key, message)
+            raise StaticTreeCaptureError(message) from error
+    if batched:
+        state.batched = runner
+    else:
+        state.runner = runner
+    return runner
 
 
 def static_tree_runner(
@@ -509,66 +628,50 @@ def static_tree_runner(
     compiled: bool = False,
 ) -> StaticTreeRunner:
     """The head's runner for this target, tree shape and `compiled` (`eagle3_compile`), bound to this call; built when
-    the head has none for them or its caches are too short for `max_length`, then compiled (warmed up) and, on CUDA,
-    captured.
+    the head has none for them or its caches are too short for `max_length` (see `bound_runner`).
 
     The head keeps one runner (see `cached_runner`), and with it the target, alive between calls.
     """
-    key = (
-        compiled,
-        id(model),
-        # The graphs read the head's weights and vocabulary maps where they were captured: new tensors (another draft
-        # vocabulary, weights loaded by assignment) need another runner.
-        tuple(tensor.data_ptr() for tensor in itertools.chain(draft_model.parameters(), draft_model.buffers())),
-        draft_model.config.draft_vocab_size,
-        total_tokens,
-        depth,
-        top_k,
-        model.dtype,
-        draft_model.dtype,
-        model.device,
-        model.config._attn_implementation,
-        draft_model.config._attn_implementation,
-    )
+    key = runner_key(model, draft_model, compiled, total_tokens, depth, top_k)
     # Past the length a step writes the tree into the target cache and the tree levels into the head's.
     largest_block = max(tree_size(total_tokens, depth, top_k), (depth - 1) * top_k)
     max_cache_len = runner_cache_length(max_length + largest_block, compiled)
-    state = _runner_state(draft_model)
-    if state.failure is not None and state.failure[0] == key:
-        raise StaticTreeCaptureError(state.failure[1])
-    runner = state.runner
-    if runner is not None and runner.key == key and runner.max_cache_len >= max_cache_len:
-        runner.begin(capture, batched_greedy, keep_logits)
-        return runner
-    state.runner = runner = None  # free the old caches and graphs before allocating new ones
-    runner = StaticTreeRunner(model, draft_model, total_tokens, depth, top_k, max_cache_len, key, compiled)
-    runner.begin(capture, batched_greedy, keep_logits)
-    cuda = model.device.type == "cuda"
-    if cuda or compiled:
-        try:
-            # Compilation happens on the first warm-up call: its failures surface here, before any decoding.
-            if cuda:
-                runner.capture_graphs()
-            else:
-                runner.warm_up()
-        except RuntimeError as error:
-            # Remembered per key: a forward that reads the host during capture, or that dynamo cannot trace whole,
-            # fails the same way every call.
-            done = ["compiled"] * compiled + ["captured as CUDA graphs"] * cuda
-            message = f"the tree step of {type(model).__name__} could not be {' and '.join(done)} ({error})"
-            state.failure = (key, message)
-            raise StaticTreeCaptureError(message) from error
-    state.runner = runner
-    return runner
+
+    def build(max_cache_len: int) -> StaticTreeRunner:
+        return StaticTreeRunner(model, draft_model, total_tokens, depth, top_k, max_cache_len, key, compiled)
+
+    return bound_runner(draft_model, False, key, max_cache_len, build, capture, batched_greedy, keep_logits)
+
+
+def capture_failure(error: StaticTreeCaptureError, config: Eagle3DecodingConfig) -> None:
+    """Raise the error the caller's knobs call for when the static path could not be built, or warn that the call
+    decodes with the dynamic cache instead."""
+    if config.compile:
+        raise ValueError(
+            f"eagle3_compile=True cannot be honoured: {error}. Pass eagle3_compile=False to decode on static caches "
+            "without compiling."
+        ) from error
+    if config.static_cache:
+        raise ValueError(
+            f"eagle3_static_cache=True cannot be honoured: {error}. Pass eagle3_static_cache=False to decode with "
+            "the dynamic cache."
+        ) from error
+    logger.warning_once(f"EAGLE-3 decodes with the dynamic cache instead: {error}.")
 
 
 __all__ = [
+    "GraphRunner",
     "StaticTreeCaptureError",
     "StaticTreeRunner",
+    "StepFunction",
+    "bound_runner",
     "cached_runner",
+    "capture_failure",
     "runner_cache_length",
+    "runner_key",
     "static_tree_problem",
     "static_tree_runner",
+    "takes_static_path",
     "tree_size",
     "use_static_tree",
 ]

@@ -19,6 +19,11 @@ class Eagle3GenerationStats:
     `draft`, `verify` and `accept` (acceptance, cache compaction and bookkeeping). `static_cache` tells whether tree
     decoding ran on static caches (see `eagle3_static_cache`), `compiled` whether their steps ran compiled (see
     `eagle3_compile`), `tree_shape` the `(total_tokens, depth, top_k)` tree mode decoded with (see `eagle3_tree`).
+
+    For a batch of several prompts, `rows` holds each row's own counts and the call's counts are their sums: each
+    verification forward counts once for every row it served, so `mean_accept_len` stays the tokens a row gets per
+    forward. `batch_forwards` counts the verification forwards themselves; `cache_holes` the cache entries the rows
+    left empty (masked) because another row accepted more tokens in the same step.
     """
 
     target_forwards: int = 0
@@ -28,6 +33,9 @@ class Eagle3GenerationStats:
     static_cache: bool = False
     compiled: bool = False
     tree_shape: tuple[int, int, int] | None = None
+    rows: list[Eagle3GenerationStats] = field(default_factory=list)
+    batch_forwards: int = 0
+    cache_holes: int = 0
 
     def record(self, num_accepted: int, num_emitted: int) -> None:
         """One verification forward that accepted `num_accepted` draft tokens and emitted `num_emitted` tokens.
@@ -61,6 +69,9 @@ class Eagle3GenerationStats:
             "static_cache": self.static_cache,
             "compiled": self.compiled,
             "tree_shape": self.tree_shape,
+            "rows": [row.to_dict() for row in self.rows],
+            "batch_forwards": self.batch_forwards,
+            "cache_holes": self.cache_holes,
         }
 
 

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers.generation import GenerateDecoderOnlyOutput, GenerationConfig, LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteriaList
-from transformers.utils import logging
 
 from .._compat import CACHE_NAME, cache_kwargs
 from ..target_features import TargetFeatureCapture
@@ -29,6 +28,7 @@ from .acceptance import (
     uses_batched_greedy,
     uses_device_acceptance,
 )
+from .batched_tree import batched_tree_decoding
 from .draft_tree import DraftTree
 from .dynamic_tree import DynamicTreeDecoder
 from .sdpa_backends import shape_stable_attention
@@ -43,8 +43,6 @@ if TYPE_CHECKING:
     from .config import Eagle3DecodingConfig
     from .stats import Eagle3GenerationStats
     from .tree_decoder import TreeDecoder
-
-logger = logging.get_logger(__name__)
 
 
 @torch.no_grad()
@@ -68,12 +66,31 @@ def tree_assisted_decoding(
     picks the static-shape path where it applies, see `static_tree.use_static_tree`) and `compile` (compile the static
     path's steps); `stats` is updated once per verification. The inputs were checked by `checks.check_eagle3_inputs`.
     `model_kwargs` are what `generate` passes to `_assisted_decoding`: the cache, attention mask, position ids.
+    A batch of several (left-padded) prompts is decoded by `batched_tree.batched_tree_decoding`.
     """
+    batched_greedy = uses_batched_greedy(generation_config.do_sample, logits_processor, input_ids.device)
+    if input_ids.shape[0] > 1:
+        if streamer is not None:
+            raise ValueError(
+                f"transformers' streamers take one sequence, and this call decodes a batch of {input_ids.shape[0]}. "
+                "Drop `streamer`, or call `generate` once per prompt to stream it."
+            )
+        return batched_tree_decoding(
+            model,
+            input_ids,
+            logits_processor,
+            stopping_criteria,
+            generation_config,
+            draft_model=draft_model,
+            decoding_config=decoding_config,
+            stats=stats,
+            batched_greedy=batched_greedy,
+            **model_kwargs,
+        )
     do_sample = generation_config.do_sample
     return_dict = generation_config.return_dict_in_generate
     scores = () if return_dict and generation_config.output_scores else None
     raw_logits = () if return_dict and generation_config.output_logits else None
-    batched_greedy = uses_batched_greedy(do_sample, logits_processor, input_ids.device)
     device_acceptance = not batched_greedy and uses_device_acceptance(do_sample, logits_processor, input_ids.device)
     stop_rule = host_stop_rule(stopping_criteria)
     timer = PhaseTimer(input_ids.device)
@@ -189,14 +206,7 @@ def _make_decoder(
     """The call's backend: the static-cache runner where it applies (see `eagle3_static_cache`) and could be built,
     else the dynamic-cache decoder."""
     total_tokens, depth, top_k = config.total_tokens, config.depth, config.top_k
-    static = static_tree.use_static_tree(config.static_cache, model, draft_model, device, model_kwargs)
-    if config.compile and not static:
-        logger.warning_once(
-            "eagle3_compile=True compiles the static-cache path, which this call does not take "
-            "(eagle3_static_cache=None takes it on CUDA where it applies; pass eagle3_static_cache=True to insist, "
-            "or to learn what stands in the way): it decodes uncompiled on the dynamic cache."
-        )
-    if static:
+    if static_tree.takes_static_path(config, model, draft_model, device, model_kwargs):
         try:
             return static_tree.static_tree_runner(
                 model,
@@ -211,17 +221,7 @@ def _make_decoder(
                 compiled=config.compile,
             )
         except static_tree.StaticTreeCaptureError as error:
-            if config.compile:
-                raise ValueError(
-                    f"eagle3_compile=True cannot be honoured: {error}. Pass eagle3_compile=False to decode on "
-                    "static caches without compiling."
-                ) from error
-            if config.static_cache:
-                raise ValueError(
-                    f"eagle3_static_cache=True cannot be honoured: {error}. Pass eagle3_static_cache=False to "
-                    "decode with the dynamic cache."
-                ) from error
-            logger.warning_once(f"EAGLE-3 decodes with the dynamic cache instead: {error}.")
+            static_tree.capture_failure(error, config)
     return DynamicTreeDecoder(model, draft_model, capture, total_tokens, depth, top_k, model_kwargs)
 
 
