@@ -118,6 +118,7 @@ def test_measure_writes_json_and_table(full_run):
     assert [(row["method"], row["temperature"]) for row in rows] == [(m, t) for t in (0.0, 1.0) for m in METHODS]
     for row in rows:
         assert ROW_KEYS <= set(row) and row["task"] == "tiny_task" and row["prompts"] == 2
+        assert row["prompt_tokens"]["max"] == LONGEST_PROMPT and row["prompt_tokens"]["min"] < LONGEST_PROMPT
         assert row["tokens_per_s"] > 0 and row["speedup"] > 0 and row["warmup_s"] > 0
         # Compiled plain is measured after plain, before the others.
         assert (
@@ -169,7 +170,9 @@ def test_measure_writes_json_and_table(full_run):
             assert phases == [None] * 3
     assert all(row["greedy_identical"] is None for row in rows if row["temperature"] == 1)
     table = (output_dir / "target.md").read_text()
-    assert "| 0 | tiny_task | eagle3_chain_n3 | 2 |" in table and "| ms/step | warm-up |" in table
+    lengths = rows[0]["prompt_tokens"]
+    prompt_tokens = f"{lengths['mean']:.0f} ({lengths['min']}-{LONGEST_PROMPT})"
+    assert f"| 0 | tiny_task | eagle3_chain_n3 | 2 | {prompt_tokens} |" in table and "| ms/step | warm-up |" in table
     tree = next(row for row in rows if row["method"] == "eagle3_tree_t8_d3_k2" and row["temperature"] == 1)
     breakdown = f"| 1 | tiny_task | eagle3_tree_t8_d3_k2 | {tree['mean_accept_len']:.2f} | {tree['ms_per_step']:.1f} |"
     assert "## Where one step's time goes" in table and breakdown in table

@@ -39,7 +39,17 @@ logger = logging.get_logger(__name__)
 BUILTIN_SOURCES = ("stdlib", "pydoc", "packages")
 PYTHON_LICENSE = "PSF-2.0"
 # Parts of the standard library that are not its own prose or code: tests, vendored packages, generated tables.
-_STDLIB_SKIPPED = {"test", "site-packages", "dist-packages", "idlelib", "lib2to3", "ensurepip", "pydoc_data"}
+_STDLIB_SKIPPED = {
+    "test",
+    "tests",
+    "idle_test",
+    "site-packages",
+    "idlelib",
+    "lib2to3",
+    "ensurepip",
+    "pydoc_data",
+    "encodings",
+}
 # Licenses whose text may be used and quoted with attribution; anything copyleft or unstated is left out.
 _PERMISSIVE = ("MIT", "BSD", "APACHE", "PSF", "PYTHON SOFTWARE FOUNDATION", "ISC", "ZLIB", "UNLICENSE", "MPL")
 CODE_EXTENSIONS = {".py", ".c", ".h", ".cpp", ".js", ".ts", ".java", ".go", ".rs", ".rb", ".sh", ".sql", ".toml"}
@@ -106,25 +116,26 @@ def _files_of(source: str) -> list[str]:
     return matches
 
 
-def stdlib_documents() -> Iterator[Document]:
-    """The standard library's Python modules, held-out ones excepted."""
+def stdlib_documents(evaluation: bool = False) -> Iterator[Document]:
+    """The standard library's Python modules, held-out ones excepted (or only those, with `evaluation`)."""
     root = sysconfig.get_paths()["stdlib"]
     for folder, folders, files in os.walk(root):
         folders[:] = sorted(name for name in folders if name not in _STDLIB_SKIPPED and not name.startswith("__"))
         for name in sorted(files):
             path = os.path.join(folder, name)
             relative = os.path.relpath(path, root)
-            if name.endswith(".py") and not name.startswith("_sysconfigdata") and not held_out(f"stdlib:{relative}"):
+            wanted = held_out(f"stdlib:{relative}") == evaluation
+            if name.endswith(".py") and not name.startswith("_sysconfigdata") and wanted:
                 with open(path, encoding="utf-8", errors="replace") as file:
                     yield Document(file.read(), f"stdlib:{relative}", "code", PYTHON_LICENSE)
 
 
-def pydoc_documents() -> Iterator[Document]:
-    """The Language Reference topics `help()` shows, held-out ones excepted."""
+def pydoc_documents(evaluation: bool = False) -> Iterator[Document]:
+    """The Language Reference topics `help()` shows, held-out ones excepted (or only those, with `evaluation`)."""
     from pydoc_data.topics import topics
 
     for name in sorted(topics):
-        if not held_out(f"pydoc:{name}"):
+        if held_out(f"pydoc:{name}") == evaluation:
             yield Document(topics[name], f"pydoc:{name}", "prose", PYTHON_LICENSE)
 
 
