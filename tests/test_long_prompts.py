@@ -3,10 +3,15 @@ user turns over them, and `prepare-data --documents` / `--synthesize_documents`.
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import json
+import os
 import random
+import subprocess
+import sys
 from email.message import Message
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,3 +220,67 @@ def test_prepare_data_with_documents_end_to_end(tmp_path, chatml, chatty_target)
     (folder / "3.txt").write_text("")
     with pytest.raises(ValueError, match=f"Document {folder / '3.txt'} is empty"):
         prepare_data_main([*common, "--documents", str(folder)])
+
+
+RECIPE = Path(__file__).resolve().parents[1] / "benchmarks" / "train_smollm2_long.sh"
+# Stands in for run_benchmark.py: records each command line, and makes the folder prepare-data would fill.
+RECORDER = """
+import json, os, sys
+with open(os.environ["CALLS"], "a") as file:
+    file.write(json.dumps(sys.argv[1:]) + "\\n")
+if sys.argv[1] == "prepare-data":
+    output_dir = sys.argv[sys.argv.index("--output_dir") + 1]
+    os.makedirs(output_dir, exist_ok=True)
+    open(os.path.join(output_dir, "vocab_map.safetensors"), "w").close()
+"""
+
+
+def run_recipe(tmp_path, stage: str, **environment) -> list[list[str]]:
+    recorder = tmp_path / "recorder.py"
+    recorder.write_text(RECORDER)
+    calls = tmp_path / f"calls-{stage}.jsonl"
+    env = {"PATH": os.environ["PATH"], "BENCH": f"{sys.executable} {recorder}", "CALLS": str(calls), **environment}
+    subprocess.run(["bash", str(RECIPE), stage, str(tmp_path / "run")], check=True, env=env, capture_output=True)
+    return [json.loads(line) for line in calls.read_text().splitlines()]
+
+
+def option(call: list[str], name: str) -> str:
+    return call[call.index(name) + 1]
+
+
+def test_long_recipe_commands_and_mix(tmp_path):
+    (data,) = run_recipe(tmp_path, "data", GGUF="a.part b.part", LONG="30", WRITE_DOCS="5")
+    assert data[:5] == ["prepare-data", "--target", "smollm2", "--gguf", "a.part"] and data[5] == "b.part"
+    assert data[data.index("--documents") + 1 : data.index("--documents") + 4] == ["stdlib", "pydoc", "packages"]
+    assert (option(data, "--long_conversations"), option(data, "--synthesize_documents")) == ("30", "5")
+    # Done once: a second run finds the data and makes none.
+    assert run_recipe(tmp_path, "data") == [data]
+
+    long = tmp_path / "long.jsonl"
+    long.write_text(
+        "".join(json.dumps({"messages": [{"role": "user", "content": f"L{i}"}]}) + "\n" for i in range(10))
+    )
+    chat = tmp_path / "chat.jsonl.gz"
+    with gzip.open(chat, "wt") as file:
+        file.writelines(json.dumps({"messages": [{"role": "user", "content": f"C{i}"}]}) + "\n" for i in range(50))
+    environment = dict(LONG_CONVERSATIONS=str(long), CHAT=str(chat), EVAL_HOLDOUT="2", CHAT_PER_LONG="3")
+    evaluation, training, train = run_recipe(tmp_path, "train", **environment)
+    run = tmp_path / "run"
+    contents = {
+        name: [json.loads(line)["messages"][0]["content"] for line in (run / f"{name}_conversations.jsonl").open()]
+        for name in ("train", "eval")
+    }
+    assert len(contents["eval"]) == 4 and sum(c.startswith("L") for c in contents["eval"]) == 2
+    assert len(contents["train"]) == 36 and sum(c.startswith("L") for c in contents["train"]) == 8
+    assert len(set(contents["train"]) | set(contents["eval"])) == 40  # 30 chat and 10 long, none twice
+    assert option(evaluation, "--data").endswith("eval_conversations.jsonl") and option(training, "--data").endswith(
+        "train_conversations.jsonl"
+    )
+    assert train[0] == "train" and option(train, "--head") == "src/hf_eagle3/heads/smollm2-135m-instruct"
+    assert option(train, "--eval_data") == str(run / "eval_data") and "--resume_from_checkpoint" not in train
+    # The same seed draws the same mix.
+    first = (run / "train_conversations.jsonl").read_text()
+    for name in ("data", "eval_data"):
+        (run / name / "vocab_map.safetensors").unlink()
+    run_recipe(tmp_path, "train", **environment)
+    assert (run / "train_conversations.jsonl").read_text() == first
