@@ -195,11 +195,14 @@ def split_document(
         end = offsets[end_token - 1][1]
         if end_token < len(offsets):
             middle = offsets[start_token + (end_token - start_token) // 2][0]
-            cut = max(document.text.rfind("\n\n", middle, end), -1)
-            cut = cut if cut >= 0 else document.text.rfind("\n", middle, end)
+            cut = document.text.rfind("\n\n", middle, end)
+            if cut < 0:
+                cut = document.text.rfind("\n", middle, end)
             if cut >= 0:
                 end = cut + 1
-                end_token = next(index for index in range(start_token, end_token) if offsets[index][1] > end)
+                end_token = next(
+                    (index for index in range(start_token, end_token) if offsets[index][1] > end), end_token
+                )
         text = document.text[start:end].strip()
         if text:
             source = document.source if start_token == 0 and end_token == len(offsets) else None
