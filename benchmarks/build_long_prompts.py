@@ -164,7 +164,7 @@ def build(args: argparse.Namespace) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=SET_DIR / "question.jsonl")
-    parser.add_argument("--per_category", type=int, default=8)
+    parser.add_argument("--per_category", type=int, default=10)
     parser.add_argument("--min_tokens", type=int, default=500)
     parser.add_argument("--max_tokens", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)

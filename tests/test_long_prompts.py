@@ -4,6 +4,7 @@ user turns over them, and `prepare-data --documents` / `--synthesize_documents`.
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import itertools
 import json
 import os
@@ -284,3 +285,45 @@ def test_long_recipe_commands_and_mix(tmp_path):
         (run / name / "vocab_map.safetensors").unlink()
     run_recipe(tmp_path, "train", **environment)
     assert (run / "train_conversations.jsonl").read_text() == first
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+spec = importlib.util.spec_from_file_location("build_long_prompts", BENCHMARKS / "build_long_prompts.py")
+build_long_prompts = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(build_long_prompts)
+
+
+def evaluation_only(source: str) -> bool:
+    """Whether no training source reads this document: held out, a standard library text file, or written apart."""
+    name = source.split("#")[0]
+    if name.startswith("stdlib:") and name.removeprefix("stdlib:") in build_long_prompts.PROSE_FILES:
+        return True
+    return name.startswith("synthesized:") or (name.startswith(("stdlib:", "pydoc:")) and held_out(name))
+
+
+@pytest.mark.slow
+def test_long_prompt_set_builds_deterministically_from_held_out_documents(tmp_path, chatml):
+    chatml.save_pretrained(tmp_path / "tokenizer")
+    argv = ["--tokenizer", str(tmp_path / "tokenizer"), "--per_category", "2", "--min_tokens", "300"]
+    argv += ["--max_tokens", "700"]
+    outputs = []
+    for name in ("a", "b"):
+        outputs.append(tmp_path / name / "question.jsonl")
+        assert build_long_prompts.main([*argv, "--output", str(outputs[-1])]) == 0
+    assert outputs[0].read_text() == outputs[1].read_text()
+    rows = [json.loads(line) for line in outputs[0].read_text().splitlines()]
+    assert [row["category"] for row in rows] == [category for category in CATEGORIES for _ in range(2)]
+    for row in rows:
+        assert 300 <= row["prompt_tokens"] <= 700 and evaluation_only(row["source"])
+        messages = [{"role": "user", "content": row["turns"][0]}]
+        assert (
+            len(chatml.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]) == row["prompt_tokens"]
+        )
+
+
+def test_shipped_long_prompt_set():
+    rows = [json.loads(line) for line in (BENCHMARKS / "data" / "long_prompts" / "question.jsonl").open()]
+    assert len(rows) == 80 and len({row["turns"][0] for row in rows}) == 80
+    assert [row["category"] for row in rows] == [category for category in CATEGORIES for _ in range(10)]
+    assert all(500 <= row["prompt_tokens"] <= 1500 and evaluation_only(row["source"]) for row in rows)
+    assert all(row["license"] for row in rows)

@@ -86,8 +86,8 @@ def document_prompt(document: Document, category: str | None, rng: random.Random
 
 
 def document_prompts(documents: list[Document], count: int, seed: int = 0) -> list[DocumentPrompt]:
-    """`count` user turns over `documents`, each document used as evenly as possible (a document asked about
-    twice gets two different tasks where its kind has them), in an order shuffled by `seed`."""
+    """`count` user turns over `documents`, each document used as evenly as possible (one asked about again is asked
+    differently: another task or layout), in an order shuffled by `seed`."""
     if count > 0 and not documents:
         raise ValueError("No documents to write long prompts over: check --documents / --synthesize_documents.")
     rng = random.Random(seed)
