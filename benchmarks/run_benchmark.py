@@ -272,8 +272,10 @@ def _tokens_per_s(tally: Tally) -> float:
     return tally.new_tokens / tally.seconds
 
 
-def prompt_length_stats(lengths: list[int]) -> dict[str, float]:
-    """Mean, median, shortest and longest prompt, in tokens."""
+def prompt_length_stats(lengths: list[int]) -> dict[str, float] | None:
+    """Mean, median, shortest and longest prompt, in tokens (None where no length was recorded)."""
+    if not lengths:
+        return None
     return {
         "mean": round(statistics.fmean(lengths), 1),
         "median": statistics.median(lengths),

@@ -214,12 +214,12 @@ def test_step_breakdown_from_phase_times(full_run):
     assert [run_benchmark.result_row(method, "task", 0.0, tally, None)[key] for key in PHASE_KEYS] == [None] * 3
     # Rows of earlier runs, without the newer keys, still make a table with the new rows.
     _, payload, _ = full_run
-    newer = {*PHASE_KEYS, "setup_s", "warmup_s", "speedup_vs_plain_compiled"}
+    newer = {*PHASE_KEYS, "setup_s", "warmup_s", "speedup_vs_plain_compiled", "prompt_tokens"}
     old = {key: value for key, value in payload["results"][0].items() if key not in newer}
     table = run_benchmark.markdown_table({**payload, "results": [old, row]})
     # rest: 500 ms over 10 verification steps, less the 7 ms of the phases.
     assert "| 0 | task | eagle3_tree_graph | 2.80 | 41.7 | 2.00 | 4.00 | 1.00 | 43.00 |" in table
-    assert f"| {old['ms_per_step']:.1f} | - |" in table
+    assert f"| {old['ms_per_step']:.1f} | - |" in table and f"| {old['prompts']} | - |" in table
 
 
 def test_plot(full_run, tmp_path):
