@@ -31,10 +31,10 @@ if [ "$STAGE" = data ]; then
   read -r -a sources <<< "${DOCUMENTS:-stdlib pydoc packages}"
   if [ ! -f "$RUN_DIR/long_data/vocab_map.safetensors" ]; then
     "${BENCH[@]}" prepare-data "${TARGET[@]}" --output_dir "$RUN_DIR/long_data" --documents "${sources[@]}" \
-      --synthesize_documents "${WRITE_DOCS:-1000}" --long_conversations "${LONG:-4000}" \
+      --synthesize_documents "${WRITE_DOCS:-800}" --long_conversations "${LONG:-3000}" \
       --max_document_tokens 1024 --min_document_tokens 256 --max_document_chunks 4 --document_max_new_tokens 1024 \
       --max_new_tokens 512 --batch_size "${GEN_BATCH:-512}" --draft_vocab_size "$DRAFT_VOCAB" --dtype bfloat16 \
-      --seed "$SEED"
+      --seed "$SEED" --num_proc 8
   fi
 elif [ "$STAGE" = train ]; then
   LONG_CONVERSATIONS=${LONG_CONVERSATIONS:-$RUN_DIR/long_data/conversations.jsonl}
