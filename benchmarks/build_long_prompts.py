@@ -128,7 +128,7 @@ def build(args: argparse.Namespace) -> list[dict]:
         pieces = [
             chunk
             for document in documents
-            for chunk in split_document(tokenizer, document, args.max_tokens - 100, args.min_tokens, max_chunks=6)
+            for chunk in split_document(tokenizer, document, args.max_tokens - 100, args.min_tokens, max_chunks=10)
         ]
         rng.shuffle(pieces)
         chunks[kind] = pieces
