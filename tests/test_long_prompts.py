@@ -118,6 +118,7 @@ def test_distribution_license_takes_only_permissive_ones():
     assert distribution_license(metadata(Classifier=["Programming Language :: Python", classifier])) == "BSD License"
     assert distribution_license(metadata(License="GPL-3.0-or-later")) is None
     assert distribution_license(metadata(License="LGPL with BSD parts")) is None
+    assert distribution_license(metadata(License_Expression="GPL-2.0-only", License="MIT")) is None
     assert distribution_license(metadata(Name="unstated")) is None
 
 

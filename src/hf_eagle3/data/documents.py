@@ -44,6 +44,7 @@ _STDLIB_SKIPPED = {
     "tests",
     "idle_test",
     "site-packages",
+    "dist-packages",
     "idlelib",
     "lib2to3",
     "ensurepip",
@@ -146,12 +147,11 @@ def distribution_license(metadata) -> str | None:
     """The license a distribution's metadata states (SPDX expression, License field or classifier), if permissive."""
     stated = [metadata.get("License-Expression"), metadata.get("License")]
     stated += [line.rsplit("::", 1)[-1] for line in metadata.get_all("Classifier") or [] if line.startswith("License")]
-    for license in stated:
-        # A License field sometimes holds the whole license text: its first line names it.
-        name = (license or "").strip().splitlines()[0] if (license or "").strip() else ""
-        if name and "GPL" not in name.upper() and any(word in name.upper() for word in _PERMISSIVE):
-            return name[:80]
-    return None
+    # A License field sometimes holds the whole license text: its first line names it.
+    names = [license.strip().splitlines()[0] for license in stated if license and license.strip()]
+    if any("GPL" in name.upper() for name in names):  # copyleft anywhere in the metadata: left out
+        return None
+    return next((name[:80] for name in names if any(word in name.upper() for word in _PERMISSIVE)), None)
 
 
 def package_documents() -> Iterator[Document]:
