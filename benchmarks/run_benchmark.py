@@ -27,6 +27,7 @@ import os
 import platform
 import re
 import shlex
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,7 +39,10 @@ import torch
 BENCHMARKS_DIR = Path(__file__).resolve().parent
 DATA_DIR = BENCHMARKS_DIR / "data"
 RESULTS_DIR = BENCHMARKS_DIR / "results"
-TASKS = ("mt_bench", "humaneval", "gsm8k")
+# Tasks carried in data/<task>/question.jsonl. long_prompts (our own set of prompts over long documents, 500 to 1500
+# tokens: build_long_prompts.py) is measured when asked for, beside MT-bench: `--tasks mt_bench long_prompts`.
+TASKS = ("mt_bench", "humaneval", "gsm8k", "long_prompts")
+DEFAULT_TASKS = ("mt_bench", "humaneval", "gsm8k")
 DEFAULT_METHODS = (
     "plain",
     "plain_compiled",
@@ -198,6 +202,7 @@ class Tally:
     timed_calls: int = 0  # calls whose statistics timed their phases
     compiled_graphs: int = 0  # graphs torch.compile compiled during the timed calls: 0 unless one recompiled
     tree_shapes: set[tuple[int, int, int]] = field(default_factory=set)  # what tree decoding ran with
+    prompt_tokens: list[int] = field(default_factory=list)  # each prompt's length, chat template included
     outputs: list[torch.Tensor] = field(default_factory=list)
     # Per prompt: (tokens after the first, verification steps); for a paired comparison of acceptance between runs.
     per_prompt_steps: list[tuple[int, int]] = field(default_factory=list)
@@ -235,6 +240,7 @@ def run_method(target, tokenizer, head, method: Method, prompts: list[str], temp
     try:
         for index, prompt in enumerate(prompts):
             inputs = encode_prompt(tokenizer, prompt, device)
+            tally.prompt_tokens.append(inputs["input_ids"].shape[1])
             # The same seed for a prompt in every method: sampled rows differ by method, not by luck of the draw.
             torch.manual_seed(args.seed + index)
             for forward_counter in (counter, draft_counter):
@@ -284,6 +290,18 @@ def _tokens_per_s(tally: Tally) -> float:
     return tally.new_tokens / tally.seconds
 
 
+def prompt_length_stats(lengths: list[int]) -> dict[str, float] | None:
+    """Mean, median, shortest and longest prompt, in tokens (None where no length was recorded)."""
+    if not lengths:
+        return None
+    return {
+        "mean": round(statistics.fmean(lengths), 1),
+        "median": statistics.median(lengths),
+        "min": min(lengths),
+        "max": max(lengths),
+    }
+
+
 def result_row(
     method: Method,
     task: str,
@@ -305,6 +323,8 @@ def result_row(
         "task": task,
         "temperature": temperature,
         "prompts": len(tally.outputs),
+        # Acceptance depends on the prompt's length (a head trained on short chat accepts less after long prompts).
+        "prompt_tokens": prompt_length_stats(tally.prompt_tokens),
         "new_tokens": tally.new_tokens,
         "seconds": round(tally.seconds, 4),
         "tokens_per_s": round(tokens_per_s, 3),
@@ -479,7 +499,8 @@ def measure(args: argparse.Namespace) -> dict:
             for task, task_prompts in prompts.items():
                 cell = tallies.setdefault((temperature, task), {})
                 _progress(
-                    f"[T={temperature:g} {task}] {method.name}: {len(task_prompts)} prompts x "
+                    f"[T={temperature:g} {task}] {method.name}: {len(task_prompts)} prompts (mean "
+                    f"{statistics.fmean(lengths[prompt] for prompt in task_prompts):.0f} tokens) x "
                     f"{args.max_new_tokens} new tokens at most ..."
                 )
                 cell[method.name] = run_method(target, tokenizer, head, method, task_prompts, temperature, args)
@@ -715,17 +736,20 @@ def markdown_table(payload: dict) -> str:
         "identical = greedy text equals plain generate's on every prompt (prefix = share of plain's tokens "
         "reproduced before the first difference); ms/step = wall time per target forward, drafting and overhead "
         "included; warm-up = the untimed calls before timing (compilation, graph capture), seconds; recompiled = "
-        "graphs torch.compile compiled inside the timed calls (0: nothing recompiled).",
+        "graphs torch.compile compiled inside the timed calls (0: nothing recompiled); prompt tokens = mean (shortest "
+        "to longest) prompt length, chat template included.",
         "",
-        "| temperature | task | method | prompts | tokens/s | speedup | vs compiled | tau | acceptance per depth "
-        "| identical | prefix | ms/step | warm-up | recompiled |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| temperature | task | method | prompts | prompt tokens | tokens/s | speedup | vs compiled | tau "
+        "| acceptance per depth | identical | prefix | ms/step | warm-up | recompiled |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     # Rows of results measured before a column existed lack its key.
     for row in payload["results"]:
         depths = " ".join(f"{rate:.2f}" for rate in row["acceptance_rate_per_depth"]) or "-"
+        lengths = row.get("prompt_tokens")
+        lengths = f"{lengths['mean']:.0f} ({lengths['min']}-{lengths['max']})" if lengths else "-"
         lines.append(
-            f"| {row['temperature']:g} | {row['task']} | {row['method']} | {row['prompts']} | "
+            f"| {row['temperature']:g} | {row['task']} | {row['method']} | {row['prompts']} | {lengths} | "
             f"{row['tokens_per_s']:.1f} | {_cell(row['speedup'])} | {_cell(row.get('speedup_vs_plain_compiled'))} | "
             f"{_cell(row['mean_accept_len'])} | {depths} | {_cell(row['greedy_identical'])} | "
             f"{_cell(row['greedy_prefix_match'])} | {row['ms_per_step']:.1f} | {_cell(row.get('warmup_s'), 1)} | "
@@ -954,7 +978,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("measure", help="time the methods; write results/<name>.json, .md, .png")
     add_target_arguments(run)
     run.add_argument("--head", type=Path, help="trained head directory (default: the head shipped for --target)")
-    run.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    run.add_argument("--tasks", nargs="+", choices=TASKS, default=list(DEFAULT_TASKS))
     run.add_argument("--prompts", nargs="+", type=Path, help="JSONL prompt files instead of --tasks")
     run.add_argument("--limit", type=int, help="prompts per task (default: all 80)")
     run.add_argument("--stride", type=int, default=1, help="every this many-th prompt (spread over categories)")

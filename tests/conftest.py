@@ -262,6 +262,21 @@ def chatml(byte_level_tokenizer) -> PreTrainedTokenizerFast:
     return make_tokenizer(byte_level_tokenizer, CHATML_TEMPLATE)
 
 
+@pytest.fixture
+def chatty_target(chatml):
+    """A tiny target that ends its turn after a few sampled tokens, as an instruct model does.
+
+    Every embedding gets a large first coordinate, which survives the random layers, and the
+    end-of-turn row of `lm_head` reads it: the end-of-turn logit is about 4 where the others are
+    near 0, so sampling stops with probability ~0.07 per token (distinct prompts of ~14 tokens).
+    """
+    target = make_target("llama", vocab_size=len(chatml), num_hidden_layers=2, seed=1)
+    with torch.no_grad():
+        target.model.embed_tokens.weight[:, 0] = 10.0
+        target.lm_head.weight[chatml.eos_token_id, 0] = 0.4
+    return target
+
+
 # ------------------------------------------------------------------------------------------- training data
 def make_rows(num_rows: int = 8, length: int = 12, vocab_size: int = 96, seed: int = 0) -> list[dict]:
     """Tokenised training rows of uneven lengths, the first three tokens of each outside the loss."""

@@ -119,6 +119,7 @@ def test_measure_writes_json_and_table(full_run):
     assert [(row["method"], row["temperature"]) for row in rows] == [(m, t) for t in (0.0, 1.0) for m in METHODS]
     for row in rows:
         assert ROW_KEYS <= set(row) and row["task"] == "tiny_task" and row["prompts"] == 2
+        assert row["prompt_tokens"]["max"] == LONGEST_PROMPT and row["prompt_tokens"]["min"] < LONGEST_PROMPT
         assert row["tokens_per_s"] > 0 and row["speedup"] > 0 and row["warmup_s"] > 0
         # Compiled plain is measured after plain, before the others.
         assert (
@@ -170,7 +171,9 @@ def test_measure_writes_json_and_table(full_run):
             assert phases == [None] * 3
     assert all(row["greedy_identical"] is None for row in rows if row["temperature"] == 1)
     table = (output_dir / "target.md").read_text()
-    assert "| 0 | tiny_task | eagle3_chain_n3 | 2 |" in table and "| ms/step | warm-up |" in table
+    lengths = rows[0]["prompt_tokens"]
+    prompt_tokens = f"{lengths['mean']:.0f} ({lengths['min']}-{LONGEST_PROMPT})"
+    assert f"| 0 | tiny_task | eagle3_chain_n3 | 2 | {prompt_tokens} |" in table and "| ms/step | warm-up |" in table
     tree = next(row for row in rows if row["method"] == "eagle3_tree_t8_d3_k2" and row["temperature"] == 1)
     breakdown = f"| 1 | tiny_task | eagle3_tree_t8_d3_k2 | {tree['mean_accept_len']:.2f} | {tree['ms_per_step']:.1f} |"
     assert "## Where one step's time goes" in table and breakdown in table
@@ -212,12 +215,12 @@ def test_step_breakdown_from_phase_times(full_run):
     assert [run_benchmark.result_row(method, "task", 0.0, tally, None)[key] for key in PHASE_KEYS] == [None] * 3
     # Rows of earlier runs, without the newer keys, still make a table with the new rows.
     _, payload, _ = full_run
-    newer = {*PHASE_KEYS, "setup_s", "warmup_s", "speedup_vs_plain_compiled"}
+    newer = {*PHASE_KEYS, "setup_s", "warmup_s", "speedup_vs_plain_compiled", "prompt_tokens"}
     old = {key: value for key, value in payload["results"][0].items() if key not in newer}
     table = run_benchmark.markdown_table({**payload, "results": [old, row]})
     # rest: 500 ms over 10 verification steps, less the 7 ms of the phases.
     assert "| 0 | task | eagle3_tree_graph | 2.80 | 41.7 | 2.00 | 4.00 | 1.00 | 43.00 |" in table
-    assert f"| {old['ms_per_step']:.1f} | - |" in table
+    assert f"| {old['ms_per_step']:.1f} | - |" in table and f"| {old['prompts']} | - |" in table
 
 
 def test_plot(full_run, tmp_path):

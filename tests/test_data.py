@@ -215,21 +215,6 @@ def tiny_target(chatml):
     return make_target("llama", vocab_size=len(chatml), num_hidden_layers=2)
 
 
-@pytest.fixture
-def chatty_target(chatml):
-    """A tiny target that ends its turn after a few sampled tokens, as an instruct model does.
-
-    Every embedding gets a large first coordinate, which survives the random layers, and the
-    end-of-turn row of `lm_head` reads it: the end-of-turn logit is about 4 where the others are
-    near 0, so sampling stops with probability ~0.07 per token (distinct prompts of ~14 tokens).
-    """
-    target = make_target("llama", vocab_size=len(chatml), num_hidden_layers=2, seed=1)
-    with torch.no_grad():
-        target.model.embed_tokens.weight[:, 0] = 10.0
-        target.lm_head.weight[chatml.eos_token_id, 0] = 0.4
-    return target
-
-
 def test_batched_left_padded_generation_matches_one_by_one(chatml, tiny_target):
     prompts = [
         chatml.apply_chat_template(CONVERSATION[: end + 1], tokenize=False, add_generation_prompt=True)

@@ -8,6 +8,8 @@ What `--output_dir` holds:
 - `vocab_map.safetensors`: the draft vocabulary, `d2t` int64 `[draft_vocab_size]` and `t2d` bool
   `[vocab_size]`, as published EAGLE-3 heads store them (`load_vocab_map`);
 - `conversations.jsonl` when the target wrote text: `{"messages": [...]}` rows, reusable as `--data`;
+- `long_prompts.jsonl` with long-prompt conversations: where each one's document came from (`source`, `kind`,
+  `license`) and what its user turn asks (`category`), in the order of the last rows of `conversations.jsonl`;
 - `prepare_data_summary.json`: counts, coverage of the draft vocabulary and the arguments used.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +27,8 @@ from transformers.utils import logging
 
 from ..offline_models import load_target, load_target_config, resolve_offline_target
 from .chat import load_chat_dataset, to_messages, tokenize_conversations
+from .document_tasks import DocumentPrompt, document_prompts
+from .documents import BUILTIN_SOURCES, document_origin, load_documents, split_document, synthesize_documents
 from .generation import regenerate_conversations, synthesize_prompts
 from .vocab import build_vocab_maps, save_vocab_map
 
@@ -88,6 +93,41 @@ class PrepareDataArguments:
             "turn: spreads a small model's prompts over more kinds of task."
         },
     )
+    documents: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Long documents for long-prompt conversations: "
+            + ", ".join(BUILTIN_SOURCES)
+            + " (the Python standard library's modules, its Language Reference topics, installed packages' "
+            "descriptions under permissive licenses), or text files, folders and glob patterns. The target answers "
+            "a summary, question, rewrite, extraction or continuation request over each."
+        },
+    )
+    synthesize_documents: int = field(
+        default=0, metadata={"help": "Have the target write this many documents (articles, code, transcripts...)."}
+    )
+    long_conversations: int | None = field(
+        default=None,
+        metadata={"help": "Long-prompt conversations to make from the documents; default one per document chunk."},
+    )
+    long_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "Instead of --long_conversations: this many long-prompt conversations per short one (from "
+            "--data and --synthesize), e.g. 0.25 for one in five of all."
+        },
+    )
+    max_document_tokens: int = field(
+        default=1024, metadata={"help": "Longer documents are cut into chunks of at most this many tokens."}
+    )
+    min_document_tokens: int = field(
+        default=256, metadata={"help": "Documents (and last chunks) shorter than this many tokens are left out."}
+    )
+    max_document_chunks: int = field(default=4, metadata={"help": "Chunks taken from one document at most."})
+    document_max_new_tokens: int = field(default=1024, metadata={"help": "Longest document the target writes."})
+    document_temperature: float = field(
+        default=0.7, metadata={"help": "Sampling temperature of target-written documents (greedy text loops)."}
+    )
     batch_size: int = field(default=16, metadata={"help": "Generation batch size."})
     draft_vocab_size: int | None = field(
         default=None,
@@ -132,12 +172,83 @@ def _read_openers(path: str | None) -> list[str] | None:
     return openers
 
 
+def _check_long_prompt_options(args: PrepareDataArguments) -> bool:
+    """Whether long-prompt conversations are asked for; refuses options that contradict each other."""
+    long_prompts = bool(args.documents or args.synthesize_documents)
+    if not long_prompts and (args.long_conversations is not None or args.long_ratio is not None):
+        raise ValueError(
+            "--long_conversations and --long_ratio need documents: --documents or --synthesize_documents."
+        )
+    if long_prompts and not 0 < args.min_document_tokens <= args.max_document_tokens:
+        raise ValueError(
+            f"--min_document_tokens {args.min_document_tokens} must be positive and at most --max_document_tokens "
+            f"{args.max_document_tokens}."
+        )
+    if args.long_conversations is not None and args.long_ratio is not None:
+        raise ValueError("Pass --long_conversations or --long_ratio, not both.")
+    if args.long_ratio is not None and (args.long_ratio <= 0 or (args.data is None and not args.synthesize)):
+        raise ValueError(
+            "--long_ratio sets long-prompt conversations per short one: it needs a positive ratio and short "
+            "conversations (--data or --synthesize); pass --long_conversations N otherwise."
+        )
+    return long_prompts
+
+
+def _long_prompts(args: PrepareDataArguments, model, tokenizer, short_conversations: int) -> list[DocumentPrompt]:
+    """The documents the options name, cut and deduplicated, and as many user turns over them as asked."""
+    chunking = dict(
+        max_tokens=args.max_document_tokens, min_tokens=args.min_document_tokens, max_chunks=args.max_document_chunks
+    )
+    documents, counts = load_documents(args.documents or [], tokenizer, **chunking)
+    if args.synthesize_documents:
+        written = synthesize_documents(
+            model,
+            tokenizer,
+            args.synthesize_documents,
+            max_new_tokens=args.document_max_new_tokens,
+            batch_size=args.batch_size,
+            temperature=args.document_temperature,
+            top_p=args.prompt_top_p,
+        )
+        chunked = [split_document(tokenizer, document, **chunking) for document in written]
+        counts["written"], counts["written_too_short"] = len(written), sum(not chunks for chunks in chunked)
+        documents += [chunk for chunks in chunked for chunk in chunks]
+    if not documents:
+        raise ValueError(
+            f"No document of at least --min_document_tokens {args.min_document_tokens} tokens to ask about "
+            f"({counts}): pass longer documents or lower --min_document_tokens."
+        )
+    logger.info(f"Long-prompt documents: {len(documents)} chunks ({counts}).")
+    if args.long_conversations is not None:
+        count = args.long_conversations
+    elif args.long_ratio is not None:
+        count = round(args.long_ratio * short_conversations)
+    else:
+        count = len(documents)
+    return document_prompts(documents, count, seed=args.seed)
+
+
+def _long_prompt_counts(prompts: list[DocumentPrompt]) -> dict:
+    """What the long-prompt conversations hold: how many, from which sources, under which licenses, asking what."""
+    return {
+        "conversations": len(prompts),
+        "documents": len({prompt.document.source for prompt in prompts}),
+        "origins": dict(Counter(document_origin(prompt.document) for prompt in prompts)),
+        "licenses": dict(Counter(prompt.document.license or "not stated" for prompt in prompts)),
+        "categories": dict(Counter(prompt.category for prompt in prompts)),
+    }
+
+
 def prepare_data(args: PrepareDataArguments) -> dict:
     """Run the whole preparation; returns the summary it also writes to `output_dir/prepare_data_summary.json`."""
-    if args.data is None and not args.synthesize:
-        raise ValueError("Nothing to prepare: pass --data, or --synthesize N to have the target write prompts.")
+    long_prompts = _check_long_prompt_options(args)
+    if args.data is None and not args.synthesize and not long_prompts:
+        raise ValueError(
+            "Nothing to prepare: pass --data, --synthesize N to have the target write prompts, or --documents / "
+            "--synthesize_documents N for long-prompt conversations."
+        )
     set_seed(args.seed)
-    generated = args.regenerate or args.synthesize > 0
+    generated = args.regenerate or args.synthesize > 0 or long_prompts
     model, tokenizer, vocab_size = _load_target(args, with_model=generated)
     if args.chat_template is not None:
         with open(args.chat_template, encoding="utf-8") as file:
@@ -147,6 +258,7 @@ def prepare_data(args: PrepareDataArguments) -> dict:
         raise ValueError(f"--draft_vocab_size {draft_vocab_size} exceeds the target's vocab_size {vocab_size}.")
 
     conversations = []
+    prompts_over_documents: list[DocumentPrompt] = []
     if args.data is not None:
         rows = load_chat_dataset(args.data, args.split)
         if args.max_samples is not None:
@@ -178,12 +290,27 @@ def prepare_data(args: PrepareDataArguments) -> dict:
                 max_new_tokens=args.max_new_tokens,
                 **generation,
             )
+        if long_prompts:
+            prompts_over_documents = _long_prompts(args, model, tokenizer, len(conversations))
+        conversations += regenerate_conversations(
+            model,
+            tokenizer,
+            [[{"role": "user", "content": prompt.prompt}] for prompt in prompts_over_documents],
+            max_new_tokens=args.max_new_tokens,
+            **generation,
+        )
         # The generated text is the expensive part: written first, and reusable as --data to re-tokenise
         # (other max_length, vocabulary size, or several runs concatenated) without generating again.
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "conversations.jsonl"), "w", encoding="utf-8") as file:
             for messages in conversations:
                 file.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+        if long_prompts:
+            with open(os.path.join(args.output_dir, "long_prompts.jsonl"), "w", encoding="utf-8") as file:
+                for prompt in prompts_over_documents:
+                    origin = dataclasses.asdict(prompt.document)
+                    del origin["text"]
+                    file.write(json.dumps({**origin, "category": prompt.category}, ensure_ascii=False) + "\n")
 
     dataset, counts = tokenize_conversations(
         tokenizer, conversations, args.max_length, args.truncate, num_proc=args.num_proc
@@ -197,6 +324,7 @@ def prepare_data(args: PrepareDataArguments) -> dict:
         "draft_vocab_size": draft_vocab_size,
         "vocab_size": vocab_size,
         "coverage": coverage,
+        **({"long_prompts": _long_prompt_counts(prompts_over_documents)} if long_prompts else {}),
         "arguments": dataclasses.asdict(args),
     }
     with open(os.path.join(args.output_dir, "prepare_data_summary.json"), "w", encoding="utf-8") as file:
