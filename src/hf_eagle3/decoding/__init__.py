@@ -2,8 +2,8 @@
 
 `dispatch` routes `generate(assistant_model=<Eagle3DraftModel>)` here and holds the path from `generate` to the target's
 verification forward; `config` and `checks` are a call's settings and input checks; `draft_tree`, `acceptance`,
-`tree_decoder`, `dynamic_tree`, `static_tree` and `tree_loop` are tree mode, `batched_tree` tree mode for a padded
-batch of prompts; `candidate_generator` is chain mode.
+`tree_decoder`, `dynamic_tree`, `static_tree` and `tree_loop` are tree mode, `batched_tree` (eager) and
+`batched_static_tree` (static caches) tree mode for a padded batch of prompts; `candidate_generator` is chain mode.
 """
 
 from .candidate_generator import Eagle3CandidateGenerator
