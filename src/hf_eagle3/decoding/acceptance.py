@@ -138,7 +138,7 @@ def greedy_path(logits: torch.Tensor, tree: DraftTree, width: int) -> GreedyPath
 
 def accept_greedy(
     logits: torch.Tensor,
-    tree: DraftTree,
+    tree: DraftTree | None,
     input_ids: torch.LongTensor,
     stopping_criteria: StoppingCriteriaList,
     stop_rule: HostStopRule | None,
@@ -152,7 +152,8 @@ def accept_greedy(
     Without processors a node's processed logits are its raw logits, so the accepted path is found on the device at
     once (`greedy_path`, or `path` when the verification computed it already). Also returns the accepted path as a
     device index `(len(visited),)`, for the caches and the next head input. `host` is `path` read on the host
-    (`[num_visited, *visited, *emitted]`) where the caller read it already (one transfer for a whole batch).
+    (`[num_visited, *visited, *emitted]`) where the caller read it already (one transfer for a whole batch); `tree` is
+    only read without `path`.
     """
     num_visited, visited_index, emitted = path if path is not None else greedy_path(logits, tree, len(tree))
     width = visited_index.numel()
