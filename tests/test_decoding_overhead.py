@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_head, make_target
+from lossless import left_pad
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.cache_utils import DynamicCache
 from transformers.generation import (
@@ -22,6 +23,8 @@ from tree_decoding import RecordingStats, hand_built_tree, make_oracle_pair, pro
 
 from hf_eagle3._compat import cache_kwargs
 from hf_eagle3.decoding.acceptance import accept, accept_greedy
+from hf_eagle3.decoding.batched_static_tree import BatchedStaticTreeRunner
+from hf_eagle3.decoding.batched_tree import BatchedTreeDecoder
 from hf_eagle3.decoding.dynamic_tree import DynamicTreeDecoder
 from hf_eagle3.decoding.kv_cache import keep_cache_positions
 from hf_eagle3.decoding.static_tree import StaticTreeRunner
@@ -141,11 +144,8 @@ class SyncCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def assert_one_host_transfer_per_step(monkeypatch, static_cache: bool, **generate_kwargs):
-    """16 tokens through the tree loop read the device once per step, counted from the first draft on (the setup
-    and the prefill, with its prompt checks and EOS ids, may read it more)."""
-    target = make_target("llama")
-    head = make_head(target, draft_vocab_size=64)
+def counting_host_reads(monkeypatch) -> SyncCounter:
+    """A `SyncCounter` that counts `.tolist()` calls too (they reach no dispatch mode)."""
     counter = SyncCounter()
     tolist = torch.Tensor.tolist
 
@@ -154,6 +154,20 @@ def assert_one_host_transfer_per_step(monkeypatch, static_cache: bool, **generat
         return tolist(tensor)
 
     monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+    return counter
+
+
+@pytest.fixture
+def counter(monkeypatch) -> SyncCounter:
+    return counting_host_reads(monkeypatch)
+
+
+def assert_one_host_transfer_per_step(monkeypatch, static_cache: bool, **generate_kwargs):
+    """16 tokens through the tree loop read the device once per step, counted from the first draft on (the setup
+    and the prefill, with its prompt checks and EOS ids, may read it more)."""
+    target = make_target("llama")
+    head = make_head(target, draft_vocab_size=64)
+    counter = counting_host_reads(monkeypatch)
     first_step = {}
     for decoder in (DynamicTreeDecoder, StaticTreeRunner):
 
@@ -192,3 +206,35 @@ def test_keep_cache_positions_with_nothing_to_move_only_crops():
     assert cache.get_seq_length() == 6
     for layer, original in zip(cache.layers, keys, strict=True):
         assert torch.equal(layer.keys, original[..., :6, :])
+
+
+@pytest.mark.parametrize("static_cache", [False, True], ids=["dynamic", "static"])
+def test_one_host_transfer_per_batch_step(batched_greedy, monkeypatch, counter, static_cache):
+    """A greedy step of a padded batch reads the device once, for every row's path: on the static path, drafting,
+    verification and commit read nothing on the host, as CUDA graph capture requires."""
+    target, head = make_oracle_pair("llama", 0.3, eos_token_id=None)
+    input_ids, attention_mask = left_pad([prompt(0, length=3), prompt(1, length=7), prompt(2)], pad_token_id=0)
+    first_step = {}
+    for decoder in (BatchedTreeDecoder, BatchedStaticTreeRunner):
+
+        def counting_draft(self, draft=decoder.draft):
+            first_step.setdefault("count", counter.count)
+            return draft(self)
+
+        monkeypatch.setattr(decoder, "draft", counting_draft)
+    with counter:
+        output = target.generate(
+            input_ids,
+            attention_mask=attention_mask,
+            assistant_model=head,
+            max_new_tokens=16,
+            do_sample=False,
+            return_dict_in_generate=True,
+            eagle3_static_cache=static_cache,
+            eagle3_total_tokens=8,
+            eagle3_depth=3,
+            eagle3_top_k=2,
+        )
+    stats = output.eagle3_stats
+    assert stats.batch_forwards > 5 and stats.static_cache == static_cache
+    assert counter.count - first_step["count"] == stats.batch_forwards

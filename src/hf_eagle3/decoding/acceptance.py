@@ -238,7 +238,7 @@ def accept_path(
 
 def accept_greedy(
     logits: torch.Tensor,
-    tree: DraftTree,
+    tree: DraftTree | None,
     input_ids: torch.LongTensor,
     stopping_criteria: StoppingCriteriaList,
     stop_rule: HostStopRule | None,
@@ -251,7 +251,8 @@ def accept_greedy(
 
     Without processors a node's processed logits are its raw logits, so the accepted path is found on the device at
     once (`greedy_path`, or `path` when the verification computed it already). `host` is `path` read on the host
-    where the caller read it already (one transfer for a whole batch). Returns what `accept_path` does.
+    where the caller read it already (one transfer for a whole batch); `tree` is only read without `path`. Returns
+    what `accept_path` does.
     """
     path = path if path is not None else greedy_path(logits, tree, len(tree))
     return accept_path(path, logits, logits, input_ids, stopping_criteria, stop_rule, scores, raw_logits, host)

@@ -204,8 +204,8 @@ class BatchedStaticTreeRunner(GraphRunner):
 
     # ------------------------------------------------------------------ the decoder interface (host)
     def prefill(self, input_ids: torch.LongTensor, model_kwargs: dict[str, Any]) -> torch.Tensor:
-        """Encode the prompts eagerly into both caches (their length varies from call to call); the target's float
-        logits at their last position, `(batch, vocab)`."""
+        """Encode the left-padded prompts into both caches; the target's float logits at their last position,
+        `(batch, vocab)`."""
         prompt_length = input_ids.shape[1]
         padding = model_kwargs.get("attention_mask")
         if padding is None:
@@ -218,32 +218,7 @@ class BatchedStaticTreeRunner(GraphRunner):
         queries = torch.arange(prompt_length, device=input_ids.device)[:, None]
         # Padding queries see themselves only: their rows of the mask are never empty.
         allowed = (self.valid[:, None, :] & (self.columns <= queries)) | (self.columns == queries)
-        set_cache_length(self.target_cache, 0)
-        set_cache_length(self.head_cache, 0)
-        # `generate` passes `logits_to_keep` where the model takes it.
-        logits_to_keep = {"logits_to_keep": 1} if "logits_to_keep" in model_kwargs else {}
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=additive_mask(allowed, self.model.dtype),
-            position_ids=position_ids,
-            use_cache=True,
-            return_dict=True,
-            **logits_to_keep,
-            **cache_kwargs(self.target_cache),
-        )
-        features = self.capture.pop()
-        # The head encodes every prompt position but the last, whose successor (the first new token) is not known
-        # yet: the first draft encodes it as a block of one entry.
-        if prompt_length > 1:
-            self.draft_model(
-                input_ids=input_ids[:, 1:],
-                target_hidden_states=features[:, :-1],
-                attention_mask=allowed[:, None, :-1],
-                position_ids=position_ids[:, :-1],
-                past_key_values=self.head_cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+        logits, features = self._encode_prompts(input_ids, allowed, position_ids, model_kwargs)
         self.head_features[:, :1].copy_(features[:, -1:])
         self.head_positions[:, :1].copy_(position_ids[:, -1:])
         self.root_positions.copy_(position_ids[:, -1] + 1)
@@ -252,7 +227,7 @@ class BatchedStaticTreeRunner(GraphRunner):
         self.length.fill_(prompt_length)
         self.host_length = prompt_length
         self.valid_counts = padding.sum(1).tolist()
-        return outputs.logits[:, -1].float()
+        return logits
 
     def start(self, input_ids: torch.LongTensor, first_tokens: torch.LongTensor) -> None:
         """Prepare the first step once every row's first token `(batch,)` is known."""

@@ -300,7 +300,7 @@ def batched_tree_decoding(
             path = (num_visited[index], visited[index], emitted[index])
             step, _, sequences[row], scores[row], raw_logits[row] = accept_greedy(
                 logits[index],
-                trees.row(index),
+                None,  # the path is known
                 sequences[row],
                 stopping_criteria,
                 stop_rule,
@@ -420,23 +420,25 @@ def _make_batch_decoder(
     """The batch's backend: the static-cache runner where it applies (see `eagle3_static_cache`) and could be built,
     else the dynamic-cache decoder."""
     total_tokens, depth, top_k = config.total_tokens, config.depth, config.top_k
-    if static_tree.takes_static_path(config, model, draft_model, model.device, model_kwargs):
-        try:
-            return batched_static_tree_runner(
-                model,
-                draft_model,
-                capture,
-                batch_size,
-                total_tokens,
-                depth,
-                top_k,
-                max_length,
-                batched_greedy=batched_greedy,
-                keep_logits=keep_logits,
-                compiled=config.compile,
-            )
-        except static_tree.StaticTreeCaptureError as error:
-            static_tree.capture_failure(error, config)
+
+    def build() -> BatchedStaticTreeRunner:
+        return batched_static_tree_runner(
+            model,
+            draft_model,
+            capture,
+            batch_size,
+            total_tokens,
+            depth,
+            top_k,
+            max_length,
+            batched_greedy=batched_greedy,
+            keep_logits=keep_logits,
+            compiled=config.compile,
+        )
+
+    runner = static_tree.static_runner(config, model, draft_model, model.device, model_kwargs, build)
+    if runner is not None:
+        return runner
     return BatchedTreeDecoder(model, draft_model, capture, total_tokens, depth, top_k, model_kwargs)
 
 

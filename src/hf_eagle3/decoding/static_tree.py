@@ -145,24 +145,6 @@ def use_static_tree(
     return problem is None
 
 
-def takes_static_path(
-    config: Eagle3DecodingConfig,
-    model: PreTrainedModel,
-    draft_model: Eagle3DraftModel,
-    device: torch.device,
-    model_kwargs: dict[str, Any],
-) -> bool:
-    """`use_static_tree` for a call's knobs; says so when `eagle3_compile=True` is left without a static path."""
-    static = use_static_tree(config.static_cache, model, draft_model, device, model_kwargs)
-    if config.compile and not static:
-        logger.warning_once(
-            "eagle3_compile=True compiles the static-cache path, which this call does not take "
-            "(eagle3_static_cache=None takes it on CUDA where it applies; pass eagle3_static_cache=True to insist, "
-            "or to learn what stands in the way): it decodes uncompiled on the dynamic cache."
-        )
-    return static
-
-
 class StaticTreeCaptureError(RuntimeError):
     """The static tree step could not be compiled or captured on this target; the dynamic path still decodes it."""
 
@@ -236,6 +218,44 @@ class GraphRunner:
     def begin(self, capture: TargetFeatureCapture, batched_greedy: bool, keep_logits: bool) -> None:
         """Bind a `generate` call: its feature hooks, its acceptance path, whether it keeps logits beyond a step."""
         self.capture, self.batched_greedy, self.keep_logits = capture, batched_greedy, keep_logits
+
+    def _encode_prompts(
+        self,
+        input_ids: torch.LongTensor,
+        allowed: torch.BoolTensor,
+        position_ids: torch.LongTensor,
+        model_kwargs: dict[str, Any],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode the prompts eagerly into both caches from their start (their length varies from call to call; each
+        query sees the cache positions `allowed` `(batch, prompt, max_cache_len)` marks): the target's float logits at
+        the last position `(batch, vocab)` and its features."""
+        set_cache_length(self.target_cache, 0)
+        set_cache_length(self.head_cache, 0)
+        # `generate` passes `logits_to_keep` where the model takes it.
+        logits_to_keep = {"logits_to_keep": 1} if "logits_to_keep" in model_kwargs else {}
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=additive_mask(allowed, self.model.dtype),
+            position_ids=position_ids,
+            use_cache=True,
+            return_dict=True,
+            **logits_to_keep,
+            **cache_kwargs(self.target_cache),
+        )
+        features = self.capture.pop()
+        # The head encodes every prompt position but the last, whose successor (the first new token) is not known
+        # yet: the first draft encodes it as a block with one new entry.
+        if input_ids.shape[1] > 1:
+            self.draft_model(
+                input_ids=input_ids[:, 1:],
+                target_hidden_states=features[:, :-1],
+                attention_mask=allowed[:, None, :-1],
+                position_ids=position_ids[:, :-1],
+                past_key_values=self.head_cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        return outputs.logits[:, -1].float(), features
 
     def _warm_up_state(self) -> None:
         """Put the buffers in a state the steps can run from (what they leave lies beyond the prefill's lengths)."""
@@ -425,36 +445,11 @@ class StaticTreeRunner(GraphRunner):
         prompt_length = input_ids.shape[1]
         positions = torch.arange(prompt_length, device=input_ids.device)
         causal = self.columns <= positions[:, None]
-        set_cache_length(self.target_cache, 0)
-        set_cache_length(self.head_cache, 0)
-        # `generate` passes `logits_to_keep` where the model takes it.
-        logits_to_keep = {"logits_to_keep": 1} if "logits_to_keep" in model_kwargs else {}
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=additive_mask(causal, self.model.dtype),
-            position_ids=positions[None],
-            use_cache=True,
-            return_dict=True,
-            **logits_to_keep,
-            **cache_kwargs(self.target_cache),
-        )
-        features = self.capture.pop()
-        # The head encodes every prompt position but the last, whose successor (the first new token) is not known
-        # yet: the first draft encodes it as a block with one new row.
-        if prompt_length > 1:
-            self.draft_model(
-                input_ids=input_ids[:, 1:],
-                target_hidden_states=features[:, :-1],
-                attention_mask=causal[None, None, :-1],
-                position_ids=positions[None, :-1],
-                past_key_values=self.head_cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+        logits, features = self._encode_prompts(input_ids, causal[None], positions[None], model_kwargs)
         self.head_features[:, :1].copy_(features[:, -1:])
         self.num_new.fill_(1)
         self.length.fill_(prompt_length)
-        return outputs.logits[0, -1:].float()
+        return logits
 
     def start(self, input_ids: torch.LongTensor) -> None:
         self.head_tokens[:, :1].copy_(input_ids[:, -1:])
@@ -643,20 +638,42 @@ def static_tree_runner(
     return bound_runner(draft_model, False, key, max_cache_len, build, capture, batched_greedy, keep_logits)
 
 
-def capture_failure(error: StaticTreeCaptureError, config: Eagle3DecodingConfig) -> None:
-    """Raise the error the caller's knobs call for when the static path could not be built, or warn that the call
-    decodes with the dynamic cache instead."""
-    if config.compile:
-        raise ValueError(
-            f"eagle3_compile=True cannot be honoured: {error}. Pass eagle3_compile=False to decode on static caches "
-            "without compiling."
-        ) from error
-    if config.static_cache:
-        raise ValueError(
-            f"eagle3_static_cache=True cannot be honoured: {error}. Pass eagle3_static_cache=False to decode with "
-            "the dynamic cache."
-        ) from error
-    logger.warning_once(f"EAGLE-3 decodes with the dynamic cache instead: {error}.")
+def static_runner(
+    config: Eagle3DecodingConfig,
+    model: PreTrainedModel,
+    draft_model: Eagle3DraftModel,
+    device: torch.device,
+    model_kwargs: dict[str, Any],
+    build: Callable[[], GraphRunner],
+) -> GraphRunner | None:
+    """The runner `build` makes or reuses where the static path applies to this call (`use_static_tree` with the
+    call's knobs), or None for the dynamic path, saying why where the knobs asked for more: `eagle3_compile=True`
+    without a static path warns, a runner that could not be compiled or captured is an error when the knobs insist
+    on it and a warning otherwise."""
+    static = use_static_tree(config.static_cache, model, draft_model, device, model_kwargs)
+    if config.compile and not static:
+        logger.warning_once(
+            "eagle3_compile=True compiles the static-cache path, which this call does not take "
+            "(eagle3_static_cache=None takes it on CUDA where it applies; pass eagle3_static_cache=True to insist, "
+            "or to learn what stands in the way): it decodes uncompiled on the dynamic cache."
+        )
+    if not static:
+        return None
+    try:
+        return build()
+    except StaticTreeCaptureError as error:
+        if config.compile:
+            raise ValueError(
+                f"eagle3_compile=True cannot be honoured: {error}. Pass eagle3_compile=False to decode on static "
+                "caches without compiling."
+            ) from error
+        if config.static_cache:
+            raise ValueError(
+                f"eagle3_static_cache=True cannot be honoured: {error}. Pass eagle3_static_cache=False to decode "
+                "with the dynamic cache."
+            ) from error
+        logger.warning_once(f"EAGLE-3 decodes with the dynamic cache instead: {error}.")
+    return None
 
 
 __all__ = [
@@ -666,12 +683,11 @@ __all__ = [
     "StepFunction",
     "bound_runner",
     "cached_runner",
-    "capture_failure",
     "runner_cache_length",
     "runner_key",
+    "static_runner",
     "static_tree_problem",
     "static_tree_runner",
-    "takes_static_path",
     "tree_size",
     "use_static_tree",
 ]

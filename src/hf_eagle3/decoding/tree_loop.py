@@ -206,22 +206,24 @@ def _make_decoder(
     """The call's backend: the static-cache runner where it applies (see `eagle3_static_cache`) and could be built,
     else the dynamic-cache decoder."""
     total_tokens, depth, top_k = config.total_tokens, config.depth, config.top_k
-    if static_tree.takes_static_path(config, model, draft_model, device, model_kwargs):
-        try:
-            return static_tree.static_tree_runner(
-                model,
-                draft_model,
-                capture,
-                total_tokens,
-                depth,
-                top_k,
-                max_length,
-                batched_greedy=batched_greedy,
-                keep_logits=keep_logits,
-                compiled=config.compile,
-            )
-        except static_tree.StaticTreeCaptureError as error:
-            static_tree.capture_failure(error, config)
+
+    def build() -> static_tree.StaticTreeRunner:
+        return static_tree.static_tree_runner(
+            model,
+            draft_model,
+            capture,
+            total_tokens,
+            depth,
+            top_k,
+            max_length,
+            batched_greedy=batched_greedy,
+            keep_logits=keep_logits,
+            compiled=config.compile,
+        )
+
+    runner = static_tree.static_runner(config, model, draft_model, device, model_kwargs, build)
+    if runner is not None:
+        return runner
     return DynamicTreeDecoder(model, draft_model, capture, total_tokens, depth, top_k, model_kwargs)
 
 
