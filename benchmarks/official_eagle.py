@@ -17,7 +17,10 @@ Knobs: the official `total_token` counts the verified nodes with the root (as ou
 `total_token=T, depth=D, top_k=K` is our `eagle3_total_tokens=T, eagle3_depth=D + 1, eagle3_top_k=K`.
 
 Tokens per verification step (`mean_accept_len`) counts as the official code does: each step adds its accepted
-drafts plus the target's token, and the step that crosses `max_new_tokens` counts whole.
+drafts plus the target's token, the prefill's token is counted, and the step that crosses `max_new_tokens` or holds
+EOS counts whole (the loop runs at least one token past `max_new_tokens`). `mean_accept_len_as_harness` and
+`per_prompt` count as `run_benchmark.py` counts ours: the tokens after the first, up to EOS or `max_new_tokens`.
+Compare ours with those: at 128 new tokens the official count is about 3% higher for the same decoding.
 
 Example (CPU, float32):
 
@@ -122,6 +125,15 @@ class StepLog:
         self.accepted.clear()
 
 
+def harness_count(output: list[int], eos_token_id: int, max_new_tokens: int) -> int:
+    """The tokens after the first that our loop would count for an official output: ours stops inside a step at
+    EOS or at `max_new_tokens`, while the official loop finishes the step (and runs one past `max_new_tokens`)."""
+    length = len(output)
+    if eos_token_id in output:
+        length = min(length, output.index(eos_token_id) + 1)
+    return min(length, max_new_tokens) - 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--eagle_repo", type=Path, help="checkout of SafeAILab/EAGLE (else `eagle` must be installed)")
@@ -199,9 +211,14 @@ def main(argv: list[str] | None = None) -> int:
             seconds += time.perf_counter() - start
             new_tokens += len(output)
             accepted += log.accepted
-            per_prompt.append({"tokens": sum(a + 1 for a in log.accepted), "steps": len(log.accepted)})
-            if args.save_outputs:
-                per_prompt[-1]["output"] = output
+            per_prompt.append(
+                {
+                    "tokens": harness_count(output, tokenizer.eos_token_id, args.max_new_tokens),
+                    "steps": len(log.accepted),
+                    "official_tokens": sum(a + 1 for a in log.accepted),
+                    "output": output,
+                }
+            )
             if log.trace:
                 trace_rows.append({"task": task, "prompt": index, "output": output, "accepted": list(log.accepted)})
                 trace_rows += [{"task": task, "prompt": index, **tree} for tree in log.trees]
@@ -218,6 +235,11 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds": round(seconds, 4),
                 "tokens_per_s": round(new_tokens / seconds, 3),
                 "mean_accept_len": round(sum(a + 1 for a in accepted) / steps, 4) if steps else None,
+                # Counted as run_benchmark.py counts ours (tokens up to EOS or max_new_tokens, the first excluded):
+                # what a comparison with our rows must use, `per_prompt` too.
+                "mean_accept_len_as_harness": round(sum(row["tokens"] for row in per_prompt) / steps, 4)
+                if steps
+                else None,
                 "acceptance_rate_per_depth": [round(sum(a > d for a in accepted) / steps, 4) for d in range(most)],
                 "ms_per_step": round(1000 * seconds / steps, 3) if steps else None,
                 "official_knobs": {"total_token": args.total_token, "depth": args.depth, "top_k": args.top_k},
@@ -227,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
                     "eagle3_depth": args.depth + 1,
                     "eagle3_top_k": args.top_k,
                 },
-                "per_prompt": [{key: row[key] for key in ("tokens", "steps")} for row in per_prompt],
+                "per_prompt": [
+                    {key: row[key] for key in ("tokens", "steps", "official_tokens")} for row in per_prompt
+                ],
                 **({"outputs": [row["output"] for row in per_prompt]} if args.save_outputs else {}),
             }
         )

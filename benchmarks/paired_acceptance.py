@@ -37,17 +37,22 @@ def load_row(spec: str, task: str, temperature: float) -> dict:
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
+    """Where two outputs first differ; None where one is a prefix of the other (the official loop finishes its last
+    step past EOS and `max_new_tokens`, ours stops inside it)."""
     for index, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
             return index
-    return None if len(a) == len(b) else min(len(a), len(b))
+    return None
 
 
 def compare(reference: dict, other: dict) -> dict:
-    """Per-prompt tau difference (other - reference), its mean and standard error, and text agreement."""
+    """Per-prompt tau difference (other - reference), its mean and standard error, and text agreement, over the
+    prompts both runs made (the first ones of the same file: a run with a smaller --limit pairs with a prefix)."""
+    n = min(len(reference["per_prompt"]), len(other["per_prompt"]))
+    reference = {**reference, "per_prompt": reference["per_prompt"][:n], "outputs": reference.get("outputs", [])[:n]}
+    other = {**other, "per_prompt": other["per_prompt"][:n], "outputs": other.get("outputs", [])[:n]}
     pairs = list(zip(reference["per_prompt"], other["per_prompt"], strict=True))
     differences = [b["tokens"] / b["steps"] - a["tokens"] / a["steps"] for a, b in pairs]
-    n = len(differences)
     mean = sum(differences) / n
     variance = sum((d - mean) ** 2 for d in differences) / (n - 1) if n > 1 else 0.0
 
@@ -62,7 +67,7 @@ def compare(reference: dict, other: dict) -> dict:
         "mean_difference": round(mean, 4),
         "standard_error": round(math.sqrt(variance / n), 4),
     }
-    if "outputs" in reference and "outputs" in other:
+    if reference["outputs"] and other["outputs"]:
         firsts = [first_difference(a, b) for a, b in zip(reference["outputs"], other["outputs"], strict=True)]
         identical = [index for index, first in enumerate(firsts) if first is None]
         result["identical_texts"] = len(identical)

@@ -69,7 +69,8 @@ def test_compacted_caches_keep_rows_lossless(monkeypatch):
         prompt_reaching_eos(target, 40),
         prompt_reaching_eos(target, 17),
     ]
-    output = assert_rows_lossless(target, head, prompts, max_new_tokens=24, **SMALL_TREE)
+    # The dynamic cache's compaction (on CUDA the automatic choice would take the static caches).
+    output = assert_rows_lossless(target, head, prompts, max_new_tokens=24, eagle3_static_cache=False, **SMALL_TREE)
     assert output.eagle3_stats.cache_holes > 0 and compactions
 
 
