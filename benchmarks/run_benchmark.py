@@ -560,14 +560,16 @@ def run_batches(target, tokenizer, head, method: Method, batches: list[list[str]
     kwargs["pad_token_id"] = batch_pad_token_id(tokenizer)
     if method.uses_head:
         kwargs["assistant_model"] = head
-    seconds, new_tokens, outputs, accept_lens, static = 0.0, 0, [], [], []
+    seconds, new_tokens, outputs, accept_lens, static, graphs = 0.0, 0, [], [], [], 0
     for prompts in batches:
         inputs = encode_batch(tokenizer, prompts, target.device)
+        before = compiled_graphs()
         _synchronize(target.device)
         start = time.perf_counter()
         output = target.generate(**inputs, **kwargs)
         _synchronize(target.device)
         seconds += time.perf_counter() - start
+        graphs += compiled_graphs() - before
         rows = row_tokens(output[:, inputs["input_ids"].shape[1] :].cpu(), tokenizer.eos_token_id)
         outputs += rows
         new_tokens += sum(len(row) for row in rows)
@@ -582,6 +584,8 @@ def run_batches(target, tokenizer, head, method: Method, batches: list[list[str]
         "mean_accept_len": sum(accept_lens) / len(accept_lens) if accept_lens else None,
         # Whether every call decoded on the static caches (CUDA graphs on CUDA); None without a head.
         "static_cache": all(static) if static else None,
+        # Graphs torch.compile compiled inside the timed calls: 0 once the warm-up call compiled this batch shape.
+        "recompilations": graphs,
     }
 
 
@@ -643,10 +647,12 @@ def measure_batch(args: argparse.Namespace) -> dict:
                 else None,
                 "greedy_identical": all(torch.equal(output, expected) for output, expected in pairs),
                 "static_cache": result["static_cache"],
+                "recompilations": result["recompilations"],
                 "generate_kwargs": method.generate_kwargs,
             }
             _progress(
-                f"    {row['tokens_per_s']:.1f} tokens/s, speedup {row['speedup']}, tau {row['mean_accept_len_per_row']}"
+                f"    {row['tokens_per_s']:.1f} tokens/s, speedup {row['speedup']}, tau {row['mean_accept_len_per_row']}, "
+                f"recompilations {row['recompilations']}"
             )
             payload["results"].append(row)
             write_batch_results(payload, args.output_dir, (args.name or payload["target"]) + "_batch")
@@ -667,13 +673,14 @@ def batch_markdown_table(payload: dict) -> str:
         "speedup = over the first method at the same batch size; tau = tokens per target forward, mean over rows; "
         "identical = every row's greedy tokens equal the first method's.",
         "",
-        "| batch | method | rows | tokens/s | speedup | tau per row | identical |",
-        "|---|---|---|---|---|---|---|",
+        "| batch | method | rows | tokens/s | speedup | tau per row | identical | recompiled |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in payload["results"]:
         lines.append(
             f"| {row['batch_size']} | {row['method']} | {row['rows']} | {row['tokens_per_s']:.1f} | "
-            f"{_cell(row['speedup'])} | {_cell(row['mean_accept_len_per_row'])} | {_cell(row['greedy_identical'])} |"
+            f"{_cell(row['speedup'])} | {_cell(row['mean_accept_len_per_row'])} | {_cell(row['greedy_identical'])} | "
+            f"{_cell(row.get('recompilations'))} |"
         )
     return "\n".join(lines) + "\n"
 

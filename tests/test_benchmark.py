@@ -424,6 +424,8 @@ def test_measure_batch_times_each_batch_size(tiny, tmp_path):
         assert row["rows"] == batch_size and row["tokens_per_s"] > 0 and row["greedy_identical"] is True
         assert (row["mean_accept_len_per_row"] is None) == (method == "plain_compiled")
         assert row["static_cache"] == {"plain_compiled": None, methods[1]: False, methods[2]: True}[method]
+        # Nothing compiles on the CPU, so nothing recompiles inside the timed calls either.
+        assert row["recompilations"] == 0
     assert rows[(3, "plain_compiled")]["speedup"] == 1.0
     table = (tmp_path / "target_batch.md").read_text()
     assert "| 3 | eagle3_tree_t8_d3_k2 | 3 |" in table
