@@ -15,6 +15,7 @@ from lossless import (
     prompt_reaching_eos,
 )
 from tree_decoding import CollectingStreamer
+from tree_decoding import prompt as tiny_prompt
 
 from hf_eagle3.decoding import batched_static_tree, batched_tree, static_tree
 
@@ -221,3 +222,30 @@ def test_compiled_batch_steps_do_not_recompile(aot_eager, batched_greedy):
     with torch.compiler.set_stance("fail_on_recompile"):
         output = assert_rows_lossless(target, head, prompts[::-1], max_new_tokens=12, **knobs)
     assert output.eagle3_stats.compiled and static_tree.cached_runner(head, batched=True) is runner
+
+
+@pytest.mark.slow
+def test_compiled_batch_steps_draft_as_uncompiled_ones():
+    """Inductor-compiled batch steps (on the CPU here) grow the same trees as uncompiled ones: every row accepts as
+    many tokens per step. Losslessness alone cannot show it: the target checks every token, so a head fed the wrong
+    block only accepts less (once, the head's block start read the length after the step had moved it)."""
+    target, head = make_friendly_pair("llama")
+    input_ids, attention_mask = left_pad(
+        [tiny_prompt(0, length=5), tiny_prompt(1, length=9), tiny_prompt(2, length=3), tiny_prompt(3, length=7)],
+        pad_token_id=0,
+    )
+    accepted = {}
+    for compiled in (False, True):
+        output = target.generate(
+            input_ids.to(TEST_DEVICE),
+            attention_mask=attention_mask.to(TEST_DEVICE),
+            assistant_model=head,
+            max_new_tokens=24,
+            do_sample=False,
+            return_dict_in_generate=True,
+            eagle3_static_cache=True,
+            eagle3_compile=compiled,
+        )
+        assert output.eagle3_stats.compiled == compiled
+        accepted[compiled] = [row.accepted_per_depth for row in output.eagle3_stats.rows]
+    assert accepted[True] == accepted[False]

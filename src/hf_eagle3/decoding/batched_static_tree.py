@@ -198,9 +198,11 @@ class BatchedStaticTreeRunner(GraphRunner):
         self.head_features.copy_(gather_rows(features, nodes))
         self.head_positions.copy_(self.root_positions[:, None] + offsets.clamp_min(0))
         self.root_positions.add_(counts)
-        self.head_start.copy_(self.length)
         self.block_length.copy_(longest)
         self.length.add_(longest)
+        # The block starts where the length stood. Copied after the length moved, not before: inductor (torch 2.13)
+        # let a copy of the length taken before its `add_` read the added value.
+        self.head_start.copy_(self.length - longest)
 
     # ------------------------------------------------------------------ the decoder interface (host)
     def prefill(self, input_ids: torch.LongTensor, model_kwargs: dict[str, Any]) -> torch.Tensor:
