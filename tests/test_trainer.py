@@ -282,6 +282,23 @@ def test_cli_prepare_features_then_train_from_them(tmp_path):
     assert head.config.draft_vocab_size == 50 and head.config.target_layer_ids == [2, 3, 3]
 
 
+def test_head_intermediate_size_shapes_a_new_head_only(tmp_path):
+    """`--head_intermediate_size` narrows a new head's MLP (a smaller head to ship); with `--head` it is an error."""
+    from hf_eagle3.trainer.jobs import TrainScriptArguments, build_head
+
+    target = make_target("llama")
+    wide = build_head(TrainScriptArguments(), target.config)
+    narrow = build_head(TrainScriptArguments(head_intermediate_size=16), target.config)
+    assert wide.config.intermediate_size == target.config.intermediate_size != 16
+    assert narrow.config.intermediate_size == 16 and narrow.midlayer.mlp.up_proj.out_features == 16
+    assert narrow.num_parameters() < wide.num_parameters()
+    wide.save_pretrained(tmp_path / "wide")
+    with pytest.raises(ValueError, match="keeps the MLP it was trained with"):
+        build_head(TrainScriptArguments(head=str(tmp_path / "wide"), head_intermediate_size=16), target.config)
+    with pytest.raises(ValueError, match="must be a positive integer"):
+        build_head(TrainScriptArguments(head_intermediate_size=0), target.config)
+
+
 def test_cli_lora_adapts_an_existing_head(tmp_path):
     from hf_eagle3.cli import main
     from hf_eagle3.data.vocab import build_vocab_maps, save_vocab_map

@@ -69,6 +69,13 @@ class TrainScriptArguments(TargetArguments):
     draft_vocab_size: int | None = field(
         default=None, metadata={"help": "Draft vocabulary size; must match --vocab_map. Default: its size, or full."}
     )
+    head_intermediate_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "MLP width of a new head (default: the target's). The MLP holds most of a head's weights: a "
+            "narrower one makes a smaller head to ship, e.g. for targets with wide MLPs."
+        },
+    )
     head: str | None = field(
         default=None, metadata={"help": "Start from this trained head (a directory or Hub id) instead of a new one."}
     )
@@ -146,6 +153,14 @@ def _vocab_map_path(args: TrainScriptArguments) -> str | None:
 def build_head(args: TrainScriptArguments, target_config: PreTrainedConfig) -> Eagle3DraftModel:
     """The `--head` to continue from, or a new head fitted to the target with the draft vocabulary of `--vocab_map`
     (default: the `vocab_map.safetensors` inside `--data`)."""
+    if args.head is not None and args.head_intermediate_size is not None:
+        raise ValueError(
+            f"--head_intermediate_size shapes a new head; --head {args.head} keeps the MLP it was trained with. Drop "
+            "one of the two."
+        )
+    if args.head_intermediate_size is not None and args.head_intermediate_size < 1:
+        raise ValueError(f"--head_intermediate_size must be a positive integer, got {args.head_intermediate_size}.")
+    shape = {} if args.head_intermediate_size is None else {"intermediate_size": args.head_intermediate_size}
     if args.head is not None:
         head = Eagle3DraftModel.from_pretrained(args.head)
         if args.remap_vocab:
@@ -175,7 +190,7 @@ def build_head(args: TrainScriptArguments, target_config: PreTrainedConfig) -> E
             )
         return Eagle3DraftModel(
             Eagle3Config.from_target_config(
-                target_config, draft_vocab_size=args.draft_vocab_size, target_layer_ids=args.target_layer_ids
+                target_config, draft_vocab_size=args.draft_vocab_size, target_layer_ids=args.target_layer_ids, **shape
             )
         )
     d2t, t2d = load_vocab_map(vocab_map)
@@ -185,7 +200,7 @@ def build_head(args: TrainScriptArguments, target_config: PreTrainedConfig) -> E
             "flag, or rebuild the map with that size (`hf-eagle3 prepare-data --draft_vocab_size`)."
         )
     config = Eagle3Config.from_target_config(
-        target_config, draft_vocab_size=len(d2t), target_layer_ids=args.target_layer_ids
+        target_config, draft_vocab_size=len(d2t), target_layer_ids=args.target_layer_ids, **shape
     )
     if len(t2d) != config.vocab_size:
         raise ValueError(f"{vocab_map} covers {len(t2d)} target ids, the target's vocabulary has {config.vocab_size}.")
