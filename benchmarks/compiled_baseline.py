@@ -63,7 +63,7 @@ def host_speed_ms(repeats: int = 5) -> float:
     """Best time of a fixed host-side workload (tiny tensor ops and Python, as in a decoding loop's bookkeeping).
 
     Batch-1 decoding of a small model is bound by the host, so a row's time per token moves with the host's speed at
-    that moment; this index, measured before each row, shows whether a spread between rows is the host's.
+    that moment; this index, measured right after each row's timed calls, shows whether a spread between rows is the host's.
     """
     a, b = torch.ones(1), torch.ones(1)
     best = float("inf")

@@ -36,6 +36,7 @@ from . import static_tree
 from .acceptance import StepResult, TreePath, accept, accept_greedy, greedy_path
 from .batched_static_tree import BatchedStaticTreeRunner, batched_static_tree_runner
 from .draft_tree import DraftTree, additive_mask, gather_rows, grow_draft_trees
+from .dynamic_tree import prefill_forward
 from .kv_cache import keep_cache_positions
 from .sdpa_backends import shape_stable_attention
 from .stats import Eagle3GenerationStats, PhaseTimer
@@ -87,11 +88,7 @@ class BatchedTreeDecoder:
 
     def prefill(self, input_ids: torch.LongTensor, model_kwargs: dict[str, Any]) -> torch.Tensor:
         """Run the target over the prompts; its float logits at their last position, `(batch, vocab)`."""
-        model_inputs = self.model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
-        if "logits_to_keep" in model_inputs:
-            model_inputs["logits_to_keep"] = 1
-        outputs = self.model(**model_inputs, return_dict=True)
-        self.features = self.capture.pop()
+        logits, self.features = prefill_forward(self.model, self.capture, input_ids, model_kwargs)
         self.mask = model_kwargs.get("attention_mask")
         if self.mask is None:
             self.mask = input_ids.new_ones(input_ids.shape)
@@ -105,7 +102,7 @@ class BatchedTreeDecoder:
         self.head_inputs = dict(
             target_hidden_states=self.features, attention_mask=self.mask, position_ids=position_ids
         )
-        return outputs.logits[:, -1].float()
+        return logits[:, -1].float()
 
     def start(self, input_ids: torch.LongTensor, first_tokens: torch.LongTensor) -> None:
         """Prepare the first step once every row's first token `(rows,)` is known."""

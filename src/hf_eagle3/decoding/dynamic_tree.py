@@ -23,6 +23,18 @@ if TYPE_CHECKING:
     from ..target_features import TargetFeatureCapture
 
 
+def prefill_forward(
+    model: PreTrainedModel, capture: TargetFeatureCapture, input_ids: torch.LongTensor, model_kwargs: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target over the prompt(s) on the call's dynamic cache, as `_sample` runs its first forward: the logits at
+    the last position `(batch, 1, vocab)` and the features `capture` took."""
+    model_inputs = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
+    if "logits_to_keep" in model_inputs:
+        model_inputs["logits_to_keep"] = 1
+    outputs = model(**model_inputs, return_dict=True)
+    return outputs.logits, capture.pop()
+
+
 class DynamicTreeDecoder:
     """Tree decoding on transformers' `DynamicCache`: eager forwards whose shapes follow the sequence.
 
@@ -53,15 +65,10 @@ class DynamicTreeDecoder:
         self.tree: DraftTree | None = None
 
     def prefill(self, input_ids: torch.LongTensor, model_kwargs: dict[str, Any]) -> torch.Tensor:
-        # The target encodes the prompt and emits the first token itself, as `_sample` does.
-        model_inputs = self.model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
-        if "logits_to_keep" in model_inputs:
-            model_inputs["logits_to_keep"] = 1
-        outputs = self.model(**model_inputs, return_dict=True)
-        self.features = self.capture.pop()
+        logits, self.features = prefill_forward(self.model, self.capture, input_ids, model_kwargs)
         if self.position_ids is None:
             self.position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-        return outputs.logits[0, -1:].float()
+        return logits[0, -1:].float()
 
     def start(self, input_ids: torch.LongTensor) -> None:
         # Position of the root (the newest token); transformers derives positions from the padding mask.
@@ -126,4 +133,4 @@ class DynamicTreeDecoder:
         self.root_position += num_new
 
 
-__all__ = ["DynamicTreeDecoder"]
+__all__ = ["DynamicTreeDecoder", "prefill_forward"]
