@@ -13,11 +13,18 @@ target and prompts standalone, so that divisor can be checked against transforme
 - `forced`: `min_new_tokens` makes every call produce all its tokens (EOS ends some answers early, and the per-call
   cost of `generate` and the prefill is then spread over fewer tokens).
 
-Per configuration it reports tokens/s over all calls, the time of one decoding token (the difference between a call
-that makes all the tokens and one that makes a single token, divided by the tokens in between) and the graphs
-torch.compile compiled inside the timed calls (zero when nothing recompiles).
+Per configuration it reports tokens/s over all calls (each row counted to its EOS), the time of one decoding step
+(the difference between a call that makes all the tokens and one that makes a single token, divided by the steps in
+between; one token of every row) and the graphs torch.compile compiled inside the timed calls (zero when nothing
+recompiles).
+
+`--batch_sizes` measures left-padded batches too, the batched baseline of `run_benchmark.py measure-batch`: at
+batch size B the prompts, cycled to whole batches, are decoded B rows per call (batch 1: each prompt once), so
+`--limit N --stride 1` here decodes the rows that `measure-batch --limit N --rows N` decodes at every size.
 
     python benchmarks/compiled_baseline.py --gguf PIECE... --configs bucket:fullgraph exact:fullgraph exact:default
+    python benchmarks/compiled_baseline.py --gguf PIECE... --batch_sizes 1 4 16 32 --limit 32 --stride 1 \
+        --configs shared:default shared:default:forced
 """
 
 from __future__ import annotations
@@ -40,23 +47,28 @@ from run_benchmark import (  # noqa: E402
     DATA_DIR,
     RESULTS_DIR,
     _synchronize,
+    batch_pad_token_id,
+    batch_rows,
     compiled_graphs,
-    encode_prompt,
+    encode_batch,
     environment,
     gguf_location,
     load_prompts,
+    row_tokens,
 )
 
 
-def timed_generate(target, inputs, **kwargs) -> tuple[float, int, int]:
-    """Seconds, new tokens and newly compiled graphs of one `generate` call."""
+def timed_generate(target, inputs, eos_token_id: int | None, **kwargs) -> tuple[float, int, int, int]:
+    """Seconds, new tokens (each row's, to its EOS), decoding steps and newly compiled graphs of one `generate` call."""
     graphs = compiled_graphs()
     _synchronize(target.device)
     start = time.perf_counter()
     output = target.generate(**inputs, do_sample=False, **kwargs)
     _synchronize(target.device)
     seconds = time.perf_counter() - start
-    return seconds, output.shape[1] - inputs["input_ids"].shape[1], compiled_graphs() - graphs
+    new_ids = output[:, inputs["input_ids"].shape[1] :].cpu()
+    tokens = sum(len(row) for row in row_tokens(new_ids, eos_token_id))
+    return seconds, tokens, new_ids.shape[1], compiled_graphs() - graphs
 
 
 def host_speed_ms(repeats: int = 5) -> float:
@@ -75,8 +87,11 @@ def host_speed_ms(repeats: int = 5) -> float:
     return round(1000 * best, 3)
 
 
-def measure_configuration(target, encoded: list, max_new_tokens: int, configuration: str) -> dict:
-    """One configuration over the prompts: untimed warm-ups, then a timed full call and a timed one-token call each."""
+def measure_configuration(
+    target, encoded: list, max_new_tokens: int, configuration: str, pad_token_id: int, eos_token_id: int | None
+) -> dict:
+    """One configuration over the calls' inputs (a prompt or a left-padded batch each): untimed warm-ups, then a timed
+    full call and a timed one-token call each."""
     from transformers import CompileConfig
 
     cache, compile_name, *rest = configuration.split(":")
@@ -90,8 +105,9 @@ def measure_configuration(target, encoded: list, max_new_tokens: int, configurat
     }[cache]
     torch._dynamo.reset()
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(encoded) + 1)
+    static = {"cache_implementation": "static", "compile_config": compile_config, "pad_token_id": pad_token_id}
     calls = [
-        (inputs, {"cache_implementation": "static", "compile_config": compile_config, "max_cache_len": size})
+        (inputs, {**static, "max_cache_len": size})
         for inputs in encoded
         for size in [lengths(inputs["input_ids"].shape[1])]
     ]
@@ -105,17 +121,18 @@ def measure_configuration(target, encoded: list, max_new_tokens: int, configurat
     seconds = tokens = graphs = 0
     per_token_ms = []
     for inputs, kwargs in calls:
-        call_seconds, call_tokens, call_graphs = timed_generate(target, inputs, **kwargs, **full)
-        one_seconds, _, one_graphs = timed_generate(target, inputs, **kwargs, max_new_tokens=1)
+        call_seconds, call_tokens, steps, call_graphs = timed_generate(target, inputs, eos_token_id, **kwargs, **full)
+        one_seconds, _, _, one_graphs = timed_generate(target, inputs, eos_token_id, **kwargs, max_new_tokens=1)
         seconds += call_seconds
         tokens += call_tokens
         graphs += call_graphs + one_graphs
-        if call_tokens > 1:
-            per_token_ms.append(1000 * (call_seconds - one_seconds) / (call_tokens - 1))
+        if steps > 1:
+            per_token_ms.append(1000 * (call_seconds - one_seconds) / (steps - 1))
     return {
         "configuration": configuration,
         "host_speed_ms": host_speed_ms(),
-        "prompts": len(encoded),
+        "batch_size": encoded[0]["input_ids"].shape[0],
+        "calls": len(encoded),
         "cache_lengths": sorted(warm_ups),
         "tokens_per_s": round(tokens / seconds, 2),
         "new_tokens": tokens,
@@ -145,17 +162,29 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="measure each configuration this many times, each compiled afresh (the spread between compilations)",
     )
+    parser.add_argument(
+        "--batch_sizes", nargs="+", type=int, default=[1], help="rows per call (left-padded batches of the prompts)"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "compiled-baseline.json")
     args = parser.parse_args(argv)
 
     target, tokenizer = load_target(args.target, dtype=args.dtype, device=args.device, gguf_path=gguf_location(args))
     prompts = load_prompts(args.prompts, args.limit, args.stride)
-    encoded = [encode_prompt(tokenizer, prompt, target.device) for prompt in prompts]
     rows = []
-    for configuration in [name for name in args.configs for _ in range(args.repeats)]:
-        row = measure_configuration(target, encoded, args.max_new_tokens, configuration)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+    for batch_size in args.batch_sizes:
+        batches = batch_rows(prompts, batch_size, len(prompts))
+        encoded = [encode_batch(tokenizer, batch, target.device) for batch in batches]
+        for configuration in [name for name in args.configs for _ in range(args.repeats)]:
+            row = measure_configuration(
+                target,
+                encoded,
+                args.max_new_tokens,
+                configuration,
+                batch_pad_token_id(tokenizer),
+                tokenizer.eos_token_id,
+            )
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     payload = {
         **environment(),
         "command": " ".join(["compiled_baseline.py", *(argv if argv is not None else sys.argv[1:])]),

@@ -554,6 +554,13 @@ def row_tokens(new_ids: torch.Tensor, eos_token_id: int | None) -> list[torch.Te
     return rows
 
 
+def batch_rows(prompts: list[str], batch_size: int, rows: int) -> list[list[str]]:
+    """At least `rows` rows (the prompts cycled, whole batches) in batches of `batch_size`."""
+    count = -(-max(rows, batch_size) // batch_size) * batch_size
+    cycled = [prompts[index % len(prompts)] for index in range(count)]
+    return [cycled[start : start + batch_size] for start in range(0, count, batch_size)]
+
+
 def run_batches(target, tokenizer, head, method: Method, batches: list[list[str]], args) -> dict:
     """Greedy `generate` on each batch with one method: tokens (to EOS) per second, mean acceptance per row."""
     kwargs = {"do_sample": False, "max_new_tokens": args.max_new_tokens, **method.generate_kwargs}
@@ -614,15 +621,16 @@ def measure_batch(args: argparse.Namespace) -> dict:
         "settings": {
             **target_settings(args, target),
             "prompts": len(prompts),
-            "batches_per_size": args.batches,
+            "batches_per_size": args.batches if args.rows is None else None,
+            "rows_per_size": args.rows,
             "head": str(head_path) if head is not None else None,
         },
         "results": [],
     }
     short = argparse.Namespace(**{**vars(args), "max_new_tokens": EAGER_WARMUP_TOKENS})
     for batch_size in args.batch_sizes:
-        rows = [prompts[index % len(prompts)] for index in range(batch_size * args.batches)]
-        batches = [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
+        batches = batch_rows(prompts, batch_size, args.rows or batch_size * args.batches)
+        rows = [row for batch in batches for row in batch]
         reference = None
         for method in methods:
             _progress(f"[batch {batch_size}] {method.name}: warming up, then {args.batches} batches ...")
@@ -1021,6 +1029,11 @@ def build_parser() -> argparse.ArgumentParser:
     batched.add_argument("--limit", type=int, help="prompts per task (default: all)")
     batched.add_argument("--batch_sizes", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
     batched.add_argument("--batches", type=int, default=1, help="timed batches per batch size")
+    batched.add_argument(
+        "--rows",
+        type=int,
+        help="rows decoded at every batch size, in whole batches (instead of --batches): the same prompts each size",
+    )
     batched.add_argument(
         "--methods",
         nargs="+",

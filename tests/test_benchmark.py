@@ -429,3 +429,43 @@ def test_measure_batch_times_each_batch_size(tiny, tmp_path):
     assert rows[(3, "plain_compiled")]["speedup"] == 1.0
     table = (tmp_path / "target_batch.md").read_text()
     assert "| 3 | eagle3_tree_t8_d3_k2 | 3 |" in table
+
+
+def test_batch_rows_cycle_the_prompts_into_whole_batches():
+    assert run_benchmark.batch_rows(["a", "b", "c"], 2, 3) == [["a", "b"], ["c", "a"]]
+    assert run_benchmark.batch_rows(["a", "b", "c"], 4, 1) == [["a", "b", "c", "a"]]
+    assert run_benchmark.batch_rows(["a"], 1, 2) == [["a"], ["a"]]
+
+
+def test_measure_batch_decodes_the_same_rows_at_every_size(tiny, tmp_path):
+    """`--rows N`: every batch size decodes N rows in whole batches, so sizes compare the same work."""
+    root, prompts = tiny
+    argv = ["measure-batch", "--target", str(root / "target"), "--head", str(root / "head"), "--prompts", str(prompts)]
+    argv += ["--limit", "2", "--max_new_tokens", "4", "--device", "cpu", "--output_dir", str(tmp_path)]
+    argv += ["--batch_sizes", "1", "2", "--rows", "2", "--methods", "plain_compiled", "eagle3_tree_t8_d3_k2"]
+    assert run_benchmark.main(argv) == 0
+    payload = json.loads((tmp_path / "target_batch.json").read_text())
+    assert payload["settings"]["rows_per_size"] == 2
+    assert {row["rows"] for row in payload["results"]} == {2}
+    assert all(row["greedy_identical"] for row in payload["results"])
+
+
+def test_compiled_baseline_measures_batches(tiny, tmp_path):
+    """`compiled_baseline.py --batch_sizes`: left-padded batches of the prompts, each row counted to its EOS."""
+    script = SCRIPT.parent / "compiled_baseline.py"
+    baseline_spec = importlib.util.spec_from_file_location("compiled_baseline", script)
+    compiled_baseline = importlib.util.module_from_spec(baseline_spec)
+    baseline_spec.loader.exec_module(compiled_baseline)
+    root, prompts = tiny
+    output = tmp_path / "baseline.json"
+    argv = ["--target", str(root / "target"), "--prompts", str(prompts), "--limit", "2", "--stride", "1"]
+    argv += ["--max_new_tokens", "5", "--device", "cpu", "--dtype", "float32", "--output", str(output)]
+    argv += ["--batch_sizes", "1", "2", "--configs", "shared:default", "shared:default:forced"]
+    assert compiled_baseline.main(argv) == 0
+    rows = json.loads(output.read_text())["results"]
+    assert [(row["batch_size"], row["calls"]) for row in rows] == [(1, 2), (1, 2), (2, 1), (2, 1)]
+    for row in rows:
+        forced = row["configuration"].endswith(":forced")
+        # Forced calls make every row's tokens; the others count each row to its EOS, never more.
+        assert (row["new_tokens"] == 2 * 5) if forced else (0 < row["new_tokens"] <= 2 * 5)
+        assert row["compiled_graphs_in_timed_calls"] == 0 and row["decode_ms_per_token"] > 0
