@@ -275,7 +275,8 @@ def test_synthesized_prompts_cut_at_their_first_blank_line(chatml, tiny_target):
     torch.manual_seed(0)
     openers = ["Write a\n\nstory", "Solve\n\nit", "Explain why\n\nnow"]
     common = dict(max_new_tokens=3, batch_size=3, min_length=1, openers=openers, max_rounds=1)
-    assert synthesize_prompts(tiny_target, chatml, 3, first_paragraph=True, **common) == ["Write a", "Solve", "Explain why"]
+    prompts = synthesize_prompts(tiny_target, chatml, 3, first_paragraph=True, **common)
+    assert prompts == ["Write a", "Solve", "Explain why"]
     # Without the cut the random target's turns all run to max_new_tokens: nothing is kept.
     with pytest.raises(ValueError, match="wrote no usable prompt"):
         synthesize_prompts(tiny_target, chatml, 3, **common)
