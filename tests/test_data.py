@@ -269,6 +269,19 @@ def test_synthesized_prompts_start_with_the_openers_in_turn(chatml, chatty_targe
         synthesize_prompts(chatty_target, chatml, 2, openers=["Write", " "])
 
 
+def test_synthesized_prompts_cut_at_their_first_blank_line(chatml, tiny_target):
+    """A model that writes its request, a blank line and then an answer (or never ends the turn) still gives
+    prompts: the first paragraphs, kept though the turn is unfinished."""
+    torch.manual_seed(0)
+    openers = ["Write a\n\nstory", "Solve\n\nit", "Explain why\n\nnow"]
+    common = dict(max_new_tokens=3, batch_size=3, min_length=1, openers=openers, max_rounds=1)
+    prompts = synthesize_prompts(tiny_target, chatml, 3, first_paragraph=True, **common)
+    assert prompts == ["Write a", "Solve", "Explain why"]
+    # Without the cut the random target's turns all run to max_new_tokens: nothing is kept.
+    with pytest.raises(ValueError, match="wrote no usable prompt"):
+        synthesize_prompts(tiny_target, chatml, 3, **common)
+
+
 def test_prepare_data_cli_end_to_end(tmp_path, chatml, chatty_target, capsys):
     from datasets import load_from_disk
 

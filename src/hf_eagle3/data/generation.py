@@ -190,6 +190,7 @@ def synthesize_prompts(
     min_length: int = 10,
     max_rounds: int | None = None,
     openers: Sequence[str] | None = None,
+    first_paragraph: bool = False,
 ) -> list[str]:
     """Let an instruct target write `num_prompts` distinct user prompts (Magpie).
 
@@ -202,6 +203,11 @@ def synthesize_prompts(
     continues the prefix plus an opener, and the prompt is the opener plus what it wrote. A small model left
     to itself starts most requests alike (SmolLM2-135M: "I'm ..." or "Can you ..." in two of three), so
     openers spread the prompts over kinds of tasks it would seldom ask for.
+
+    `first_paragraph` keeps each prompt's text up to its first blank line, and counts a prompt that reaches one as
+    finished even if the turn goes on: some models write a request and then answer it inside the user turn
+    (Qwen2.5-Coder-0.5B-Instruct: "Write a Python function that ...", a blank line, the code), which would
+    otherwise make the answer part of the prompt, or leave the turn unfinished and the prompt discarded.
     """
     if num_prompts <= 0:
         raise ValueError(f"num_prompts must be positive, got {num_prompts}.")
@@ -229,6 +235,10 @@ def synthesize_prompts(
         )
         # A prompt cut at max_new_tokens is an unfinished question: the model is left to guess what was asked.
         texts = [start + text for start, text in zip(starts, texts, strict=True)]
+        if first_paragraph:
+            paragraphs = [text.strip().split("\n\n", 1) for text in texts]
+            finished = [done or len(parts) > 1 for done, parts in zip(finished, paragraphs, strict=True)]
+            texts = [parts[0] for parts in paragraphs]
         kept = filter_prompts([text for text, done in zip(texts, finished, strict=True) if done], min_length, seen)
         progress.update(min(len(kept), num_prompts - len(prompts)))
         prompts += kept

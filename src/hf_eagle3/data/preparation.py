@@ -93,6 +93,13 @@ class PrepareDataArguments:
             "turn: spreads a small model's prompts over more kinds of task."
         },
     )
+    prompt_first_paragraph: bool = field(
+        default=False,
+        metadata={
+            "help": "Cut each synthesised prompt at its first blank line (and keep it though the turn goes on): for "
+            "models that answer their own request inside the user turn, as small code models do."
+        },
+    )
     documents: list[str] | None = field(
         default=None,
         metadata={
@@ -281,6 +288,7 @@ def prepare_data(args: PrepareDataArguments) -> dict:
                 top_p=args.prompt_top_p,
                 min_length=args.min_prompt_length,
                 openers=_read_openers(args.prompt_openers),
+                first_paragraph=args.prompt_first_paragraph,
             )
             logger.info(f"Synthesised {len(prompts)} distinct prompts.")
             conversations += regenerate_conversations(
