@@ -39,6 +39,7 @@ from .tree_shape import (
     choose_shape,
     read_cached_record,
     time_shapes,
+    timing_rows,
     timing_shapes,
     tree_shape_cache_dir,
     write_cached_shape,
@@ -183,9 +184,7 @@ def tune_batch_tree_shape(
         "shape": asdict(shape) if shape is not None else None,
         "seconds": round(time.perf_counter() - start, 2),
         "plain_step_ms": 1000 * plain,
-        "timings": [
-            {"shape": asdict(t.shape), "draft_ms": 1000 * t.draft, "verify_ms": 1000 * t.verify} for t in timings
-        ],
+        "timings": timing_rows(timings),
         "candidates": table,
     }
     path = write_cached_shape(key, record)

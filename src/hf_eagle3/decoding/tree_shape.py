@@ -332,6 +332,11 @@ def time_shapes(
     return [fastest[shape] for shape in shapes]
 
 
+def timing_rows(timings: list[StepTiming]) -> list[dict[str, Any]]:
+    """The timings as a cache record keeps them, in milliseconds."""
+    return [{"shape": asdict(t.shape), "draft_ms": 1000 * t.draft, "verify_ms": 1000 * t.verify} for t in timings]
+
+
 class StepTimeModel:
     """Seconds per step of any shape from the timed ones: `base(top_k) + (depth - 1) * level(top_k)` to draft
     (fitted per top_k), `verify(nodes)` piecewise linear in the tree's nodes (linear past the ends)."""
@@ -524,9 +529,7 @@ def tune_tree_shape(
     record = {
         "shape": asdict(shape),
         "seconds": round(time.perf_counter() - start, 2),
-        "timings": [
-            {"shape": asdict(t.shape), "draft_ms": 1000 * t.draft, "verify_ms": 1000 * t.verify} for t in timings
-        ],
+        "timings": timing_rows(timings),
         "candidates": table,
     }
     path = write_cached_shape(key, record)
