@@ -63,8 +63,8 @@ BATCH_ACCELERATOR_GRID = ShapeGrid(
     calibration_tokens=256,
     timing_tokens=64,
 )
-# Rows of the batch whose prompts calibrate the acceptance: each costs one decode per top_k.
-CALIBRATION_ROWS = 4
+# Rows of the batch whose prompts calibrate the acceptance: each costs one decode per top_k (on a CPU, minutes).
+CALIBRATION_ROWS = 2
 
 
 def default_batch_grid(device: torch.device) -> ShapeGrid:
