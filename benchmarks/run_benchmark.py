@@ -30,6 +30,8 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -58,9 +60,11 @@ DEFAULT_METHODS = (
     "eagle3_tree_compiled",
 )
 # Sweep suffixes of eagle3 method names: eagle3_tree_t32_d6_k8 = 32 tree tokens, depth 6, top-k 8;
-# eagle3_chain_n4 = chains of 4 drafted tokens; eagle3_tree_auto = the tree that fits the device (eagle3_tree="auto").
+# eagle3_chain_n4 = chains of 4 drafted tokens; eagle3_tree_auto = the tree that fits the device (eagle3_tree="auto");
+# eagle3_tree_default = no tree knob at all, the library's default (the automatic tree, but for a single prompt on the
+# compiled path, which keeps the fixed tree).
 SUFFIX_KNOBS = {"t": "eagle3_total_tokens", "d": "eagle3_depth", "k": "eagle3_top_k", "n": "num_assistant_tokens"}
-METHOD_PATTERN = re.compile(r"^eagle3_(chain|tree_graph|tree_compiled|tree)((?:_[tdkn]\d+)*|_auto)$")
+METHOD_PATTERN = re.compile(r"^eagle3_(chain|tree_graph|tree_compiled|tree)((?:_[tdkn]\d+)*|_auto|_default)$")
 # Phases of one EAGLE-3 tree step, timed by the decoding loop (`stats.phase_seconds`; device time on CUDA).
 PHASES = ("draft", "verify", "accept")
 # Untimed warm-up length of the methods that neither compile nor capture anything.
@@ -99,7 +103,8 @@ def parse_method(name: str) -> Method:
             f"Unknown method {name!r}: use plain, plain_compiled, prompt_lookup, eagle3_chain, eagle3_tree, "
             "eagle3_tree_graph or eagle3_tree_compiled, the eagle3 ones optionally with knob suffixes "
             "_t<total tokens>_d<depth>_k<top-k> (tree) or _n<draft length> (chain), e.g. eagle3_tree_t32_d6_k8, "
-            "or the tree ones with _auto (the tree that fits the device)."
+            "or the tree ones with _auto (the tree that fits the device) or _default (no tree knob: the library's "
+            "default)."
         )
     mode = match.group(1)
     kwargs = {"eagle3_mode": "chain" if mode == "chain" else "tree"}
@@ -112,10 +117,11 @@ def parse_method(name: str) -> Method:
             kwargs["eagle3_tree"] = "fixed"
     if mode == "tree_compiled":
         kwargs["eagle3_compile"] = True
-    if match.group(2) == "_auto":
+    if match.group(2) in ("_auto", "_default"):
         if mode == "chain":
-            raise ValueError(f"Unknown method {name!r}: _auto chooses a tree shape; chain mode has none.")
-        kwargs["eagle3_tree"] = "auto"
+            raise ValueError(f"Unknown method {name!r}: {match.group(2)} chooses a tree shape; chain mode has none.")
+        if match.group(2) == "_auto":
+            kwargs["eagle3_tree"] = "auto"
         return Method(name, kwargs, uses_head=True, compiled=mode in ("tree_graph", "tree_compiled"))
     for knob in filter(None, match.group(2).split("_")):
         kwargs[SUFFIX_KNOBS[knob[0]]] = int(knob[1:])
@@ -436,8 +442,6 @@ def measure(args: argparse.Namespace) -> dict:
     target, tokenizer = load_target(
         args.target, dtype=args.dtype, device=args.device, gguf_path=gguf_location(args), attn_implementation=args.attn
     )
-    if args.tree_cache is not None:
-        os.environ["HF_EAGLE3_CACHE"] = str(args.tree_cache)
     head = None
     if any(method.uses_head for method in methods):
         _progress(f"Loading the EAGLE-3 head from {head_path} ...")
@@ -567,7 +571,7 @@ def run_batches(target, tokenizer, head, method: Method, batches: list[list[str]
     kwargs["pad_token_id"] = batch_pad_token_id(tokenizer)
     if method.uses_head:
         kwargs["assistant_model"] = head
-    seconds, new_tokens, outputs, accept_lens, static, graphs = 0.0, 0, [], [], [], 0
+    seconds, new_tokens, outputs, accept_lens, static, graphs, trees = 0.0, 0, [], [], [], 0, set()
     for prompts in batches:
         inputs = encode_batch(tokenizer, prompts, target.device)
         before = compiled_graphs()
@@ -584,6 +588,7 @@ def run_batches(target, tokenizer, head, method: Method, batches: list[list[str]
             stats = head.last_generation_stats
             accept_lens += [row.mean_accept_len for row in stats.rows or [stats] if row.target_forwards]
             static.append(stats.static_cache)
+            trees.add("no drafts" if stats.plain_fallback else "/".join(map(str, stats.tree_shape)))
     return {
         "seconds": seconds,
         "new_tokens": new_tokens,
@@ -593,6 +598,8 @@ def run_batches(target, tokenizer, head, method: Method, batches: list[list[str]
         "static_cache": all(static) if static else None,
         # Graphs torch.compile compiled inside the timed calls: 0 once the warm-up call compiled this batch shape.
         "recompilations": graphs,
+        # The trees the calls decoded with, `total_tokens/depth/top_k`, or "no drafts" (`plain_fallback`).
+        "tree_shapes": sorted(trees),
     }
 
 
@@ -635,7 +642,10 @@ def measure_batch(args: argparse.Namespace) -> dict:
         for method in methods:
             _progress(f"[batch {batch_size}] {method.name}: warming up, then {args.batches} batches ...")
             # Compiled methods compile for this batch shape on a full-length call; the others only initialise.
-            run_batches(target, tokenizer, head, method, batches[:1], args if method.compiled else short)
+            # The automatic tree is measured here too, unless cached.
+            warmup_s = run_batches(target, tokenizer, head, method, batches[:1], args if method.compiled else short)[
+                "seconds"
+            ]
             result = run_batches(target, tokenizer, head, method, batches, args)
             tokens_per_s = result["new_tokens"] / result["seconds"]
             if reference is None:
@@ -655,12 +665,14 @@ def measure_batch(args: argparse.Namespace) -> dict:
                 else None,
                 "greedy_identical": all(torch.equal(output, expected) for output, expected in pairs),
                 "static_cache": result["static_cache"],
+                "tree_shapes": result["tree_shapes"],
+                "warmup_s": round(warmup_s, 3),
                 "recompilations": result["recompilations"],
                 "generate_kwargs": method.generate_kwargs,
             }
             _progress(
                 f"    {row['tokens_per_s']:.1f} tokens/s, speedup {row['speedup']}, tau {row['mean_accept_len_per_row']}, "
-                f"recompilations {row['recompilations']}"
+                f"trees {row['tree_shapes']}, warm-up {row['warmup_s']} s, recompilations {row['recompilations']}"
             )
             payload["results"].append(row)
             write_batch_results(payload, args.output_dir, (args.name or payload["target"]) + "_batch")
@@ -679,16 +691,20 @@ def batch_markdown_table(payload: dict) -> str:
         "",
         "Rows of a batch are the prompts cycled, left-padded; tokens/s counts each row's tokens up to its EOS; "
         "speedup = over the first method at the same batch size; tau = tokens per target forward, mean over rows; "
-        "identical = every row's greedy tokens equal the first method's.",
+        "identical = every row's greedy tokens equal the first method's; tree = the trees decoded with "
+        "(total tokens/depth/top-k per row, or no drafts); warm-up = the untimed call before timing (compilation, "
+        "graph capture, measuring the automatic tree), seconds; recompiled = graphs torch.compile compiled inside "
+        "the timed calls.",
         "",
-        "| batch | method | rows | tokens/s | speedup | tau per row | identical | recompiled |",
-        "|---|---|---|---|---|---|---|---|",
+        "| batch | method | rows | tokens/s | speedup | tau per row | tree | identical | warm-up | recompiled |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in payload["results"]:
+        trees = ", ".join(row.get("tree_shapes") or []) or "-"
         lines.append(
             f"| {row['batch_size']} | {row['method']} | {row['rows']} | {row['tokens_per_s']:.1f} | "
-            f"{_cell(row['speedup'])} | {_cell(row['mean_accept_len_per_row'])} | {_cell(row['greedy_identical'])} | "
-            f"{_cell(row.get('recompilations'))} |"
+            f"{_cell(row['speedup'])} | {_cell(row['mean_accept_len_per_row'])} | {trees} | "
+            f"{_cell(row['greedy_identical'])} | {_cell(row.get('warmup_s'), 1)} | {_cell(row.get('recompilations'))} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -699,6 +715,23 @@ def write_batch_results(payload: dict, output_dir: Path, name: str) -> list[Path
     written[0].write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     written[1].write_text(batch_markdown_table(payload), encoding="utf-8")
     return written
+
+
+@contextmanager
+def tree_cache(folder: Path | None) -> Iterator[None]:
+    """The automatic tree's measurements go to `folder` meanwhile, where given (the target's files stay in the usual
+    cache)."""
+    previous = os.environ.get("HF_EAGLE3_CACHE")
+    if folder is not None:
+        os.environ["HF_EAGLE3_CACHE"] = str(folder)
+    try:
+        yield
+    finally:
+        if folder is not None:
+            if previous is None:
+                os.environ.pop("HF_EAGLE3_CACHE", None)
+            else:
+                os.environ["HF_EAGLE3_CACHE"] = previous
 
 
 def output_name(target: str) -> str:
@@ -1012,12 +1045,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--save_outputs", action="store_true", help="keep every prompt's new token ids in the JSON (text comparisons)"
     )
-    run.add_argument(
-        "--tree_cache",
-        type=Path,
-        help="cache folder of the automatic tree (the _auto methods; default: HF_EAGLE3_CACHE, else "
-        "~/.cache/hf_eagle3): an empty one makes their warm-up measure the tree, which warm-up seconds then include",
-    )
 
     batched = commands.add_parser(
         "measure-batch", help="time methods on padded batches of prompts; write results/<name>_batch.json, .md"
@@ -1037,7 +1064,7 @@ def build_parser() -> argparse.ArgumentParser:
     batched.add_argument(
         "--methods",
         nargs="+",
-        default=["plain_compiled", "eagle3_tree"],
+        default=["plain_compiled", "eagle3_tree_default"],
         help="the first is the reference of the speedups and of greedy identity",
     )
     batched.add_argument("--max_new_tokens", type=int, default=256)
@@ -1046,6 +1073,14 @@ def build_parser() -> argparse.ArgumentParser:
     batched.add_argument("--attn", default="sdpa", help="target attention implementation (tree decoding: sdpa, eager)")
     batched.add_argument("--name", help="output file name without extension and _batch (default: the target's name)")
     batched.add_argument("--output_dir", type=Path, default=RESULTS_DIR)
+    for command in (run, batched):
+        command.add_argument(
+            "--tree_cache",
+            type=Path,
+            help="cache folder of the automatic tree (the _auto and _default methods; default: HF_EAGLE3_CACHE, "
+            "else ~/.cache/hf_eagle3): an empty one makes their warm-up measure the tree, which warm-up seconds then "
+            "include",
+        )
 
     merge = commands.add_parser("merge", help="combine partial measure results into one")
     merge.add_argument("files", nargs="+", type=Path)
@@ -1083,20 +1118,14 @@ def main(argv: list[str] | None = None) -> int:
         return run_library_command(args.command, args, passthrough)
     if args.command == "measure-batch":
         name = (args.name or output_name(args.target)) + "_batch"
-        for path in write_batch_results(measure_batch(args), args.output_dir, name):
+        with tree_cache(args.tree_cache):
+            payload = measure_batch(args)
+        for path in write_batch_results(payload, args.output_dir, name):
             _progress(f"Wrote {path}")
         return 0
     if args.command == "measure":
-        # The automatic tree's measurements go where --tree_cache says (the target's files stay in the usual cache).
-        previous = os.environ.get("HF_EAGLE3_CACHE")
-        try:
+        with tree_cache(args.tree_cache):
             payload = measure(args)
-        finally:
-            if args.tree_cache is not None:
-                if previous is None:
-                    os.environ.pop("HF_EAGLE3_CACHE", None)
-                else:
-                    os.environ["HF_EAGLE3_CACHE"] = previous
     else:
         payload = merge_results([json.loads(path.read_text(encoding="utf-8")) for path in args.files])
     for path in write_results(payload, args.output_dir, args.name or payload["target"], plot=not args.no_plot):

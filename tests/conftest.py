@@ -160,8 +160,8 @@ def chat_inputs(tokenizer, prompt: str) -> dict[str, torch.Tensor]:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 
 
-# The module that tests `eagle3_tree="auto"` (with a tiny grid and its own cache folder).
-AUTO_TREE_MODULES = {"test_decoding_tree_shape.py"}
+# The modules that test `eagle3_tree="auto"` (with tiny grids and their own cache folders).
+AUTO_TREE_MODULES = {"test_decoding_tree_shape.py", "test_decoding_batch_tree_shape.py"}
 
 
 @pytest.fixture(autouse=True)

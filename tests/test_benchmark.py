@@ -409,26 +409,46 @@ def test_automatic_tree_against_fixed_shapes(tiny, tmp_path, monkeypatch):
     assert "HF_EAGLE3_CACHE" not in os.environ or os.environ["HF_EAGLE3_CACHE"] != str(cache)
 
 
-def test_measure_batch_times_each_batch_size(tiny, tmp_path):
-    """`measure-batch`: every method at every batch size, rows cycled over the prompts, greedy rows identical."""
+def test_measure_batch_times_each_batch_size(tiny, tmp_path, monkeypatch):
+    """`measure-batch`: every method at every batch size, rows cycled over the prompts, greedy rows identical; the
+    trees each batch size decoded with, the library's default one measured in its warm-up."""
+    from hf_eagle3.decoding import batch_tree_shape, tree_shape
+    from hf_eagle3.decoding.config import DEFAULT_EAGLE3_KNOBS
+
+    monkeypatch.setitem(DEFAULT_EAGLE3_KNOBS, "eagle3_tree", "auto")
+    monkeypatch.setattr(tree_shape, "CPU_GRID", tree_shape.ShapeGrid(total_tokens=(3, 4), depths=(2,), top_ks=(2,)))
+    batch_grid = tree_shape.ShapeGrid(total_tokens=(2, 3), depths=(1, 2), top_ks=(2,), calibration_tokens=8)
+    monkeypatch.setattr(batch_tree_shape, "BATCH_CPU_GRID", batch_grid)
+    assert run_benchmark.parse_method("eagle3_tree_compiled_default").generate_kwargs == {
+        "eagle3_mode": "tree",
+        "eagle3_static_cache": True,
+        "eagle3_compile": True,
+    }
     root, prompts = tiny
     argv = ["measure-batch", "--target", str(root / "target"), "--head", str(root / "head"), "--prompts", str(prompts)]
     argv += ["--limit", "2", "--max_new_tokens", "6", "--device", "cpu", "--output_dir", str(tmp_path)]
-    methods = ["plain_compiled", "eagle3_tree_t8_d3_k2", "eagle3_tree_graph_t8_d3_k2"]
-    argv += ["--batch_sizes", "1", "3", "--methods", *methods]
+    methods = ["plain_compiled", "eagle3_tree_t8_d3_k2", "eagle3_tree_graph_t8_d3_k2", "eagle3_tree_default"]
+    argv += ["--batch_sizes", "1", "3", "--methods", *methods, "--tree_cache", str(tmp_path / "trees")]
     assert run_benchmark.main(argv) == 0
     payload = json.loads((tmp_path / "target_batch.json").read_text())
     rows = {(row["batch_size"], row["method"]): row for row in payload["results"]}
     assert sorted(rows) == sorted((batch_size, method) for batch_size in (1, 3) for method in methods)
     for (batch_size, method), row in rows.items():
         assert row["rows"] == batch_size and row["tokens_per_s"] > 0 and row["greedy_identical"] is True
-        assert (row["mean_accept_len_per_row"] is None) == (method == "plain_compiled")
-        assert row["static_cache"] == {"plain_compiled": None, methods[1]: False, methods[2]: True}[method]
+        no_drafts = row["tree_shapes"] == ["no drafts"]
+        assert (row["mean_accept_len_per_row"] is None) == (method == "plain_compiled" or no_drafts)
+        static = {"plain_compiled": None, methods[1]: False, methods[2]: True, methods[3]: False}[method]
+        assert row["static_cache"] == static
         # Nothing compiles on the CPU, so nothing recompiles inside the timed calls either.
-        assert row["recompilations"] == 0
-    assert rows[(3, "plain_compiled")]["speedup"] == 1.0
+        assert row["recompilations"] == 0 and row["warmup_s"] > 0
+        if method in methods[1:3]:
+            assert row["tree_shapes"] == ["8/3/2"]
+    assert rows[(1, methods[3])]["tree_shapes"][0] in {"3/2/2", "4/2/2"}
+    assert rows[(3, methods[3])]["tree_shapes"][0] in {"2/1/2", "3/1/2", "2/2/2", "3/2/2", "no drafts"}
+    assert rows[(3, "plain_compiled")]["speedup"] == 1.0 and rows[(3, "plain_compiled")]["tree_shapes"] == []
+    assert len(list((tmp_path / "trees" / "tree_shapes").glob("*.json"))) == 3  # batch 1, batch 3, acceptance
     table = (tmp_path / "target_batch.md").read_text()
-    assert "| 3 | eagle3_tree_t8_d3_k2 | 3 |" in table
+    assert "| 3 | eagle3_tree_t8_d3_k2 | 3 |" in table and " | 8/3/2 | yes | " in table
 
 
 def test_batch_rows_cycle_the_prompts_into_whole_batches():

@@ -6,7 +6,6 @@ import pytest
 from transformers import GenerationConfig
 
 from hf_eagle3.decoding.config import (
-    BATCH_TREE_TOKENS,
     DEFAULT_CHAIN_LENGTH,
     DEFAULT_EAGLE3_KNOBS,
     EXPLICIT_CHAIN_LENGTH_ATTRIBUTE,
@@ -45,18 +44,3 @@ def test_the_call_wins_over_the_head_which_wins_over_the_defaults():
 def test_bad_settings_fail_when_resolved(settings, message):
     with pytest.raises(ValueError, match=message):
         Eagle3DecodingConfig(**settings)
-
-
-def test_a_batch_left_to_the_defaults_shares_a_tree_budget():
-    """Batches verify BATCH_TREE_TOKENS tree tokens at most (the default tree while it fits); a tree knob set by the
-    call or the head keeps the whole shape as given."""
-    default = DEFAULT_EAGLE3_KNOBS["eagle3_total_tokens"]
-    for batch_size in (1, 2, 4, 8, 32, 512):
-        config = Eagle3DecodingConfig.resolve(GenerationConfig(), None, batch_size=batch_size)
-        expected = default if batch_size == 1 else max(4, min(default, BATCH_TREE_TOKENS // batch_size))
-        assert config.total_tokens == expected
-        assert config.depth < config.total_tokens and config.top_k < config.total_tokens
-    assert Eagle3DecodingConfig.resolve(GenerationConfig(), None, batch_size=32).total_tokens < default
-    head = GenerationConfig(eagle3_top_k=3)
-    config = Eagle3DecodingConfig.resolve(GenerationConfig(), head, batch_size=32)
-    assert (config.total_tokens, config.depth, config.top_k) == (default, DEFAULT_EAGLE3_KNOBS["eagle3_depth"], 3)

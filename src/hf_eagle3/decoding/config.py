@@ -42,10 +42,6 @@ UNUSED_ASSISTED_KNOBS = (
     "target_lookbehind",
     "max_matching_ngram_size",
 )
-# A batch verifies every row's tree in one target forward. Where the call and the head leave the tree shape to the
-# defaults, the rows share about this many tree tokens per verification (the default tree up to batch 4, then smaller
-# trees), so that the forward stays about as cheap per row as the verification of a short chain.
-BATCH_TREE_TOKENS = 256
 # Drafts per chain step: about what a head's acceptance pays for against one target forward.
 DEFAULT_CHAIN_LENGTH = 6
 # transformers fills `num_assistant_tokens` with a global default (20, sized for small assistant LMs) before the
@@ -117,9 +113,9 @@ class Eagle3DecodingConfig:
         """The settings of a call from its prepared generation config and the head's own (None when it has none).
 
         The tree is `"fixed"` where the call or the head sets a shape knob and not `eagle3_tree` (the call's settings
-        before the head's), and with `eagle3_compile=True` unless `eagle3_tree="auto"` is set; setting both a shape
-        knob and `eagle3_tree` in the call is an error. A batch of several prompts whose call and head set no shape
-        knob gets `batch_tree_shape` (the automatic tree measures batch-1 steps).
+        before the head's), and for a single prompt with `eagle3_compile=True` unless `eagle3_tree="auto"` is set;
+        setting both a shape knob and `eagle3_tree` in the call is an error. A batch of several prompts measures its
+        automatic tree on the uncompiled path (see `batch_tree_shape`), so it stays automatic when compiled.
         """
 
         def setting(name: str) -> tuple[Any, int | None]:
@@ -145,11 +141,9 @@ class Eagle3DecodingConfig:
         if shape_set and (tree_source is None or min(shape_sources[name] for name in shape_set) < tree_source):
             tree = "fixed"
         # On the compiled path every measured shape is a compilation (minutes in all): auto only when asked for.
-        if tree_source is None and knob("eagle3_compile"):
+        if tree_source is None and knob("eagle3_compile") and batch_size == 1:
             tree = "fixed"
         shape = {name: knob(f"eagle3_{name}") for name in ("total_tokens", "depth", "top_k")}
-        if batch_size > 1 and not shape_set:
-            tree, shape = "fixed", batch_tree_shape(batch_size)
 
         chain_length = getattr(generation_config, EXPLICIT_CHAIN_LENGTH_ATTRIBUTE, None)
         if chain_length is None:
@@ -164,23 +158,10 @@ class Eagle3DecodingConfig:
         )
 
 
-def batch_tree_shape(batch_size: int) -> dict[str, int]:
-    """The default tree for each row of a batch: `BATCH_TREE_TOKENS` tree tokens shared by the rows (at most the
-    default tree, at least a root and three drafts), the default depth and branching cut to fit."""
-    total_tokens = max(4, min(DEFAULT_EAGLE3_KNOBS["eagle3_total_tokens"], BATCH_TREE_TOKENS // batch_size))
-    return {
-        "total_tokens": total_tokens,
-        "depth": min(DEFAULT_EAGLE3_KNOBS["eagle3_depth"], total_tokens - 1),
-        "top_k": min(DEFAULT_EAGLE3_KNOBS["eagle3_top_k"], total_tokens - 1),
-    }
-
-
 __all__ = [
-    "BATCH_TREE_TOKENS",
     "DEFAULT_CHAIN_LENGTH",
     "DEFAULT_EAGLE3_KNOBS",
     "EAGLE3_MODES",
     "EAGLE3_TREES",
     "Eagle3DecodingConfig",
-    "batch_tree_shape",
 ]

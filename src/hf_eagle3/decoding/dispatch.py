@@ -9,7 +9,8 @@ The path of `assistant_model` from `generate` to the verification forward:
    sources are errors) and rejects `eagle3_*` knobs without one.
 3. `generate` calls `_assisted_decoding`; its hook runs `eagle3_assisted_decoding`: the call's settings are resolved
    once into an `Eagle3DecodingConfig` and the inputs checked once (`checks.check_eagle3_inputs`), the automatic tree
-   shape filled in (`tree_shape.resolve_auto_tree`: measured the first time, then cached); then tree mode runs
+   shape filled in (`tree_shape.resolve_auto_tree`, for a batch `batch_tree_shape.resolve_batch_tree`: measured the
+   first time, then cached; a batch that no tree speeds up decodes without drafts, in `_sample`); then tree mode runs
    `tree_loop.tree_assisted_decoding` (whose backend's `verify` is the target forward over the draft tree), and chain
    mode runs transformers' own loop with an `Eagle3CandidateGenerator`, which the hook on `_get_candidate_generator`
    hands it.
@@ -35,8 +36,10 @@ from typing import Any
 import torch
 from transformers import GenerationMixin
 from transformers.generation import GenerateDecoderOnlyOutput
+from transformers.utils import logging
 
 from ..modeling_eagle3 import Eagle3DraftModel
+from .batch_tree_shape import resolve_batch_tree
 from .candidate_generator import Eagle3CandidateGenerator
 from .checks import check_eagle3_inputs, check_generation_mode, check_no_eagle3_knobs
 from .config import (
@@ -50,6 +53,8 @@ from .sdpa_backends import shape_stable_attention
 from .stats import Eagle3GenerationStats
 from .tree_loop import tree_assisted_decoding
 from .tree_shape import resolve_auto_tree
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -94,11 +99,23 @@ def eagle3_assisted_decoding(
     if not draft.has_target_embeddings:
         draft.attach_target(model)
     if config.mode == "tree" and config.tree == "auto":
-        config = resolve_auto_tree(model, draft, config, input_ids, model_kwargs)
+        resolve = resolve_batch_tree if input_ids.shape[0] > 1 else resolve_auto_tree
+        config = resolve(model, draft, config, input_ids, model_kwargs)
     # A fresh record per call, also reachable from the head after the call.
     stats = Eagle3GenerationStats()
     draft.last_generation_stats = stats
-    if config.mode == "tree":
+    if config is None:
+        # No tree pays at this batch size on this device: the target decodes alone, as `generate` would.
+        logger.warning_once(
+            f"EAGLE-3: no draft tree is expected to pay for a batch of {input_ids.shape[0]} on this device "
+            "(see `batch_tree_shape`), so the batch decodes without drafts (eagle3_stats.plain_fallback). Set "
+            "eagle3_total_tokens, eagle3_depth and eagle3_top_k to decode with drafts anyway."
+        )
+        stats.plain_fallback = True
+        result = model._sample(
+            input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer, **model_kwargs
+        )
+    elif config.mode == "tree":
         result = tree_assisted_decoding(
             model,
             input_ids,

@@ -19,6 +19,9 @@ class Eagle3GenerationStats:
     `draft`, `verify` and `accept` (acceptance, cache compaction and bookkeeping). `static_cache` tells whether tree
     decoding ran on static caches (see `eagle3_static_cache`), `compiled` whether their steps ran compiled (see
     `eagle3_compile`), `tree_shape` the `(total_tokens, depth, top_k)` tree mode decoded with (see `eagle3_tree`).
+    `plain_fallback` tells that the call decoded without drafts (the target alone, as `generate` without an
+    assistant): a batch left to the automatic tree where no tree pays (see `batch_tree_shape`); the counts then stay
+    zero.
 
     For a batch of several prompts, `rows` holds each row's own counts and the call's counts are their sums: each
     verification forward counts once for every row it served, so `mean_accept_len` stays the tokens a row gets per
@@ -36,6 +39,7 @@ class Eagle3GenerationStats:
     rows: list[Eagle3GenerationStats] = field(default_factory=list)
     batch_forwards: int = 0
     cache_holes: int = 0
+    plain_fallback: bool = False
 
     def record(self, num_accepted: int, num_emitted: int) -> None:
         """One verification forward that accepted `num_accepted` draft tokens and emitted `num_emitted` tokens.
@@ -72,6 +76,7 @@ class Eagle3GenerationStats:
             "rows": [row.to_dict() for row in self.rows],
             "batch_forwards": self.batch_forwards,
             "cache_holes": self.cache_holes,
+            "plain_fallback": self.plain_fallback,
         }
 
 

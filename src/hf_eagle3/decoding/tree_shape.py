@@ -31,7 +31,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -296,10 +296,12 @@ def time_shapes(
     compile: bool,
     new_tokens: int,
     rounds: int = TIMING_ROUNDS,
+    attention_mask: torch.LongTensor | None = None,
 ) -> list[StepTiming]:
     """Draft and verify seconds per step of each shape, the fastest of `rounds` greedy decodes of `prompt` on the
-    given path. The dynamic path takes the shapes in turn every round, so that a busy spell of a shared CPU does not
-    fall on one shape; the static one decodes each shape `rounds` times in a row (its runner is built per shape)."""
+    given path (a left-padded batch with its `attention_mask`: seconds per batch step). The dynamic path takes the
+    shapes in turn every round, so that a busy spell of a shared CPU does not fall on one shape; the static one
+    decodes each shape `rounds` times in a row (its runner is built per shape)."""
     order = (
         [(r, s) for s in shapes for r in range(rounds)]
         if static_cache
@@ -309,7 +311,7 @@ def time_shapes(
     for _, shape in order:
         model.generate(
             prompt,
-            attention_mask=torch.ones_like(prompt),
+            attention_mask=torch.ones_like(prompt) if attention_mask is None else attention_mask,
             assistant_model=draft_model,
             do_sample=False,
             max_new_tokens=new_tokens,
@@ -321,12 +323,18 @@ def time_shapes(
         stats = draft_model.last_generation_stats
         if stats.target_forwards == 0:
             raise RuntimeError(f"timing the tree {shape} decoded no step: the prompt ends the text at once.")
-        phases, steps = stats.phase_seconds, stats.target_forwards
+        # A batch's statistics count each verification once per row it served.
+        phases, steps = stats.phase_seconds, stats.batch_forwards or stats.target_forwards
         draft, verify = phases["draft"] / steps, (phases["verify"] + phases["accept"]) / steps
         if shape in fastest:
             draft, verify = min(draft, fastest[shape].draft), min(verify, fastest[shape].verify)
         fastest[shape] = StepTiming(shape, draft, verify)
     return [fastest[shape] for shape in shapes]
+
+
+def timing_rows(timings: list[StepTiming]) -> list[dict[str, Any]]:
+    """The timings as a cache record keeps them, in milliseconds."""
+    return [{"shape": asdict(t.shape), "draft_ms": 1000 * t.draft, "verify_ms": 1000 * t.verify} for t in timings]
 
 
 class StepTimeModel:
@@ -442,9 +450,20 @@ def cache_file(key: dict[str, Any]) -> Path:
     return tree_shape_cache_dir() / f"{digest}.json"
 
 
-def read_cached_record(key: dict[str, Any]) -> dict[str, Any] | None:
-    """The record stored for `key` (its `shape` checked), or None when there is none; an unreadable file is reported
-    and ignored."""
+def check_shape(stored: Any) -> TreeShape:
+    """The shape a cache file holds (`asdict` of a `TreeShape`); a ValueError, KeyError or TypeError if it is not
+    three positive integers."""
+    shape = TreeShape(**stored)
+    if not all(isinstance(value, int) and value > 0 for value in asdict(shape).values()):
+        raise ValueError(f"its shape {stored} is not three positive integers")
+    return shape
+
+
+def read_cached_record(
+    key: dict[str, Any], check: Callable[[dict[str, Any]], Any] = lambda record: check_shape(record["shape"])
+) -> dict[str, Any] | None:
+    """The record stored for `key` (checked by `check`, by default its `shape`), or None when there is none; an
+    unreadable file is reported and ignored."""
     path = cache_file(key)
     if not path.is_file():
         return None
@@ -452,9 +471,7 @@ def read_cached_record(key: dict[str, Any]) -> dict[str, Any] | None:
         record = json.loads(path.read_text(encoding="utf-8"))
         if record["key"] != key:
             raise ValueError("it was written for other settings")
-        shape = TreeShape(**record["shape"])
-        if not all(isinstance(value, int) and value > 0 for value in asdict(shape).values()):
-            raise ValueError(f"its shape {record['shape']} is not three positive integers")
+        check(record)
     except (OSError, ValueError, KeyError, TypeError) as error:
         logger.warning(f"The cached EAGLE-3 tree shape {path} is unreadable ({error}): measuring it again.")
         return None
@@ -512,9 +529,7 @@ def tune_tree_shape(
     record = {
         "shape": asdict(shape),
         "seconds": round(time.perf_counter() - start, 2),
-        "timings": [
-            {"shape": asdict(t.shape), "draft_ms": 1000 * t.draft, "verify_ms": 1000 * t.verify} for t in timings
-        ],
+        "timings": timing_rows(timings),
         "candidates": table,
     }
     path = write_cached_shape(key, record)

@@ -1,0 +1,225 @@
+"""The draft tree of a batch: each row's tree shrinks as the batch grows, by the device's measured costs.
+
+A batch verifies every row's tree in one target forward over batch x nodes tokens: where one prompt verifies hundreds
+of nodes about as fast as one, a batch of 32 may not, and on a small CPU no tree may pay at all. What a step emits per
+row does not depend on the batch (each row accepts exactly what it would alone), so the greedy acceptance (tau) of
+every shape of the batch grid is measured once per device, target, head and dtype
+(`tree_shape.calibrate_acceptance`, on the unpadded first rows of the batch) and kept for every batch size. What
+depends on the batch is the step time: it is measured once per batch size and path, by short greedy decodes of the
+call's batch with a few shapes (`tree_shape.time_shapes`, fitted by `tree_shape.StepTimeModel`). The batch decodes
+with the shape of most expected tokens/s per row, tau / step seconds.
+
+The target decoding alone (`generate` without drafts, one forward per token) is timed on the same batch. Where no
+tree is expected to beat it, the batch is decoded that way: transformers' own loop on the call's inputs, lossless by
+construction, logged, and flagged in `Eagle3GenerationStats.plain_fallback`.
+
+The compiled path (`eagle3_compile=True`) is timed on the uncompiled static path (CUDA graphs on CUDA): compiling
+every timed shape at every batch size would cost minutes, and the choice assumes that compilation speeds the shapes'
+steps up alike. Choices are cached on disk beside the single-prompt ones (`tree_shape.tree_shape_cache_dir`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers.utils import logging
+
+from .static_tree import use_static_tree
+from .tree_shape import (
+    TIMING_ROUNDS,
+    ShapeGrid,
+    StepTimeModel,
+    TreeShape,
+    cache_key,
+    calibrate_acceptance,
+    check_shape,
+    choose_shape,
+    read_cached_record,
+    time_shapes,
+    timing_rows,
+    timing_shapes,
+    tree_shape_cache_dir,
+    write_cached_shape,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from ..modeling_eagle3 import Eagle3DraftModel
+    from .config import Eagle3DecodingConfig
+
+logger = logging.get_logger(__name__)
+
+# The single-prompt grids (`tree_shape.CPU_GRID`, `ACCELERATOR_GRID`) reach down to smaller, shallower trees, which
+# larger batches need: a root and one draft on a CPU, a few nodes a row on an accelerator.
+BATCH_CPU_GRID = ShapeGrid(total_tokens=(2, 3, 4, 5, 6, 8, 10, 12, 16), depths=(1, 2, 3, 4, 5), top_ks=(2, 3, 4))
+BATCH_ACCELERATOR_GRID = ShapeGrid(
+    total_tokens=(4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256),
+    depths=(2, 3, 4, 6, 8, 10),
+    top_ks=(4, 8, 16),
+    calibration_tokens=256,
+    timing_tokens=64,
+)
+# Rows of the batch whose prompts calibrate the acceptance: each costs one decode per top_k (on a CPU, minutes).
+CALIBRATION_ROWS = 2
+
+
+def default_batch_grid(device: torch.device) -> ShapeGrid:
+    return BATCH_CPU_GRID if device.type == "cpu" else BATCH_ACCELERATOR_GRID
+
+
+def _check_acceptance(record: dict[str, Any]) -> None:
+    for entry in record["taus"]:
+        check_shape(entry["shape"])
+        if not isinstance(entry["tau"], float) or entry["tau"] < 1:
+            raise ValueError(f"its tau {entry['tau']!r} is not a number of at least 1")
+
+
+def _check_choice(record: dict[str, Any]) -> None:
+    if record["shape"] is not None:
+        check_shape(record["shape"])
+
+
+def batch_acceptance(
+    model: PreTrainedModel,
+    draft_model: Eagle3DraftModel,
+    prompts: list[torch.LongTensor],
+    grid: ShapeGrid,
+    refresh: bool = False,
+) -> dict[TreeShape, float]:
+    """Greedy tau per row of every shape of `grid`, measured on `prompts` (`(1, length)` each) unless cached; one
+    record per device, target, head and dtype, whatever the batch size and path."""
+    key = {**cache_key(model, draft_model, "any", grid), "record": "batch acceptance"}
+    record = None if refresh else read_cached_record(key, _check_acceptance)
+    if record is None:
+        taus = calibrate_acceptance(model, draft_model, prompts, grid.shapes(), grid.calibration_tokens)
+        record = {"taus": [{"shape": asdict(shape), "tau": tau} for shape, tau in taus.items()]}
+        write_cached_shape(key, record)
+    return {TreeShape(**entry["shape"]): entry["tau"] for entry in record["taus"]}
+
+
+@torch.no_grad()
+def time_plain_steps(
+    model: PreTrainedModel, input_ids: torch.LongTensor, attention_mask: torch.LongTensor, new_tokens: int, rounds: int
+) -> float:
+    """Seconds per step of the target's own greedy decoding of the batch (no drafts): the fastest of `rounds` pairs of
+    decodes, one of `new_tokens` tokens less one of a single token (the prefill)."""
+
+    def seconds(max_new_tokens: int) -> tuple[float, int]:
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        start = time.perf_counter()
+        output = model.generate(
+            input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=max_new_tokens
+        )
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        return time.perf_counter() - start, output.shape[1] - input_ids.shape[1]
+
+    fastest = float("inf")
+    for _ in range(rounds):
+        prefill, _ = seconds(1)
+        total, steps = seconds(new_tokens)
+        if steps > 1:
+            fastest = min(fastest, max(total - prefill, 0.0) / (steps - 1))
+    if fastest == float("inf"):
+        raise RuntimeError("timing plain decoding of the batch decoded one token at most: every row ends at once.")
+    return fastest
+
+
+def choose_batch_shape(
+    taus: dict[TreeShape, float], step_time: StepTimeModel, plain_step_seconds: float
+) -> tuple[TreeShape | None, list[dict]]:
+    """The shape of most expected tokens/s per row (see `tree_shape.choose_shape`), or None where none beats plain
+    decoding's one token per `plain_step_seconds`; and the table of every shape's figures, best first."""
+    shape, table = choose_shape(taus, step_time)
+    if table[0]["tokens_per_s"] <= 1 / max(plain_step_seconds, 1e-9):
+        return None, table
+    return shape, table
+
+
+def tune_batch_tree_shape(
+    model: PreTrainedModel,
+    draft_model: Eagle3DraftModel,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.LongTensor | None = None,
+    static_cache: bool = False,
+    grid: ShapeGrid | None = None,
+    refresh: bool = False,
+) -> tuple[TreeShape | None, dict[str, Any]]:
+    """The shape a batch of `input_ids.shape[0]` rows decodes with on this path (None: without drafts), and the cache
+    record (step times, plain decoding's, every shape's figures). Measured on this left-padded batch unless cached
+    for its size, then cached: call it before `generate` to calibrate on a batch of your choosing; `refresh` measures
+    again."""
+    batch_size = input_ids.shape[0]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    grid = grid or default_batch_grid(model.device)
+    # Branching beyond the draft vocabulary is not a tree `generate` can grow.
+    grid = replace(grid, top_ks=tuple(k for k in grid.top_ks if k <= draft_model.config.draft_vocab_size))
+    key = {**cache_key(model, draft_model, "static" if static_cache else "dynamic", grid), "batch_size": batch_size}
+    record = None if refresh else read_cached_record(key, _check_choice)
+    if record is not None:
+        return (TreeShape(**record["shape"]) if record["shape"] else None), record
+    timed = timing_shapes(grid)
+    logger.warning(
+        f"EAGLE-3 is measuring which draft tree fits a batch of {batch_size} on {key['device']} ({key['path']} "
+        f"path): step time of {len(timed)} shapes and of decoding without drafts, and (once for every batch size) "
+        f"acceptance of {len(grid.shapes())} shapes. Once for this batch size, device, target, head and path; the "
+        f"choice is kept in {tree_shape_cache_dir()}."
+    )
+    start = time.perf_counter()
+    rows = input_ids[:CALIBRATION_ROWS]
+    prompts = [row[mask.bool()][None] for row, mask in zip(rows, attention_mask[:CALIBRATION_ROWS], strict=True)]
+    taus = batch_acceptance(model, draft_model, prompts, grid, refresh)
+    timings = time_shapes(
+        model, draft_model, input_ids, timed, static_cache, False, grid.timing_tokens, attention_mask=attention_mask
+    )
+    plain = time_plain_steps(model, input_ids, attention_mask, grid.timing_tokens, TIMING_ROUNDS)
+    shape, table = choose_batch_shape(taus, StepTimeModel(timings), plain)
+    record = {
+        "shape": asdict(shape) if shape is not None else None,
+        "seconds": round(time.perf_counter() - start, 2),
+        "plain_step_ms": 1000 * plain,
+        "timings": timing_rows(timings),
+        "candidates": table,
+    }
+    path = write_cached_shape(key, record)
+    best = table[0]
+    logger.warning(
+        f"EAGLE-3 tree for a batch of {batch_size}: {shape or 'none (decoding without drafts)'} (best tree "
+        f"{TreeShape(**best['shape'])}: expected tau {best['tau']:.2f} per row, {best['step_ms']:.1f} ms per step; "
+        f"without drafts {1000 * plain:.1f} ms per token), measured in {record['seconds']:.0f} s, kept in {path}."
+    )
+    return shape, {"key": key, **record}
+
+
+def resolve_batch_tree(
+    model: PreTrainedModel,
+    draft_model: Eagle3DraftModel,
+    config: Eagle3DecodingConfig,
+    input_ids: torch.LongTensor,
+    model_kwargs: dict[str, Any],
+) -> Eagle3DecodingConfig | None:
+    """`config` with the shape `tune_batch_tree_shape` gives for this batch on this call's path (measured on the
+    call's batch the first time), or None where the batch decodes faster without drafts."""
+    static = use_static_tree(config.static_cache, model, draft_model, input_ids.device, model_kwargs)
+    shape, _ = tune_batch_tree_shape(
+        model, draft_model, input_ids, model_kwargs.get("attention_mask"), static_cache=static
+    )
+    if shape is None:
+        return None
+    return replace(config, total_tokens=shape.total_tokens, depth=shape.depth, top_k=shape.top_k)
+
+
+__all__ = [
+    "BATCH_ACCELERATOR_GRID",
+    "BATCH_CPU_GRID",
+    "batch_acceptance",
+    "choose_batch_shape",
+    "resolve_batch_tree",
+    "tune_batch_tree_shape",
+]

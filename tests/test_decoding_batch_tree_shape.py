@@ -1,0 +1,186 @@
+"""The automatic tree of a batch: shrinking per row as the batch grows, cached per batch size, decoding without
+drafts where no tree pays, and lossless through `generate` either way."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from lossless import assert_rows_lossless, left_pad, make_friendly_pair, prompt_reaching_eos
+from transformers import GenerationConfig
+
+from hf_eagle3.decoding import batch_tree_shape, tree_shape
+from hf_eagle3.decoding.batch_tree_shape import choose_batch_shape, tune_batch_tree_shape
+from hf_eagle3.decoding.config import DEFAULT_EAGLE3_KNOBS, Eagle3DecodingConfig
+from hf_eagle3.decoding.tree_shape import ShapeGrid, StepTimeModel, StepTiming, TreeShape, timing_shapes
+
+# Small enough to measure in a few seconds on the tiny models; down to a root and one draft.
+TINY_BATCH_GRID = ShapeGrid(total_tokens=(2, 3, 5), depths=(1, 2), top_ks=(2,), calibration_tokens=16, timing_tokens=6)
+# What a device costs per step at a batch size: a fixed part, and a part per verified token (batch x nodes) and per
+# drafted token (batch x top_k per level). A GPU runs small forwards at the fixed cost; a CPU pays for every token.
+GPU = dict(fixed=0.004, per_token=2e-6, per_draft=1e-6)
+CPU = dict(fixed=0.003, per_token=3e-5, per_draft=1e-5)
+GRID = ShapeGrid(total_tokens=(2, 4, 8, 16, 32, 64, 128), depths=(1, 2, 4, 6, 8), top_ks=(4, 8))
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_EAGLE3_CACHE", str(tmp_path))
+    monkeypatch.setattr(batch_tree_shape, "BATCH_CPU_GRID", TINY_BATCH_GRID)
+    monkeypatch.setattr(tree_shape, "TIMING_ROUNDS", 1)
+    monkeypatch.setattr(batch_tree_shape, "TIMING_ROUNDS", 1)
+    return tmp_path / "tree_shapes"
+
+
+def _tau(shape: TreeShape) -> float:
+    """Acceptance that grows with the tree's nodes and depth, and less and less for each node added."""
+    return 1 + min(shape.depth, 0.6 * shape.nodes**0.5 + 0.1 * shape.depth)
+
+
+def _costs(device: dict, batch_size: int) -> tuple[StepTimeModel, float]:
+    """The step-time model fitted to `device`'s step times at `batch_size`, and its step time without drafts."""
+
+    def verify(nodes: int) -> float:
+        return device["fixed"] + device["per_token"] * batch_size * nodes
+
+    timings = [
+        StepTiming(
+            shape,
+            shape.depth * (device["fixed"] / 4 + device["per_draft"] * batch_size * shape.top_k),
+            verify(shape.nodes),
+        )
+        for shape in timing_shapes(GRID)
+    ]
+    return StepTimeModel(timings), verify(1)
+
+
+@pytest.mark.parametrize("device", [GPU, CPU], ids=["gpu", "cpu"])
+def test_trees_shrink_as_the_batch_grows(device):
+    """The same acceptance per row; as the batch grows, verification costs more per node, so the chosen trees get
+    smaller, and on the CPU-like device no tree beats decoding without drafts at the largest batches."""
+    taus = {shape: _tau(shape) for shape in GRID.shapes()}
+    chosen = {}
+    for batch_size in (1, 2, 4, 8, 16, 32, 64):
+        step_time, plain = _costs(device, batch_size)
+        shape, table = choose_batch_shape(taus, step_time, plain)
+        chosen[batch_size] = shape.nodes if shape is not None else 0
+        best = table[0]
+        assert best["tokens_per_s"] == pytest.approx(max(tau / step_time.step_seconds(s) for s, tau in taus.items()))
+        assert (shape is None) == (best["tokens_per_s"] <= 1 / plain)
+    sizes = list(chosen.values())
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1], chosen
+    if device is GPU:
+        assert chosen[1] >= 32 and chosen[64] > 0, chosen
+    else:
+        assert chosen[1] <= 32 and chosen[16] > 0 and chosen[64] == 0, chosen
+
+
+def test_a_batch_left_to_the_defaults_takes_the_automatic_tree():
+    """Batches without a shape knob take the automatic tree, compiled too (measured uncompiled); a knob of the call
+    or the head, or `eagle3_tree="fixed"`, keeps the given shape; a single compiled prompt keeps the fixed tree."""
+
+    def resolve(batch_size: int, head: GenerationConfig | None = None, **call) -> Eagle3DecodingConfig:
+        return Eagle3DecodingConfig.resolve(GenerationConfig(**call), head, batch_size=batch_size)
+
+    for batch_size in (2, 8, 32):
+        assert resolve(batch_size).tree == "auto"
+        assert resolve(batch_size, eagle3_compile=True).tree == "auto"
+        config = resolve(batch_size, GenerationConfig(eagle3_top_k=3))
+        assert config.tree == "fixed" and config.top_k == 3
+        config = resolve(batch_size, eagle3_tree="fixed")
+        shape = (config.total_tokens, config.depth, config.top_k)
+        assert config.tree == "fixed" and shape == tuple(
+            DEFAULT_EAGLE3_KNOBS[f"eagle3_{name}"] for name in ("total_tokens", "depth", "top_k")
+        )
+    assert resolve(1, eagle3_compile=True).tree == "fixed"
+
+
+def _batch(target, rows: int = 2):
+    prompts = [prompt_reaching_eos(target, 40, length=5 + 2 * row) for row in range(rows)]
+    return prompts, *left_pad(prompts, target.config.pad_token_id)
+
+
+def _spy(monkeypatch) -> list[str]:
+    """The measurements the batch tuning makes, in order."""
+    calls = []
+    for module, name in (
+        (batch_tree_shape, "calibrate_acceptance"),
+        (batch_tree_shape, "time_shapes"),
+        (batch_tree_shape, "time_plain_steps"),
+    ):
+        original = getattr(module, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def test_cache_per_batch_size_and_shared_acceptance(cache_dir, monkeypatch):
+    """Acceptance is measured once for every batch size, step times once per batch size and path."""
+    target, head = make_friendly_pair("llama")
+    calls = _spy(monkeypatch)
+    _, input_ids, attention_mask = _batch(target, rows=2)
+    shape, record = tune_batch_tree_shape(target, head, input_ids, attention_mask)
+    assert calls == ["calibrate_acceptance", "time_shapes", "time_plain_steps"]
+    assert shape is None or shape in TINY_BATCH_GRID.shapes()
+    assert record["key"]["batch_size"] == 2 and record["key"]["path"] == "dynamic"
+    assert len(record["candidates"]) == len(TINY_BATCH_GRID.shapes()) and record["plain_step_ms"] > 0
+    assert tune_batch_tree_shape(target, head, input_ids, attention_mask)[0] == shape
+    assert len(calls) == 3, "a cache hit measures nothing"
+
+    _, input_ids, attention_mask = _batch(target, rows=3)
+    tune_batch_tree_shape(target, head, input_ids, attention_mask)
+    assert calls[3:] == ["time_shapes", "time_plain_steps"], "another batch size times again, reusing acceptance"
+    tune_batch_tree_shape(target, head, input_ids, attention_mask, static_cache=True)
+    assert calls[5:] == ["time_shapes", "time_plain_steps"], "another path times again"
+    stored = [json.loads(path.read_text()) for path in cache_dir.glob("*.json")]
+    assert sorted(record["key"].get("batch_size", 0) for record in stored) == [0, 2, 3, 3]
+    (acceptance,) = [record for record in stored if "taus" in record]
+    assert {TreeShape(**entry["shape"]) for entry in acceptance["taus"]} == set(TINY_BATCH_GRID.shapes())
+
+    # An unreadable choice is measured again; an unreadable acceptance record too.
+    for path in cache_dir.glob("*.json"):
+        path.write_text("{not json")
+    tune_batch_tree_shape(target, head, input_ids, attention_mask)
+    assert calls[7:] == ["calibrate_acceptance", "time_shapes", "time_plain_steps"]
+
+
+@pytest.mark.parametrize(
+    ("arch", "static_cache"),
+    [("llama", False), ("llama", True), ("mistral", False), ("qwen2", False), ("qwen3", True)],
+)
+def test_batch_with_the_automatic_tree_is_lossless(arch, static_cache, cache_dir, monkeypatch):
+    """Where decoding without drafts is slower than every tree, the batch decodes with the chosen tree, each row as
+    its prompt alone; the next call of that batch size reuses the choice."""
+    monkeypatch.setattr(batch_tree_shape, "time_plain_steps", lambda *args: float("inf"))
+    target, head = make_friendly_pair(arch)
+    prompts = [prompt_reaching_eos(target, 4, length=5), prompt_reaching_eos(target, 40, length=9)]
+    prompts.append(prompt_reaching_eos(target, 13, length=3))
+    output = assert_rows_lossless(target, head, prompts, max_new_tokens=20, eagle3_static_cache=static_cache)
+    (choice,) = [json.loads(path.read_text()) for path in cache_dir.glob("*.json") if "batch_size" in path.read_text()]
+    stats = output.eagle3_stats
+    assert not stats.plain_fallback and stats.static_cache == static_cache
+    assert stats.tree_shape == tuple(choice["shape"].values())
+    assert [row.new_tokens + 1 for row in stats.rows] == [5, 20, 14]
+    again = assert_rows_lossless(target, head, prompts[::-1], max_new_tokens=8, eagle3_static_cache=static_cache)
+    assert again.eagle3_stats.tree_shape == stats.tree_shape
+
+
+def test_batch_that_no_tree_speeds_up_decodes_without_drafts(cache_dir, monkeypatch, caplog):
+    """Where decoding without drafts is the fastest, the batch is the target's own decoding: lossless, said in the
+    log and in the statistics; an explicit tree still decodes with drafts."""
+    monkeypatch.setattr(batch_tree_shape, "time_plain_steps", lambda *args: 0.0)
+    target, head = make_friendly_pair("qwen2")
+    prompts = [prompt_reaching_eos(target, 3), prompt_reaching_eos(target, 30, length=7)]
+    with caplog.at_level("WARNING"):
+        output = assert_rows_lossless(target, head, prompts, max_new_tokens=12, output_scores=True)
+    stats = output.eagle3_stats
+    assert stats.plain_fallback and stats.tree_shape is None and stats.target_forwards == 0
+    assert len(output.scores) == 12
+    assert "decodes without drafts" in caplog.text and "none (decoding without drafts)" in caplog.text
+    knobs = dict(eagle3_total_tokens=4, eagle3_depth=2, eagle3_top_k=2)
+    output = assert_rows_lossless(target, head, prompts, max_new_tokens=12, **knobs)
+    assert not output.eagle3_stats.plain_fallback and output.eagle3_stats.tree_shape == (4, 2, 2)
