@@ -8,21 +8,39 @@ import json
 import pytest
 import torch
 from lossless import assert_greedy_lossless
-from tree_decoding import make_oracle_pair, prompt
+from transformers.cache_utils import DynamicCache
+from tree_decoding import (
+    PLAIN_SAMPLING,
+    RecordingStats,
+    assert_sampling_matches_target_distribution,
+    hand_built_tree,
+    make_oracle_pair,
+    prompt,
+    sampling_processors,
+    tree_generate,
+)
 
+from hf_eagle3._compat import CACHE_NAME
 from hf_eagle3.decoding import tree_shape
+from hf_eagle3.decoding.acceptance import greedy_path
 from hf_eagle3.decoding.config import Eagle3DecodingConfig
 from hf_eagle3.decoding.stats import Eagle3GenerationStats
 from hf_eagle3.decoding.tree_shape import (
+    GREEDY,
+    AcceptanceRule,
     ShapeGrid,
     StepTimeModel,
     StepTiming,
     TreeShape,
+    acceptance_rule,
     choose_shape,
     expansion_size,
+    reach_probabilities,
     tune_tree_shape,
+    union_step,
     union_steps,
 )
+from hf_eagle3.target_features import TargetFeatureCapture
 
 # A grid small enough to measure in a second or two on the tiny models.
 TINY_GRID = ShapeGrid(total_tokens=(3, 4, 6), depths=(2, 3), top_ks=(2,))
@@ -229,15 +247,149 @@ def test_auto_is_the_default_and_lossless(pair, cache_dir, static_cache):
     assert output.eagle3_stats.tree_shape == (5, 8, 10)
 
 
-def test_sampling_decodes_with_the_greedy_choice(pair, cache_dir):
+def _first_step_expectations(target, head, input_ids, shapes, rule) -> dict[int, dict[TreeShape, float]]:
+    """For every first token `t` the prefill may emit: the drafts each shape accepts in expectation at the first tree
+    step, from the union tree rooted at `t`, as the calibration computes them."""
+    top_k, depths = shapes[0].top_k, tuple(sorted({shape.depth for shape in shapes}))
+    max_total = max(shape.total_tokens for shape in shapes)
+    expectations = {}
+    for token in range(target.config.vocab_size):
+        model_kwargs = {CACHE_NAME: DynamicCache(config=target.config), "attention_mask": None, "use_cache": True}
+        with TargetFeatureCapture(target, head.config.target_layer_ids) as capture, torch.no_grad():
+            decoder = tree_shape._UnionTreeDecoder(
+                target,
+                head,
+                capture,
+                expansion_size(depths[-1], top_k),
+                depths[-1],
+                top_k,
+                model_kwargs,
+                depths=depths,
+                max_total_tokens=max_total,
+            )
+            decoder.prefill(input_ids, model_kwargs)
+            rooted = torch.cat([input_ids, input_ids.new_tensor([[token]])], dim=1)
+            decoder.start(rooted)
+            tree = decoder.draft(rooted)
+            logits, _ = decoder.verify()
+            expectations[token] = union_step(logits, tree, rooted, rule, depths[-1], shapes)[1]
+    return expectations
+
+
+# Warpers and a penalty that change acceptance far beyond the test's noise (0.75 drafts per step at T=1, 1.3 here).
+SHARP_SAMPLING = dict(temperature=0.5, top_k=3, top_p=1.0, repetition_penalty=1.5)
+
+
+@pytest.mark.parametrize("sampling", [PLAIN_SAMPLING, SHARP_SAMPLING], ids=["plain", "processed"])
+def test_expected_acceptance_matches_sampled_decodes(sampling):
+    """The claim sampled calibration rests on: a tree accepts, in expectation, the sum over its drafts of the product
+    of the target's processed probabilities along their paths. Checked against the first tree step of many sampled
+    `generate` calls with each shape, conditioned on the first token (the step's root)."""
+    target, head = make_oracle_pair("llama", 0.1, vocab_size=8, eos_token_id=None, num_hidden_layers=4)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(6)  # peaked enough that deeper drafts are accepted too
+    input_ids = torch.tensor([[3, 5, 4, 6]], device=target.device)
+    shapes = [TreeShape(6, 3, 2), TreeShape(4, 2, 2)]
+    rule = AcceptanceRule(do_sample=True, logits_processor=sampling_processors(**sampling))
+    expectations = _first_step_expectations(target, head, input_ids, shapes, rule)
+    torch.manual_seed(0)
+    for shape in shapes:
+        differences = []
+        for _ in range(300):
+            stats = RecordingStats()
+            output = tree_generate(
+                target,
+                head,
+                input_ids,
+                (shape.total_tokens, shape.depth, shape.top_k),
+                stats,
+                # The prefill's token and the first step's whole path: the step is never cut short.
+                max_new_tokens=shape.depth + 2,
+                do_sample=True,
+                **sampling,
+            )
+            root = int(output[0, input_ids.shape[1]])
+            differences.append(stats.steps[0][0] - expectations[root][shape])
+        differences = torch.tensor(differences, dtype=torch.float64)
+        mean, standard_error = float(differences.mean()), float(differences.std() / len(differences) ** 0.5)
+        assert abs(mean) < 4 * standard_error, (shape, mean, standard_error)
+        # Not vacuous: the step accepts some drafts but not all, with some spread.
+        expected = [expectations[token][shape] for token in expectations]
+        assert 0.5 < sum(expected) / len(expected) < shape.depth - 0.5 and standard_error > 0.01
+
+
+def test_greedy_reach_is_the_greedy_path():
+    """Greedy reach probabilities are 1 on the path greedy acceptance keeps and 0 elsewhere."""
+
+    tree = hand_built_tree()
+    logits = torch.randn(len(tree), 16, generator=torch.Generator().manual_seed(0))
+    # Make the path root -> first child -> its first child the argmax.
+    children = tree.children()
+    first, second = children[0][0], children[children[0][0]][0]
+    logits[0, tree.tokens[first]] = logits[first, tree.tokens[second]] = 100.0
+    num_visited, visited, _ = greedy_path(logits, tree, len(tree))
+    on_path = torch.zeros(len(tree))
+    on_path[visited[: int(num_visited)]] = 1
+    assert torch.equal(reach_probabilities(logits, tree, do_sample=False), on_path)
+    assert int(num_visited) >= 3
+
+
+def test_sampling_settings_get_choices_of_their_own(pair, cache_dir, monkeypatch):
+    """Greedy and sampled calls (and sampled ones with other warpers) are calibrated and cached apart; each again hits
+    its own entry."""
+    target, head = pair
+    calls = _measurements(monkeypatch)
+    hot = sampling_processors(**PLAIN_SAMPLING)
+    cool = sampling_processors(temperature=0.7, top_k=5, top_p=1.0, repetition_penalty=1.0)
+    rules = [GREEDY, acceptance_rule(True, hot), acceptance_rule(True, cool), acceptance_rule(False, cool)]
+    keys = [tune_tree_shape(target, head, [prompt(1)], rule=rule)[1]["key"] for rule in rules]
+    assert calls == ["calibrate"] * 4 and len(list(cache_dir.glob("*.json"))) == 4
+    for rule, key in zip(rules, keys, strict=True):
+        assert tune_tree_shape(target, head, [prompt(1)], rule=rule)[1]["key"] == key
+    assert calls == ["calibrate"] * 4
+    assert [key["acceptance"]["do_sample"] for key in keys] == [False, True, True, False]
+    warpers = keys[2]["acceptance"]["processors"]
+    assert [warper["type"] for warper in warpers] == ["TemperatureLogitsWarper", "TopKLogitsWarper"]
+    assert warpers[0]["temperature"] == 0.7 and warpers[1]["top_k"] == 5
+
+
+def test_processors_a_tree_cannot_take_calibrate_greedily():
+    from transformers.generation import LogitsProcessor, LogitsProcessorList
+
+    class Custom(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return scores
+
+    assert acceptance_rule(True, LogitsProcessorList([Custom()])) == GREEDY
+    assert acceptance_rule(False, None) == GREEDY
+
+
+def test_sampling_calls_choose_from_sampled_acceptance(pair, cache_dir):
+    """Through `generate`: a sampled call measures its own tree (the calibration leaves the call's random stream
+    alone), a greedy one the greedy tree."""
     target, head = pair
     greedy = target.generate(
         prompt(2), assistant_model=head, do_sample=False, max_new_tokens=4, return_dict_in_generate=True
     )
-    sampled = target.generate(
-        prompt(2), assistant_model=head, do_sample=True, max_new_tokens=4, return_dict_in_generate=True
-    )
-    assert sampled.eagle3_stats.tree_shape == greedy.eagle3_stats.tree_shape
+    torch.manual_seed(3)
+    sampled = target.generate(prompt(2), assistant_model=head, do_sample=True, max_new_tokens=6, temperature=1.0)
+    stored = [json.loads(path.read_text()) for path in cache_dir.glob("*.json")]
+    assert sorted(record["key"]["acceptance"]["do_sample"] for record in stored) == [False, True]
+    (greedy_record,) = [record for record in stored if not record["key"]["acceptance"]["do_sample"]]
+    assert greedy.eagle3_stats.tree_shape == tuple(greedy_record["shape"].values())
+    # Sampled taus are expectations, greedy ones counts; the sampled call decodes with its own choice.
+    (sampled_record,) = [record for record in stored if record["key"]["acceptance"]["do_sample"]]
+    assert head.last_generation_stats.tree_shape == tuple(sampled_record["shape"].values())
+    torch.manual_seed(3)
+    again = target.generate(prompt(2), assistant_model=head, do_sample=True, max_new_tokens=6, temperature=1.0)
+    assert torch.equal(sampled, again)  # cached now: the same draws as the measuring call made
+
+
+@pytest.mark.parametrize("static_cache", [False, True])
+def test_auto_sampling_matches_target_distribution(cache_dir, static_cache):
+    assert_sampling_matches_target_distribution(static_cache=static_cache, auto_tree=True)
+    (stored,) = [json.loads(path.read_text()) for path in cache_dir.glob("*.json")]
+    assert stored["key"]["acceptance"]["do_sample"]
 
 
 def test_tree_knob_validation():

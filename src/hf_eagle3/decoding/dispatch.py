@@ -94,7 +94,9 @@ def eagle3_assisted_decoding(
     if not draft.has_target_embeddings:
         draft.attach_target(model)
     if config.mode == "tree" and config.tree == "auto":
-        config = resolve_auto_tree(model, draft, config, input_ids, model_kwargs)
+        config = resolve_auto_tree(
+            model, draft, config, input_ids, model_kwargs, generation_config.do_sample, logits_processor
+        )
     # A fresh record per call, also reachable from the head after the call.
     stats = Eagle3GenerationStats()
     draft.last_generation_stats = stats

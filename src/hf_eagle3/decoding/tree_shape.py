@@ -32,22 +32,24 @@ import os
 import platform
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import transformers
 from transformers.cache_utils import DynamicCache
+from transformers.generation import LogitsProcessorList
 from transformers.utils import logging
 
 from .._compat import CACHE_NAME
 from ..target_features import TargetFeatureCapture
-from .acceptance import StepResult
+from .acceptance import StepResult, TreePath, greedy_path, sampled_path
 from .draft_tree import DraftTree
 from .dynamic_tree import DynamicTreeDecoder
 from .sdpa_backends import shape_stable_attention
 from .static_tree import tree_size, use_static_tree
+from .tree_processors import process_tree_logits, processes_rows_independently
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -58,7 +60,7 @@ if TYPE_CHECKING:
 logger = logging.get_logger(__name__)
 
 # Bump when what a cache file holds, or how it is measured, changes: older files are then measured again.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 # Timed decodes per measured shape: each phase keeps its fastest, which discounts first-call costs and the time other
 # processes take from a shared CPU.
 TIMING_ROUNDS = 3
@@ -124,6 +126,53 @@ def default_grid(device: torch.device) -> ShapeGrid:
 
 
 # ------------------------------------------------------------------------------------------------ acceptance
+@dataclass(frozen=True)
+class AcceptanceRule:
+    """How a call accepts drafts, which acceptance is calibrated under: greedily or by sampling (`do_sample`), from
+    every node's logits processed by `logits_processor` (its processors and warpers, `tree_processors`)."""
+
+    do_sample: bool = False
+    logits_processor: LogitsProcessorList = field(default_factory=LogitsProcessorList)
+
+    def path(self, scores: torch.Tensor, tree: DraftTree, width: int) -> TreePath:
+        """The path this rule accepts through `tree` given its nodes' processed `scores` (drawn when sampling)."""
+        return sampled_path(scores, tree, width) if self.do_sample else greedy_path(scores, tree, width)
+
+    def key(self) -> dict[str, Any]:
+        """What identifies the rule in a cache key: `do_sample`, and each processor's type and settings."""
+        return {"do_sample": self.do_sample, "processors": [_settings(p) for p in self.logits_processor]}
+
+
+GREEDY = AcceptanceRule()
+
+
+def acceptance_rule(do_sample: bool, logits_processor: LogitsProcessorList | None) -> AcceptanceRule:
+    """The rule a call's acceptance is calibrated under: its own where `process_tree_logits` can apply its processors
+    to a whole tree (transformers' own processors and warpers), else plain greedy acceptance."""
+    logits_processor = LogitsProcessorList(logits_processor or [])
+    if not processes_rows_independently(logits_processor):
+        return GREEDY
+    return AcceptanceRule(do_sample, logits_processor)
+
+
+def _settings(value: Any) -> Any:
+    """`value` as JSON that tells settings apart: a processor's type and attributes, tensors by a digest."""
+    if isinstance(value, torch.Tensor):
+        digest = hashlib.sha256(repr(value.detach().cpu().tolist()).encode()).hexdigest()[:16]
+        return {"tensor": list(value.shape), "dtype": str(value.dtype), "sha256": digest}
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else str(value)
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_settings(item) for item in value]
+    if isinstance(value, dict):
+        return {str(name): _settings(item) for name, item in value.items()}
+    if hasattr(value, "__dict__"):
+        return {"type": type(value).__name__, **{name: _settings(item) for name, item in sorted(vars(value).items())}}
+    return type(value).__name__
+
+
 def expansion_size(depth: int, top_k: int) -> int:
     """Nodes of the tree that keeps every candidate of the expansion, root included."""
     return 1 + top_k + (depth - 1) * top_k * top_k
@@ -154,28 +203,47 @@ def subtree(tree: DraftTree, nodes: torch.LongTensor) -> DraftTree:
     )
 
 
-def accepted_per_shape(
-    tree: DraftTree, target_tokens: torch.LongTensor, shapes: list[TreeShape]
-) -> tuple[list[int], dict[TreeShape, int]]:
-    """The greedy path through `tree` (nodes from the root) given the target's token at every node, and the drafts
-    each shape (of `tree`'s top_k, its nodes all in `tree`) accepts: the path's prefix inside that shape's tree."""
-    children = tree.children()
-    tokens, wanted = tree.tokens.tolist(), target_tokens.tolist()
-    path = [0]
-    while True:
-        child = next((c for c in children[path[-1]] if tokens[c] == wanted[path[-1]]), None)
-        if child is None:
-            break
-        path.append(child)
+def reach_probabilities(scores: torch.Tensor, tree: DraftTree, do_sample: bool) -> torch.Tensor:
+    """`(n,)`: the probability that a step's acceptance walks from the root to each node of `tree`, given every
+    node's processed `scores` `(n, vocab)` (the root's is 1).
+
+    Greedy acceptance moves from a node to the child holding its argmax. The multi-candidate sampling rule moves to a
+    drafted child `c` with probability exactly `p(c)`, the softmax of its parent's scores, whichever other children
+    were drafted and in whatever order (`acceptance.sample_with_candidates`): so a node is reached with the product of
+    `p` along its path, and a tree accepts, in expectation, the sum of that over its drafts.
+    """
+    if do_sample:
+        moves = (scores.log_softmax(-1)[tree.parents, tree.tokens]).exp()
+    else:
+        moves = (scores.argmax(-1)[tree.parents] == tree.tokens).to(scores.dtype)
+    moves[0] = 1
+    return torch.where(tree.ancestors, moves[None, :], 1).prod(-1)
+
+
+def accepted_per_shape(tree: DraftTree, reach: torch.Tensor, shapes: list[TreeShape]) -> dict[TreeShape, float]:
+    """The drafts each shape (of `tree`'s top_k, its nodes all in `tree`) accepts in expectation from the same root:
+    the `reach` probabilities of its nodes summed (for greedy decoding, the greedy path's prefix in its tree)."""
     order = torch.sort(tree.scores[1:], descending=True, stable=True).indices + 1
-    path_nodes = torch.tensor(path[1:], dtype=torch.long, device=tree.tokens.device)
     accepted = {}
     for shape in shapes:
-        selected = torch.zeros(len(tree), dtype=torch.bool, device=tree.tokens.device)
-        selected[order[tree.depths[order] <= shape.depth][: shape.total_tokens - 1]] = True
-        # The shape's tree is ancestor-closed, so its part of the path is a prefix.
-        accepted[shape] = int(selected[path_nodes].int().cumprod(0).sum()) if path_nodes.numel() else 0
-    return path, accepted
+        selected = order[tree.depths[order] <= shape.depth][: shape.total_tokens - 1]
+        accepted[shape] = float(reach[selected].sum())
+    return accepted
+
+
+def union_step(
+    logits: torch.Tensor,
+    tree: DraftTree,
+    input_ids: torch.LongTensor,
+    rule: AcceptanceRule,
+    depth: int,
+    shapes: list[TreeShape],
+) -> tuple[TreePath, dict[TreeShape, float]]:
+    """The path `rule` accepts through the verified union `tree` (`logits` `(n, vocab)`, after `input_ids`; `depth`
+    bounds the tree's depth), and the drafts each shape accepts from its root in expectation."""
+    scores = process_tree_logits(logits, tree, input_ids, rule.logits_processor, depth)
+    path = rule.path(scores, tree, min(depth + 1, len(tree)))
+    return path, accepted_per_shape(tree, reach_probabilities(scores, tree, rule.do_sample), shapes)
 
 
 class _UnionTreeDecoder(DynamicTreeDecoder):
@@ -198,13 +266,15 @@ def calibrate_acceptance(
     prompts: list[torch.LongTensor],
     shapes: list[TreeShape],
     new_tokens: int,
+    rule: AcceptanceRule = GREEDY,
 ) -> dict[TreeShape, float]:
-    """Greedy tau (tokens per step: accepted drafts + 1) of every shape, from one decode per top_k and prompt.
+    """Tau (tokens per step: accepted drafts + 1) of every shape under `rule`, from one decode per top_k and prompt.
 
     Every prompt `(1, length)` is decoded for `new_tokens` tokens (past EOS: only acceptance is counted) along the
-    greedy path of the union of the shapes' trees of one top_k.
+    path `rule` accepts through the union of the shapes' trees of one top_k; every step adds each shape's expected
+    accepted drafts from the step's root.
     """
-    totals = {shape: 0 for shape in shapes}
+    totals = {shape: 0.0 for shape in shapes}
     steps = {shape: 0 for shape in shapes}
     for top_k in sorted({shape.top_k for shape in shapes}):
         group = [shape for shape in shapes if shape.top_k == top_k]
@@ -212,7 +282,10 @@ def calibrate_acceptance(
         max_total = max(shape.total_tokens for shape in group)
         full = expansion_size(depths[-1], top_k)
         for prompt in prompts:
-            for _, step in union_steps(model, draft_model, prompt, new_tokens, full, depths, top_k, max_total, group):
+            steps_of_prompt = union_steps(
+                model, draft_model, prompt, new_tokens, full, depths, top_k, max_total, group, rule
+            )
+            for _, step in steps_of_prompt:
                 for shape, accepted in step.items():
                     totals[shape] += accepted
                     steps[shape] += 1
@@ -229,8 +302,10 @@ def union_steps(
     top_k: int,
     max_total: int,
     shapes: list[TreeShape],
-) -> Iterator[tuple[int, dict[TreeShape, int]]]:
-    """Each step of a greedy decode of the union trees: the tokens it emitted, and the drafts each shape accepts."""
+    rule: AcceptanceRule = GREEDY,
+) -> Iterator[tuple[int, dict[TreeShape, float]]]:
+    """Each step of a decode of the union trees under `rule`: the tokens it emitted, and the drafts each shape
+    accepts from the step's root (in expectation when sampling). Sampling draws from the global random generators."""
     model_kwargs = {CACHE_NAME: DynamicCache(config=model.config), "attention_mask": None, "use_cache": True}
     with TargetFeatureCapture(model, draft_model.config.target_layer_ids) as capture, shape_stable_attention():
         decoder = _UnionTreeDecoder(
@@ -245,18 +320,20 @@ def union_steps(
             max_total_tokens=max_total,
         )
         logits = decoder.prefill(prompt, model_kwargs)
-        input_ids = torch.cat([prompt, logits.argmax(-1).view(1, 1)], dim=1)
+        root = DraftTree.root_only(prompt[0, -1])
+        _, _, first = rule.path(process_tree_logits(logits, root, prompt, rule.logits_processor, 0), root, 1)
+        input_ids = torch.cat([prompt, first.view(1, 1)], dim=1)
         decoder.start(input_ids)
         while input_ids.shape[1] - prompt.shape[1] < new_tokens:
             tree = decoder.draft(input_ids)
             logits, _ = decoder.verify()
-            target_tokens = logits.argmax(-1)
-            path, accepted = accepted_per_shape(tree, target_tokens, shapes)
-            emitted = target_tokens[path]
+            (num_visited, visited, emitted), accepted = union_step(logits, tree, input_ids, rule, depths[-1], shapes)
+            num_visited = int(num_visited)
+            path, emitted = visited[:num_visited], emitted[:num_visited]
             input_ids = torch.cat([input_ids, emitted[None]], dim=1)
-            step = StepResult(tokens=emitted.tolist(), visited=path, num_accepted=len(path) - 1, finished=False)
-            decoder.commit(step, torch.tensor(path, device=input_ids.device), input_ids)
-            yield len(path), accepted
+            step = StepResult(emitted.tolist(), path.tolist(), num_visited - 1, finished=False)
+            decoder.commit(step, path, input_ids)
+            yield num_visited, accepted
 
 
 # ------------------------------------------------------------------------------------------------ step time
@@ -418,8 +495,15 @@ def head_fingerprint(draft_model: Eagle3DraftModel) -> str:
     return digest.hexdigest()
 
 
-def cache_key(model: PreTrainedModel, draft_model: Eagle3DraftModel, path: str, grid: ShapeGrid) -> dict[str, Any]:
-    """What a chosen shape depends on: device, target, head, dtypes, attention, decoding path, grid, versions."""
+def cache_key(
+    model: PreTrainedModel,
+    draft_model: Eagle3DraftModel,
+    path: str,
+    grid: ShapeGrid,
+    rule: AcceptanceRule = GREEDY,
+) -> dict[str, Any]:
+    """What a chosen shape depends on: device, target, head, dtypes, attention, decoding path, acceptance rule (greedy
+    or sampling, and the processors), grid, versions."""
     target_config = model.config.to_json_string(use_diff=False)
     key = {
         "format": CACHE_FORMAT,
@@ -430,6 +514,7 @@ def cache_key(model: PreTrainedModel, draft_model: Eagle3DraftModel, path: str, 
         "head_dtype": str(draft_model.dtype),
         "attention": model.config._attn_implementation,
         "path": path,
+        "acceptance": rule.key(),
         "grid": asdict(grid),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -484,15 +569,16 @@ def tune_tree_shape(
     compile: bool = False,
     grid: ShapeGrid | None = None,
     refresh: bool = False,
+    rule: AcceptanceRule = GREEDY,
 ) -> tuple[TreeShape, dict[str, Any]]:
-    """The shape `eagle3_tree="auto"` decodes with on this path (`static_cache`, `compile`), and the cache record
-    (acceptance and timings of every shape). Measured on `prompts` (`(1, length)` ids each, e.g. chat-templated)
-    unless cached, then cached: call it before `generate` to calibrate on prompts of your choosing; `refresh`
-    measures again."""
+    """The shape `eagle3_tree="auto"` decodes with on this path (`static_cache`, `compile`) under the acceptance
+    `rule` (`acceptance_rule` of the call's `do_sample` and processors), and the cache record (acceptance and timings
+    of every shape). Measured on `prompts` (`(1, length)` ids each, e.g. chat-templated) unless cached, then cached:
+    call it before `generate` to calibrate on prompts of your choosing; `refresh` measures again."""
     grid = grid or default_grid(model.device)
     # Branching beyond the draft vocabulary is not a tree `generate` can grow.
     grid = replace(grid, top_ks=tuple(k for k in grid.top_ks if k <= draft_model.config.draft_vocab_size))
-    key = cache_key(model, draft_model, decoding_path(static_cache, compile), grid)
+    key = cache_key(model, draft_model, decoding_path(static_cache, compile), grid, rule)
     record = None if refresh else read_cached_record(key)
     if record is not None:
         return TreeShape(**record["shape"]), record
@@ -501,12 +587,16 @@ def tune_tree_shape(
     timed = timing_shapes(grid)
     logger.warning(
         f"EAGLE-3 is measuring which draft tree fits {key['device']} on the {key['path']} path (eagle3_tree='auto'): "
-        f"acceptance of {len(shapes)} shapes from {len({s.top_k for s in shapes})} calibration decodes, step time "
-        f"of {len(timed)} shapes{' (each compiled first)' if key['path'] == 'compiled' else ''}. Once for this "
-        f"device, target, head and path; the choice is kept in {tree_shape_cache_dir()}."
+        f"{'sampled' if rule.do_sample else 'greedy'} acceptance of {len(shapes)} shapes from "
+        f"{len({s.top_k for s in shapes})} calibration decodes, step time of {len(timed)} shapes"
+        f"{' (each compiled first)' if key['path'] == 'compiled' else ''}. Once for this device, target, head, path "
+        f"and sampling settings; the choice is kept in {tree_shape_cache_dir()}."
     )
     start = time.perf_counter()
-    taus = calibrate_acceptance(model, draft_model, prompts, shapes, grid.calibration_tokens)
+    # Sampled calibration draws from generators of its own: the call's random stream stays as without `auto`.
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+        torch.manual_seed(0)
+        taus = calibrate_acceptance(model, draft_model, prompts, shapes, grid.calibration_tokens, rule)
     timings = time_shapes(model, draft_model, prompts[0], timed, static_cache, compile, grid.timing_tokens)
     shape, table = choose_shape(taus, StepTimeModel(timings))
     record = {
@@ -532,23 +622,31 @@ def resolve_auto_tree(
     config: Eagle3DecodingConfig,
     input_ids: torch.LongTensor,
     model_kwargs: dict[str, Any],
+    do_sample: bool = False,
+    logits_processor: LogitsProcessorList | None = None,
 ) -> Eagle3DecodingConfig:
-    """`config` with the shape `tune_tree_shape` gives for this call's path, calibrated on the call's prompt the first
-    time (its unpadded first row)."""
+    """`config` with the shape `tune_tree_shape` gives for this call's path and acceptance (`do_sample` and the
+    call's `logits_processor`), calibrated on the call's prompt the first time (its unpadded first row)."""
     static = use_static_tree(config.static_cache, model, draft_model, input_ids.device, model_kwargs)
     padding_mask = model_kwargs.get("attention_mask")
     prompt = input_ids[:1] if padding_mask is None else input_ids[:1, padding_mask[0].bool()]
-    shape, _ = tune_tree_shape(model, draft_model, [prompt], static_cache=static, compile=config.compile and static)
+    rule = acceptance_rule(do_sample, logits_processor)
+    shape, _ = tune_tree_shape(
+        model, draft_model, [prompt], static_cache=static, compile=config.compile and static, rule=rule
+    )
     return replace(config, total_tokens=shape.total_tokens, depth=shape.depth, top_k=shape.top_k)
 
 
 __all__ = [
     "ACCELERATOR_GRID",
     "CPU_GRID",
+    "GREEDY",
+    "AcceptanceRule",
     "ShapeGrid",
     "StepTimeModel",
     "StepTiming",
     "TreeShape",
+    "acceptance_rule",
     "calibrate_acceptance",
     "choose_shape",
     "resolve_auto_tree",
