@@ -3,25 +3,29 @@
 The best tree trades acceptance against step time, and step time depends on the device, the target, the head, the
 dtype and the decoding path: on a small CPU only a few tree tokens pay, on a GPU hundreds verify about as fast as
 one. The shape maximising expected tokens/s = tau(shape) / step_seconds(shape) is chosen from a grid of shapes, once
-per device, target, head, dtype and path, and cached on disk (`tree_shape_cache_dir`).
+per device, target, head, dtype, path and acceptance rule, and cached on disk (`tree_shape_cache_dir`).
 
 Acceptance (tau: tokens per step) is measured exactly for every shape of the grid at once, per `top_k`: EAGLE-2's
 tree of `(total_tokens, depth, top_k)` is the `total_tokens - 1` best-scoring candidates of levels `<= depth` of the
-level-by-level expansion, which depends on `top_k` only (`draft_tree.grow_draft_tree`), and the target's greedy
-token at a node depends only on that node's ancestors (tree attention). One greedy decode per `top_k` that verifies
-the union of every shape's nodes therefore gives, at each step, the number of drafts each shape would accept from
-the same root. The decode follows the union's greedy path, so it roots its steps at fewer positions than a small
-tree would: tau is averaged over the positions it visits.
+level-by-level expansion, which depends on `top_k` only (`draft_tree.grow_draft_tree`), and the target's logits at a
+node depend only on that node's ancestors (tree attention). One decode per `top_k` that verifies the union of every
+shape's nodes therefore gives, at each step, the drafts each shape would accept from the same root. Under the call's
+own rule (`AcceptanceRule`: greedy or sampling, with its processors and warpers applied to every node as
+`tree_processors` does): greedy acceptance follows the argmax, so a shape accepts the greedy path's prefix inside its
+tree; the multi-candidate sampling rule moves to a drafted child `c` with probability exactly `p(c)` (the processed
+target distribution at its parent), so a shape accepts, in expectation, the sum over its drafts of the product of `p`
+along their paths: computed, not sampled. The decode follows the path the rule accepts through the union (drawn,
+when sampling), so it roots its steps at fewer positions than a small tree would: tau is averaged over the positions
+it visits. Greedy and each sampling setting (temperature, top-k, top-p, penalties...) get their own choice; a call
+whose processors `tree_processors` cannot apply to a whole tree decodes with the greedy choice.
 
-Step time is measured on the call's own path (dynamic cache, static caches with CUDA graphs, or compiled) by short
-greedy decodes with a few shapes, read from the loop's phase timers (device time on CUDA), and modelled as
+Step time is measured on the call's path (dynamic cache, or static caches with CUDA graphs) by short greedy decodes
+with a few shapes, read from the loop's phase timers (device time on CUDA), and modelled as
 `draft = base(top_k) + (depth - 1) * level(top_k)` (two depths per `top_k`) plus `verify(tree nodes)`, acceptance
-included (piecewise linear between the measured sizes). Every measured shape is a new static runner on that path
-(captured, and compiled with `eagle3_compile=True`), which is where most of the one-time cost goes.
-
-Sampling (`do_sample=True`) decodes with the shape chosen from greedy acceptance: sampling accepts less, by a
-margin that depends on the temperature and the warpers of each call, and a shape that pays for greedy decoding stays
-close to the best one there (fixed knobs remain available for a sampling-only workload).
+included (piecewise linear between the measured sizes). It is cached apart from the choices, shared by every
+acceptance rule. The compiled path (`eagle3_compile=True`) decodes with the static path's choice: compiling speeds up
+drafting and verification by similar factors, so the order of the shapes carries over, and only the chosen shape is
+compiled (which any shape would be) instead of every measured one.
 """
 
 from __future__ import annotations
@@ -527,9 +531,19 @@ def cache_file(key: dict[str, Any]) -> Path:
     return tree_shape_cache_dir() / f"{digest}.json"
 
 
+def _timings_of(record: dict[str, Any]) -> list[StepTiming]:
+    timings = [
+        StepTiming(TreeShape(**row["shape"]), float(row["draft_ms"]) / 1000, float(row["verify_ms"]) / 1000)
+        for row in record["timings"]
+    ]
+    if not timings:
+        raise ValueError("it holds no step times")
+    return timings
+
+
 def read_cached_record(key: dict[str, Any]) -> dict[str, Any] | None:
-    """The record stored for `key` (its `shape` checked), or None when there is none; an unreadable file is reported
-    and ignored."""
+    """The record stored for `key` (its `shape`, or for a `step_times_key` its `timings`, checked), or None when there
+    is none; an unreadable file is reported and ignored."""
     path = cache_file(key)
     if not path.is_file():
         return None
@@ -537,9 +551,13 @@ def read_cached_record(key: dict[str, Any]) -> dict[str, Any] | None:
         record = json.loads(path.read_text(encoding="utf-8"))
         if record["key"] != key:
             raise ValueError("it was written for other settings")
-        shape = TreeShape(**record["shape"])
-        if not all(isinstance(value, int) and value > 0 for value in asdict(shape).values()):
-            raise ValueError(f"its shape {record['shape']} is not three positive integers")
+        if key["acceptance"] is None:
+            shapes = [timing.shape for timing in _timings_of(record)]
+        else:
+            shapes = [TreeShape(**record["shape"])]
+        for shape in shapes:
+            if not all(isinstance(value, int) and value > 0 for value in asdict(shape).values()):
+                raise ValueError(f"its shape {asdict(shape)} is not three positive integers")
     except (OSError, ValueError, KeyError, TypeError) as error:
         logger.warning(f"The cached EAGLE-3 tree shape {path} is unreadable ({error}): measuring it again.")
         return None
@@ -547,7 +565,8 @@ def read_cached_record(key: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def write_cached_shape(key: dict[str, Any], record: dict[str, Any]) -> Path:
-    """Store `record` (with `shape`) for `key`, through a temporary file so no reader sees half a file."""
+    """Store `record` (with `shape`, or `timings`) for `key`, through a temporary file so no reader sees half a
+    file."""
     path = cache_file(key)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(f".{os.getpid()}.tmp")
@@ -557,8 +576,35 @@ def write_cached_shape(key: dict[str, Any], record: dict[str, Any]) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ choosing
-def decoding_path(static_cache: bool, compile: bool) -> str:
-    return "compiled" if compile and static_cache else "static" if static_cache else "dynamic"
+def decoding_path(static_cache: bool) -> str:
+    """The path whose step times a choice is made from: compiled steps decode with the static path's choice."""
+    return "static" if static_cache else "dynamic"
+
+
+def step_times_key(key: dict[str, Any]) -> dict[str, Any]:
+    """The cache key of the step times behind the choice of `key`: they do not depend on the acceptance rule."""
+    return {**key, "acceptance": None}
+
+
+def step_times(
+    model: PreTrainedModel,
+    draft_model: Eagle3DraftModel,
+    key: dict[str, Any],
+    prompt: torch.LongTensor,
+    shapes: list[TreeShape],
+    static_cache: bool,
+    new_tokens: int,
+    refresh: bool,
+) -> list[StepTiming]:
+    """Step times of `shapes` on the path of `key`: cached (shared by every acceptance rule), else `time_shapes`."""
+    timing_key = step_times_key(key)
+    record = None if refresh else read_cached_record(timing_key)
+    if record is not None:
+        return _timings_of(record)
+    timings = time_shapes(model, draft_model, prompt, shapes, static_cache, compile=False, new_tokens=new_tokens)
+    rows = [{"shape": asdict(t.shape), "draft_ms": 1000 * t.draft, "verify_ms": 1000 * t.verify} for t in timings]
+    write_cached_shape(timing_key, {"timings": rows})
+    return timings
 
 
 def tune_tree_shape(
@@ -566,19 +612,19 @@ def tune_tree_shape(
     draft_model: Eagle3DraftModel,
     prompts: list[torch.LongTensor],
     static_cache: bool = False,
-    compile: bool = False,
     grid: ShapeGrid | None = None,
     refresh: bool = False,
     rule: AcceptanceRule = GREEDY,
 ) -> tuple[TreeShape, dict[str, Any]]:
-    """The shape `eagle3_tree="auto"` decodes with on this path (`static_cache`, `compile`) under the acceptance
-    `rule` (`acceptance_rule` of the call's `do_sample` and processors), and the cache record (acceptance and timings
-    of every shape). Measured on `prompts` (`(1, length)` ids each, e.g. chat-templated) unless cached, then cached:
-    call it before `generate` to calibrate on prompts of your choosing; `refresh` measures again."""
+    """The shape `eagle3_tree="auto"` decodes with on the dynamic or static (`static_cache`, compiled or not) path
+    under the acceptance `rule` (`acceptance_rule` of the call's `do_sample` and processors), and the cache record
+    (acceptance and timings of every shape). Measured on `prompts` (`(1, length)` ids each, e.g. chat-templated)
+    unless cached, then cached: call it before `generate` to calibrate on prompts of your choosing; `refresh`
+    measures again."""
     grid = grid or default_grid(model.device)
     # Branching beyond the draft vocabulary is not a tree `generate` can grow.
     grid = replace(grid, top_ks=tuple(k for k in grid.top_ks if k <= draft_model.config.draft_vocab_size))
-    key = cache_key(model, draft_model, decoding_path(static_cache, compile), grid, rule)
+    key = cache_key(model, draft_model, decoding_path(static_cache), grid, rule)
     record = None if refresh else read_cached_record(key)
     if record is not None:
         return TreeShape(**record["shape"]), record
@@ -588,16 +634,16 @@ def tune_tree_shape(
     logger.warning(
         f"EAGLE-3 is measuring which draft tree fits {key['device']} on the {key['path']} path (eagle3_tree='auto'): "
         f"{'sampled' if rule.do_sample else 'greedy'} acceptance of {len(shapes)} shapes from "
-        f"{len({s.top_k for s in shapes})} calibration decodes, step time of {len(timed)} shapes"
-        f"{' (each compiled first)' if key['path'] == 'compiled' else ''}. Once for this device, target, head, path "
-        f"and sampling settings; the choice is kept in {tree_shape_cache_dir()}."
+        f"{len({s.top_k for s in shapes})} calibration decodes, step time of {len(timed)} shapes (uncompiled; "
+        f"unless measured already). Once for this device, target, head, path and sampling settings; the choice is "
+        f"kept in {tree_shape_cache_dir()}."
     )
     start = time.perf_counter()
     # Sampled calibration draws from generators of its own: the call's random stream stays as without `auto`.
     with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
         torch.manual_seed(0)
         taus = calibrate_acceptance(model, draft_model, prompts, shapes, grid.calibration_tokens, rule)
-    timings = time_shapes(model, draft_model, prompts[0], timed, static_cache, compile, grid.timing_tokens)
+    timings = step_times(model, draft_model, key, prompts[0], timed, static_cache, grid.timing_tokens, refresh)
     shape, table = choose_shape(taus, StepTimeModel(timings))
     record = {
         "shape": asdict(shape),
@@ -631,9 +677,7 @@ def resolve_auto_tree(
     padding_mask = model_kwargs.get("attention_mask")
     prompt = input_ids[:1] if padding_mask is None else input_ids[:1, padding_mask[0].bool()]
     rule = acceptance_rule(do_sample, logits_processor)
-    shape, _ = tune_tree_shape(
-        model, draft_model, [prompt], static_cache=static, compile=config.compile and static, rule=rule
-    )
+    shape, _ = tune_tree_shape(model, draft_model, [prompt], static_cache=static, rule=rule)
     return replace(config, total_tokens=shape.total_tokens, depth=shape.depth, top_k=shape.top_k)
 
 
