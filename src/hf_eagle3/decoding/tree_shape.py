@@ -114,11 +114,12 @@ class ShapeGrid:
 
 
 # Small trees on a CPU, where every verified token costs; large ones on accelerators, where a forward over hundreds
-# of tokens costs about as much as over one, and longer measurements are cheap.
+# of tokens costs about as much as over one, and longer measurements are cheap. Shallow ones too: sampling at
+# temperature 1 rarely accepts more than three or four drafts, and every level drafted costs a head forward.
 CPU_GRID = ShapeGrid(total_tokens=(3, 4, 5, 6, 8, 10, 12, 16, 20, 24), depths=(2, 3, 4, 5, 6), top_ks=(2, 3, 4))
 ACCELERATOR_GRID = ShapeGrid(
     total_tokens=(32, 48, 64, 96, 128, 192, 256, 384),
-    depths=(6, 8, 10, 12),
+    depths=(3, 4, 5, 6, 8, 10, 12),
     top_ks=(8, 16, 24),
     calibration_tokens=256,
     timing_tokens=64,
