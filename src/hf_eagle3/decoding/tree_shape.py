@@ -640,8 +640,10 @@ def tune_tree_shape(
         f"kept in {tree_shape_cache_dir()}."
     )
     start = time.perf_counter()
-    # Sampled calibration draws from generators of its own: the call's random stream stays as without `auto`.
-    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+    # Sampled calibration draws from generators of its own: the call's random streams (the seed below sets every
+    # device's) stay as without `auto`.
+    cuda_devices = list(range(torch.cuda.device_count())) if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(0)
         taus = calibrate_acceptance(model, draft_model, prompts, shapes, grid.calibration_tokens, rule)
     timings = step_times(model, draft_model, key, prompts[0], timed, static_cache, grid.timing_tokens, refresh)
