@@ -461,21 +461,19 @@ def measure(args: argparse.Namespace) -> dict:
         if method.generate_kwargs.get("cache_implementation") == "static":
             method.generate_kwargs["max_cache_len"] = lengths[longest] + args.max_new_tokens
 
-    # Each method makes one untimed call per temperature right before its timed calls. The compiled methods compile
-    # or capture their graphs on it, so it takes the longest prompt at full length: every cache size the timed calls
-    # meet has been seen. The others only need CUDA and its libraries initialised. Methods run one after another, not
-    # interleaved per task: a head keeps one static-tree runner, which another tree shape would replace (and a compiled
-    # one recompile) inside the timed calls.
+    # Each method makes one untimed call right before its timed calls at each temperature. The compiled methods
+    # compile or capture their graphs on it, so it takes the longest prompt at full length: every cache size the timed
+    # calls meet has been seen. The others only need CUDA and its libraries initialised. Methods run one after another,
+    # not interleaved per task, and each temperature right after its warm-up: a head keeps one static-tree runner,
+    # which another tree shape (the automatic tree's choice for another temperature) would replace (and a compiled one
+    # recompile) inside the timed calls.
     short = argparse.Namespace(**{**vars(args), "max_new_tokens": EAGER_WARMUP_TOKENS})
 
-    def warm_up(method: Method) -> float:
-        _progress(f"Warming up {method.name} ...")
-        seconds = sum(
-            run_method(
-                target, tokenizer, head, method, [longest], temperature, args if method.compiled else short
-            ).seconds
-            for temperature in args.temperatures
-        )
+    def warm_up(method: Method, temperature: float) -> float:
+        _progress(f"Warming up {method.name} at T={temperature:g} ...")
+        seconds = run_method(
+            target, tokenizer, head, method, [longest], temperature, args if method.compiled else short
+        ).seconds
         _progress(f"    {seconds:.1f} s")
         return seconds
 
@@ -498,8 +496,8 @@ def measure(args: argparse.Namespace) -> dict:
     task_order = {task: index for index, task in enumerate(prompts)}
     method_order = {method.name: index for index, method in enumerate(methods)}
     for method in methods:
-        warmup_s = warm_up(method)
         for temperature in args.temperatures:
+            warmup_s = warm_up(method, temperature)
             for task, task_prompts in prompts.items():
                 cell = tallies.setdefault((temperature, task), {})
                 _progress(

@@ -181,14 +181,15 @@ def test_measure_writes_json_and_table(full_run):
 
 def test_each_method_warms_up_right_before_its_timed_calls(full_run):
     calls = full_run[2]
-    # Per method: one untimed call per temperature on the longest prompt (full length for the methods that compile
-    # or capture graphs, a few tokens for the others), then its timed calls: 2 prompts at each temperature.
-    per_method = 2 + 2 * 2
+    # Per method and temperature: one untimed call on the longest prompt (full length for the methods that compile or
+    # capture graphs, a few tokens for the others), then its timed calls: 2 prompts.
+    per_method = 2 * (1 + 2)
     assert len(calls) == per_method * len(METHODS)
     compiled = {"plain_compiled", "eagle3_tree_graph_t8_d3_k2"}
     modes = []
     for index, method in enumerate(METHODS):
-        warm_ups, timed = calls[index * per_method : index * per_method + 2], calls[index * per_method + 2 :][:4]
+        own = calls[index * per_method : (index + 1) * per_method]
+        warm_ups, timed = own[::3], own[1:3] + own[4:6]
         assert all(call["prompt_length"] == LONGEST_PROMPT for call in warm_ups)
         assert [call["max_new_tokens"] for call in warm_ups] == [8 if method in compiled else EAGER_WARMUP_TOKENS] * 2
         assert [call["do_sample"] for call in warm_ups] == [False, True]
@@ -400,7 +401,7 @@ def test_automatic_tree_against_fixed_shapes(tiny, tmp_path, monkeypatch):
     (chosen,) = auto["tree_shapes"]
     assert chosen in {"3/2/2", "4/2/2", "3/3/2", "4/3/2"} and auto["greedy_identical"]
     assert rows["eagle3_tree_t3_d2_k2"]["tree_shapes"] == ["3/2/2"]
-    assert len(list((cache / "tree_shapes").glob("*.json"))) == 1
+    assert len(list((cache / "tree_shapes").glob("*.json"))) == 2  # the choice, and the step times behind it
     table = (tmp_path / "target.md").read_text()
     best = max((rows[name] for name in methods[2:]), key=lambda row: row["tokens_per_s"])
     ratio = auto["tokens_per_s"] / best["tokens_per_s"]
@@ -446,7 +447,7 @@ def test_measure_batch_times_each_batch_size(tiny, tmp_path, monkeypatch):
     assert rows[(1, methods[3])]["tree_shapes"][0] in {"3/2/2", "4/2/2"}
     assert rows[(3, methods[3])]["tree_shapes"][0] in {"2/1/2", "3/1/2", "2/2/2", "3/2/2", "no drafts"}
     assert rows[(3, "plain_compiled")]["speedup"] == 1.0 and rows[(3, "plain_compiled")]["tree_shapes"] == []
-    assert len(list((tmp_path / "trees" / "tree_shapes").glob("*.json"))) == 3  # batch 1, batch 3, acceptance
+    assert len(list((tmp_path / "trees" / "tree_shapes").glob("*.json"))) == 4  # batch 1 (choice, step times), batch 3, acceptance
     table = (tmp_path / "target_batch.md").read_text()
     assert "| 3 | eagle3_tree_t8_d3_k2 | 3 |" in table and " | 8/3/2 | yes | " in table
 

@@ -76,23 +76,21 @@ def test_trees_shrink_as_the_batch_grows(device):
 
 
 def test_a_batch_left_to_the_defaults_takes_the_automatic_tree():
-    """Batches without a shape knob take the automatic tree, compiled too (measured uncompiled); a knob of the call
-    or the head, or `eagle3_tree="fixed"`, keeps the given shape; a single compiled prompt keeps the fixed tree."""
+    """Calls without a shape knob take the automatic tree, compiled too (measured uncompiled); a knob of the call or
+    the head, or `eagle3_tree="fixed"`, keeps the given shape (per row in a batch)."""
 
-    def resolve(batch_size: int, head: GenerationConfig | None = None, **call) -> Eagle3DecodingConfig:
-        return Eagle3DecodingConfig.resolve(GenerationConfig(**call), head, batch_size=batch_size)
+    def resolve(head: GenerationConfig | None = None, **call) -> Eagle3DecodingConfig:
+        return Eagle3DecodingConfig.resolve(GenerationConfig(**call), head)
 
-    for batch_size in (2, 8, 32):
-        assert resolve(batch_size).tree == "auto"
-        assert resolve(batch_size, eagle3_compile=True).tree == "auto"
-        config = resolve(batch_size, GenerationConfig(eagle3_top_k=3))
-        assert config.tree == "fixed" and config.top_k == 3
-        config = resolve(batch_size, eagle3_tree="fixed")
-        shape = (config.total_tokens, config.depth, config.top_k)
-        assert config.tree == "fixed" and shape == tuple(
-            DEFAULT_EAGLE3_KNOBS[f"eagle3_{name}"] for name in ("total_tokens", "depth", "top_k")
-        )
-    assert resolve(1, eagle3_compile=True).tree == "fixed"
+    assert resolve().tree == "auto"
+    assert resolve(eagle3_compile=True).tree == "auto"
+    config = resolve(GenerationConfig(eagle3_top_k=3))
+    assert config.tree == "fixed" and config.top_k == 3
+    config = resolve(eagle3_tree="fixed")
+    shape = (config.total_tokens, config.depth, config.top_k)
+    assert config.tree == "fixed" and shape == tuple(
+        DEFAULT_EAGLE3_KNOBS[f"eagle3_{name}"] for name in ("total_tokens", "depth", "top_k")
+    )
 
 
 def _batch(target, rows: int = 2):

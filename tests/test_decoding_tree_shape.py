@@ -4,25 +4,44 @@ the knob and the automatic tree end to end through `generate`."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from lossless import assert_greedy_lossless
-from tree_decoding import make_oracle_pair, prompt
+from transformers.cache_utils import DynamicCache
+from tree_decoding import (
+    PLAIN_SAMPLING,
+    RecordingStats,
+    assert_sampling_matches_target_distribution,
+    hand_built_tree,
+    make_oracle_pair,
+    prompt,
+    sampling_processors,
+    tree_generate,
+)
 
-from hf_eagle3.decoding import tree_shape
+from hf_eagle3._compat import CACHE_NAME
+from hf_eagle3.decoding import static_tree, tree_shape
+from hf_eagle3.decoding.acceptance import greedy_path
 from hf_eagle3.decoding.config import Eagle3DecodingConfig
 from hf_eagle3.decoding.stats import Eagle3GenerationStats
 from hf_eagle3.decoding.tree_shape import (
+    GREEDY,
+    AcceptanceRule,
     ShapeGrid,
     StepTimeModel,
     StepTiming,
     TreeShape,
+    acceptance_rule,
     choose_shape,
     expansion_size,
+    reach_probabilities,
     tune_tree_shape,
+    union_step,
     union_steps,
 )
+from hf_eagle3.target_features import TargetFeatureCapture
 
 # A grid small enough to measure in a second or two on the tiny models.
 TINY_GRID = ShapeGrid(total_tokens=(3, 4, 6), depths=(2, 3), top_ks=(2,))
@@ -140,16 +159,28 @@ def test_tie_goes_to_the_smaller_tree():
 
 
 def _measurements(monkeypatch) -> list[str]:
-    """Spy on the measurements `tune_tree_shape` makes."""
+    """Spy on the measurements `tune_tree_shape` makes: "calibrate" per acceptance calibration, "time" per timing."""
     calls = []
-    calibrate = tree_shape.calibrate_acceptance
+    calibrate, time_shapes = tree_shape.calibrate_acceptance, tree_shape.time_shapes
 
-    def spy(*args, **kwargs):
+    def spy_calibrate(*args, **kwargs):
         calls.append("calibrate")
         return calibrate(*args, **kwargs)
 
-    monkeypatch.setattr(tree_shape, "calibrate_acceptance", spy)
+    def spy_time(*args, **kwargs):
+        calls.append("time")
+        return time_shapes(*args, **kwargs)
+
+    monkeypatch.setattr(tree_shape, "calibrate_acceptance", spy_calibrate)
+    monkeypatch.setattr(tree_shape, "time_shapes", spy_time)
     return calls
+
+
+def _cached(cache_dir) -> tuple[dict[Path, dict], dict[Path, dict]]:
+    """The cache's files: the choices, and the step times (shared by the acceptance rules), by path."""
+    records = {path: json.loads(path.read_text()) for path in cache_dir.glob("*.json")}
+    choices = {path: record for path, record in records.items() if record["key"]["acceptance"] is not None}
+    return choices, {path: record for path, record in records.items() if path not in choices}
 
 
 def test_cache_hit_miss_and_corruption(pair, cache_dir, monkeypatch, caplog):
@@ -157,28 +188,35 @@ def test_cache_hit_miss_and_corruption(pair, cache_dir, monkeypatch, caplog):
     calls = _measurements(monkeypatch)
     prompts = [prompt(1)]
     shape, record = tune_tree_shape(target, head, prompts)
-    assert calls == ["calibrate"] and shape in TINY_GRID.shapes()
-    files = list(cache_dir.glob("*.json"))
-    assert len(files) == 1
-    stored = json.loads(files[0].read_text())
+    assert calls == ["calibrate", "time"] and shape in TINY_GRID.shapes()
+    choices, timings = _cached(cache_dir)
+    assert len(choices) == len(timings) == 1
+    (file,), (stored,) = choices.keys(), choices.values()
     assert stored["shape"] == record["shape"] and stored["key"]["path"] == "dynamic"
     assert len(stored["candidates"]) == len(TINY_GRID.shapes())
+    (timing_file,), (stored_timings,) = timings.keys(), timings.values()
+    assert stored_timings["timings"] == stored["timings"]
 
     assert tune_tree_shape(target, head, prompts)[0] == shape  # hit: nothing measured
-    assert calls == ["calibrate"]
+    assert calls == ["calibrate", "time"]
 
     # Another path is another entry.
     tune_tree_shape(target, head, prompts, static_cache=True)
-    assert calls == ["calibrate"] * 2 and len(list(cache_dir.glob("*.json"))) == 2
+    assert calls == ["calibrate", "time"] * 2 and len(list(cache_dir.glob("*.json"))) == 4
 
     for broken in ("{not json", json.dumps({"key": stored["key"], "shape": {"total_tokens": "x"}}), "[]"):
-        files[0].write_text(broken)
+        file.write_text(broken)
         with caplog.at_level("WARNING"):
             assert tune_tree_shape(target, head, prompts)[0] in TINY_GRID.shapes()
         assert "is unreadable" in caplog.text and "measuring it again" in caplog.text
         caplog.clear()
-        assert json.loads(files[0].read_text())["key"] == stored["key"]  # rewritten whole
-    assert calls == ["calibrate"] * 5
+        assert json.loads(file.read_text())["key"] == stored["key"]  # rewritten whole
+    assert calls == ["calibrate", "time"] * 2 + ["calibrate"] * 3  # the step times were still cached
+    timing_file.write_text(json.dumps({"key": stored_timings["key"], "timings": []}))
+    file.unlink()
+    with caplog.at_level("WARNING"):
+        tune_tree_shape(target, head, prompts)
+    assert "holds no step times" in caplog.text and calls[-2:] == ["calibrate", "time"]
 
 
 def test_other_weights_are_measured_again(pair, cache_dir, monkeypatch):
@@ -188,13 +226,13 @@ def test_other_weights_are_measured_again(pair, cache_dir, monkeypatch):
     with torch.no_grad():
         head.fc.weight.mul_(1.0)  # an in-place update: the fingerprint is computed again, and is the same
     tune_tree_shape(target, head, [prompt(1)])
-    assert calls == ["calibrate"]
+    assert calls == ["calibrate", "time"]
     original = head.fc.weight.detach().clone()
     try:
         with torch.no_grad():
             head.fc.weight.add_(1e-3)
         tune_tree_shape(target, head, [prompt(1)])
-        assert calls == ["calibrate"] * 2
+        assert calls == ["calibrate", "time"] * 2
     finally:
         with torch.no_grad():
             head.fc.weight.copy_(original)
@@ -207,13 +245,18 @@ def test_auto_is_the_default_and_lossless(pair, cache_dir, static_cache):
     output = assert_greedy_lossless(
         target, head, input_ids, max_new_tokens=24, eagle3_tree="auto", eagle3_static_cache=static_cache
     )
-    (stored,) = [json.loads(path.read_text()) for path in cache_dir.glob("*.json")]
+    (stored,) = _cached(cache_dir)[0].values()
     assert stored["key"]["path"] == ("static" if static_cache else "dynamic")
     chosen = tuple(stored["shape"].values())
     assert output.eagle3_stats.tree_shape == chosen
-    # Without any tree knob the call decodes with the cached choice.
+    # Without any tree knob the call decodes with the cached choice (of its path: on the CPU the default is dynamic).
     output = target.generate(
-        input_ids, assistant_model=head, do_sample=False, max_new_tokens=8, return_dict_in_generate=True
+        input_ids,
+        assistant_model=head,
+        do_sample=False,
+        max_new_tokens=8,
+        eagle3_static_cache=static_cache,
+        return_dict_in_generate=True,
     )
     assert output.eagle3_stats.tree_shape == chosen
     # A shape knob fixes the tree.
@@ -229,15 +272,150 @@ def test_auto_is_the_default_and_lossless(pair, cache_dir, static_cache):
     assert output.eagle3_stats.tree_shape == (5, 8, 10)
 
 
-def test_sampling_decodes_with_the_greedy_choice(pair, cache_dir):
+def _first_step_expectations(target, head, input_ids, shapes, rule) -> dict[int, dict[TreeShape, float]]:
+    """For every first token `t` the prefill may emit: the drafts each shape accepts in expectation at the first tree
+    step, from the union tree rooted at `t`, as the calibration computes them."""
+    top_k, depths = shapes[0].top_k, tuple(sorted({shape.depth for shape in shapes}))
+    max_total = max(shape.total_tokens for shape in shapes)
+    expectations = {}
+    for token in range(target.config.vocab_size):
+        model_kwargs = {CACHE_NAME: DynamicCache(config=target.config), "attention_mask": None, "use_cache": True}
+        with TargetFeatureCapture(target, head.config.target_layer_ids) as capture, torch.no_grad():
+            decoder = tree_shape._UnionTreeDecoder(
+                target,
+                head,
+                capture,
+                expansion_size(depths[-1], top_k),
+                depths[-1],
+                top_k,
+                model_kwargs,
+                depths=depths,
+                max_total_tokens=max_total,
+            )
+            decoder.prefill(input_ids, model_kwargs)
+            rooted = torch.cat([input_ids, input_ids.new_tensor([[token]])], dim=1)
+            decoder.start(rooted)
+            tree = decoder.draft(rooted)
+            logits, _ = decoder.verify()
+            expectations[token] = union_step(logits, tree, rooted, rule, depths[-1], shapes)[1]
+    return expectations
+
+
+# Warpers and a penalty that change acceptance far beyond the test's noise (0.75 drafts per step at T=1, 1.3 here).
+SHARP_SAMPLING = dict(temperature=0.5, top_k=3, top_p=1.0, repetition_penalty=1.5)
+
+
+@pytest.mark.parametrize("sampling", [PLAIN_SAMPLING, SHARP_SAMPLING], ids=["plain", "processed"])
+def test_expected_acceptance_matches_sampled_decodes(sampling):
+    """The claim sampled calibration rests on: a tree accepts, in expectation, the sum over its drafts of the product
+    of the target's processed probabilities along their paths. Checked against the first tree step of many sampled
+    `generate` calls with each shape, conditioned on the first token (the step's root)."""
+    target, head = make_oracle_pair("llama", 0.1, vocab_size=8, eos_token_id=None, num_hidden_layers=4)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(6)  # peaked enough that deeper drafts are accepted too
+    input_ids = torch.tensor([[3, 5, 4, 6]], device=target.device)
+    shapes = [TreeShape(6, 3, 2), TreeShape(4, 2, 2)]
+    rule = AcceptanceRule(do_sample=True, logits_processor=sampling_processors(**sampling))
+    expectations = _first_step_expectations(target, head, input_ids, shapes, rule)
+    torch.manual_seed(0)
+    for shape in shapes:
+        differences = []
+        for _ in range(300):
+            stats = RecordingStats()
+            output = tree_generate(
+                target,
+                head,
+                input_ids,
+                (shape.total_tokens, shape.depth, shape.top_k),
+                stats,
+                # The prefill's token and the first step's whole path: the step is never cut short.
+                max_new_tokens=shape.depth + 2,
+                do_sample=True,
+                **sampling,
+            )
+            root = int(output[0, input_ids.shape[1]])
+            differences.append(stats.steps[0][0] - expectations[root][shape])
+        differences = torch.tensor(differences, dtype=torch.float64)
+        mean, standard_error = float(differences.mean()), float(differences.std() / len(differences) ** 0.5)
+        assert abs(mean) < 4 * standard_error, (shape, mean, standard_error)
+        # Not vacuous: the step accepts some drafts but not all, with some spread.
+        expected = [expectations[token][shape] for token in expectations]
+        assert 0.5 < sum(expected) / len(expected) < shape.depth - 0.5 and standard_error > 0.01
+
+
+def test_greedy_reach_is_the_greedy_path():
+    """Greedy reach probabilities are 1 on the path greedy acceptance keeps and 0 elsewhere."""
+
+    tree = hand_built_tree()
+    logits = torch.randn(len(tree), 16, generator=torch.Generator().manual_seed(0))
+    # Make the path root -> first child -> its first child the argmax.
+    children = tree.children()
+    first, second = children[0][0], children[children[0][0]][0]
+    logits[0, tree.tokens[first]] = logits[first, tree.tokens[second]] = 100.0
+    num_visited, visited, _ = greedy_path(logits, tree, len(tree))
+    on_path = torch.zeros(len(tree))
+    on_path[visited[: int(num_visited)]] = 1
+    assert torch.equal(reach_probabilities(logits, tree, do_sample=False), on_path)
+    assert int(num_visited) >= 3
+
+
+def test_sampling_settings_get_choices_of_their_own(pair, cache_dir, monkeypatch):
+    """Greedy and sampled calls (and sampled ones with other warpers) are calibrated and cached apart; each again hits
+    its own entry."""
+    target, head = pair
+    calls = _measurements(monkeypatch)
+    hot = sampling_processors(**PLAIN_SAMPLING)
+    cool = sampling_processors(temperature=0.7, top_k=5, top_p=1.0, repetition_penalty=1.0)
+    rules = [GREEDY, acceptance_rule(True, hot), acceptance_rule(True, cool), acceptance_rule(False, cool)]
+    keys = [tune_tree_shape(target, head, [prompt(1)], rule=rule)[1]["key"] for rule in rules]
+    # One timing for all: the step times do not depend on the acceptance rule.
+    assert calls == ["calibrate", "time"] + ["calibrate"] * 3 and len(_cached(cache_dir)[0]) == 4
+    for rule, key in zip(rules, keys, strict=True):
+        assert tune_tree_shape(target, head, [prompt(1)], rule=rule)[1]["key"] == key
+    assert calls == ["calibrate", "time"] + ["calibrate"] * 3
+    assert [key["acceptance"]["do_sample"] for key in keys] == [False, True, True, False]
+    warpers = keys[2]["acceptance"]["processors"]
+    assert [warper["type"] for warper in warpers] == ["TemperatureLogitsWarper", "TopKLogitsWarper"]
+    assert warpers[0]["temperature"] == 0.7 and warpers[1]["top_k"] == 5
+
+
+def test_processors_a_tree_cannot_take_calibrate_greedily():
+    from transformers.generation import LogitsProcessor, LogitsProcessorList
+
+    class Custom(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return scores
+
+    assert acceptance_rule(True, LogitsProcessorList([Custom()])) == GREEDY
+    assert acceptance_rule(False, None) == GREEDY
+
+
+def test_sampling_calls_choose_from_sampled_acceptance(pair, cache_dir):
+    """Through `generate`: a sampled call measures its own tree (the calibration leaves the call's random stream
+    alone), a greedy one the greedy tree."""
     target, head = pair
     greedy = target.generate(
         prompt(2), assistant_model=head, do_sample=False, max_new_tokens=4, return_dict_in_generate=True
     )
-    sampled = target.generate(
-        prompt(2), assistant_model=head, do_sample=True, max_new_tokens=4, return_dict_in_generate=True
-    )
-    assert sampled.eagle3_stats.tree_shape == greedy.eagle3_stats.tree_shape
+    torch.manual_seed(3)
+    sampled = target.generate(prompt(2), assistant_model=head, do_sample=True, max_new_tokens=6, temperature=1.0)
+    stored = list(_cached(cache_dir)[0].values())
+    assert sorted(record["key"]["acceptance"]["do_sample"] for record in stored) == [False, True]
+    (greedy_record,) = [record for record in stored if not record["key"]["acceptance"]["do_sample"]]
+    assert greedy.eagle3_stats.tree_shape == tuple(greedy_record["shape"].values())
+    # Sampled taus are expectations, greedy ones counts; the sampled call decodes with its own choice.
+    (sampled_record,) = [record for record in stored if record["key"]["acceptance"]["do_sample"]]
+    assert head.last_generation_stats.tree_shape == tuple(sampled_record["shape"].values())
+    torch.manual_seed(3)
+    again = target.generate(prompt(2), assistant_model=head, do_sample=True, max_new_tokens=6, temperature=1.0)
+    assert torch.equal(sampled, again)  # cached now: the same draws as the measuring call made
+
+
+@pytest.mark.parametrize("static_cache", [False, True])
+def test_auto_sampling_matches_target_distribution(cache_dir, static_cache):
+    assert_sampling_matches_target_distribution(static_cache=static_cache, auto_tree=True)
+    (stored,) = _cached(cache_dir)[0].values()
+    assert stored["key"]["acceptance"]["do_sample"]
 
 
 def test_tree_knob_validation():
@@ -273,30 +451,44 @@ def test_auto_with_shape_knobs_in_generate_is_an_error(pair):
         target.generate(prompt(0), assistant_model=head, max_new_tokens=4, eagle3_tree="big")
 
 
-def test_compile_keeps_the_fixed_tree_unless_auto_is_asked_for():
-    """Measuring on the compiled path compiles every measured shape: the default there is the fixed tree."""
+def test_auto_is_the_default_with_compile_too():
+    """The compiled path measures no compiled step (it takes the static path's choice): auto is its default too."""
     from transformers import GenerationConfig
 
-    from hf_eagle3.decoding.config import Eagle3DecodingConfig
-
     assert Eagle3DecodingConfig.resolve(GenerationConfig(), None).tree == "auto"
-    assert Eagle3DecodingConfig.resolve(GenerationConfig(eagle3_compile=True), None).tree == "fixed"
-    asked = GenerationConfig(eagle3_compile=True, eagle3_tree="auto")
-    assert Eagle3DecodingConfig.resolve(asked, None).tree == "auto"
-    from_head = GenerationConfig(eagle3_tree="auto")
-    assert Eagle3DecodingConfig.resolve(GenerationConfig(eagle3_compile=True), from_head).tree == "auto"
+    assert Eagle3DecodingConfig.resolve(GenerationConfig(eagle3_compile=True), None).tree == "auto"
+    fixed = GenerationConfig(eagle3_compile=True, eagle3_total_tokens=32)
+    assert Eagle3DecodingConfig.resolve(fixed, None).tree == "fixed"
 
 
 @pytest.mark.slow
-def test_compiled_path_measures_compiled_steps(pair, cache_dir, aot_eager):
-    """On the compiled path the step times come from compiled decodes, kept apart from the uncompiled static path's."""
+def test_compiled_path_compiles_only_the_chosen_shape(pair, cache_dir, aot_eager, monkeypatch):
+    """On the compiled path the step times come from uncompiled static decodes, shared with the static path's choice,
+    and only the shape decoded with is compiled."""
     target, head = pair
+    built = []
+
+    class RecordingRunner(static_tree.StaticTreeRunner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(((self.total_tokens, self.depth, self.top_k), self.compiled))
+
+    monkeypatch.setattr(static_tree, "StaticTreeRunner", RecordingRunner)
     output = assert_greedy_lossless(
-        target, head, prompt(4), max_new_tokens=12, eagle3_static_cache=True, eagle3_compile=True, eagle3_tree="auto"
+        target, head, prompt(4), max_new_tokens=12, eagle3_static_cache=True, eagle3_compile=True
     )
-    (stored,) = [json.loads(path.read_text()) for path in cache_dir.glob("*.json")]
-    assert stored["key"]["path"] == "compiled" and output.eagle3_stats.compiled
-    assert output.eagle3_stats.tree_shape == tuple(stored["shape"].values())
+    (stored,) = _cached(cache_dir)[0].values()
+    chosen = tuple(stored["shape"].values())
+    assert stored["key"]["path"] == "static" and output.eagle3_stats.compiled
+    assert output.eagle3_stats.tree_shape == chosen
+    assert [shape for shape, compiled in built if compiled] == [chosen]
+    assert len(built) > 1  # the timed shapes, uncompiled
+    # The static path decodes with the same choice, measuring nothing.
+    built.clear()
+    output = target.generate(
+        prompt(4), assistant_model=head, max_new_tokens=8, eagle3_static_cache=True, return_dict_in_generate=True
+    )
+    assert output.eagle3_stats.tree_shape == chosen and built == [(chosen, False)]
 
 
 def test_demo_decodes_with_the_automatic_tree(tmp_path, cache_dir, capsys):
@@ -308,6 +500,6 @@ def test_demo_decodes_with_the_automatic_tree(tmp_path, cache_dir, capsys):
     argv = ["demo", "--target", str(tmp_path / "target"), "--head", str(tmp_path / "head"), "--device", "cpu"]
     assert cli_main([*argv, "--prompt", "w5 w6 w7 w5 w6", "--max-new-tokens", "8"]) == 0
     output = capsys.readouterr().out
-    (stored,) = [json.loads(path.read_text()) for path in cache_dir.glob("*.json")]
+    (stored,) = _cached(cache_dir)[0].values()
     shape = "/".join(str(value) for value in stored["shape"].values())
     assert f"(tree, tree {shape} (total tokens/depth/top-k))" in output and "identical text: yes" in output

@@ -229,13 +229,16 @@ def assert_sampling_matches_target_distribution(
     arch: str = "llama",
     sampling: dict | None = None,
     runs: int = 150,
+    auto_tree: bool = False,
 ):
     """End to end through `generate`: tokens 2 and 3, and the pair, vs the exact processed target distribution.
 
     Token 2 is drawn at the tree root, token 3 often below an accepted draft (conditioned on token 2), with the
     `sampling` settings (default `PROCESSED_SAMPLING`: temperature, top-k and a repetition penalty). Few runs keep it
     fast: the acceptance rules themselves are checked precisely in `test_decoding_acceptance`. The models live on
-    `device` (default `TEST_DEVICE`); the counts and exact probabilities on the CPU.
+    `device` (default `TEST_DEVICE`); the counts and exact probabilities on the CPU. `auto_tree` decodes through the
+    dispatch with `eagle3_tree="auto"` (the first call measures the tree, into the current tree cache) instead of the
+    fixed tree 5/2/2.
     """
     sampling = PROCESSED_SAMPLING if sampling is None else sampling
     vocab = 8
@@ -263,22 +266,39 @@ def assert_sampling_matches_target_distribution(
     counts = {2: torch.zeros(vocab), 3: torch.zeros(vocab), (2, 3): torch.zeros(vocab, vocab)}
     stats = RecordingStats()
     for _ in range(runs):
-        output = tree_generate(
-            target,
-            head,
-            input_ids,
-            (5, 2, 2),
-            stats,
-            static_cache=static_cache,
-            compile=compile,
-            max_new_tokens=3,
-            do_sample=True,
-            **sampling,
-        )
+        if auto_tree:
+            output = target.generate(
+                input_ids,
+                assistant_model=head,
+                eagle3_tree="auto",
+                eagle3_static_cache=static_cache,
+                eagle3_compile=compile,
+                max_new_tokens=3,
+                do_sample=True,
+                **sampling,
+            )
+            call = head.last_generation_stats
+            stats.steps.append((sum(call.accepted_per_depth), call.new_tokens))
+            stats.target_forwards += call.target_forwards
+            stats.static_cache, stats.compiled = call.static_cache, call.compiled
+        else:
+            output = tree_generate(
+                target,
+                head,
+                input_ids,
+                (5, 2, 2),
+                stats,
+                static_cache=static_cache,
+                compile=compile,
+                max_new_tokens=3,
+                do_sample=True,
+                **sampling,
+            )
         counts[2][int(output[0, 5])] += 1
         counts[3][int(output[0, 6])] += 1
         counts[2, 3][int(output[0, 5]), int(output[0, 6])] += 1
-    assert 0 < sum(accepted for accepted, _ in stats.steps) < len(stats.steps), "need acceptances and rejections"
+    accepted = sum(accepted for accepted, _ in stats.steps)
+    assert 0 < accepted < stats.target_forwards, "need acceptances and rejections"
     assert stats.static_cache == bool(static_cache) and stats.compiled == compile
     for position in (2, 3, (2, 3)):
         p_value = chi_square_p_value(counts[position].flatten(), exact[position].flatten())

@@ -159,7 +159,8 @@ def _check_tree_inputs(
             "'eager'), e.g. `model.set_attn_implementation('sdpa')`, or pass eagle3_mode='chain'."
         )
     draft_vocab = draft.config.draft_vocab_size
-    if config.total_tokens < 2 or not config.top_k <= draft_vocab:
+    # The automatic tree's shape is filled in later, from shapes that fit the draft vocabulary.
+    if config.tree == "fixed" and (config.total_tokens < 2 or not config.top_k <= draft_vocab):
         raise ValueError(
             f"Invalid draft tree shape total_tokens={config.total_tokens}, depth={config.depth}, top_k={config.top_k}: "
             f"need total_tokens >= 2 (root plus at least one draft node) and top_k <= the draft vocabulary "

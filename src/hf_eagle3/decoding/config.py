@@ -108,14 +108,12 @@ class Eagle3DecodingConfig:
         cls,
         generation_config: GenerationConfig,
         draft_generation_config: GenerationConfig | None,
-        batch_size: int = 1,
     ) -> Eagle3DecodingConfig:
         """The settings of a call from its prepared generation config and the head's own (None when it has none).
 
         The tree is `"fixed"` where the call or the head sets a shape knob and not `eagle3_tree` (the call's settings
-        before the head's), and for a single prompt with `eagle3_compile=True` unless `eagle3_tree="auto"` is set;
-        setting both a shape knob and `eagle3_tree` in the call is an error. A batch of several prompts measures its
-        automatic tree on the uncompiled path (see `batch_tree_shape`), so it stays automatic when compiled.
+        before the head's); setting both a shape knob and `eagle3_tree` in the call is an error. A batch of several
+        prompts measures its automatic tree per batch size (see `batch_tree_shape`).
         """
 
         def setting(name: str) -> tuple[Any, int | None]:
@@ -139,9 +137,6 @@ class Eagle3DecodingConfig:
                 "it choose, or pass eagle3_tree='fixed' (or leave eagle3_tree out) to decode with them."
             )
         if shape_set and (tree_source is None or min(shape_sources[name] for name in shape_set) < tree_source):
-            tree = "fixed"
-        # On the compiled path every measured shape is a compilation (minutes in all): auto only when asked for.
-        if tree_source is None and knob("eagle3_compile") and batch_size == 1:
             tree = "fixed"
         shape = {name: knob(f"eagle3_{name}") for name in ("total_tokens", "depth", "top_k")}
 

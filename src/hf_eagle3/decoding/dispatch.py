@@ -92,15 +92,17 @@ def eagle3_assisted_decoding(
     `transformers_assisted_decoding` runs transformers' own loop on this call's arguments (chain mode).
     """
     draft = assistant_model
-    config = Eagle3DecodingConfig.resolve(
-        generation_config, getattr(draft, "generation_config", None), batch_size=input_ids.shape[0]
-    )
+    config = Eagle3DecodingConfig.resolve(generation_config, getattr(draft, "generation_config", None))
     check_eagle3_inputs(model, draft, config, input_ids, generation_config, synced_gpus, model_kwargs)
     if not draft.has_target_embeddings:
         draft.attach_target(model)
     if config.mode == "tree" and config.tree == "auto":
-        resolve = resolve_batch_tree if input_ids.shape[0] > 1 else resolve_auto_tree
-        config = resolve(model, draft, config, input_ids, model_kwargs)
+        if input_ids.shape[0] > 1:
+            config = resolve_batch_tree(model, draft, config, input_ids, model_kwargs)
+        else:
+            config = resolve_auto_tree(
+                model, draft, config, input_ids, model_kwargs, generation_config.do_sample, logits_processor
+            )
     # A fresh record per call, also reachable from the head after the call.
     stats = Eagle3GenerationStats()
     draft.last_generation_stats = stats

@@ -3,25 +3,29 @@
 The best tree trades acceptance against step time, and step time depends on the device, the target, the head, the
 dtype and the decoding path: on a small CPU only a few tree tokens pay, on a GPU hundreds verify about as fast as
 one. The shape maximising expected tokens/s = tau(shape) / step_seconds(shape) is chosen from a grid of shapes, once
-per device, target, head, dtype and path, and cached on disk (`tree_shape_cache_dir`).
+per device, target, head, dtype, path and acceptance rule, and cached on disk (`tree_shape_cache_dir`).
 
 Acceptance (tau: tokens per step) is measured exactly for every shape of the grid at once, per `top_k`: EAGLE-2's
 tree of `(total_tokens, depth, top_k)` is the `total_tokens - 1` best-scoring candidates of levels `<= depth` of the
-level-by-level expansion, which depends on `top_k` only (`draft_tree.grow_draft_tree`), and the target's greedy
-token at a node depends only on that node's ancestors (tree attention). One greedy decode per `top_k` that verifies
-the union of every shape's nodes therefore gives, at each step, the number of drafts each shape would accept from
-the same root. The decode follows the union's greedy path, so it roots its steps at fewer positions than a small
-tree would: tau is averaged over the positions it visits.
+level-by-level expansion, which depends on `top_k` only (`draft_tree.grow_draft_tree`), and the target's logits at a
+node depend only on that node's ancestors (tree attention). One decode per `top_k` that verifies the union of every
+shape's nodes therefore gives, at each step, the drafts each shape would accept from the same root. Under the call's
+own rule (`AcceptanceRule`: greedy or sampling, with its processors and warpers applied to every node as
+`tree_processors` does): greedy acceptance follows the argmax, so a shape accepts the greedy path's prefix inside its
+tree; the multi-candidate sampling rule moves to a drafted child `c` with probability exactly `p(c)` (the processed
+target distribution at its parent), so a shape accepts, in expectation, the sum over its drafts of the product of `p`
+along their paths: computed, not sampled. The decode follows the path the rule accepts through the union (drawn,
+when sampling), so it roots its steps at fewer positions than a small tree would: tau is averaged over the positions
+it visits. Greedy and each sampling setting (temperature, top-k, top-p, penalties...) get their own choice; a call
+whose processors `tree_processors` cannot apply to a whole tree decodes with the greedy choice.
 
-Step time is measured on the call's own path (dynamic cache, static caches with CUDA graphs, or compiled) by short
-greedy decodes with a few shapes, read from the loop's phase timers (device time on CUDA), and modelled as
+Step time is measured on the call's path (dynamic cache, or static caches with CUDA graphs) by short greedy decodes
+with a few shapes, read from the loop's phase timers (device time on CUDA), and modelled as
 `draft = base(top_k) + (depth - 1) * level(top_k)` (two depths per `top_k`) plus `verify(tree nodes)`, acceptance
-included (piecewise linear between the measured sizes). Every measured shape is a new static runner on that path
-(captured, and compiled with `eagle3_compile=True`), which is where most of the one-time cost goes.
-
-Sampling (`do_sample=True`) decodes with the shape chosen from greedy acceptance: sampling accepts less, by a
-margin that depends on the temperature and the warpers of each call, and a shape that pays for greedy decoding stays
-close to the best one there (fixed knobs remain available for a sampling-only workload).
+included (piecewise linear between the measured sizes). It is cached apart from the choices, shared by every
+acceptance rule. The compiled path (`eagle3_compile=True`) decodes with the static path's choice: compiling speeds up
+drafting and verification by similar factors, so the order of the shapes carries over, and only the chosen shape is
+compiled (which any shape would be) instead of every measured one.
 """
 
 from __future__ import annotations
@@ -32,22 +36,24 @@ import os
 import platform
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import transformers
 from transformers.cache_utils import DynamicCache
+from transformers.generation import LogitsProcessorList
 from transformers.utils import logging
 
 from .._compat import CACHE_NAME
 from ..target_features import TargetFeatureCapture
-from .acceptance import StepResult
+from .acceptance import StepResult, TreePath, greedy_path, sampled_path
 from .draft_tree import DraftTree
 from .dynamic_tree import DynamicTreeDecoder
 from .sdpa_backends import shape_stable_attention
 from .static_tree import tree_size, use_static_tree
+from .tree_processors import process_tree_logits, processes_rows_independently
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -58,7 +64,7 @@ if TYPE_CHECKING:
 logger = logging.get_logger(__name__)
 
 # Bump when what a cache file holds, or how it is measured, changes: older files are then measured again.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 # Timed decodes per measured shape: each phase keeps its fastest, which discounts first-call costs and the time other
 # processes take from a shared CPU.
 TIMING_ROUNDS = 3
@@ -108,11 +114,12 @@ class ShapeGrid:
 
 
 # Small trees on a CPU, where every verified token costs; large ones on accelerators, where a forward over hundreds
-# of tokens costs about as much as over one, and longer measurements are cheap.
+# of tokens costs about as much as over one, and longer measurements are cheap. Shallow ones too: sampling at
+# temperature 1 rarely accepts more than three or four drafts, and every level drafted costs a head forward.
 CPU_GRID = ShapeGrid(total_tokens=(3, 4, 5, 6, 8, 10, 12, 16, 20, 24), depths=(2, 3, 4, 5, 6), top_ks=(2, 3, 4))
 ACCELERATOR_GRID = ShapeGrid(
     total_tokens=(32, 48, 64, 96, 128, 192, 256, 384),
-    depths=(6, 8, 10, 12),
+    depths=(3, 4, 5, 6, 8, 10, 12),
     top_ks=(8, 16, 24),
     calibration_tokens=256,
     timing_tokens=64,
@@ -124,6 +131,53 @@ def default_grid(device: torch.device) -> ShapeGrid:
 
 
 # ------------------------------------------------------------------------------------------------ acceptance
+@dataclass(frozen=True)
+class AcceptanceRule:
+    """How a call accepts drafts, which acceptance is calibrated under: greedily or by sampling (`do_sample`), from
+    every node's logits processed by `logits_processor` (its processors and warpers, `tree_processors`)."""
+
+    do_sample: bool = False
+    logits_processor: LogitsProcessorList = field(default_factory=LogitsProcessorList)
+
+    def path(self, scores: torch.Tensor, tree: DraftTree, width: int) -> TreePath:
+        """The path this rule accepts through `tree` given its nodes' processed `scores` (drawn when sampling)."""
+        return sampled_path(scores, tree, width) if self.do_sample else greedy_path(scores, tree, width)
+
+    def key(self) -> dict[str, Any]:
+        """What identifies the rule in a cache key: `do_sample`, and each processor's type and settings."""
+        return {"do_sample": self.do_sample, "processors": [_settings(p) for p in self.logits_processor]}
+
+
+GREEDY = AcceptanceRule()
+
+
+def acceptance_rule(do_sample: bool, logits_processor: LogitsProcessorList | None) -> AcceptanceRule:
+    """The rule a call's acceptance is calibrated under: its own where `process_tree_logits` can apply its processors
+    to a whole tree (transformers' own processors and warpers), else plain greedy acceptance."""
+    logits_processor = LogitsProcessorList(logits_processor or [])
+    if not processes_rows_independently(logits_processor):
+        return GREEDY
+    return AcceptanceRule(do_sample, logits_processor)
+
+
+def _settings(value: Any) -> Any:
+    """`value` as JSON that tells settings apart: a processor's type and attributes, tensors by a digest."""
+    if isinstance(value, torch.Tensor):
+        digest = hashlib.sha256(repr(value.detach().cpu().tolist()).encode()).hexdigest()[:16]
+        return {"tensor": list(value.shape), "dtype": str(value.dtype), "sha256": digest}
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else str(value)
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_settings(item) for item in value]
+    if isinstance(value, dict):
+        return {str(name): _settings(item) for name, item in value.items()}
+    if hasattr(value, "__dict__"):
+        return {"type": type(value).__name__, **{name: _settings(item) for name, item in sorted(vars(value).items())}}
+    return type(value).__name__
+
+
 def expansion_size(depth: int, top_k: int) -> int:
     """Nodes of the tree that keeps every candidate of the expansion, root included."""
     return 1 + top_k + (depth - 1) * top_k * top_k
@@ -154,28 +208,47 @@ def subtree(tree: DraftTree, nodes: torch.LongTensor) -> DraftTree:
     )
 
 
-def accepted_per_shape(
-    tree: DraftTree, target_tokens: torch.LongTensor, shapes: list[TreeShape]
-) -> tuple[list[int], dict[TreeShape, int]]:
-    """The greedy path through `tree` (nodes from the root) given the target's token at every node, and the drafts
-    each shape (of `tree`'s top_k, its nodes all in `tree`) accepts: the path's prefix inside that shape's tree."""
-    children = tree.children()
-    tokens, wanted = tree.tokens.tolist(), target_tokens.tolist()
-    path = [0]
-    while True:
-        child = next((c for c in children[path[-1]] if tokens[c] == wanted[path[-1]]), None)
-        if child is None:
-            break
-        path.append(child)
+def reach_probabilities(scores: torch.Tensor, tree: DraftTree, do_sample: bool) -> torch.Tensor:
+    """`(n,)`: the probability that a step's acceptance walks from the root to each node of `tree`, given every
+    node's processed `scores` `(n, vocab)` (the root's is 1).
+
+    Greedy acceptance moves from a node to the child holding its argmax. The multi-candidate sampling rule moves to a
+    drafted child `c` with probability exactly `p(c)`, the softmax of its parent's scores, whichever other children
+    were drafted and in whatever order (`acceptance.sample_with_candidates`): so a node is reached with the product of
+    `p` along its path, and a tree accepts, in expectation, the sum of that over its drafts.
+    """
+    if do_sample:
+        moves = (scores.log_softmax(-1)[tree.parents, tree.tokens]).exp()
+    else:
+        moves = (scores.argmax(-1)[tree.parents] == tree.tokens).to(scores.dtype)
+    moves[0] = 1
+    return torch.where(tree.ancestors, moves[None, :], 1).prod(-1)
+
+
+def accepted_per_shape(tree: DraftTree, reach: torch.Tensor, shapes: list[TreeShape]) -> dict[TreeShape, float]:
+    """The drafts each shape (of `tree`'s top_k, its nodes all in `tree`) accepts in expectation from the same root:
+    the `reach` probabilities of its nodes summed (for greedy decoding, the greedy path's prefix in its tree)."""
     order = torch.sort(tree.scores[1:], descending=True, stable=True).indices + 1
-    path_nodes = torch.tensor(path[1:], dtype=torch.long, device=tree.tokens.device)
     accepted = {}
     for shape in shapes:
-        selected = torch.zeros(len(tree), dtype=torch.bool, device=tree.tokens.device)
-        selected[order[tree.depths[order] <= shape.depth][: shape.total_tokens - 1]] = True
-        # The shape's tree is ancestor-closed, so its part of the path is a prefix.
-        accepted[shape] = int(selected[path_nodes].int().cumprod(0).sum()) if path_nodes.numel() else 0
-    return path, accepted
+        selected = order[tree.depths[order] <= shape.depth][: shape.total_tokens - 1]
+        accepted[shape] = float(reach[selected].sum())
+    return accepted
+
+
+def union_step(
+    logits: torch.Tensor,
+    tree: DraftTree,
+    input_ids: torch.LongTensor,
+    rule: AcceptanceRule,
+    depth: int,
+    shapes: list[TreeShape],
+) -> tuple[TreePath, dict[TreeShape, float]]:
+    """The path `rule` accepts through the verified union `tree` (`logits` `(n, vocab)`, after `input_ids`; `depth`
+    bounds the tree's depth), and the drafts each shape accepts from its root in expectation."""
+    scores = process_tree_logits(logits, tree, input_ids, rule.logits_processor, depth)
+    path = rule.path(scores, tree, min(depth + 1, len(tree)))
+    return path, accepted_per_shape(tree, reach_probabilities(scores, tree, rule.do_sample), shapes)
 
 
 class _UnionTreeDecoder(DynamicTreeDecoder):
@@ -198,13 +271,15 @@ def calibrate_acceptance(
     prompts: list[torch.LongTensor],
     shapes: list[TreeShape],
     new_tokens: int,
+    rule: AcceptanceRule = GREEDY,
 ) -> dict[TreeShape, float]:
-    """Greedy tau (tokens per step: accepted drafts + 1) of every shape, from one decode per top_k and prompt.
+    """Tau (tokens per step: accepted drafts + 1) of every shape under `rule`, from one decode per top_k and prompt.
 
     Every prompt `(1, length)` is decoded for `new_tokens` tokens (past EOS: only acceptance is counted) along the
-    greedy path of the union of the shapes' trees of one top_k.
+    path `rule` accepts through the union of the shapes' trees of one top_k; every step adds each shape's expected
+    accepted drafts from the step's root.
     """
-    totals = {shape: 0 for shape in shapes}
+    totals = {shape: 0.0 for shape in shapes}
     steps = {shape: 0 for shape in shapes}
     for top_k in sorted({shape.top_k for shape in shapes}):
         group = [shape for shape in shapes if shape.top_k == top_k]
@@ -212,7 +287,10 @@ def calibrate_acceptance(
         max_total = max(shape.total_tokens for shape in group)
         full = expansion_size(depths[-1], top_k)
         for prompt in prompts:
-            for _, step in union_steps(model, draft_model, prompt, new_tokens, full, depths, top_k, max_total, group):
+            steps_of_prompt = union_steps(
+                model, draft_model, prompt, new_tokens, full, depths, top_k, max_total, group, rule
+            )
+            for _, step in steps_of_prompt:
                 for shape, accepted in step.items():
                     totals[shape] += accepted
                     steps[shape] += 1
@@ -229,8 +307,10 @@ def union_steps(
     top_k: int,
     max_total: int,
     shapes: list[TreeShape],
-) -> Iterator[tuple[int, dict[TreeShape, int]]]:
-    """Each step of a greedy decode of the union trees: the tokens it emitted, and the drafts each shape accepts."""
+    rule: AcceptanceRule = GREEDY,
+) -> Iterator[tuple[int, dict[TreeShape, float]]]:
+    """Each step of a decode of the union trees under `rule`: the tokens it emitted, and the drafts each shape
+    accepts from the step's root (in expectation when sampling). Sampling draws from the global random generators."""
     model_kwargs = {CACHE_NAME: DynamicCache(config=model.config), "attention_mask": None, "use_cache": True}
     with TargetFeatureCapture(model, draft_model.config.target_layer_ids) as capture, shape_stable_attention():
         decoder = _UnionTreeDecoder(
@@ -245,18 +325,20 @@ def union_steps(
             max_total_tokens=max_total,
         )
         logits = decoder.prefill(prompt, model_kwargs)
-        input_ids = torch.cat([prompt, logits.argmax(-1).view(1, 1)], dim=1)
+        root = DraftTree.root_only(prompt[0, -1])
+        _, _, first = rule.path(process_tree_logits(logits, root, prompt, rule.logits_processor, 0), root, 1)
+        input_ids = torch.cat([prompt, first.view(1, 1)], dim=1)
         decoder.start(input_ids)
         while input_ids.shape[1] - prompt.shape[1] < new_tokens:
             tree = decoder.draft(input_ids)
             logits, _ = decoder.verify()
-            target_tokens = logits.argmax(-1)
-            path, accepted = accepted_per_shape(tree, target_tokens, shapes)
-            emitted = target_tokens[path]
+            (num_visited, visited, emitted), accepted = union_step(logits, tree, input_ids, rule, depths[-1], shapes)
+            num_visited = int(num_visited)
+            path, emitted = visited[:num_visited], emitted[:num_visited]
             input_ids = torch.cat([input_ids, emitted[None]], dim=1)
-            step = StepResult(tokens=emitted.tolist(), visited=path, num_accepted=len(path) - 1, finished=False)
-            decoder.commit(step, torch.tensor(path, device=input_ids.device), input_ids)
-            yield len(path), accepted
+            step = StepResult(emitted.tolist(), path.tolist(), num_visited - 1, finished=False)
+            decoder.commit(step, path, input_ids)
+            yield num_visited, accepted
 
 
 # ------------------------------------------------------------------------------------------------ step time
@@ -426,8 +508,15 @@ def head_fingerprint(draft_model: Eagle3DraftModel) -> str:
     return digest.hexdigest()
 
 
-def cache_key(model: PreTrainedModel, draft_model: Eagle3DraftModel, path: str, grid: ShapeGrid) -> dict[str, Any]:
-    """What a chosen shape depends on: device, target, head, dtypes, attention, decoding path, grid, versions."""
+def cache_key(
+    model: PreTrainedModel,
+    draft_model: Eagle3DraftModel,
+    path: str,
+    grid: ShapeGrid,
+    rule: AcceptanceRule = GREEDY,
+) -> dict[str, Any]:
+    """What a chosen shape depends on: device, target, head, dtypes, attention, decoding path, acceptance rule (greedy
+    or sampling, and the processors), grid, versions."""
     target_config = model.config.to_json_string(use_diff=False)
     key = {
         "format": CACHE_FORMAT,
@@ -438,6 +527,7 @@ def cache_key(model: PreTrainedModel, draft_model: Eagle3DraftModel, path: str, 
         "head_dtype": str(draft_model.dtype),
         "attention": model.config._attn_implementation,
         "path": path,
+        "acceptance": rule.key(),
         "grid": asdict(grid),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -459,10 +549,20 @@ def check_shape(stored: Any) -> TreeShape:
     return shape
 
 
+def _timings_of(record: dict[str, Any]) -> list[StepTiming]:
+    timings = [
+        StepTiming(TreeShape(**row["shape"]), float(row["draft_ms"]) / 1000, float(row["verify_ms"]) / 1000)
+        for row in record["timings"]
+    ]
+    if not timings:
+        raise ValueError("it holds no step times")
+    return timings
+
+
 def read_cached_record(
     key: dict[str, Any], check: Callable[[dict[str, Any]], Any] = lambda record: check_shape(record["shape"])
 ) -> dict[str, Any] | None:
-    """The record stored for `key` (checked by `check`, by default its `shape`), or None when there is none; an
+    """The record stored for `key` (checked by `check`: by default its `shape`; `_timings_of` for a `step_times_key`), or None when there is none; an
     unreadable file is reported and ignored."""
     path = cache_file(key)
     if not path.is_file():
@@ -479,7 +579,8 @@ def read_cached_record(
 
 
 def write_cached_shape(key: dict[str, Any], record: dict[str, Any]) -> Path:
-    """Store `record` (with `shape`) for `key`, through a temporary file so no reader sees half a file."""
+    """Store `record` (with `shape`, or `timings`) for `key`, through a temporary file so no reader sees half a
+    file."""
     path = cache_file(key)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(f".{os.getpid()}.tmp")
@@ -489,8 +590,35 @@ def write_cached_shape(key: dict[str, Any], record: dict[str, Any]) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ choosing
-def decoding_path(static_cache: bool, compile: bool) -> str:
-    return "compiled" if compile and static_cache else "static" if static_cache else "dynamic"
+def decoding_path(static_cache: bool) -> str:
+    """The path whose step times a choice is made from: compiled steps decode with the static path's choice."""
+    return "static" if static_cache else "dynamic"
+
+
+def step_times_key(key: dict[str, Any]) -> dict[str, Any]:
+    """The cache key of the step times behind the choice of `key`: they do not depend on the acceptance rule."""
+    return {**key, "acceptance": None}
+
+
+def step_times(
+    model: PreTrainedModel,
+    draft_model: Eagle3DraftModel,
+    key: dict[str, Any],
+    prompt: torch.LongTensor,
+    shapes: list[TreeShape],
+    static_cache: bool,
+    new_tokens: int,
+    refresh: bool,
+) -> list[StepTiming]:
+    """Step times of `shapes` on the path of `key`: cached (shared by every acceptance rule), else `time_shapes`."""
+    timing_key = step_times_key(key)
+    record = None if refresh else read_cached_record(timing_key, _timings_of)
+    if record is not None:
+        return _timings_of(record)
+    timings = time_shapes(model, draft_model, prompt, shapes, static_cache, compile=False, new_tokens=new_tokens)
+    rows = [{"shape": asdict(t.shape), "draft_ms": 1000 * t.draft, "verify_ms": 1000 * t.verify} for t in timings]
+    write_cached_shape(timing_key, {"timings": rows})
+    return timings
 
 
 def tune_tree_shape(
@@ -498,18 +626,19 @@ def tune_tree_shape(
     draft_model: Eagle3DraftModel,
     prompts: list[torch.LongTensor],
     static_cache: bool = False,
-    compile: bool = False,
     grid: ShapeGrid | None = None,
     refresh: bool = False,
+    rule: AcceptanceRule = GREEDY,
 ) -> tuple[TreeShape, dict[str, Any]]:
-    """The shape `eagle3_tree="auto"` decodes with on this path (`static_cache`, `compile`), and the cache record
+    """The shape `eagle3_tree="auto"` decodes with on the dynamic or static (`static_cache`, compiled or not) path
+    under the acceptance `rule` (`acceptance_rule` of the call's `do_sample` and processors), and the cache record
     (acceptance and timings of every shape). Measured on `prompts` (`(1, length)` ids each, e.g. chat-templated)
     unless cached, then cached: call it before `generate` to calibrate on prompts of your choosing; `refresh`
     measures again."""
     grid = grid or default_grid(model.device)
     # Branching beyond the draft vocabulary is not a tree `generate` can grow.
     grid = replace(grid, top_ks=tuple(k for k in grid.top_ks if k <= draft_model.config.draft_vocab_size))
-    key = cache_key(model, draft_model, decoding_path(static_cache, compile), grid)
+    key = cache_key(model, draft_model, decoding_path(static_cache), grid, rule)
     record = None if refresh else read_cached_record(key)
     if record is not None:
         return TreeShape(**record["shape"]), record
@@ -518,13 +647,19 @@ def tune_tree_shape(
     timed = timing_shapes(grid)
     logger.warning(
         f"EAGLE-3 is measuring which draft tree fits {key['device']} on the {key['path']} path (eagle3_tree='auto'): "
-        f"acceptance of {len(shapes)} shapes from {len({s.top_k for s in shapes})} calibration decodes, step time "
-        f"of {len(timed)} shapes{' (each compiled first)' if key['path'] == 'compiled' else ''}. Once for this "
-        f"device, target, head and path; the choice is kept in {tree_shape_cache_dir()}."
+        f"{'sampled' if rule.do_sample else 'greedy'} acceptance of {len(shapes)} shapes from "
+        f"{len({s.top_k for s in shapes})} calibration decodes, step time of {len(timed)} shapes (uncompiled; "
+        f"unless measured already). Once for this device, target, head, path and sampling settings; the choice is "
+        f"kept in {tree_shape_cache_dir()}."
     )
     start = time.perf_counter()
-    taus = calibrate_acceptance(model, draft_model, prompts, shapes, grid.calibration_tokens)
-    timings = time_shapes(model, draft_model, prompts[0], timed, static_cache, compile, grid.timing_tokens)
+    # Sampled calibration draws from generators of its own: the call's random streams (the seed below sets every
+    # device's) stay as without `auto`.
+    cuda_devices = list(range(torch.cuda.device_count())) if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(0)
+        taus = calibrate_acceptance(model, draft_model, prompts, shapes, grid.calibration_tokens, rule)
+    timings = step_times(model, draft_model, key, prompts[0], timed, static_cache, grid.timing_tokens, refresh)
     shape, table = choose_shape(taus, StepTimeModel(timings))
     record = {
         "shape": asdict(shape),
@@ -547,23 +682,29 @@ def resolve_auto_tree(
     config: Eagle3DecodingConfig,
     input_ids: torch.LongTensor,
     model_kwargs: dict[str, Any],
+    do_sample: bool = False,
+    logits_processor: LogitsProcessorList | None = None,
 ) -> Eagle3DecodingConfig:
-    """`config` with the shape `tune_tree_shape` gives for this call's path, calibrated on the call's prompt the first
-    time (its unpadded first row)."""
+    """`config` with the shape `tune_tree_shape` gives for this call's path and acceptance (`do_sample` and the
+    call's `logits_processor`), calibrated on the call's prompt the first time (its unpadded first row)."""
     static = use_static_tree(config.static_cache, model, draft_model, input_ids.device, model_kwargs)
     padding_mask = model_kwargs.get("attention_mask")
     prompt = input_ids[:1] if padding_mask is None else input_ids[:1, padding_mask[0].bool()]
-    shape, _ = tune_tree_shape(model, draft_model, [prompt], static_cache=static, compile=config.compile and static)
+    rule = acceptance_rule(do_sample, logits_processor)
+    shape, _ = tune_tree_shape(model, draft_model, [prompt], static_cache=static, rule=rule)
     return replace(config, total_tokens=shape.total_tokens, depth=shape.depth, top_k=shape.top_k)
 
 
 __all__ = [
     "ACCELERATOR_GRID",
     "CPU_GRID",
+    "GREEDY",
+    "AcceptanceRule",
     "ShapeGrid",
     "StepTimeModel",
     "StepTiming",
     "TreeShape",
+    "acceptance_rule",
     "calibrate_acceptance",
     "choose_shape",
     "resolve_auto_tree",
