@@ -636,12 +636,15 @@ def measure_batch(args: argparse.Namespace) -> dict:
     for batch_size in args.batch_sizes:
         batches = batch_rows(prompts, batch_size, args.rows or batch_size * args.batches)
         rows = [row for batch in batches for row in batch]
+        # The warm-up decodes the widest batch: caches sized for it hold every other one, as plain_compiled's shared
+        # cache does (a narrower warm-up would leave a compiled runner to be rebuilt inside the timed calls).
+        widest = max(batches, key=lambda batch: encode_batch(tokenizer, batch, "cpu")["input_ids"].shape[1])
         reference = None
         for method in methods:
-            _progress(f"[batch {batch_size}] {method.name}: warming up, then {args.batches} batches ...")
+            _progress(f"[batch {batch_size}] {method.name}: warming up, then {len(batches)} batches ...")
             # Compiled methods compile for this batch shape on a full-length call; the others only initialise.
             # The automatic tree is measured here too, unless cached.
-            warmup_s = run_batches(target, tokenizer, head, method, batches[:1], args if method.compiled else short)[
+            warmup_s = run_batches(target, tokenizer, head, method, [widest], args if method.compiled else short)[
                 "seconds"
             ]
             result = run_batches(target, tokenizer, head, method, batches, args)
@@ -717,19 +720,19 @@ def write_batch_results(payload: dict, output_dir: Path, name: str) -> list[Path
 
 @contextmanager
 def tree_cache(folder: Path | None) -> Iterator[None]:
-    """The automatic tree's measurements go to `folder` meanwhile, where given (the target's files stay in the usual
-    cache)."""
-    previous = os.environ.get("HF_EAGLE3_CACHE")
+    """The automatic tree's measurements go to `folder/tree_shapes` meanwhile, where given; the target's files stay
+    in the usual cache (`HF_EAGLE3_TREE_CACHE` moves the tree shapes only)."""
+    previous = os.environ.get("HF_EAGLE3_TREE_CACHE")
     if folder is not None:
-        os.environ["HF_EAGLE3_CACHE"] = str(folder)
+        os.environ["HF_EAGLE3_TREE_CACHE"] = str(folder / "tree_shapes")
     try:
         yield
     finally:
         if folder is not None:
             if previous is None:
-                os.environ.pop("HF_EAGLE3_CACHE", None)
+                os.environ.pop("HF_EAGLE3_TREE_CACHE", None)
             else:
-                os.environ["HF_EAGLE3_CACHE"] = previous
+                os.environ["HF_EAGLE3_TREE_CACHE"] = previous
 
 
 def output_name(target: str) -> str:
@@ -1075,8 +1078,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--tree_cache",
             type=Path,
-            help="cache folder of the automatic tree (the _auto and _default methods; default: HF_EAGLE3_CACHE, "
-            "else ~/.cache/hf_eagle3): an empty one makes their warm-up measure the tree, which warm-up seconds then "
+            help="cache folder of the automatic tree (the _auto and _default methods; shapes in DIR/tree_shapes; default: "
+            "HF_EAGLE3_TREE_CACHE, else HF_EAGLE3_CACHE/tree_shapes; the target's files stay where they are): an empty one makes their warm-up measure the tree, which warm-up seconds then "
             "include",
         )
 

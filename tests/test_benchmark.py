@@ -14,7 +14,8 @@ from conftest import make_head, make_target, save_chat_checkpoint
 from transformers import GenerationMixin
 
 from hf_eagle3 import Eagle3DraftModel
-from hf_eagle3.decoding import static_tree
+from hf_eagle3.decoding import static_tree, tree_shape
+from hf_eagle3.offline_models import default_cache_dir
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run_benchmark.py"
 spec = importlib.util.spec_from_file_location("run_benchmark", SCRIPT)
@@ -383,7 +384,6 @@ def test_card_names_a_method_by_its_generate_arguments():
 def test_automatic_tree_against_fixed_shapes(tiny, tmp_path, monkeypatch):
     """`eagle3_tree_auto` measures the tree in its warm-up (an empty --tree_cache), reports the tree it chose and how
     it compares with the fastest fixed shape of its path; the cache folder is the run's only."""
-    from hf_eagle3.decoding import tree_shape
 
     grid = tree_shape.ShapeGrid(total_tokens=(3, 4), depths=(2, 3), top_ks=(2,))
     monkeypatch.setattr(tree_shape, "CPU_GRID", grid)
@@ -407,13 +407,17 @@ def test_automatic_tree_against_fixed_shapes(tiny, tmp_path, monkeypatch):
     ratio = auto["tokens_per_s"] / best["tokens_per_s"]
     assert f"| 0 | tiny_task | eagle3_tree_auto | {chosen} | {auto['tokens_per_s']:.1f} | {best['method']} |" in table
     assert f"| {ratio:.3f} | 2 |" in table
-    assert "HF_EAGLE3_CACHE" not in os.environ or os.environ["HF_EAGLE3_CACHE"] != str(cache)
+    # Only the tree shapes moved, and only meanwhile: the targets' files stay in the usual cache.
+    assert os.environ.get("HF_EAGLE3_TREE_CACHE") != str(cache / "tree_shapes")
+    with run_benchmark.tree_cache(cache):
+        assert tree_shape.tree_shape_cache_dir() == cache / "tree_shapes"
+        assert cache not in default_cache_dir().parents
 
 
 def test_measure_batch_times_each_batch_size(tiny, tmp_path, monkeypatch):
     """`measure-batch`: every method at every batch size, rows cycled over the prompts, greedy rows identical; the
     trees each batch size decoded with, the library's default one measured in its warm-up."""
-    from hf_eagle3.decoding import batch_tree_shape, tree_shape
+    from hf_eagle3.decoding import batch_tree_shape
     from hf_eagle3.decoding.config import DEFAULT_EAGLE3_KNOBS
 
     monkeypatch.setitem(DEFAULT_EAGLE3_KNOBS, "eagle3_tree", "auto")
@@ -447,7 +451,9 @@ def test_measure_batch_times_each_batch_size(tiny, tmp_path, monkeypatch):
     assert rows[(1, methods[3])]["tree_shapes"][0] in {"3/2/2", "4/2/2"}
     assert rows[(3, methods[3])]["tree_shapes"][0] in {"2/1/2", "3/1/2", "2/2/2", "3/2/2", "no drafts"}
     assert rows[(3, "plain_compiled")]["speedup"] == 1.0 and rows[(3, "plain_compiled")]["tree_shapes"] == []
-    assert len(list((tmp_path / "trees" / "tree_shapes").glob("*.json"))) == 4  # batch 1 (choice, step times), batch 3, acceptance
+    assert (
+        len(list((tmp_path / "trees" / "tree_shapes").glob("*.json"))) == 4
+    )  # batch 1 (choice, step times), batch 3, acceptance
     table = (tmp_path / "target_batch.md").read_text()
     assert "| 3 | eagle3_tree_t8_d3_k2 | 3 |" in table and " | 8/3/2 | yes | " in table
 
@@ -490,3 +496,26 @@ def test_compiled_baseline_measures_batches(tiny, tmp_path):
         # Forced calls make every row's tokens; the others count each row to its EOS, never more.
         assert (row["new_tokens"] == 2 * 5) if forced else (0 < row["new_tokens"] <= 2 * 5)
         assert row["compiled_graphs_in_timed_calls"] == 0 and row["decode_ms_per_token"] > 0
+
+
+def test_measure_batch_warms_up_on_the_widest_batch(tiny, tmp_path, monkeypatch):
+    """A compiled runner sized by its warm-up must hold every timed batch: the warm-up decodes the widest one."""
+    root, _ = tiny
+    prompts = tmp_path / "short_then_long.jsonl"  # the first batch is the narrower one
+    prompts.write_text(json.dumps({"prompt": "w9 w10"}) + "\n" + json.dumps({"prompt": "w5 w6 w7 w8 w5 w6 w7"}) + "\n")
+    calls = []
+    original = run_benchmark.run_batches
+
+    def recording(target, tokenizer, head, method, batches, args):
+        calls.append([run_benchmark.encode_batch(tokenizer, batch, "cpu")["input_ids"].shape[1] for batch in batches])
+        return original(target, tokenizer, head, method, batches, args)
+
+    monkeypatch.setattr(run_benchmark, "run_batches", recording)
+    argv = ["measure-batch", "--target", str(root / "target"), "--head", str(root / "head"), "--prompts", str(prompts)]
+    argv += ["--limit", "2", "--max_new_tokens", "4", "--device", "cpu", "--output_dir", str(tmp_path)]
+    argv += ["--batch_sizes", "1", "--rows", "2", "--methods", "plain_compiled", "eagle3_tree_t8_d3_k2"]
+    assert run_benchmark.main(argv) == 0
+    timed = calls[1]
+    assert len(timed) == 2 and timed[0] < timed[1]
+    # Per method: the warm-up (the widest batch alone), then the timed batches.
+    assert calls == [[max(timed)], timed, [max(timed)], timed]

@@ -476,7 +476,10 @@ def choose_shape(taus: dict[TreeShape, float], step_time: StepTimeModel) -> tupl
 
 # ------------------------------------------------------------------------------------------------ the cache
 def tree_shape_cache_dir() -> Path:
-    """Where chosen shapes are kept: `$HF_EAGLE3_CACHE/tree_shapes` (default `~/.cache/hf_eagle3/tree_shapes`)."""
+    """Where chosen shapes are kept: `$HF_EAGLE3_TREE_CACHE`, else `$HF_EAGLE3_CACHE/tree_shapes` (default
+    `~/.cache/hf_eagle3/tree_shapes`)."""
+    if os.environ.get("HF_EAGLE3_TREE_CACHE"):
+        return Path(os.environ["HF_EAGLE3_TREE_CACHE"])
     return Path(os.environ.get("HF_EAGLE3_CACHE", Path.home() / ".cache" / "hf_eagle3")) / "tree_shapes"
 
 
