@@ -182,3 +182,34 @@ def test_batch_that_no_tree_speeds_up_decodes_without_drafts(cache_dir, monkeypa
     knobs = dict(eagle3_total_tokens=4, eagle3_depth=2, eagle3_top_k=2)
     output = assert_rows_lossless(target, head, prompts, max_new_tokens=12, **knobs)
     assert not output.eagle3_stats.plain_fallback and output.eagle3_stats.tree_shape == (4, 2, 2)
+
+
+def test_sampled_batches_choose_from_sampled_acceptance(cache_dir, monkeypatch):
+    """A sampling batch left to the automatic tree calibrates each row's acceptance under the call's own sampling
+    (the single-prompt rule, `tree_shape.acceptance_rule`), in records of its own beside the greedy ones."""
+    monkeypatch.setattr(batch_tree_shape, "time_plain_steps", lambda *args: float("inf"))
+    rules = []
+    original = batch_tree_shape.calibrate_acceptance
+
+    def recording(*args):
+        rules.append(args[-1])
+        return original(*args)
+
+    monkeypatch.setattr(batch_tree_shape, "calibrate_acceptance", recording)
+    target, head = make_friendly_pair("llama")
+    _, input_ids, attention_mask = _batch(target, rows=2)
+    target.generate(input_ids, attention_mask=attention_mask, assistant_model=head, do_sample=False, max_new_tokens=4)
+    target.generate(
+        input_ids,
+        attention_mask=attention_mask,
+        assistant_model=head,
+        do_sample=True,
+        temperature=0.7,
+        top_k=5,
+        max_new_tokens=4,
+    )
+    assert [rule.do_sample for rule in rules] == [False, True]
+    assert {type(processor).__name__ for processor in rules[1].logits_processor} >= {"TemperatureLogitsWarper"}
+    stored = [json.loads(path.read_text()) for path in cache_dir.glob("*.json")]
+    assert len(stored) == 4  # an acceptance record and a batch-2 choice per rule
+    assert len({json.dumps(record["key"]["acceptance"], sort_keys=True) for record in stored}) == 2

@@ -2,8 +2,9 @@
 
 A batch verifies every row's tree in one target forward over batch x nodes tokens: where one prompt verifies hundreds
 of nodes about as fast as one, a batch of 32 may not, and on a small CPU no tree may pay at all. What a step emits per
-row does not depend on the batch (each row accepts exactly what it would alone), so the greedy acceptance (tau) of
-every shape of the batch grid is measured once per device, target, head and dtype
+row does not depend on the batch (each row accepts exactly what it would alone), so the acceptance (tau) of every
+shape of the batch grid, greedy or under the call's sampling (`tree_shape.acceptance_rule`), is measured once per
+device, target, head, dtype and acceptance rule
 (`tree_shape.calibrate_acceptance`, on the unpadded first rows of the batch) and kept for every batch size. What
 depends on the batch is the step time: it is measured once per batch size and path, by short greedy decodes of the
 call's batch with a few shapes (`tree_shape.time_shapes`, fitted by `tree_shape.StepTimeModel`). The batch decodes
@@ -29,10 +30,13 @@ from transformers.utils import logging
 
 from .static_tree import use_static_tree
 from .tree_shape import (
+    GREEDY,
     TIMING_ROUNDS,
+    AcceptanceRule,
     ShapeGrid,
     StepTimeModel,
     TreeShape,
+    acceptance_rule,
     cache_key,
     calibrate_acceptance,
     check_shape,
@@ -46,7 +50,7 @@ from .tree_shape import (
 )
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    from transformers import LogitsProcessorList, PreTrainedModel
 
     from ..modeling_eagle3 import Eagle3DraftModel
     from .config import Eagle3DecodingConfig
@@ -89,13 +93,14 @@ def batch_acceptance(
     prompts: list[torch.LongTensor],
     grid: ShapeGrid,
     refresh: bool = False,
+    rule: AcceptanceRule = GREEDY,
 ) -> dict[TreeShape, float]:
-    """Greedy tau per row of every shape of `grid`, measured on `prompts` (`(1, length)` each) unless cached; one
-    record per device, target, head and dtype, whatever the batch size and path."""
-    key = {**cache_key(model, draft_model, "any", grid), "record": "batch acceptance"}
+    """Tau per row of every shape of `grid` under the acceptance `rule`, measured on `prompts` (`(1, length)` each)
+    unless cached; one record per device, target, head, dtype and rule, whatever the batch size and path."""
+    key = {**cache_key(model, draft_model, "any", grid, rule), "record": "batch acceptance"}
     record = None if refresh else read_cached_record(key, _check_acceptance)
     if record is None:
-        taus = calibrate_acceptance(model, draft_model, prompts, grid.shapes(), grid.calibration_tokens)
+        taus = calibrate_acceptance(model, draft_model, prompts, grid.shapes(), grid.calibration_tokens, rule)
         record = {"taus": [{"shape": asdict(shape), "tau": tau} for shape, tau in taus.items()]}
         write_cached_shape(key, record)
     return {TreeShape(**entry["shape"]): entry["tau"] for entry in record["taus"]}
@@ -149,9 +154,10 @@ def tune_batch_tree_shape(
     static_cache: bool = False,
     grid: ShapeGrid | None = None,
     refresh: bool = False,
+    rule: AcceptanceRule = GREEDY,
 ) -> tuple[TreeShape | None, dict[str, Any]]:
-    """The shape a batch of `input_ids.shape[0]` rows decodes with on this path (None: without drafts), and the cache
-    record (step times, plain decoding's, every shape's figures). Measured on this left-padded batch unless cached
+    """The shape a batch of `input_ids.shape[0]` rows decodes with on this path under the acceptance `rule` (None:
+    without drafts), and the cache record (step times, plain decoding's, every shape's figures). Measured on this left-padded batch unless cached
     for its size, then cached: call it before `generate` to calibrate on a batch of your choosing; `refresh` measures
     again."""
     batch_size = input_ids.shape[0]
@@ -160,7 +166,8 @@ def tune_batch_tree_shape(
     grid = grid or default_batch_grid(model.device)
     # Branching beyond the draft vocabulary is not a tree `generate` can grow.
     grid = replace(grid, top_ks=tuple(k for k in grid.top_ks if k <= draft_model.config.draft_vocab_size))
-    key = {**cache_key(model, draft_model, "static" if static_cache else "dynamic", grid), "batch_size": batch_size}
+    path = "static" if static_cache else "dynamic"
+    key = {**cache_key(model, draft_model, path, grid, rule), "batch_size": batch_size}
     record = None if refresh else read_cached_record(key, _check_choice)
     if record is not None:
         return (TreeShape(**record["shape"]) if record["shape"] else None), record
@@ -174,7 +181,7 @@ def tune_batch_tree_shape(
     start = time.perf_counter()
     rows = input_ids[:CALIBRATION_ROWS]
     prompts = [row[mask.bool()][None] for row, mask in zip(rows, attention_mask[:CALIBRATION_ROWS], strict=True)]
-    taus = batch_acceptance(model, draft_model, prompts, grid, refresh)
+    taus = batch_acceptance(model, draft_model, prompts, grid, refresh, rule)
     timings = time_shapes(
         model, draft_model, input_ids, timed, static_cache, False, grid.timing_tokens, attention_mask=attention_mask
     )
@@ -203,12 +210,16 @@ def resolve_batch_tree(
     config: Eagle3DecodingConfig,
     input_ids: torch.LongTensor,
     model_kwargs: dict[str, Any],
+    do_sample: bool = False,
+    logits_processor: LogitsProcessorList | None = None,
 ) -> Eagle3DecodingConfig | None:
-    """`config` with the shape `tune_batch_tree_shape` gives for this batch on this call's path (measured on the
-    call's batch the first time), or None where the batch decodes faster without drafts."""
+    """`config` with the shape `tune_batch_tree_shape` gives for this batch on this call's path and acceptance
+    (`do_sample` and the call's `logits_processor`), measured on the call's batch the first time, or None where the
+    batch decodes faster without drafts."""
     static = use_static_tree(config.static_cache, model, draft_model, input_ids.device, model_kwargs)
+    rule = acceptance_rule(do_sample, logits_processor)
     shape, _ = tune_batch_tree_shape(
-        model, draft_model, input_ids, model_kwargs.get("attention_mask"), static_cache=static
+        model, draft_model, input_ids, model_kwargs.get("attention_mask"), static_cache=static, rule=rule
     )
     if shape is None:
         return None

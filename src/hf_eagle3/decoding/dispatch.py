@@ -97,12 +97,8 @@ def eagle3_assisted_decoding(
     if not draft.has_target_embeddings:
         draft.attach_target(model)
     if config.mode == "tree" and config.tree == "auto":
-        if input_ids.shape[0] > 1:
-            config = resolve_batch_tree(model, draft, config, input_ids, model_kwargs)
-        else:
-            config = resolve_auto_tree(
-                model, draft, config, input_ids, model_kwargs, generation_config.do_sample, logits_processor
-            )
+        resolve = resolve_batch_tree if input_ids.shape[0] > 1 else resolve_auto_tree
+        config = resolve(model, draft, config, input_ids, model_kwargs, generation_config.do_sample, logits_processor)
     # A fresh record per call, also reachable from the head after the call.
     stats = Eagle3GenerationStats()
     draft.last_generation_stats = stats

@@ -277,23 +277,27 @@ def calibrate_acceptance(
 
     Every prompt `(1, length)` is decoded for `new_tokens` tokens (past EOS: only acceptance is counted) along the
     path `rule` accepts through the union of the shapes' trees of one top_k; every step adds each shape's expected
-    accepted drafts from the step's root.
+    accepted drafts from the step's root. A sampled path is drawn from generators of its own (seeded, every device's):
+    the caller's random streams stay as they were.
     """
     totals = {shape: 0.0 for shape in shapes}
     steps = {shape: 0 for shape in shapes}
-    for top_k in sorted({shape.top_k for shape in shapes}):
-        group = [shape for shape in shapes if shape.top_k == top_k]
-        depths = tuple(sorted({shape.depth for shape in group}))
-        max_total = max(shape.total_tokens for shape in group)
-        full = expansion_size(depths[-1], top_k)
-        for prompt in prompts:
-            steps_of_prompt = union_steps(
-                model, draft_model, prompt, new_tokens, full, depths, top_k, max_total, group, rule
-            )
-            for _, step in steps_of_prompt:
-                for shape, accepted in step.items():
-                    totals[shape] += accepted
-                    steps[shape] += 1
+    cuda_devices = list(range(torch.cuda.device_count())) if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(0)
+        for top_k in sorted({shape.top_k for shape in shapes}):
+            group = [shape for shape in shapes if shape.top_k == top_k]
+            depths = tuple(sorted({shape.depth for shape in group}))
+            max_total = max(shape.total_tokens for shape in group)
+            full = expansion_size(depths[-1], top_k)
+            for prompt in prompts:
+                steps_of_prompt = union_steps(
+                    model, draft_model, prompt, new_tokens, full, depths, top_k, max_total, group, rule
+                )
+                for _, step in steps_of_prompt:
+                    for shape, accepted in step.items():
+                        totals[shape] += accepted
+                        steps[shape] += 1
     return {shape: 1 + totals[shape] / steps[shape] for shape in shapes}
 
 
@@ -656,12 +660,7 @@ def tune_tree_shape(
         f"kept in {tree_shape_cache_dir()}."
     )
     start = time.perf_counter()
-    # Sampled calibration draws from generators of its own: the call's random streams (the seed below sets every
-    # device's) stay as without `auto`.
-    cuda_devices = list(range(torch.cuda.device_count())) if model.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda_devices):
-        torch.manual_seed(0)
-        taus = calibrate_acceptance(model, draft_model, prompts, shapes, grid.calibration_tokens, rule)
+    taus = calibrate_acceptance(model, draft_model, prompts, shapes, grid.calibration_tokens, rule)
     timings = step_times(model, draft_model, key, prompts[0], timed, static_cache, grid.timing_tokens, refresh)
     shape, table = choose_shape(taus, StepTimeModel(timings))
     record = {
