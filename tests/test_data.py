@@ -354,3 +354,72 @@ def test_prepare_data_with_smollm2_from_nothing(tmp_path, capsys):
         # The answer is learned whole, then the end-of-turn token (cut answers get one from the template).
         assert learned[-1] == im_end and learned[:-1] == row["input_ids"][-len(learned) - 1 : -2]
         assert bool(t2d[learned].all())
+
+
+def test_prepare_data_holds_out_an_evaluation_set(tmp_path, chatml, chatty_target, capsys):
+    """--eval_size: a seeded split of the conversations, the draft vocabulary chosen on the training part only, and a
+    held-out folder `train --eval_data` reads."""
+    from datasets import load_from_disk
+
+    from hf_eagle3.cli import main
+    from hf_eagle3.data import vocab_coverage
+
+    target_dir = tmp_path / "target"
+    chatty_target.save_pretrained(target_dir)
+    chatml.save_pretrained(target_dir)
+    # Each answer repeats its own letter: the letters of held-out answers occur nowhere in the training part.
+    data_file = tmp_path / "letters.jsonl"
+    conversations = [
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": letter * 40}] for letter in "ABCDEFGHIJKL"
+    ]
+    data_file.write_text("".join(json.dumps({"messages": messages}) + "\n" for messages in conversations))
+
+    def prepare(output_dir, *options: str) -> dict:
+        common = ["--target", str(target_dir), "--data", str(data_file), "--draft_vocab_size", "4"]
+        assert prepare_data_main([*common, "--output_dir", str(output_dir), *options]) == 0
+        return json.loads((output_dir / "prepare_data_summary.json").read_text())
+
+    summary = prepare(tmp_path / "prepared", "--eval_size", "3")
+    training = load_from_disk(str(tmp_path / "prepared"))
+    held_out = load_from_disk(str(tmp_path / "prepared" / "eval"))
+    assert (training.num_rows, held_out.num_rows) == (9, 3) and summary["kept"] == 12
+    assert {"train": 9, "eval": 3, "eval_folder": "eval"}.items() <= summary["split"].items()
+    every_row = tokenize_conversations(chatml, conversations)[0]["input_ids"]
+    assert sorted(map(tuple, [*training["input_ids"], *held_out["input_ids"]])) == sorted(map(tuple, every_row))
+    # The vocabulary is the training part's own, and misses the ids only the held-out answers use.
+    d2t, t2d = load_vocab_map(tmp_path / "prepared")
+    assert torch.equal(d2t, build_vocab_maps(training, 4, len(chatml))[0])
+    learned = {
+        name: set(count_loss_tokens(part, len(chatml)).nonzero().flatten().tolist())
+        for name, part in (("train", training), ("eval", held_out))
+    }
+    assert learned["eval"] - learned["train"] and not t2d[sorted(learned["eval"] - learned["train"])].any()
+    assert summary["eval_coverage"] == vocab_coverage(held_out, t2d) < summary["coverage"]
+    out = capsys.readouterr().out
+    assert "Held out 3 conversations" in out and f"{summary['eval_coverage']:.2%} of the held-out ones" in out
+    # The same seed draws the same split; another seed another one.
+    prepare(tmp_path / "again", "--eval_size", "3")
+    assert load_from_disk(str(tmp_path / "again" / "eval")).to_dict() == held_out.to_dict()
+    prepare(tmp_path / "reseeded", "--eval_size", "3", "--seed", "0")
+    assert load_from_disk(str(tmp_path / "reseeded" / "eval")).to_dict() != held_out.to_dict()
+
+    with pytest.raises(ValueError, match="--eval_size 0 holds out no conversation"):
+        prepare(tmp_path / "unused", "--eval_size", "0")
+    with pytest.raises(ValueError, match="--eval_size 12 leaves nothing to train on: there are 12 conversations"):
+        prepare(tmp_path / "unused", "--eval_size", "12")
+    # Refused before anything is generated when only synthesised prompts are asked for.
+    synthesis = ["--target", str(target_dir), "--output_dir", str(tmp_path / "unused"), "--synthesize", "3"]
+    assert not (tmp_path / "unused").exists()
+    with pytest.raises(ValueError, match="--eval_size 3 leaves nothing to train on: there are 3 conversations"):
+        prepare_data_main([*synthesis, "--eval_size", "3"])
+
+    # train evaluates its head on the held-out folder.
+    head_dir = tmp_path / "head"
+    args = ["train", "--target", str(target_dir), "--data", str(tmp_path / "prepared")]
+    args += ["--eval_data", str(tmp_path / "prepared" / "eval"), "--eval_strategy", "steps", "--eval_steps", "1"]
+    args += ["--target_layer_ids", "0", "1", "1"]
+    args += ["--max_steps", "1", "--per_device_train_batch_size", "2", "--ttt_steps", "2", "--use_cpu", "true"]
+    args += ["--report_to", "none", "--disable_tqdm", "true", "--output_dir", str(head_dir), "--save_steps", "1"]
+    assert main(args) == 0
+    state = json.loads((head_dir / "checkpoint-1" / "trainer_state.json").read_text())
+    assert any("eval_loss" in log for log in state["log_history"])

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 from ..data.preparation import PrepareDataArguments, prepare_data
 from ._parsing import parse_options
 
@@ -20,8 +22,17 @@ def main(argv: list[str]) -> int:
         f"long, {summary['dropped_no_loss_tokens']} without assistant tokens after truncation): {summary['tokens']} "
         f"tokens, {summary['loss_tokens']} to learn."
     )
+    vocabulary = f"Draft vocabulary: {summary['draft_vocab_size']} of {summary['vocab_size']} ids cover "
+    if "split" not in summary:
+        print(f"{vocabulary}{summary['coverage']:.2%} of the tokens to learn. Saved to {args.output_dir}.")
+        return 0
+    split = summary["split"]
     print(
-        f"Draft vocabulary: {summary['draft_vocab_size']} of {summary['vocab_size']} ids cover "
-        f"{summary['coverage']:.2%} of the tokens to learn. Saved to {args.output_dir}."
+        f"Held out {split['eval']} conversations in {os.path.join(args.output_dir, split['eval_folder'])} (train "
+        f"--eval_data), {split['train']} left to train on in {args.output_dir}."
+    )
+    print(
+        f"{vocabulary}{summary['coverage']:.2%} of the training tokens to learn (chosen on them) and "
+        f"{summary['eval_coverage']:.2%} of the held-out ones."
     )
     return 0

@@ -5,8 +5,10 @@ What `--output_dir` holds:
 - a `datasets` folder (`datasets.load_from_disk(output_dir)`; `hf-eagle3 train --data output_dir`) with
   one row per conversation: `input_ids` (int32), `attention_mask` and `loss_mask` (int8; 1 on the
   assistant's tokens and their end-of-turn token), unpadded;
-- `vocab_map.safetensors`: the draft vocabulary, `d2t` int64 `[draft_vocab_size]` and `t2d` bool
-  `[vocab_size]`, as published EAGLE-3 heads store them (`load_vocab_map`);
+- `eval/` with `--eval_size N`: N conversations held out, in the same layout (`train --eval_data output_dir/eval`);
+  the folder itself then holds the others, the training part;
+- `vocab_map.safetensors`: the draft vocabulary (chosen on the training part only), `d2t` int64
+  `[draft_vocab_size]` and `t2d` bool `[vocab_size]`, as published EAGLE-3 heads store them (`load_vocab_map`);
 - `conversations.jsonl` when the target wrote text: `{"messages": [...]}` rows, reusable as `--data`;
 - `long_prompts.jsonl` with long-prompt conversations: where each one's document came from (`source`, `kind`,
   `license`) and what its user turn asks (`category`), in the order of the last rows of `conversations.jsonl`;
@@ -30,11 +32,12 @@ from .chat import load_chat_dataset, to_messages, tokenize_conversations
 from .document_tasks import DocumentPrompt, document_prompts
 from .documents import BUILTIN_SOURCES, document_origin, load_documents, split_document, synthesize_documents
 from .generation import regenerate_conversations, synthesize_prompts
-from .vocab import build_vocab_maps, save_vocab_map
+from .vocab import build_vocab_maps, save_vocab_map, vocab_coverage
 
 logger = logging.get_logger(__name__)
 
 DEFAULT_DRAFT_VOCAB_SIZE = 32000  # EAGLE-3's released heads
+EVAL_FOLDER = "eval"  # inside output_dir: the conversations --eval_size holds out
 
 
 @dataclass
@@ -135,12 +138,20 @@ class PrepareDataArguments:
     document_temperature: float = field(
         default=0.7, metadata={"help": "Sampling temperature of target-written documents (greedy text loops)."}
     )
+    eval_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Hold out this many of the tokenised conversations as an evaluation set in output_dir/eval "
+            "(for train --eval_data output_dir/eval), drawn at random with --seed (datasets' train_test_split); the "
+            "draft vocabulary is chosen on the rest, and its coverage printed for both parts."
+        },
+    )
     batch_size: int = field(default=16, metadata={"help": "Generation batch size."})
     draft_vocab_size: int | None = field(
         default=None,
         metadata={"help": f"Draft vocabulary size; default {DEFAULT_DRAFT_VOCAB_SIZE} or the target's if smaller."},
     )
-    seed: int = field(default=42, metadata={"help": "Seed of sampling."})
+    seed: int = field(default=42, metadata={"help": "Seed of sampling and of the --eval_size split."})
     num_proc: int | None = field(
         default=None, metadata={"help": "Processes that tokenise in parallel (datasets' map); default one."}
     )
@@ -235,6 +246,25 @@ def _long_prompts(args: PrepareDataArguments, model, tokenizer, short_conversati
     return document_prompts(documents, count, seed=args.seed)
 
 
+def _check_eval_size(eval_size: int | None, conversations: int | None, written: str | None = None) -> None:
+    """Refuse an --eval_size that holds out nothing, or all of the `conversations` (when their number is known);
+    `written` names the file of generated text a rerun can start from."""
+    if eval_size is None:
+        return
+    if eval_size < 1:
+        raise ValueError(
+            f"--eval_size {eval_size} holds out no conversation: pass at least 1, or leave it out to train on all."
+        )
+    if conversations is not None and eval_size >= conversations:
+        rerun = (
+            f" The generated text is in {written}: rerun with --data {written} to skip generating." if written else ""
+        )
+        raise ValueError(
+            f"--eval_size {eval_size} leaves nothing to train on: there are {conversations} conversations. Hold out "
+            f"fewer (e.g. --eval_size {max(1, conversations // 10)}) or prepare more.{rerun}"
+        )
+
+
 def _long_prompt_counts(prompts: list[DocumentPrompt]) -> dict:
     """What the long-prompt conversations hold: how many, from which sources, under which licenses, asking what."""
     return {
@@ -254,6 +284,8 @@ def prepare_data(args: PrepareDataArguments) -> dict:
             "Nothing to prepare: pass --data, --synthesize N to have the target write prompts, or --documents / "
             "--synthesize_documents N for long-prompt conversations."
         )
+    # Synthesised conversations alone are counted before generating: a split that cannot work is refused first.
+    _check_eval_size(args.eval_size, args.synthesize if args.data is None and not long_prompts else None)
     set_seed(args.seed)
     generated = args.regenerate or args.synthesize > 0 or long_prompts
     model, tokenizer, vocab_size = _load_target(args, with_model=generated)
@@ -323,15 +355,35 @@ def prepare_data(args: PrepareDataArguments) -> dict:
     dataset, counts = tokenize_conversations(
         tokenizer, conversations, args.max_length, args.truncate, num_proc=args.num_proc
     )
+    if args.eval_size is not None:
+        written = os.path.join(args.output_dir, "conversations.jsonl") if generated else None
+        _check_eval_size(args.eval_size, dataset.num_rows, written)
     os.makedirs(args.output_dir, exist_ok=True)
+    if args.eval_size is not None:
+        parts = dataset.train_test_split(test_size=args.eval_size, seed=args.seed)
+        dataset = parts["train"]
+        parts["test"].save_to_disk(os.path.join(args.output_dir, EVAL_FOLDER))
     dataset.save_to_disk(args.output_dir)
     d2t, t2d, coverage = build_vocab_maps(dataset, draft_vocab_size, vocab_size)
     save_vocab_map(args.output_dir, d2t, t2d)
+    split = {}
+    if args.eval_size is not None:
+        split = {
+            "split": {
+                "train": dataset.num_rows,
+                "eval": parts["test"].num_rows,
+                "eval_folder": EVAL_FOLDER,
+                "how": f"datasets.Dataset.train_test_split(test_size={args.eval_size}, seed={args.seed}) of the "
+                "kept conversations",
+            },
+            "eval_coverage": vocab_coverage(parts["test"], t2d),
+        }
     summary = {
         **counts,
         "draft_vocab_size": draft_vocab_size,
         "vocab_size": vocab_size,
         "coverage": coverage,
+        **split,
         **({"long_prompts": _long_prompt_counts(prompts_over_documents)} if long_prompts else {}),
         "arguments": dataclasses.asdict(args),
     }
@@ -340,4 +392,4 @@ def prepare_data(args: PrepareDataArguments) -> dict:
     return summary
 
 
-__all__ = ["DEFAULT_DRAFT_VOCAB_SIZE", "PrepareDataArguments", "prepare_data"]
+__all__ = ["DEFAULT_DRAFT_VOCAB_SIZE", "EVAL_FOLDER", "PrepareDataArguments", "prepare_data"]
