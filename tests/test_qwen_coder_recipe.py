@@ -1,4 +1,5 @@
-"""benchmarks/train_qwen_coder.sh: the commands each stage runs, the held-out split, and what a rerun skips."""
+"""benchmarks/train_qwen_coder.sh: the commands each stage runs (one prepare-data call synthesises, holds out and
+tokenises), and what a rerun skips."""
 
 import json
 import os
@@ -43,36 +44,30 @@ def option(call: list[str], name: str) -> str:
 
 def test_qwen_coder_recipe_stages(tmp_path):
     environment = dict(SYNTHESIZE="10", EVAL_HOLDOUT="3", DATA_ARGS="--device cpu --num_proc 1", GGUF="a.part b.part")
-    synthesis, evaluation, training = run_stage(tmp_path, "data", **environment)
+    (synthesis,) = run_stage(tmp_path, "data", **environment)
     assert synthesis[:6] == ["prepare-data", "--target", "qwen-coder", "--gguf", "a.part", "b.part"]
     assert option(synthesis, "--synthesize") == "10" and option(synthesis, "--prompt_first_paragraph") == "true"
     assert Path(option(synthesis, "--prompt_openers")).is_file()
+    data = tmp_path / "run" / "data"
+    assert option(synthesis, "--output_dir") == str(data) and option(synthesis, "--eval_size") == "3"
+    assert option(synthesis, "--draft_vocab_size") == "8192" and option(synthesis, "--seed") == "42"
     assert (option(synthesis, "--device"), option(synthesis, "--num_proc")) == ("cpu", "1")  # DATA_ARGS come last
-    run = tmp_path / "run"
-    split = {name: (run / f"{name}_conversations.jsonl").read_text().splitlines() for name in ("train", "eval")}
-    prompts = {name: [json.loads(line)["messages"][0]["content"] for line in rows] for name, rows in split.items()}
-    assert prompts == {"train": [f"P{i}" for i in range(7)], "eval": ["P7", "P8", "P9"]}
-    assert option(evaluation, "--output_dir") == str(run / "eval_data") and option(training, "--output_dir") == str(
-        run / "data"
-    )
-    assert option(training, "--data") == str(run / "train_conversations.jsonl")
-    assert option(training, "--draft_vocab_size") == "8192" and option(training, "--device") == "cpu"
     # Done once: a rerun synthesises and tokenises nothing.
     assert run_stage(tmp_path, "data", **environment) == []
+    # Synthesised but not tokenised (no summary yet): a rerun tokenises the written conversations, split alike.
+    (data / "prepare_data_summary.json").unlink()
+    (tokenising,) = run_stage(tmp_path, "data", **environment)
+    assert "--synthesize" not in tokenising and option(tokenising, "--data") == str(data / "conversations.jsonl")
+    assert tokenising[tokenising.index("--output_dir") :] == synthesis[synthesis.index("--output_dir") :]
+    # Conversations brought along replace the synthesis.
+    (data / "prepare_data_summary.json").unlink()
+    (given,) = run_stage(tmp_path, "data", CONVERSATIONS="old/conversations.jsonl.gz", **environment)
+    assert option(given, "--data") == "old/conversations.jsonl.gz" and option(given, "--eval_size") == "3"
 
     (first,) = run_stage(tmp_path, "train", TRAIN_ARGS="--max_steps 2")
-    assert first[0] == "train" and option(first, "--eval_data") == str(run / "eval_data")
+    assert first[0] == "train" and option(first, "--data") == str(data)
+    assert option(first, "--eval_data") == str(data / "eval") and option(first, "--eval_strategy") == "epoch"
     assert option(first, "--head_intermediate_size") == "768" and option(first, "--max_steps") == "2"
     assert "--resume_from_checkpoint" not in first
     (second,) = run_stage(tmp_path, "train")
     assert option(second, "--resume_from_checkpoint") == "latest"
-
-
-def test_qwen_coder_recipe_needs_a_held_out_set(tmp_path):
-    result = subprocess.run(
-        ["bash", str(RECIPE), "data", str(tmp_path / "run")],
-        env={"PATH": os.environ["PATH"], "EVAL_HOLDOUT": "0"},
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 2 and "EVAL_HOLDOUT must be at least 1" in result.stderr

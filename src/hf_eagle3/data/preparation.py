@@ -341,10 +341,13 @@ def prepare_data(args: PrepareDataArguments) -> dict:
         )
         # The generated text is the expensive part: written first, and reusable as --data to re-tokenise
         # (other max_length, vocabulary size, or several runs concatenated) without generating again.
+        # Moved into place once complete: a conversations.jsonl that exists holds all of them.
         os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "conversations.jsonl"), "w", encoding="utf-8") as file:
+        written = os.path.join(args.output_dir, "conversations.jsonl")
+        with open(f"{written}.partial", "w", encoding="utf-8") as file:
             for messages in conversations:
                 file.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+        os.replace(f"{written}.partial", written)
         if long_prompts:
             with open(os.path.join(args.output_dir, "long_prompts.jsonl"), "w", encoding="utf-8") as file:
                 for prompt in prompts_over_documents:
