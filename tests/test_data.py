@@ -402,6 +402,9 @@ def test_prepare_data_holds_out_an_evaluation_set(tmp_path, chatml, chatty_targe
     assert load_from_disk(str(tmp_path / "again" / "eval")).to_dict() == held_out.to_dict()
     prepare(tmp_path / "reseeded", "--eval_size", "3", "--seed", "0")
     assert load_from_disk(str(tmp_path / "reseeded" / "eval")).to_dict() != held_out.to_dict()
+    # Prepared again without a split: the earlier held-out folder goes, its rows now being training rows.
+    prepare(tmp_path / "reseeded")
+    assert load_from_disk(str(tmp_path / "reseeded")).num_rows == 12 and not (tmp_path / "reseeded" / "eval").exists()
 
     with pytest.raises(ValueError, match="--eval_size 0 holds out no conversation"):
         prepare(tmp_path / "unused", "--eval_size", "0")

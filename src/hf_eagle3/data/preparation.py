@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -362,10 +363,15 @@ def prepare_data(args: PrepareDataArguments) -> dict:
         written = os.path.join(args.output_dir, "conversations.jsonl") if generated else None
         _check_eval_size(args.eval_size, dataset.num_rows, written)
     os.makedirs(args.output_dir, exist_ok=True)
+    held_out = os.path.join(args.output_dir, EVAL_FOLDER)
+    if args.eval_size is None and os.path.isfile(os.path.join(held_out, "state.json")):
+        # An earlier run's held-out rows may be among this run's training rows: evaluating on them would flatter.
+        logger.warning(f"Removing {held_out}, held out by an earlier run: this one holds out nothing (--eval_size).")
+        shutil.rmtree(held_out)
     if args.eval_size is not None:
         parts = dataset.train_test_split(test_size=args.eval_size, seed=args.seed)
         dataset = parts["train"]
-        parts["test"].save_to_disk(os.path.join(args.output_dir, EVAL_FOLDER))
+        parts["test"].save_to_disk(held_out)
     dataset.save_to_disk(args.output_dir)
     d2t, t2d, coverage = build_vocab_maps(dataset, draft_vocab_size, vocab_size)
     save_vocab_map(args.output_dir, d2t, t2d)
