@@ -12,7 +12,8 @@ What `--output_dir` holds:
 - `conversations.jsonl` when the target wrote text: `{"messages": [...]}` rows, reusable as `--data`;
 - `long_prompts.jsonl` with long-prompt conversations: where each one's document came from (`source`, `kind`,
   `license`) and what its user turn asks (`category`), in the order of the last rows of `conversations.jsonl`;
-- `prepare_data_summary.json`: counts, coverage of the draft vocabulary and the arguments used.
+- `prepare_data_summary.json`: counts, coverage of the draft vocabulary (`coverage` on the training part;
+  with `--eval_size`, `eval_coverage` on the held-out one and the `split`) and the arguments used.
 """
 
 from __future__ import annotations
