@@ -35,9 +35,10 @@ SEQUENCE_FREE = frozenset(
     }
 )
 # The sequence-free processors that can run inside a captured graph: tensor operations of fixed shapes, no host read.
-# Left out: Eta and Top-H build a `torch.distributions.Categorical`, whose argument validation reads the device (and
-# Top-H assigns through a boolean mask, a data-dependent shape); suppressing tokens copies its token list to the
-# scores' device on every call, a host copy where the list was built on the CPU.
+# Left out: Eta and Top-H build a `torch.distributions.Categorical`, whose argument validation reads the device (on by
+# default; dynamo turns it off process-wide), and Top-H assigns through a boolean mask (a data-dependent shape);
+# suppressing tokens copies its token list to the scores' device on every call, a host copy where it was built on the
+# CPU.
 CAPTURABLE = SEQUENCE_FREE - {
     processors.EtaLogitsWarper,
     processors.TopHLogitsWarper,
