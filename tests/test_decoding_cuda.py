@@ -182,7 +182,8 @@ def sampling_p_value(temperature: float, top_k: int | None, device=CUDA, runs: i
             **knobs,
         )
         runner = assert_graph_path(output, head, knobs.get("eagle3_compile", False))
-        assert runner._sample_step.graph is not None, "the sampled acceptance was not captured as a CUDA graph"
+        # Temperature and top-k are sequence-free: they run inside the captured sample step.
+        assert runner._process_step.graph is not None, "the sampled acceptance was not captured as a CUDA graph"
         samples.append(tuple(output.sequences[0, input_ids.shape[1] :].tolist()))
         stats = output.eagle3_stats
         accepted += sum(stats.accepted_per_depth[:1])
