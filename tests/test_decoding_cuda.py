@@ -199,6 +199,35 @@ def test_sampling_matches_target_distribution(temperature, top_k, compiled):
 
 
 @COMPILED
+def test_sample_step_is_captured_again_when_the_temperature_changes(compiled):
+    """The captured step that runs the warpers serves every call with the same settings, and is captured again for
+    another temperature."""
+    target, head = make_oracle_pair("llama", 0.5, vocab_size=8, eos_token_id=None, num_hidden_layers=4, device=CUDA)
+    input_ids = torch.tensor([[3, 5, 4, 6]], device=CUDA)
+
+    def sample_step(temperature: float) -> static_tree.StepFunction:
+        output = target.generate(
+            input_ids,
+            assistant_model=head,
+            max_new_tokens=6,
+            do_sample=True,
+            temperature=temperature,
+            top_k=4,
+            eagle3_total_tokens=5,
+            eagle3_depth=2,
+            eagle3_top_k=2,
+            eagle3_compile=compiled,
+            return_dict_in_generate=True,
+        )
+        return assert_graph_path(output, head, compiled)._process_step
+
+    first = sample_step(0.7)
+    assert first.graph is not None and sample_step(0.7) is first
+    second = sample_step(1.3)
+    assert second is not first and second.graph is not None
+
+
+@COMPILED
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_processed_sampling_matches_target_distribution_on_both_paths(arch, compiled):
     """Temperature, top-k, top-p and a repetition penalty (which reads each node's sequence): tokens 2, 3 and the
