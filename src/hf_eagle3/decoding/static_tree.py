@@ -10,8 +10,8 @@ cache, prepare the next head input). A greedy step reads the device once. A samp
 processes the verified tree's logits with the call's processors and warpers and draws the path (`_process_and_sample`,
 built by the first sampled step for the processors' settings, in a memory pool of its own since greedy steps skip it;
 random draws replay from the default generator's graph-safe philox state). Processors that read the sequence or the
-host run eagerly before the step instead, which then only draws (`_sample`). Off CUDA the same functions are simply called, which is how the CPU tests cover
-all of their logic.
+host run eagerly before the step instead, which then only draws (`_sample`). Off CUDA the same functions are simply
+called, which is how the CPU tests cover all of their logic.
 
 Captured as they are, the steps replay eager kernels: hundreds of small unfused launches per forward. With
 `eagle3_compile=True` each step function is first compiled whole by torch.compile (inductor, which fuses norms,
