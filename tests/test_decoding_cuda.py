@@ -182,7 +182,8 @@ def sampling_p_value(temperature: float, top_k: int | None, device=CUDA, runs: i
             **knobs,
         )
         runner = assert_graph_path(output, head, knobs.get("eagle3_compile", False))
-        assert runner._sample_step.graph is not None, "the sampled acceptance was not captured as a CUDA graph"
+        # Temperature and top-k are sequence-free: they run inside the captured sample step.
+        assert runner._process_step.graph is not None, "the sampled acceptance was not captured as a CUDA graph"
         samples.append(tuple(output.sequences[0, input_ids.shape[1] :].tolist()))
         stats = output.eagle3_stats
         accepted += sum(stats.accepted_per_depth[:1])
@@ -195,6 +196,35 @@ def sampling_p_value(temperature: float, top_k: int | None, device=CUDA, runs: i
 @pytest.mark.parametrize(("temperature", "top_k"), [(1.0, None), (0.7, 4)], ids=["t1", "t0.7-top4"])
 def test_sampling_matches_target_distribution(temperature, top_k, compiled):
     assert sampling_p_value(temperature, top_k, eagle3_compile=compiled) > 1e-4
+
+
+@COMPILED
+def test_sample_step_is_captured_again_when_the_temperature_changes(compiled):
+    """The captured step that runs the warpers serves every call with the same settings, and is captured again for
+    another temperature."""
+    target, head = make_oracle_pair("llama", 0.5, vocab_size=8, eos_token_id=None, num_hidden_layers=4, device=CUDA)
+    input_ids = torch.tensor([[3, 5, 4, 6]], device=CUDA)
+
+    def sample_step(temperature: float) -> static_tree.StepFunction:
+        output = target.generate(
+            input_ids,
+            assistant_model=head,
+            max_new_tokens=6,
+            do_sample=True,
+            temperature=temperature,
+            top_k=4,
+            eagle3_total_tokens=5,
+            eagle3_depth=2,
+            eagle3_top_k=2,
+            eagle3_compile=compiled,
+            return_dict_in_generate=True,
+        )
+        return assert_graph_path(output, head, compiled)._process_step
+
+    first = sample_step(0.7)
+    assert first.graph is not None and sample_step(0.7) is first
+    second = sample_step(1.3)
+    assert second is not first and second.graph is not None
 
 
 @COMPILED

@@ -10,9 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 from lossless import chi_square_p_value
-from test_decoding_overhead import assert_one_host_transfer_per_step, walk_tree_logits
+from test_decoding_overhead import SyncCounter, assert_one_host_transfer_per_step, walk_tree_logits
 from transformers.generation import (
     EosTokenCriteria,
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
+    InfNanRemoveLogitsProcessor,
+    LogitNormalization,
     LogitsProcessor,
     LogitsProcessorList,
     MaxLengthCriteria,
@@ -21,9 +25,12 @@ from transformers.generation import (
     NoBadWordsLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     StoppingCriteriaList,
+    SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
+    TopHLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
+    TypicalLogitsWarper,
 )
 from tree_decoding import (
     PLAIN_SAMPLING,
@@ -34,7 +41,7 @@ from tree_decoding import (
     tree_generate,
 )
 
-from hf_eagle3.decoding import static_tree
+from hf_eagle3.decoding import static_tree, tree_processors
 from hf_eagle3.decoding.acceptance import accept, accept_on_device, sampled_path
 from hf_eagle3.decoding.static_tree import StaticTreeRunner
 from hf_eagle3.decoding.stopping import host_stop_rule
@@ -184,13 +191,116 @@ def test_sampling_matches_target_distribution(device_acceptance, arch, sampling)
     assert device_acceptance, "the device acceptance was not used"
 
 
+# Sequence-free warpers only: the static path runs them inside its sample step.
+IN_STEP_TOP_P = dict(temperature=0.7, top_k=6, top_p=0.9, repetition_penalty=1.0)
+
+
+@pytest.fixture
+def built_sample_steps(monkeypatch) -> list[str]:
+    """The names of the step functions the static runners build their sample steps from, in order."""
+    names = []
+    build = StaticTreeRunner._build_sample_step
+
+    def recorded(self, function):
+        names.append(function.__name__)
+        return build(self, function)
+
+    monkeypatch.setattr(StaticTreeRunner, "_build_sample_step", recorded)
+    return names
+
+
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
-def test_static_path_sampling_matches_target_distribution(device_acceptance, aot_eager, caplog, compile):
-    """The static runner draws the path in a step function of its own, compiled with the others."""
+@pytest.mark.parametrize(
+    ("sampling", "step"),
+    [(PLAIN_SAMPLING, "_process_and_sample"), (IN_STEP_TOP_P, "_process_and_sample"), (None, "_sample")],
+    ids=["t1-in-step", "t0.7-topk-topp-in-step", "penalty-eager"],
+)
+def test_static_path_sampling_matches_target_distribution(
+    device_acceptance, aot_eager, built_sample_steps, caplog, compile, sampling, step
+):
+    """The static runner draws the path in a step function of its own, compiled with the others; sequence-free
+    warpers run inside it, a repetition penalty eagerly before it. One step serves every call (equal settings)."""
     with caplog.at_level("WARNING"):
-        assert_sampling_matches_target_distribution(static_cache=True, compile=compile)
+        assert_sampling_matches_target_distribution(static_cache=True, compile=compile, sampling=sampling)
     assert device_acceptance, "the device acceptance was not used"
     assert "sampled acceptance without a compiled or captured step" not in caplog.text
+    assert built_sample_steps == [step]
+
+
+def test_in_step_processors_are_rebuilt_when_their_settings_change(device_acceptance, aot_eager, built_sample_steps):
+    """A compiled sample step with its warpers is reused (nothing recompiled) by a call with the same settings, and
+    rebuilt for another temperature."""
+    target, head = make_oracle_pair("llama", 0.3, eos_token_id=None)
+    kwargs = dict(max_new_tokens=10, do_sample=True, static_cache=True, compile=True, top_k=6, top_p=0.9)
+    tree_generate(target, head, prompt(1), (8, 3, 2), temperature=0.7, **kwargs)
+    runner = static_tree.cached_runner(head)
+    step = runner._process_step
+    with torch.compiler.set_stance("fail_on_recompile"):
+        tree_generate(target, head, prompt(2), (8, 3, 2), temperature=0.7, **kwargs)
+    assert runner._process_step is step and built_sample_steps == ["_process_and_sample"]
+    tree_generate(target, head, prompt(2), (8, 3, 2), temperature=0.9, **kwargs)
+    assert static_tree.cached_runner(head) is runner and runner._process_step is not step
+    assert [type(processor).__name__ for processor in runner.step_processors] == [
+        "TemperatureLogitsWarper",
+        "TopKLogitsWarper",
+        "TopPLogitsWarper",
+    ]
+    assert runner.step_processors[0].temperature == 0.9 and len(built_sample_steps) == 2
+
+
+def test_in_step_processors_draw_what_eager_processors_draw(device_acceptance, monkeypatch):
+    """Seed for seed, the static step that runs the warpers itself emits the tokens and scores of the step that draws
+    from eagerly processed scores, before and after a change of temperature."""
+    target, head = make_oracle_pair("llama", 0.3, eos_token_id=None)
+    kwargs = dict(
+        max_new_tokens=10, do_sample=True, static_cache=True, top_k=6, top_p=0.9, return_dict_in_generate=True
+    )
+
+    def run(temperature: float, seed: int):
+        torch.manual_seed(seed)
+        output = tree_generate(
+            target, head, prompt(seed), (8, 3, 2), temperature=temperature, output_scores=True, **kwargs
+        )
+        return output.sequences, torch.cat(output.scores)
+
+    for seed, temperature in enumerate((0.7, 0.7, 1.3)):
+        in_step = run(temperature, seed)
+        with monkeypatch.context() as patch:
+            patch.setattr(static_tree, "capturable", lambda processors: False)
+            eager = run(temperature, seed)
+        assert torch.equal(in_step[0], eager[0])
+        torch.testing.assert_close(in_step[1], eager[1], rtol=0, atol=0)
+    runner = static_tree.cached_runner(head)
+    assert runner._process_step is not None and runner._sample_step is not None
+
+
+# Every sequence-free processor but token suppression (left out of the captured step for a host copy, not a read).
+HOST_CHECKED = [
+    TemperatureLogitsWarper(0.7),
+    TopKLogitsWarper(6),
+    TopPLogitsWarper(0.9),
+    MinPLogitsWarper(0.05),
+    TypicalLogitsWarper(0.9),
+    EpsilonLogitsWarper(0.02),
+    InfNanRemoveLogitsProcessor(),
+    LogitNormalization(),
+    EtaLogitsWarper(0.02),
+    TopHLogitsWarper(0.5),
+]
+
+
+@pytest.mark.parametrize("processor", HOST_CHECKED, ids=lambda processor: type(processor).__name__)
+def test_capturable_processors_read_nothing_on_the_host(monkeypatch, processor):
+    """The warpers the static path runs inside its captured step read no device value; Eta and Top-H do (through
+    the validation of their `Categorical`, on by default; dynamo turns it off for the whole process once it runs)."""
+    monkeypatch.setattr(torch.distributions.Distribution, "_validate_args", True)
+    assert {type(checked) for checked in HOST_CHECKED} | {
+        SuppressTokensLogitsProcessor
+    } == tree_processors.SEQUENCE_FREE
+    counter = SyncCounter()
+    with counter:
+        processor(None, torch.randn(5, VOCAB))
+    assert (counter.count == 0) == tree_processors.capturable([processor])
 
 
 @pytest.mark.parametrize("static_cache", [False, True], ids=["dynamic", "static"])

@@ -133,6 +133,11 @@ def uses_device_acceptance(do_sample: bool, logits_processor: LogitsProcessorLis
 # `(num_visited, visited, emitted)`, on the device: the path length (a scalar), `visited` `(width,)`: the path's
 # nodes in level order (= path order) followed by other nodes, and `emitted` `(width,)`: the token emitted at each.
 TreePath = tuple[torch.Tensor, torch.LongTensor, torch.LongTensor]
+# A backend's sampled acceptance over the verified tree: `(logits, logits_processor, process)` to the nodes' processed
+# scores and the drawn path, where `process` applies the processors eagerly (`process_tree_logits`).
+SampledPathDraw = Callable[
+    [torch.Tensor, LogitsProcessorList, Callable[[torch.Tensor], torch.Tensor]], tuple[torch.Tensor, TreePath]
+]
 
 
 def _path_nodes(on_child: torch.BoolTensor, tree: DraftTree, width: int) -> tuple[torch.Tensor, torch.LongTensor]:
@@ -269,25 +274,30 @@ def accept_on_device(
     stop_rule: HostStopRule | None,
     scores: tuple | None,
     raw_logits: tuple | None,
-    draw: Callable[[torch.Tensor], TreePath] | None = None,
+    draw: SampledPathDraw | None = None,
 ) -> tuple[StepResult, torch.LongTensor, torch.LongTensor, tuple | None, tuple | None]:
     """`accept` for sampling or processed greedy decoding, with ONE host-device transfer per step.
 
     Every node's logits are processed as `_sample` would process them (`process_tree_logits`: the processors must
-    satisfy `processes_rows_independently`), then the path is drawn (`sampled_path`, or `draw` of the processed
-    scores: the same, computed by the backend) or found (`greedy_path`) for the whole tree at once. `depth` bounds
-    the tree's depth. Returns what `accept_path` does.
+    satisfy `processes_rows_independently`), then the path is drawn (`sampled_path`, or the backend's `draw`, which
+    may process the logits itself) or found (`greedy_path`) for the whole tree at once. `depth` bounds the tree's
+    depth. Returns what `accept_path` does.
     """
-    processed = process_tree_logits(logits, tree, input_ids, logits_processor, depth)
+
+    def process(tree_logits: torch.Tensor) -> torch.Tensor:
+        return process_tree_logits(tree_logits, tree, input_ids, logits_processor, depth)
+
     width = min(depth + 1, len(tree))
-    if do_sample:
-        path = draw(processed) if draw is not None else sampled_path(processed, tree, width)
+    if do_sample and draw is not None:
+        processed, path = draw(logits, logits_processor, process)
     else:
-        path = greedy_path(processed, tree, width)
+        processed = process(logits)
+        path = sampled_path(processed, tree, width) if do_sample else greedy_path(processed, tree, width)
     return accept_path(path, processed, logits, input_ids, stopping_criteria, stop_rule, scores, raw_logits)
 
 
 __all__ = [
+    "SampledPathDraw",
     "StepResult",
     "TreePath",
     "accept",

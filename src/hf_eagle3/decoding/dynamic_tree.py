@@ -17,7 +17,10 @@ from .draft_tree import DraftTree, build_draft_tree
 from .kv_cache import keep_cache_positions
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from transformers import PreTrainedModel
+    from transformers.generation import LogitsProcessorList
 
     from ..modeling_eagle3 import Eagle3DraftModel
     from ..target_features import TargetFeatureCapture
@@ -117,8 +120,14 @@ class DynamicTreeDecoder:
         self.features = self.capture.pop()
         return outputs.logits[0].float(), None
 
-    def sampled_path(self, scores: torch.Tensor) -> TreePath:
-        return sampled_path(scores, self.tree, min(self.depth + 1, len(self.tree)))
+    def sampled_path(
+        self,
+        logits: torch.Tensor,
+        logits_processor: LogitsProcessorList,
+        process: Callable[[torch.Tensor], torch.Tensor],
+    ) -> tuple[torch.Tensor, TreePath]:
+        scores = process(logits)
+        return scores, sampled_path(scores, self.tree, min(self.depth + 1, len(self.tree)))
 
     def commit(self, step: StepResult, visited: torch.LongTensor, input_ids: torch.LongTensor) -> None:
         # The root, and often the best first child, already sit where they stay: only the rest moves.

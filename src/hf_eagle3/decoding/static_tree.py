@@ -6,11 +6,12 @@ dominate), and so does each head forward. With the tree shape fixed, every tenso
 the tokens accepted) is a device scalar. A step is then three functions on fixed buffers, each captured once as a
 CUDA graph and replayed: `_draft` (the head encodes the tokens emitted last step, then grows the tree), `_verify`
 (the target over the tree, and greedy acceptance on the device) and `_commit` (keep the accepted path in the target
-cache, prepare the next head input). A greedy step reads the device once. A sampled one too: the call's processors run
-eagerly over the verified tree's logits, then a fourth step function, `_sample`, draws the path (captured by the first
-sampled step, in a memory pool of its own since greedy steps skip it; random draws replay from the default
-generator's graph-safe philox state). Off CUDA the same functions are simply called, which is how the CPU tests cover
-all of their logic.
+cache, prepare the next head input). A greedy step reads the device once. A sampled one too: a fourth step function
+processes the verified tree's logits with the call's processors and warpers and draws the path (`_process_and_sample`,
+built by the first sampled step for the processors' settings, in a memory pool of its own since greedy steps skip it;
+random draws replay from the default generator's graph-safe philox state). Processors that read the sequence or the
+host run eagerly before the step instead, which then only draws (`_sample`). Off CUDA the same functions are simply
+called, which is how the CPU tests cover all of their logic.
 
 Captured as they are, the steps replay eager kernels: hundreds of small unfused launches per forward. With
 `eagle3_compile=True` each step function is first compiled whole by torch.compile (inductor, which fuses norms,
@@ -49,12 +50,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, StaticCache, StaticLayer
+from transformers.generation import LogitsProcessorList
 from transformers.utils import logging
 
 from .._compat import CACHE_NAME, cache_kwargs
 from .acceptance import StepResult, TreePath, greedy_path, sampled_path
 from .draft_tree import DraftTree, additive_mask, grow_draft_tree
 from .kv_cache import keep_static_cache_positions, set_cache_length, static_cache_problem
+from .tree_processors import capturable, processor_settings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -62,8 +65,6 @@ if TYPE_CHECKING:
     from ..modeling_eagle3 import Eagle3DraftModel, Eagle3DraftOutput
     from ..target_features import TargetFeatureCapture
     from .config import Eagle3DecodingConfig
-
-logger = logging.get_logger(__name__)
 
 logger = logging.get_logger(__name__)
 
@@ -334,9 +335,15 @@ class StaticTreeRunner(GraphRunner):
         self._verify_step = StepFunction(self._verify, compiled)
         self._commit_step = StepFunction(self._commit, compiled)
         self._steps = (self._draft_step, self._verify_step, self._commit_step)
-        # Sampling's acceptance, built by the first sampled step (greedy calls never need it).
+        # Sampling's acceptance, built by the first sampled step (greedy calls never need it): drawing from scores
+        # processed eagerly, or processing inside the step (for the `step_processors` of settings `_step_settings`,
+        # last looked up for the list `_step_processors_source`).
         self._sample_step: StepFunction | None = None
         self.sample_scores: torch.Tensor | None = None
+        self._process_step: StepFunction | None = None
+        self.step_processors: list = []
+        self._step_settings: Any = None
+        self._step_processors_source: LogitsProcessorList | None = None
 
         # Set per call by `begin`.
         self.capture: TargetFeatureCapture | None = None
@@ -421,14 +428,26 @@ class StaticTreeRunner(GraphRunner):
         self.emitted.copy_(emitted)
         return logits, features, num_visited
 
-    def _sample(self) -> torch.Tensor:
-        """Draw the sampled path over the verified tree from the processed scores in `sample_scores` (the path goes to
-        the buffers); its length."""
+    def _draw(self, scores: torch.Tensor) -> torch.Tensor:
+        """Draw the sampled path over the verified tree from its processed `scores` (the path goes to the buffers);
+        its length."""
         tree = self._draft_step.outputs[0]
-        num_visited, visited, emitted = sampled_path(self.sample_scores, tree, self.width)
+        num_visited, visited, emitted = sampled_path(scores, tree, self.width)
         self.visited.copy_(visited)
         self.emitted.copy_(emitted)
         return num_visited
+
+    def _sample(self) -> torch.Tensor:
+        """Draw the sampled path from the scores processed eagerly into `sample_scores`; its length."""
+        return self._draw(self.sample_scores)
+
+    def _process_and_sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Process the verified logits with `step_processors` (sequence-free: they are given no sequence), then draw
+        the sampled path; the processed scores and the path's length."""
+        scores = self._verify_step.outputs[0]
+        for processor in self.step_processors:
+            scores = processor(None, scores)
+        return scores, self._draw(scores)
 
     def _commit(self) -> None:
         """Keep the path in the target cache; its tokens and features become the head's next input block."""
@@ -465,26 +484,52 @@ class StaticTreeRunner(GraphRunner):
         return logits, (num_visited, self.visited, self.emitted)
 
     @torch.no_grad()
-    def sampled_path(self, scores: torch.Tensor) -> TreePath:
-        """`acceptance.sampled_path` over the verified tree as a step of its own: compiled with the others, and on
-        CUDA captured (in a pool of its own, as greedy steps skip it) and replayed. The processors ran eagerly: they
-        change from call to call.
+    def sampled_path(
+        self,
+        logits: torch.Tensor,
+        logits_processor: LogitsProcessorList,
+        process: Callable[[torch.Tensor], torch.Tensor],
+    ) -> tuple[torch.Tensor, TreePath]:
+        """The processed scores and `acceptance.sampled_path` over the verified tree, as a step of its own: compiled
+        with the others, and on CUDA captured (in a pool of its own, as greedy steps skip it) and replayed.
 
+        Where every processor is `tree_processors.capturable`, they run inside the step (`_process_and_sample`),
+        which is rebuilt when their settings change from call to call and reused while they do not. Others (those
+        that read the sequence) run eagerly through `process`, and the step draws from their scores (`_sample`).
         Where the step cannot be compiled or captured, it runs eagerly (with a warning): the draws stay exact.
         """
+        if capturable(logits_processor):
+            processed, num_visited = self._processed_sample_step(logits_processor)()
+            if self.keep_logits:
+                processed = processed.clone()  # the scores tuple keeps rows of it; the next replay overwrites it
+            return processed, (num_visited, self.visited, self.emitted)
+        processed = process(logits)
         if self._sample_step is None:
-            self._allocate_sample_scores(scores)
-            self._sample_step = self._build_sample_step()
-        self.sample_scores.copy_(scores)
-        return self._sample_step(), self.visited, self.emitted
+            self._allocate_sample_scores(processed)
+            self._sample_step = self._build_sample_step(self._sample)
+        self.sample_scores.copy_(processed)
+        return processed, (self._sample_step(), self.visited, self.emitted)
+
+    def _processed_sample_step(self, logits_processor: LogitsProcessorList) -> StepFunction:
+        """The step that runs `logits_processor` and draws: the one built for the same settings, else a new one
+        (which keeps this list: equal settings process alike)."""
+        if logits_processor is not self._step_processors_source:
+            settings = processor_settings(list(logits_processor))
+            if self._process_step is None or settings != self._step_settings:
+                self._process_step = None  # free the old graph first
+                self.step_processors = list(logits_processor)
+                self._process_step = self._build_sample_step(self._process_and_sample)
+                self._step_settings = settings
+            self._step_processors_source = logits_processor
+        return self._process_step
 
     # A normal tensor even when allocated inside `torch.inference_mode()`, like the other buffers.
     @torch.inference_mode(False)
     def _allocate_sample_scores(self, scores: torch.Tensor) -> None:
         self.sample_scores = torch.zeros_like(scores)
 
-    def _build_sample_step(self) -> StepFunction:
-        step = StepFunction(self._sample, self.compiled)
+    def _build_sample_step(self, function: Callable[[], Any]) -> StepFunction:
+        step = StepFunction(function, self.compiled)
         try:
             if self.length.device.type == "cuda":
                 with torch.cuda.device(self.length.device):
@@ -499,7 +544,7 @@ class StaticTreeRunner(GraphRunner):
                 step()  # compile now, so that a failure falls back here
         except RuntimeError as error:
             logger.warning_once(f"EAGLE-3 draws its sampled acceptance without a compiled or captured step: {error}")
-            step = StepFunction(self._sample, compiled=False)
+            step = StepFunction(function, compiled=False)
         return step
 
     def commit(self, step: StepResult, visited: torch.LongTensor, input_ids: torch.LongTensor) -> None:

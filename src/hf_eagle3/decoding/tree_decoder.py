@@ -7,9 +7,11 @@ outputs) is shared.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
+from transformers.generation import LogitsProcessorList
 
 from .acceptance import StepResult, TreePath
 from .draft_tree import DraftTree
@@ -30,8 +32,14 @@ class TreeDecoder(Protocol):
     def verify(self) -> tuple[torch.Tensor, TreePath | None]:
         """Run the target over the tree: its float logits `(n, vocab)`, and the greedy path if it came along."""
 
-    def sampled_path(self, scores: torch.Tensor) -> TreePath:
-        """`acceptance.sampled_path` over the verified tree, for its nodes' processed `scores` `(n, vocab)`."""
+    def sampled_path(
+        self,
+        logits: torch.Tensor,
+        logits_processor: LogitsProcessorList,
+        process: Callable[[torch.Tensor], torch.Tensor],
+    ) -> tuple[torch.Tensor, TreePath]:
+        """The verified tree's processed scores `(n, vocab)` and `acceptance.sampled_path` over them, from its
+        `logits`: `process` applies `logits_processor` eagerly, where the backend does not apply them itself."""
 
     def commit(self, step: StepResult, visited: torch.LongTensor, input_ids: torch.LongTensor) -> None:
         """Keep the `visited` nodes in both caches; the head encodes them in the next `draft`."""

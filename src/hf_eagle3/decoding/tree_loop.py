@@ -9,7 +9,6 @@ steps: `DynamicTreeDecoder` (transformers' dynamic cache, eager forwards) or, wh
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +20,7 @@ from .._compat import CACHE_NAME, cache_kwargs
 from ..target_features import TargetFeatureCapture
 from . import static_tree
 from .acceptance import (
+    SampledPathDraw,
     TreePath,
     accept,
     accept_greedy,
@@ -99,7 +99,7 @@ def tree_assisted_decoding(
         logits: torch.Tensor,
         tree: DraftTree,
         path: TreePath | None,
-        draw: Callable[[torch.Tensor], TreePath] | None,
+        draw: SampledPathDraw | None,
         input_ids: torch.LongTensor,
         scores,
         raw_logits,

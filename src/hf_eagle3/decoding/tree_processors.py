@@ -9,6 +9,9 @@ node-by-node walk of `acceptance.accept`, which calls the list once per emitted 
 
 from __future__ import annotations
 
+import hashlib
+from typing import Any
+
 import torch
 from transformers.generation import LogitsProcessorList
 from transformers.generation import logits_process as processors
@@ -31,6 +34,16 @@ SEQUENCE_FREE = frozenset(
         processors.SuppressTokensLogitsProcessor,
     }
 )
+# The sequence-free processors that can run inside a captured graph: tensor operations of fixed shapes, no host read.
+# Left out: Eta and Top-H build a `torch.distributions.Categorical`, whose argument validation reads the device (on by
+# default; dynamo turns it off process-wide), and Top-H assigns through a boolean mask (a data-dependent shape);
+# suppressing tokens copies its token list to the scores' device on every call, a host copy where it was built on the
+# CPU.
+CAPTURABLE = SEQUENCE_FREE - {
+    processors.EtaLogitsWarper,
+    processors.TopHLogitsWarper,
+    processors.SuppressTokensLogitsProcessor,
+}
 # Each row's scores depend on that row's sequence (its tokens or its length) only, through tensor operations.
 ROW_WISE = frozenset(
     {
@@ -58,6 +71,32 @@ def processes_rows_independently(logits_processor: LogitsProcessorList) -> bool:
     """Whether `process_tree_logits` gives every node exactly the scores `_sample` would (exact types, so a subclass
     that changes what a processor does is not mistaken for it)."""
     return all(type(processor) in SEQUENCE_FREE or _is_row_wise(processor) for processor in logits_processor)
+
+
+def capturable(logits_processor: LogitsProcessorList) -> bool:
+    """Whether every processor is one of `CAPTURABLE` (exact types): the list can run inside a captured step."""
+    return all(type(processor) in CAPTURABLE for processor in logits_processor)
+
+
+def processor_settings(value: Any) -> Any:
+    """`value` as JSON that tells settings apart: a processor's type and attributes, tensors by a digest."""
+    if isinstance(value, torch.Tensor):
+        digest = hashlib.sha256(repr(value.detach().cpu().tolist()).encode()).hexdigest()[:16]
+        return {"tensor": list(value.shape), "dtype": str(value.dtype), "sha256": digest}
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else str(value)
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [processor_settings(item) for item in value]
+    if isinstance(value, dict):
+        return {str(name): processor_settings(item) for name, item in value.items()}
+    if hasattr(value, "__dict__"):
+        return {
+            "type": type(value).__name__,
+            **{name: processor_settings(item) for name, item in sorted(vars(value).items())},
+        }
+    return type(value).__name__
 
 
 def path_tokens(tree: DraftTree, depth: int) -> torch.LongTensor:
@@ -98,4 +137,13 @@ def process_tree_logits(
     return processed
 
 
-__all__ = ["ROW_WISE", "SEQUENCE_FREE", "path_tokens", "process_tree_logits", "processes_rows_independently"]
+__all__ = [
+    "CAPTURABLE",
+    "ROW_WISE",
+    "SEQUENCE_FREE",
+    "capturable",
+    "path_tokens",
+    "process_tree_logits",
+    "processes_rows_independently",
+    "processor_settings",
+]

@@ -53,7 +53,7 @@ from .draft_tree import DraftTree
 from .dynamic_tree import DynamicTreeDecoder
 from .sdpa_backends import shape_stable_attention
 from .static_tree import tree_size, use_static_tree
-from .tree_processors import process_tree_logits, processes_rows_independently
+from .tree_processors import process_tree_logits, processes_rows_independently, processor_settings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -145,7 +145,7 @@ class AcceptanceRule:
 
     def key(self) -> dict[str, Any]:
         """What identifies the rule in a cache key: `do_sample`, and each processor's type and settings."""
-        return {"do_sample": self.do_sample, "processors": [_settings(p) for p in self.logits_processor]}
+        return {"do_sample": self.do_sample, "processors": [processor_settings(p) for p in self.logits_processor]}
 
 
 GREEDY = AcceptanceRule()
@@ -158,24 +158,6 @@ def acceptance_rule(do_sample: bool, logits_processor: LogitsProcessorList | Non
     if not processes_rows_independently(logits_processor):
         return GREEDY
     return AcceptanceRule(do_sample, logits_processor)
-
-
-def _settings(value: Any) -> Any:
-    """`value` as JSON that tells settings apart: a processor's type and attributes, tensors by a digest."""
-    if isinstance(value, torch.Tensor):
-        digest = hashlib.sha256(repr(value.detach().cpu().tolist()).encode()).hexdigest()[:16]
-        return {"tensor": list(value.shape), "dtype": str(value.dtype), "sha256": digest}
-    if isinstance(value, float):
-        return value if value == value and abs(value) != float("inf") else str(value)
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_settings(item) for item in value]
-    if isinstance(value, dict):
-        return {str(name): _settings(item) for name, item in value.items()}
-    if hasattr(value, "__dict__"):
-        return {"type": type(value).__name__, **{name: _settings(item) for name, item in sorted(vars(value).items())}}
-    return type(value).__name__
 
 
 def expansion_size(depth: int, top_k: int) -> int:
