@@ -157,15 +157,13 @@ def tune_batch_tree_shape(
     rule: AcceptanceRule = GREEDY,
 ) -> tuple[TreeShape | None, dict[str, Any]]:
     """The shape a batch of `input_ids.shape[0]` rows decodes with on this path under the acceptance `rule` (None:
-    without drafts), and the cache record (step times, plain decoding's, every shape's figures). Measured on this left-padded batch unless cached
-    for its size, then cached: call it before `generate` to calibrate on a batch of your choosing; `refresh` measures
-    again."""
+    without drafts), and the cache record (step times, plain decoding's, every shape's figures). Measured on this
+    left-padded batch unless cached for its size, then cached: call it before `generate` to calibrate on a batch of
+    your choosing; `refresh` measures again."""
     batch_size = input_ids.shape[0]
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    grid = grid or default_batch_grid(model.device)
-    # Branching beyond the draft vocabulary is not a tree `generate` can grow.
-    grid = replace(grid, top_ks=tuple(k for k in grid.top_ks if k <= draft_model.config.draft_vocab_size))
+    grid = (grid or default_batch_grid(model.device)).for_head(draft_model)
     path = "static" if static_cache else "dynamic"
     key = {**cache_key(model, draft_model, path, grid, rule), "batch_size": batch_size}
     record = None if refresh else read_cached_record(key, _check_choice)
@@ -175,8 +173,8 @@ def tune_batch_tree_shape(
     logger.warning(
         f"EAGLE-3 is measuring which draft tree fits a batch of {batch_size} on {key['device']} ({key['path']} "
         f"path): step time of {len(timed)} shapes and of decoding without drafts, and (once for every batch size) "
-        f"acceptance of {len(grid.shapes())} shapes. Once for this batch size, device, target, head and path; the "
-        f"choice is kept in {tree_shape_cache_dir()}."
+        f"acceptance of {len(grid.shapes())} shapes. Once for this batch size, device, target, head, path and "
+        f"sampling settings; the choice is kept in {tree_shape_cache_dir()}."
     )
     start = time.perf_counter()
     rows = input_ids[:CALIBRATION_ROWS]

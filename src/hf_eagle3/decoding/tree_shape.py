@@ -103,6 +103,10 @@ class ShapeGrid:
     calibration_tokens: int = 64
     timing_tokens: int = 16
 
+    def for_head(self, draft_model: Eagle3DraftModel) -> ShapeGrid:
+        """The grid without the branchings beyond the head's draft vocabulary (no tree `generate` can grow)."""
+        return replace(self, top_ks=tuple(k for k in self.top_ks if k <= draft_model.config.draft_vocab_size))
+
     def shapes(self) -> list[TreeShape]:
         shapes = (
             TreeShape(total, depth, top_k)
@@ -605,8 +609,7 @@ def step_times(
     if record is not None:
         return _timings_of(record)
     timings = time_shapes(model, draft_model, prompt, shapes, static_cache, compile=False, new_tokens=new_tokens)
-    rows = [{"shape": asdict(t.shape), "draft_ms": 1000 * t.draft, "verify_ms": 1000 * t.verify} for t in timings]
-    write_cached_shape(timing_key, {"timings": rows})
+    write_cached_shape(timing_key, {"timings": timing_rows(timings)})
     return timings
 
 
@@ -624,9 +627,7 @@ def tune_tree_shape(
     (acceptance and timings of every shape). Measured on `prompts` (`(1, length)` ids each, e.g. chat-templated)
     unless cached, then cached: call it before `generate` to calibrate on prompts of your choosing; `refresh`
     measures again."""
-    grid = grid or default_grid(model.device)
-    # Branching beyond the draft vocabulary is not a tree `generate` can grow.
-    grid = replace(grid, top_ks=tuple(k for k in grid.top_ks if k <= draft_model.config.draft_vocab_size))
+    grid = (grid or default_grid(model.device)).for_head(draft_model)
     key = cache_key(model, draft_model, decoding_path(static_cache), grid, rule)
     record = None if refresh else read_cached_record(key)
     if record is not None:
