@@ -402,9 +402,10 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
     return resolved
 
 
-def _fix_special_tokens(spec: OfflineTarget, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Put back the special tokens the GGUF conversion gets wrong, in the tokenizer and in generation defaults,
-    so that `generate` stops at the end of the assistant's turn."""
+def _offline_tokenizer(spec: OfflineTarget, gguf_file: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of a registered offline target from its GGUF file, with the special tokens the GGUF conversion
+    gets wrong put back."""
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     if spec.eos_token is not None:
         tokenizer.eos_token = spec.eos_token
     if spec.pad_token is not None:
@@ -414,6 +415,12 @@ def _fix_special_tokens(spec: OfflineTarget, model: PreTrainedModel, tokenizer: 
     if hasattr(tokenizer, "add_bos_token"):
         # The chat template writes its own first token; an extra BOS would put the prompt off-distribution.
         tokenizer.add_bos_token = False
+    return tokenizer
+
+
+def _fix_generation_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Take the tokenizer's end and pad tokens into the generation defaults, so that `generate` stops at the end of
+    the assistant's turn."""
     for settings in (model.config, model.generation_config):
         if tokenizer.eos_token_id is not None:
             settings.eos_token_id = tokenizer.eos_token_id
@@ -454,11 +461,11 @@ def load_target(
         _check_gguf_installed(spec.name)
         gguf_file = materialize_gguf(spec, gguf_path=gguf_path, cache_dir=cache_dir, install=install, verbose=verbose)
         _report(f"Loading {spec.name} (from {spec.original_id}, GGUF dequantised to {dtype}) ...", verbose)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+        tokenizer = _offline_tokenizer(spec, gguf_file)
         model = AutoModelForCausalLM.from_pretrained(
             gguf_file.parent, gguf_file=gguf_file.name, dtype=dtype, **model_kwargs
         )
-        _fix_special_tokens(spec, model, tokenizer)
+        _fix_generation_tokens(model, tokenizer)
         # Heads trained on this model record the name in their config; `load_target` reads it back.
         model.config._name_or_path = spec.name
     elif path.suffix == ".gguf":
@@ -473,6 +480,22 @@ def load_target(
     if device is not None:
         model.to(device)
     return model.eval(), tokenizer
+
+
+def local_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase | None:
+    """The tokenizer of the target that `name_or_path` (a loaded model's `name_or_path`) names, from files already on
+    this machine: a registered offline target's GGUF file (as `load_target` fixes it), or a checkpoint folder or the
+    Hub cache. None where none is found: nothing is downloaded or installed."""
+    if not str(name_or_path):
+        return None  # a model built from a config
+    spec = get_offline_target(str(name_or_path))
+    try:
+        if spec is not None:
+            return _offline_tokenizer(spec, materialize_gguf(spec, install=False, verbose=False))
+        return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+    except (OSError, ValueError, KeyError, OfflineModelError) as error:
+        logger.info(f"No local tokenizer for {name_or_path}: {error}")
+        return None
 
 
 def load_target_config(
@@ -503,6 +526,7 @@ __all__ = [
     "get_offline_target",
     "load_target",
     "load_target_config",
+    "local_tokenizer",
     "materialize_gguf",
     "resolve_offline_target",
     "shipped_head_path",

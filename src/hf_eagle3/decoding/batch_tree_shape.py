@@ -5,7 +5,8 @@ of nodes about as fast as one, a batch of 32 may not, and on a small CPU no tree
 row does not depend on the batch (each row accepts exactly what it would alone), so the acceptance (tau) of every
 shape of the batch grid, greedy or under the call's sampling (`tree_shape.acceptance_rule`), is measured once per
 device, target, head, dtype and acceptance rule
-(`tree_shape.calibrate_acceptance`, on the unpadded first rows of the batch) and kept for every batch size. What
+(`tree_shape.calibrate_acceptance`, on the same requests as a single prompt's, see `calibration`) and kept for every
+batch size. What
 depends on the batch is the step time: it is measured once per batch size and path, by short greedy decodes of the
 call's batch with a few shapes (`tree_shape.time_shapes`, fitted by `tree_shape.StepTimeModel`). The batch decodes
 with the shape of most expected tokens/s per row, tau / step seconds.
@@ -22,12 +23,15 @@ steps up alike. Choices are cached on disk beside the single-prompt ones (`tree_
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.utils import logging
 
+from .calibration import calibration_prompts, requests_key
 from .static_tree import use_static_tree
 from .tree_shape import (
     GREEDY,
@@ -46,11 +50,12 @@ from .tree_shape import (
     timing_rows,
     timing_shapes,
     tree_shape_cache_dir,
+    unpadded_first_rows,
     write_cached_shape,
 )
 
 if TYPE_CHECKING:
-    from transformers import LogitsProcessorList, PreTrainedModel
+    from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
     from ..modeling_eagle3 import Eagle3DraftModel
     from .config import Eagle3DecodingConfig
@@ -59,15 +64,18 @@ logger = logging.get_logger(__name__)
 
 # The single-prompt grids (`tree_shape.CPU_GRID`, `ACCELERATOR_GRID`) reach down to smaller, shallower trees, which
 # larger batches need: a root and one draft on a CPU, a few nodes a row on an accelerator.
-BATCH_CPU_GRID = ShapeGrid(total_tokens=(2, 3, 4, 5, 6, 8, 10, 12, 16), depths=(1, 2, 3, 4, 5), top_ks=(2, 3, 4))
+BATCH_CPU_GRID = ShapeGrid(
+    total_tokens=(2, 3, 4, 5, 6, 8, 10, 12, 16), depths=(1, 2, 3, 4, 5), top_ks=(2, 3, 4), calibration_tokens=24
+)
 BATCH_ACCELERATOR_GRID = ShapeGrid(
     total_tokens=(4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256),
     depths=(2, 3, 4, 6, 8, 10),
     top_ks=(4, 8, 16),
-    calibration_tokens=256,
+    calibration_tokens=64,
     timing_tokens=64,
 )
-# Rows of the batch whose prompts calibrate the acceptance: each costs one decode per top_k (on a CPU, minutes).
+# Rows of the batch whose prompts calibrate the acceptance where no tokenizer can encode the built-in requests: each
+# costs one decode per top_k (on a CPU, minutes).
 CALIBRATION_ROWS = 2
 
 
@@ -90,18 +98,25 @@ def _check_choice(record: dict[str, Any]) -> None:
 def batch_acceptance(
     model: PreTrainedModel,
     draft_model: Eagle3DraftModel,
-    prompts: list[torch.LongTensor],
+    calibration: Callable[[], tuple[list[torch.LongTensor], str]],
     grid: ShapeGrid,
     refresh: bool = False,
     rule: AcceptanceRule = GREEDY,
+    requests: str | None = None,
 ) -> dict[TreeShape, float]:
-    """Tau per row of every shape of `grid` under the acceptance `rule`, measured on `prompts` (`(1, length)` each)
-    unless cached; one record per device, target, head, dtype and rule, whatever the batch size and path."""
-    key = {**cache_key(model, draft_model, "any", grid, rule), "record": "batch acceptance"}
+    """Tau per row of every shape of `grid` under the acceptance `rule`, measured on the prompts `calibration()`
+    gives (`(1, length)` each, and what they are) unless cached; one record per device, target, head, dtype, rule and
+    calibration `requests` (as `tree_shape.cache_key` takes them), whatever the batch size and path."""
+    key = {**cache_key(model, draft_model, "any", grid, rule, requests), "record": "batch acceptance"}
     record = None if refresh else read_cached_record(key, _check_acceptance)
     if record is None:
+        prompts, calibrated_on = calibration()
+        prompts = [prompt.to(model.device) for prompt in prompts]
         taus = calibrate_acceptance(model, draft_model, prompts, grid.shapes(), grid.calibration_tokens, rule)
-        record = {"taus": [{"shape": asdict(shape), "tau": tau} for shape, tau in taus.items()]}
+        record = {
+            "calibration": {"prompts": calibrated_on, "prompt_tokens": [prompt.shape[1] for prompt in prompts]},
+            "taus": [{"shape": asdict(shape), "tau": tau} for shape, tau in taus.items()],
+        }
         write_cached_shape(key, record)
     return {TreeShape(**entry["shape"]): entry["tau"] for entry in record["taus"]}
 
@@ -155,17 +170,22 @@ def tune_batch_tree_shape(
     grid: ShapeGrid | None = None,
     refresh: bool = False,
     rule: AcceptanceRule = GREEDY,
+    prompts: list[torch.LongTensor] | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    requests: Sequence[str] | None = None,
 ) -> tuple[TreeShape | None, dict[str, Any]]:
     """The shape a batch of `input_ids.shape[0]` rows decodes with on this path under the acceptance `rule` (None:
-    without drafts), and the cache record (step times, plain decoding's, every shape's figures). Measured on this
-    left-padded batch unless cached for its size, then cached: call it before `generate` to calibrate on a batch of
-    your choosing; `refresh` measures again."""
+    without drafts), and the cache record (step times, plain decoding's, every shape's figures). Unless cached for its
+    size: step times measured on this left-padded batch, acceptance (once for every batch size) on `prompts`
+    (`(1, length)` ids each), by default on the `requests` (text; default the built-in ones) rendered with `tokenizer`
+    (by default the target's own; without one, the batch's first rows). Then cached: call it before `generate` to
+    measure on a batch and prompts of your choosing; `refresh` measures again."""
     batch_size = input_ids.shape[0]
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     grid = (grid or default_batch_grid(model.device)).for_head(draft_model)
     path = "static" if static_cache else "dynamic"
-    key = {**cache_key(model, draft_model, path, grid, rule), "batch_size": batch_size}
+    key = {**cache_key(model, draft_model, path, grid, rule, requests_key(requests)), "batch_size": batch_size}
     record = None if refresh else read_cached_record(key, _check_choice)
     if record is not None:
         return (TreeShape(**record["shape"]) if record["shape"] else None), record
@@ -177,9 +197,14 @@ def tune_batch_tree_shape(
         f"sampling settings; the choice is kept in {tree_shape_cache_dir()}."
     )
     start = time.perf_counter()
-    rows = input_ids[:CALIBRATION_ROWS]
-    prompts = [row[mask.bool()][None] for row, mask in zip(rows, attention_mask[:CALIBRATION_ROWS], strict=True)]
-    taus = batch_acceptance(model, draft_model, prompts, grid, refresh, rule)
+
+    def calibration() -> tuple[list[torch.LongTensor], str]:
+        if prompts is not None:
+            return list(prompts), f"{len(prompts)} prompts given to tune_batch_tree_shape"
+        first_rows = partial(unpadded_first_rows, input_ids, attention_mask, CALIBRATION_ROWS)
+        return calibration_prompts(model, requests, tokenizer, first_rows)
+
+    taus = batch_acceptance(model, draft_model, calibration, grid, refresh, rule, requests_key(requests))
     timings = time_shapes(
         model, draft_model, input_ids, timed, static_cache, False, grid.timing_tokens, attention_mask=attention_mask
     )
@@ -210,14 +235,23 @@ def resolve_batch_tree(
     model_kwargs: dict[str, Any],
     do_sample: bool = False,
     logits_processor: LogitsProcessorList | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> Eagle3DecodingConfig | None:
     """`config` with the shape `tune_batch_tree_shape` gives for this batch on this call's path and acceptance
-    (`do_sample` and the call's `logits_processor`), measured on the call's batch the first time, or None where the
-    batch decodes faster without drafts."""
+    (`do_sample` and the call's `logits_processor`), measured the first time on the call's batch and calibration
+    requests (`eagle3_calibration_prompts` or the built-in ones, rendered with `tokenizer`, else the target's own), or
+    None where the batch decodes faster without drafts."""
     static = use_static_tree(config.static_cache, model, draft_model, input_ids.device, model_kwargs)
     rule = acceptance_rule(do_sample, logits_processor)
     shape, _ = tune_batch_tree_shape(
-        model, draft_model, input_ids, model_kwargs.get("attention_mask"), static_cache=static, rule=rule
+        model,
+        draft_model,
+        input_ids,
+        model_kwargs.get("attention_mask"),
+        static_cache=static,
+        rule=rule,
+        tokenizer=tokenizer,
+        requests=config.calibration_prompts,
     )
     if shape is None:
         return None

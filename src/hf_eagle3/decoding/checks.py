@@ -99,10 +99,13 @@ def _warn_unused_knobs(config: Eagle3DecodingConfig, generation_config: Generati
         unused.append("num_assistant_tokens")
     if config.mode == "chain":
         unused += [name for name in TREE_KNOBS if name in call_knobs]
+    elif config.tree == "fixed" and "eagle3_calibration_prompts" in call_knobs:
+        unused.append("eagle3_calibration_prompts")  # they calibrate the automatic tree only
     if unused:
         logger.warning(
             f"EAGLE-3 {config.mode} decoding does not use {unused}: they have no effect on this call. The knobs of "
-            f"tree mode are {sorted(TREE_KNOBS)}; chain mode drafts `num_assistant_tokens` tokens per step."
+            f"tree mode are {sorted(TREE_KNOBS)} (eagle3_calibration_prompts with the automatic tree only, "
+            "eagle3_tree='auto' and no shape knob); chain mode drafts `num_assistant_tokens` tokens per step."
         )
 
 

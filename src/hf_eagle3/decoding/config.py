@@ -30,9 +30,11 @@ DEFAULT_EAGLE3_KNOBS: dict[str, Any] = {
     # The static path's step functions compiled by torch.compile before they are captured: opt-in, as transformers'
     # compiled generate is, since each new runner (tree shape, longer cache) compiles first.
     "eagle3_compile": False,
+    # The requests (text) the automatic tree calibrates acceptance on: None for the built-in ones (`calibration`).
+    "eagle3_calibration_prompts": None,
 }
 # Tree-only knobs: chain mode drafts `num_assistant_tokens` tokens instead.
-TREE_KNOBS = ("eagle3_tree", *SHAPE_KNOBS, "eagle3_static_cache", "eagle3_compile")
+TREE_KNOBS = ("eagle3_tree", *SHAPE_KNOBS, "eagle3_static_cache", "eagle3_compile", "eagle3_calibration_prompts")
 # Knobs of transformers' other assistants (small LMs, prompt lookup, universal assisted decoding): the EAGLE-3 head
 # drafts by its own rules, so setting them changes nothing.
 UNUSED_ASSISTED_KNOBS = (
@@ -57,13 +59,26 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
+def _requests(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ValueError(
+            f"eagle3_calibration_prompts must be a list of requests (strings, each one user turn), got {value!r}."
+        )
+    if not value or not all(isinstance(request, str) and request.strip() for request in value):
+        raise ValueError(
+            f"eagle3_calibration_prompts must hold at least one request, each a non-empty string, got {value!r}."
+        )
+    return tuple(value)
+
+
 @dataclass(frozen=True)
 class Eagle3DecodingConfig:
     """How one call decodes: `mode` (`"tree"` or `"chain"`), `tree` (`"auto"`: the shape is measured for the device,
     see `tree_shape`, and filled in before decoding; `"fixed"`, also of a config built directly: the shape as given),
     the tree's shape (`total_tokens`: nodes verified per step, root included; `depth`: most draft tokens per step;
-    `top_k`: branching), `num_assistant_tokens` (drafts per chain step), `static_cache` (`eagle3_static_cache`) and
-    `compile` (`eagle3_compile`)."""
+    `top_k`: branching), `num_assistant_tokens` (drafts per chain step), `static_cache` (`eagle3_static_cache`),
+    `compile` (`eagle3_compile`) and `calibration_prompts` (`eagle3_calibration_prompts`: the requests the automatic
+    tree calibrates on, each one user turn; None for the built-in ones; a list is kept as a tuple)."""
 
     mode: str = DEFAULT_EAGLE3_KNOBS["eagle3_mode"]
     tree: str = "fixed"
@@ -73,6 +88,7 @@ class Eagle3DecodingConfig:
     num_assistant_tokens: int = DEFAULT_CHAIN_LENGTH
     static_cache: bool | None = DEFAULT_EAGLE3_KNOBS["eagle3_static_cache"]
     compile: bool = DEFAULT_EAGLE3_KNOBS["eagle3_compile"]
+    calibration_prompts: tuple[str, ...] | None = DEFAULT_EAGLE3_KNOBS["eagle3_calibration_prompts"]
 
     def __post_init__(self):
         if self.mode not in EAGLE3_MODES:
@@ -102,6 +118,8 @@ class Eagle3DecodingConfig:
                 f"eagle3_static_cache={self.static_cache!r} does not run. Pass eagle3_mode='tree' with "
                 "eagle3_static_cache=None (static caches where they apply) or True, or drop eagle3_compile."
             )
+        if self.calibration_prompts is not None:
+            object.__setattr__(self, "calibration_prompts", _requests(self.calibration_prompts))
 
     @classmethod
     def resolve(
@@ -150,6 +168,7 @@ class Eagle3DecodingConfig:
             num_assistant_tokens=DEFAULT_CHAIN_LENGTH if chain_length is None else chain_length,
             static_cache=knob("eagle3_static_cache"),
             compile=knob("eagle3_compile"),
+            calibration_prompts=knob("eagle3_calibration_prompts"),
         )
 
 

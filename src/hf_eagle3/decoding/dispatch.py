@@ -31,7 +31,7 @@ import inspect
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import GenerationMixin
@@ -53,6 +53,9 @@ from .sdpa_backends import shape_stable_attention
 from .stats import Eagle3GenerationStats
 from .tree_loop import tree_assisted_decoding
 from .tree_shape import resolve_auto_tree
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.get_logger(__name__)
 
@@ -86,10 +89,12 @@ def eagle3_assisted_decoding(
     assistant_model: Eagle3DraftModel,
     model_kwargs: dict[str, Any],
     transformers_assisted_decoding: Callable[[], Any],
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ):
     """EAGLE-3 decoding in place of `_assisted_decoding` (same arguments, same outputs plus `eagle3_stats`).
 
-    `transformers_assisted_decoding` runs transformers' own loop on this call's arguments (chain mode).
+    `transformers_assisted_decoding` runs transformers' own loop on this call's arguments (chain mode); `tokenizer`
+    (`generate(tokenizer=...)`) encodes the automatic tree's calibration requests.
     """
     draft = assistant_model
     config = Eagle3DecodingConfig.resolve(generation_config, getattr(draft, "generation_config", None))
@@ -98,7 +103,9 @@ def eagle3_assisted_decoding(
         draft.attach_target(model)
     if config.mode == "tree" and config.tree == "auto":
         resolve = resolve_batch_tree if input_ids.shape[0] > 1 else resolve_auto_tree
-        config = resolve(model, draft, config, input_ids, model_kwargs, generation_config.do_sample, logits_processor)
+        config = resolve(
+            model, draft, config, input_ids, model_kwargs, generation_config.do_sample, logits_processor, tokenizer
+        )
     # A fresh record per call, also reachable from the head after the call.
     stats = Eagle3GenerationStats()
     draft.last_generation_stats = stats
@@ -226,6 +233,7 @@ def _wrap_assisted_decoding(original: Callable) -> Callable:
             arguments["assistant_model"],
             arguments["model_kwargs"],
             functools.partial(original, self, input_ids, *args, **kwargs),
+            arguments.get("tokenizer"),
         )
 
     return _assisted_decoding

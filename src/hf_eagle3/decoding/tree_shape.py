@@ -9,7 +9,9 @@ Acceptance (tau: tokens per step) is measured exactly for every shape of the gri
 tree of `(total_tokens, depth, top_k)` is the `total_tokens - 1` best-scoring candidates of levels `<= depth` of the
 level-by-level expansion, which depends on `top_k` only (`draft_tree.grow_draft_tree`), and the target's logits at a
 node depend only on that node's ancestors (tree attention). One decode per `top_k` that verifies the union of every
-shape's nodes therefore gives, at each step, the drafts each shape would accept from the same root. Under the call's
+shape's nodes therefore gives, at each step, the drafts each shape would accept from the same root. The decodes run
+on a fixed set of short, varied requests (`calibration`), not on the call's prompt: acceptance differs widely from
+prompt to prompt, and the choice should not depend on which came first; tau pools their steps. Under the call's
 own rule (`AcceptanceRule`: greedy or sampling, with its processors and warpers applied to every node as
 `tree_processors` does): greedy acceptance follows the argmax, so a shape accepts the greedy path's prefix inside its
 tree; the multi-candidate sampling rule moves to a drafted child `c` with probability exactly `p(c)` (the processed
@@ -37,6 +39,7 @@ import platform
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +52,7 @@ from transformers.utils import logging
 from .._compat import CACHE_NAME
 from ..target_features import TargetFeatureCapture
 from .acceptance import StepResult, TreePath, greedy_path, sampled_path
+from .calibration import CALIBRATION_REQUESTS, calibration_prompts, render_requests, requests_key, target_tokenizer
 from .draft_tree import DraftTree
 from .dynamic_tree import DynamicTreeDecoder
 from .sdpa_backends import shape_stable_attention
@@ -56,7 +60,7 @@ from .static_tree import tree_size, use_static_tree
 from .tree_processors import process_tree_logits, processes_rows_independently, processor_settings
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from ..modeling_eagle3 import Eagle3DraftModel
     from .config import Eagle3DecodingConfig
@@ -64,7 +68,7 @@ if TYPE_CHECKING:
 logger = logging.get_logger(__name__)
 
 # Bump when what a cache file holds, or how it is measured, changes: older files are then measured again.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 # Timed decodes per measured shape: each phase keeps its fastest, which discounts first-call costs and the time other
 # processes take from a shared CPU.
 TIMING_ROUNDS = 3
@@ -119,13 +123,17 @@ class ShapeGrid:
 
 # Small trees on a CPU, where every verified token costs; large ones on accelerators, where a forward over hundreds
 # of tokens costs about as much as over one, and longer measurements are cheap. Shallow ones too: sampling at
-# temperature 1 rarely accepts more than three or four drafts, and every level drafted costs a head forward.
-CPU_GRID = ShapeGrid(total_tokens=(3, 4, 5, 6, 8, 10, 12, 16, 20, 24), depths=(2, 3, 4, 5, 6), top_ks=(2, 3, 4))
+# temperature 1 rarely accepts more than three or four drafts, and every level drafted costs a head forward. Each
+# calibration prompt (eight built-in ones, `calibration`) is decoded for the start of its answer, per top_k: 192 tokens
+# per top_k in all on a CPU, 512 on an accelerator.
+CPU_GRID = ShapeGrid(
+    total_tokens=(3, 4, 5, 6, 8, 10, 12, 16, 20, 24), depths=(2, 3, 4, 5, 6), top_ks=(2, 3, 4), calibration_tokens=24
+)
 ACCELERATOR_GRID = ShapeGrid(
     total_tokens=(32, 48, 64, 96, 128, 192, 256, 384),
     depths=(3, 4, 5, 6, 8, 10, 12),
     top_ks=(8, 16, 24),
-    calibration_tokens=256,
+    calibration_tokens=64,
     timing_tokens=64,
 )
 
@@ -263,20 +271,21 @@ def calibrate_acceptance(
 
     Every prompt `(1, length)` is decoded for `new_tokens` tokens (past EOS: only acceptance is counted) along the
     path `rule` accepts through the union of the shapes' trees of one top_k; every step adds each shape's expected
-    accepted drafts from the step's root. A sampled path is drawn from generators of its own (seeded, every device's):
-    the caller's random streams stay as they were.
+    accepted drafts from the step's root. The prompts are pooled: tau counts every prompt's steps alike, so each
+    prompt weighs by the steps its decode took. A sampled path is drawn from generators of its own, seeded per prompt
+    (every device's): a prompt's draws do not depend on the others, and the caller's random streams stay as they were.
     """
     totals = {shape: 0.0 for shape in shapes}
     steps = {shape: 0 for shape in shapes}
     cuda_devices = list(range(torch.cuda.device_count())) if model.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices):
-        torch.manual_seed(0)
         for top_k in sorted({shape.top_k for shape in shapes}):
             group = [shape for shape in shapes if shape.top_k == top_k]
             depths = tuple(sorted({shape.depth for shape in group}))
             max_total = max(shape.total_tokens for shape in group)
             full = expansion_size(depths[-1], top_k)
-            for prompt in prompts:
+            for seed, prompt in enumerate(prompts):
+                torch.manual_seed(seed)
                 steps_of_prompt = union_steps(
                     model, draft_model, prompt, new_tokens, full, depths, top_k, max_total, group, rule
                 )
@@ -507,9 +516,11 @@ def cache_key(
     path: str,
     grid: ShapeGrid,
     rule: AcceptanceRule = GREEDY,
+    requests: str | None = None,
 ) -> dict[str, Any]:
     """What a chosen shape depends on: device, target, head, dtypes, attention, decoding path, acceptance rule (greedy
-    or sampling, and the processors), grid, versions."""
+    or sampling, and the processors), grid, versions; and `requests`, the digest of a call's own calibration requests
+    (`calibration.requests_key`; None for the default calibration, which `tune_tree_shape` may also make)."""
     target_config = model.config.to_json_string(use_diff=False)
     key = {
         "format": CACHE_FORMAT,
@@ -521,6 +532,7 @@ def cache_key(
         "attention": model.config._attn_implementation,
         "path": path,
         "acceptance": rule.key(),
+        "calibration_requests": requests,
         "grid": asdict(grid),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -616,39 +628,70 @@ def step_times(
 def tune_tree_shape(
     model: PreTrainedModel,
     draft_model: Eagle3DraftModel,
-    prompts: list[torch.LongTensor],
+    prompts: list[torch.LongTensor] | None = None,
     static_cache: bool = False,
     grid: ShapeGrid | None = None,
     refresh: bool = False,
     rule: AcceptanceRule = GREEDY,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> tuple[TreeShape, dict[str, Any]]:
     """The shape `eagle3_tree="auto"` decodes with on the dynamic or static (`static_cache`, compiled or not) path
     under the acceptance `rule` (`acceptance_rule` of the call's `do_sample` and processors), and the cache record
-    (acceptance and timings of every shape). Measured on `prompts` (`(1, length)` ids each, e.g. chat-templated)
-    unless cached, then cached: call it before `generate` to calibrate on prompts of your choosing; `refresh`
-    measures again."""
+    (acceptance and timings of every shape). Unless cached, measured on `prompts` (`(1, length)` ids each, e.g.
+    chat-templated ones of your workload), by default on the built-in requests (`calibration.CALIBRATION_REQUESTS`)
+    rendered with `tokenizer` (by default the target's own, found on this machine); then cached: call it before
+    `generate` to calibrate on prompts of your choosing; `refresh` measures again."""
+
+    def calibration() -> tuple[list[torch.LongTensor], str]:
+        if prompts is not None:
+            return list(prompts), f"{len(prompts)} prompts given to tune_tree_shape"
+        found = target_tokenizer(model, tokenizer)
+        if found is None:
+            raise ValueError(
+                f"tune_tree_shape without prompts encodes its built-in requests with the target's tokenizer, and none "
+                f"of {model.config.name_or_path!r} is on this machine: pass `tokenizer=` or `prompts=`."
+            )
+        return render_requests(found, CALIBRATION_REQUESTS), f"the {len(CALIBRATION_REQUESTS)} built-in requests"
+
+    return _tuned_shape(model, draft_model, calibration, static_cache, grid, refresh, rule)
+
+
+def _tuned_shape(
+    model: PreTrainedModel,
+    draft_model: Eagle3DraftModel,
+    calibration: Callable[[], tuple[list[torch.LongTensor], str]],
+    static_cache: bool,
+    grid: ShapeGrid | None,
+    refresh: bool,
+    rule: AcceptanceRule,
+    requests: str | None = None,
+) -> tuple[TreeShape, dict[str, Any]]:
+    """`tune_tree_shape` on the prompts `calibration()` gives (with what they are), asked for only when measuring;
+    `requests` as `cache_key` takes it."""
     grid = (grid or default_grid(model.device)).for_head(draft_model)
-    key = cache_key(model, draft_model, decoding_path(static_cache), grid, rule)
+    key = cache_key(model, draft_model, decoding_path(static_cache), grid, rule, requests)
     record = None if refresh else read_cached_record(key)
     if record is not None:
         return TreeShape(**record["shape"]), record
+    start = time.perf_counter()
+    prompts, calibrated_on = calibration()
     prompts = [prompt.to(model.device) for prompt in prompts]
     shapes = grid.shapes()
     timed = timing_shapes(grid)
     logger.warning(
         f"EAGLE-3 is measuring which draft tree fits {key['device']} on the {key['path']} path (eagle3_tree='auto'): "
         f"{'sampled' if rule.do_sample else 'greedy'} acceptance of {len(shapes)} shapes from "
-        f"{len({s.top_k for s in shapes})} calibration decodes, step time of {len(timed)} shapes (uncompiled; "
-        f"unless measured already). Once for this device, target, head, path and sampling settings; the choice is "
-        f"kept in {tree_shape_cache_dir()}."
+        f"{len({s.top_k for s in shapes}) * len(prompts)} calibration decodes ({calibrated_on}), step time of "
+        f"{len(timed)} shapes (uncompiled; unless measured already). Once for this device, target, head, path and "
+        f"sampling settings; the choice is kept in {tree_shape_cache_dir()}."
     )
-    start = time.perf_counter()
     taus = calibrate_acceptance(model, draft_model, prompts, shapes, grid.calibration_tokens, rule)
     timings = step_times(model, draft_model, key, prompts[0], timed, static_cache, grid.timing_tokens, refresh)
     shape, table = choose_shape(taus, StepTimeModel(timings))
     record = {
         "shape": asdict(shape),
         "seconds": round(time.perf_counter() - start, 2),
+        "calibration": {"prompts": calibrated_on, "prompt_tokens": [prompt.shape[1] for prompt in prompts]},
         "timings": timing_rows(timings),
         "candidates": table,
     }
@@ -661,6 +704,15 @@ def tune_tree_shape(
     return shape, {"key": key, **record}
 
 
+def unpadded_first_rows(
+    input_ids: torch.LongTensor, attention_mask: torch.LongTensor | None, rows: int
+) -> list[torch.LongTensor]:
+    """The first `rows` prompts of a left-padded batch without their padding, `(1, length)` each."""
+    if attention_mask is None:
+        return [row[None] for row in input_ids[:rows]]
+    return [row[mask.bool()][None] for row, mask in zip(input_ids[:rows], attention_mask[:rows], strict=True)]
+
+
 def resolve_auto_tree(
     model: PreTrainedModel,
     draft_model: Eagle3DraftModel,
@@ -669,14 +721,20 @@ def resolve_auto_tree(
     model_kwargs: dict[str, Any],
     do_sample: bool = False,
     logits_processor: LogitsProcessorList | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> Eagle3DecodingConfig:
     """`config` with the shape `tune_tree_shape` gives for this call's path and acceptance (`do_sample` and the
-    call's `logits_processor`), calibrated on the call's prompt the first time (its unpadded first row)."""
+    call's `logits_processor`), calibrated the first time on the call's `eagle3_calibration_prompts` or the built-in
+    requests (`calibration.calibration_prompts`; rendered with `tokenizer`, else the target's own)."""
     static = use_static_tree(config.static_cache, model, draft_model, input_ids.device, model_kwargs)
-    padding_mask = model_kwargs.get("attention_mask")
-    prompt = input_ids[:1] if padding_mask is None else input_ids[:1, padding_mask[0].bool()]
     rule = acceptance_rule(do_sample, logits_processor)
-    shape, _ = tune_tree_shape(model, draft_model, [prompt], static_cache=static, rule=rule)
+
+    def calibration() -> tuple[list[torch.LongTensor], str]:
+        call_prompt = partial(unpadded_first_rows, input_ids, model_kwargs.get("attention_mask"), 1)
+        return calibration_prompts(model, config.calibration_prompts, tokenizer, call_prompt)
+
+    requests = requests_key(config.calibration_prompts)
+    shape, _ = _tuned_shape(model, draft_model, calibration, static, None, False, rule, requests)
     return replace(config, total_tokens=shape.total_tokens, depth=shape.depth, top_k=shape.top_k)
 
 
