@@ -237,7 +237,8 @@ def run_method(target, tokenizer, head, method: Method, prompts: list[str], temp
     sampling = {"do_sample": False} if temperature == 0 else {"do_sample": True, "temperature": temperature}
     kwargs = {**sampling, "max_new_tokens": args.max_new_tokens, **method.generate_kwargs}
     if method.uses_head:
-        kwargs["assistant_model"] = head
+        # The tokenizer encodes the automatic tree's calibration requests.
+        kwargs.update(assistant_model=head, tokenizer=tokenizer)
     tally = Tally()
     # Hooks count forwards only where nothing is known otherwise: prompt lookup's tokens per forward (plain decoding
     # makes one per forward, EAGLE-3 keeps statistics) and the eager head's forwards per step.
@@ -568,7 +569,7 @@ def run_batches(target, tokenizer, head, method: Method, batches: list[list[str]
     kwargs = {"do_sample": False, "max_new_tokens": args.max_new_tokens, **method.generate_kwargs}
     kwargs["pad_token_id"] = batch_pad_token_id(tokenizer)
     if method.uses_head:
-        kwargs["assistant_model"] = head
+        kwargs.update(assistant_model=head, tokenizer=tokenizer)
     seconds, new_tokens, outputs, accept_lens, static, graphs, trees = 0.0, 0, [], [], [], 0, set()
     for prompts in batches:
         inputs = encode_batch(tokenizer, prompts, target.device)

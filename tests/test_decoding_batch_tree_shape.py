@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from lossless import assert_rows_lossless, left_pad, make_friendly_pair, prompt_reaching_eos
 from transformers import GenerationConfig
+from tree_decoding import make_oracle_pair, prompt
 
 from hf_eagle3.decoding import batch_tree_shape, tree_shape
 from hf_eagle3.decoding.batch_tree_shape import choose_batch_shape, tune_batch_tree_shape
+from hf_eagle3.decoding.calibration import CALIBRATION_REQUESTS, render_requests
 from hf_eagle3.decoding.config import DEFAULT_EAGLE3_KNOBS, Eagle3DecodingConfig
 from hf_eagle3.decoding.tree_shape import ShapeGrid, StepTimeModel, StepTiming, TreeShape, timing_shapes
 
@@ -213,3 +216,27 @@ def test_sampled_batches_choose_from_sampled_acceptance(cache_dir, monkeypatch):
     stored = [json.loads(path.read_text()) for path in cache_dir.glob("*.json")]
     assert len(stored) == 4  # an acceptance record and a batch-2 choice per rule
     assert len({json.dumps(record["key"]["acceptance"], sort_keys=True) for record in stored}) == 2
+
+
+def test_batch_acceptance_is_calibrated_on_the_built_in_requests(chatml, cache_dir, monkeypatch):
+    """With the target's tokenizer, a batch's acceptance comes from the built-in requests, not from its rows; without
+    one, from its first rows."""
+    target, head = make_oracle_pair("llama", context_weight=0.3, eos_token_id=None, vocab_size=len(chatml))
+    calibrated = []
+    calibrate = batch_tree_shape.calibrate_acceptance
+
+    def spy(model, draft_model, prompts, *args):
+        calibrated.append([ids.cpu() for ids in prompts])
+        return calibrate(model, draft_model, prompts, *args)
+
+    monkeypatch.setattr(batch_tree_shape, "calibrate_acceptance", spy)
+    rows = [prompt(seed, length=4 + seed, vocab_size=len(chatml)) for seed in range(3)]
+    input_ids, attention_mask = left_pad(rows, target.config.pad_token_id)
+    _, record = tune_batch_tree_shape(target, head, input_ids, attention_mask, tokenizer=chatml)
+    expected = render_requests(chatml, CALIBRATION_REQUESTS)
+    assert len(calibrated[0]) == len(expected) and all(map(torch.equal, calibrated[0], expected))
+    (acceptance,) = [json.loads(path.read_text()) for path in cache_dir.glob("*.json") if "taus" in path.read_text()]
+    assert acceptance["calibration"]["prompts"] == f"the {len(CALIBRATION_REQUESTS)} built-in requests"
+
+    tune_batch_tree_shape(target, head, input_ids, attention_mask, refresh=True)
+    assert all(map(torch.equal, calibrated[1], [row.cpu() for row in rows[:2]]))

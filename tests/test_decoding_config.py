@@ -39,8 +39,23 @@ def test_the_call_wins_over_the_head_which_wins_over_the_defaults():
         (dict(mode="chain", static_cache=True), "applies to tree decoding"),
         (dict(compile=1), "eagle3_compile must be True or False"),
         (dict(compile=True, static_cache=False), "eagle3_compile=True compiles the tree step on static caches"),
+        (dict(calibration_prompts="Hello"), "eagle3_calibration_prompts must be a list of requests"),
+        (dict(calibration_prompts=[]), "eagle3_calibration_prompts must hold at least one request"),
+        (dict(calibration_prompts=["Hello", 3]), "each a non-empty string, got \\['Hello', 3\\]"),
+        (dict(calibration_prompts=["Hello", " "]), "each a non-empty string"),
     ],
 )
 def test_bad_settings_fail_when_resolved(settings, message):
     with pytest.raises(ValueError, match=message):
         Eagle3DecodingConfig(**settings)
+
+
+def test_calibration_prompts_come_from_the_call_or_the_head():
+    """The requests the automatic tree calibrates on: a list in a (JSON) generation config, kept as a tuple."""
+    head = GenerationConfig(eagle3_calibration_prompts=["Explain tides."])
+    assert Eagle3DecodingConfig.resolve(GenerationConfig(), head).calibration_prompts == ("Explain tides.",)
+    call = GenerationConfig(eagle3_calibration_prompts=["Sort a list in C.", "Plan a picnic."])
+    assert Eagle3DecodingConfig.resolve(call, head).calibration_prompts == ("Sort a list in C.", "Plan a picnic.")
+    assert Eagle3DecodingConfig.resolve(GenerationConfig(), None).calibration_prompts is None
+    saved = GenerationConfig.from_dict(head.to_dict())
+    assert Eagle3DecodingConfig.resolve(GenerationConfig(), saved).calibration_prompts == ("Explain tides.",)

@@ -232,6 +232,7 @@ def test_ensemble_verification_is_refused(mode):
     [
         (dict(eagle3_mode="tree", num_assistant_tokens=4), ["num_assistant_tokens"]),
         (dict(eagle3_mode="chain", eagle3_depth=3, eagle3_top_k=2), ["eagle3_depth", "eagle3_top_k"]),
+        (dict(eagle3_total_tokens=8, eagle3_calibration_prompts=["Hi"]), ["eagle3_calibration_prompts"]),
         (dict(assistant_confidence_threshold=0.2, num_assistant_tokens_schedule="heuristic"), None),
     ],
 )

@@ -24,6 +24,7 @@ from tree_decoding import (
 from hf_eagle3._compat import CACHE_NAME
 from hf_eagle3.decoding import static_tree, tree_shape
 from hf_eagle3.decoding.acceptance import greedy_path
+from hf_eagle3.decoding.calibration import CALIBRATION_REQUESTS, render_requests
 from hf_eagle3.decoding.config import Eagle3DecodingConfig
 from hf_eagle3.decoding.stats import Eagle3GenerationStats
 from hf_eagle3.decoding.tree_shape import (
@@ -34,6 +35,8 @@ from hf_eagle3.decoding.tree_shape import (
     StepTiming,
     TreeShape,
     acceptance_rule,
+    calibrate_acceptance,
+    calibration_seed,
     choose_shape,
     expansion_size,
     reach_probabilities,
@@ -503,3 +506,210 @@ def test_demo_decodes_with_the_automatic_tree(tmp_path, cache_dir, capsys):
     (stored,) = _cached(cache_dir)[0].values()
     shape = "/".join(str(value) for value in stored["shape"].values())
     assert f"(tree, tree {shape} (total tokens/depth/top-k))" in output and "identical text: yes" in output
+
+
+# ------------------------------------------------------------------------------ what acceptance is calibrated on
+@pytest.fixture
+def chat_pair(chatml):
+    """An oracle pair over the chat tokenizer's vocabulary; built from configs, it has no tokenizer of its own."""
+    return make_oracle_pair("llama", context_weight=0.3, eos_token_id=None, vocab_size=len(chatml))
+
+
+def _steps_of_calibration(target, head, input_ids, shapes, new_tokens, rule) -> int:
+    """The steps of a prompt's calibration decode (one top_k), drawn as `calibrate_acceptance` draws them."""
+    depths = tuple(sorted({shape.depth for shape in shapes}))
+    top_k, max_total = shapes[0].top_k, max(shape.total_tokens for shape in shapes)
+    torch.manual_seed(calibration_seed(input_ids))
+    steps = union_steps(
+        target, head, input_ids, new_tokens, expansion_size(depths[-1], top_k), depths, top_k, max_total, shapes, rule
+    )
+    with torch.no_grad():
+        return sum(1 for _ in steps)
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_calibration_pools_every_prompt_by_its_steps(pair, sampled):
+    """Several prompts give every shape the mean of each prompt's own acceptance weighted by the steps its decode took
+    (every step counts once), whatever the prompts beside it."""
+    target, head = pair
+    rule = acceptance_rule(True, sampling_processors(**PLAIN_SAMPLING)) if sampled else GREEDY
+    shapes, new_tokens = TINY_GRID.shapes(), 20
+    prompts = [prompt(1), prompt(2, length=12), prompt(3, length=4)]
+    pooled = calibrate_acceptance(target, head, prompts, shapes, new_tokens, rule)
+    alone = [calibrate_acceptance(target, head, [ids], shapes, new_tokens, rule) for ids in prompts]
+    steps = [_steps_of_calibration(target, head, ids, shapes, new_tokens, rule) for ids in prompts]
+    for shape in shapes:
+        weighted = sum(count * (taus[shape] - 1) for count, taus in zip(steps, alone, strict=True)) / sum(steps)
+        assert pooled[shape] == pytest.approx(1 + weighted, rel=1e-6), shape
+    # The same prompts in another order: the same figures.
+    assert calibrate_acceptance(target, head, prompts[::-1], shapes, new_tokens, rule) == pytest.approx(pooled)
+    # Not vacuous: the prompts' acceptance and steps differ.
+    largest = max(shapes, key=lambda shape: shape.total_tokens)
+    assert len({round(taus[largest], 6) for taus in alone}) > 1 and len(set(steps)) > 1
+
+
+def _spy_calibration(monkeypatch) -> list[tuple[list[torch.LongTensor], AcceptanceRule]]:
+    """The prompts and rule of every acceptance calibration `tune_tree_shape` makes."""
+    calls = []
+    calibrate = tree_shape.calibrate_acceptance
+
+    def spy(model, draft_model, prompts, shapes, new_tokens, rule=GREEDY):
+        calls.append(([ids.clone() for ids in prompts], rule))
+        return calibrate(model, draft_model, prompts, shapes, new_tokens, rule)
+
+    monkeypatch.setattr(tree_shape, "calibrate_acceptance", spy)
+    return calls
+
+
+def _steady_step_times(monkeypatch) -> None:
+    """Step times free of the machine's load (linear in depth and nodes): the choice then follows acceptance."""
+
+    def time_shapes(model, draft_model, input_ids, shapes, *args, **kwargs):
+        return _linear_timings({2: 0.002}, {2: 0.001}, 0.0005, 0.004, shapes)
+
+    monkeypatch.setattr(tree_shape, "time_shapes", time_shapes)
+
+
+def _same_prompts(got: list[torch.LongTensor], expected: list[torch.LongTensor]) -> bool:
+    return len(got) == len(expected) and all(torch.equal(a.cpu(), b) for a, b in zip(got, expected, strict=True))
+
+
+def test_the_choice_does_not_depend_on_the_calls_prompt(chat_pair, chatml, tmp_path, monkeypatch):
+    """With the target's tokenizer, the first call calibrates on the built-in requests, whatever its own prompt:
+    measured from two different first prompts (with empty caches), acceptance and choice are the same; both calls
+    lossless."""
+    target, head = chat_pair
+    monkeypatch.setattr(tree_shape, "CPU_GRID", TINY_GRID)
+    calls = _spy_calibration(monkeypatch)
+    _steady_step_times(monkeypatch)
+    requests = render_requests(chatml, CALIBRATION_REQUESTS)
+    records = []
+    for index, length in enumerate((5, 40)):
+        monkeypatch.setenv("HF_EAGLE3_CACHE", str(tmp_path / str(index)))
+        call_prompt = prompt(index, length=length, vocab_size=len(chatml))
+        output = assert_greedy_lossless(target, head, call_prompt, max_new_tokens=16, tokenizer=chatml)
+        (record,) = _cached(tree_shape.tree_shape_cache_dir())[0].values()
+        assert output.eagle3_stats.tree_shape == tuple(record["shape"].values())
+        records.append(record)
+    assert len(calls) == 2 and all(_same_prompts(prompts, requests) for prompts, _ in calls)
+    first, second = records
+    assert first["calibration"] == second["calibration"]
+    assert first["calibration"]["prompts"] == f"the {len(CALIBRATION_REQUESTS)} built-in requests"
+    assert [row["tau"] for row in first["candidates"]] == [row["tau"] for row in second["candidates"]]
+    assert first["shape"] == second["shape"]
+    # Not vacuous: the first call's own prompt gives other figures.
+    own = calibrate_acceptance(
+        target, head, [prompt(0, length=5, vocab_size=len(chatml))], TINY_GRID.shapes(), TINY_GRID.calibration_tokens
+    )
+    assert [own[TreeShape(**row["shape"])] for row in first["candidates"]] != [
+        row["tau"] for row in first["candidates"]
+    ]
+
+
+def test_the_cache_serves_every_prompt_and_a_calls_own_requests_get_their_own(
+    chat_pair, chatml, cache_dir, monkeypatch
+):
+    """Once measured, a choice serves every later call, prompt and tokenizer or none; `eagle3_calibration_prompts`
+    are calibrated on (rendered with the tokenizer) and kept apart, per set of requests."""
+    target, head = chat_pair
+    calls = _spy_calibration(monkeypatch)
+    _steady_step_times(monkeypatch)
+    vocab = len(chatml)
+
+    def generate(input_ids, **kwargs):
+        output = target.generate(
+            input_ids, assistant_model=head, do_sample=False, max_new_tokens=6, return_dict_in_generate=True, **kwargs
+        )
+        return output.eagle3_stats.tree_shape
+
+    chosen = generate(prompt(1, vocab_size=vocab), tokenizer=chatml)
+    assert generate(prompt(2, length=30, vocab_size=vocab), tokenizer=chatml) == chosen
+    assert generate(prompt(3, vocab_size=vocab)) == chosen  # no tokenizer: the cached choice all the same
+    assert len(calls) == 1 and len(_cached(cache_dir)[0]) == 1
+
+    requests = ["Explain how tides work.", "Write a haiku about rain."]
+    generate(prompt(1, vocab_size=vocab), tokenizer=chatml, eagle3_calibration_prompts=requests)
+    assert len(calls) == 2 and _same_prompts(calls[-1][0], render_requests(chatml, requests))
+    choices = _cached(cache_dir)[0].values()
+    assert sorted(record["key"]["calibration_requests"] is None for record in choices) == [False, True]
+    (own,) = [record for record in choices if record["key"]["calibration_requests"] is not None]
+    assert own["calibration"]["prompts"] == "the requests of eagle3_calibration_prompts"
+    generate(prompt(4, vocab_size=vocab), tokenizer=chatml, eagle3_calibration_prompts=requests)
+    generate(prompt(4, vocab_size=vocab), eagle3_calibration_prompts=requests)  # cached: no tokenizer needed
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match="eagle3_calibration_prompts are text, and no tokenizer of the target"):
+        generate(prompt(4, vocab_size=vocab), eagle3_calibration_prompts=requests[:1])
+
+
+def test_without_a_tokenizer_the_calls_prompt_stands_in(pair, cache_dir, monkeypatch, caplog):
+    """A target whose tokenizer is nowhere to be found calibrates on the first call's prompt, and says so."""
+    target, head = pair
+    calls = _spy_calibration(monkeypatch)
+    input_ids = prompt(5)
+    with caplog.at_level("WARNING"):
+        target.generate(input_ids, assistant_model=head, do_sample=False, max_new_tokens=4)
+    assert "found no tokenizer of the target" in caplog.text and "tokenizer=" in caplog.text
+    assert len(calls) == 1 and _same_prompts(calls[0][0], [input_ids.cpu()])
+    (record,) = _cached(cache_dir)[0].values()
+    assert record["calibration"] == {
+        "prompts": "the prompt of the call that measured it (no tokenizer found)",
+        "prompt_tokens": [input_ids.shape[1]],
+    }
+
+
+def test_sampled_calls_calibrate_on_the_built_in_requests_under_their_rule(chat_pair, chatml, cache_dir, monkeypatch):
+    """A sampled call's own choice is calibrated on the same requests, under its sampling rule and warpers."""
+    target, head = chat_pair
+    calls = _spy_calibration(monkeypatch)
+    _steady_step_times(monkeypatch)
+    target.generate(
+        prompt(1, vocab_size=len(chatml)),
+        assistant_model=head,
+        do_sample=True,
+        temperature=0.7,
+        top_k=5,
+        max_new_tokens=4,
+        tokenizer=chatml,
+    )
+    ((prompts, rule),) = calls
+    assert _same_prompts(prompts, render_requests(chatml, CALIBRATION_REQUESTS)) and rule.do_sample
+    assert [type(processor).__name__ for processor in rule.logits_processor] == [
+        "TemperatureLogitsWarper",
+        "TopKLogitsWarper",
+    ]
+    (record,) = _cached(cache_dir)[0].values()
+    assert record["key"]["acceptance"]["do_sample"] and record["calibration"]["prompts"].endswith("built-in requests")
+
+
+def test_tune_tree_shape_calibrates_on_the_built_in_requests_by_default(chat_pair, chatml, cache_dir, monkeypatch):
+    target, head = chat_pair
+    calls = _spy_calibration(monkeypatch)
+    _steady_step_times(monkeypatch)
+    with pytest.raises(ValueError, match="tune_tree_shape without prompts .* pass `tokenizer=` or `prompts=`"):
+        tune_tree_shape(target, head)
+    shape, record = tune_tree_shape(target, head, tokenizer=chatml)
+    assert _same_prompts(calls[0][0], render_requests(chatml, CALIBRATION_REQUESTS))
+    assert record["calibration"]["prompts"] == f"the {len(CALIBRATION_REQUESTS)} built-in requests"
+    # Prompts of one's own, ahead of time, make the choice later calls take.
+    given = [prompt(7, vocab_size=len(chatml))]
+    mine, record = tune_tree_shape(target, head, given, refresh=True)
+    assert (
+        _same_prompts(calls[1][0], [given[0].cpu()])
+        and record["calibration"]["prompts"] == "the prompts given to tune_tree_shape"
+    )
+    output = target.generate(
+        prompt(8, vocab_size=len(chatml)), assistant_model=head, max_new_tokens=4, return_dict_in_generate=True
+    )
+    assert output.eagle3_stats.tree_shape == (mine.total_tokens, mine.depth, mine.top_k) and len(calls) == 2
+
+
+def test_built_in_requests_render_as_one_user_turn(chatml):
+    """Each request is one user turn of the chat template, ready for the answer; without a template, its text."""
+    (ids,) = render_requests(chatml, CALIBRATION_REQUESTS[:1])
+    text = chatml.decode(ids[0])
+    assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>assistant\n")
+    assert f"<|im_start|>user\n{CALIBRATION_REQUESTS[0]}<|im_end|>" in text
+    chatml.chat_template = None
+    (plain,) = render_requests(chatml, CALIBRATION_REQUESTS[:1])
+    assert chatml.decode(plain[0]) == CALIBRATION_REQUESTS[0]
+    assert 6 <= len(CALIBRATION_REQUESTS) <= 8 and len(set(CALIBRATION_REQUESTS)) == len(CALIBRATION_REQUESTS)

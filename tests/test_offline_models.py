@@ -24,6 +24,7 @@ from hf_eagle3.offline_models import (
     OfflineTarget,
     get_offline_target,
     load_target,
+    local_tokenizer,
     materialize_gguf,
     shipped_head_path,
 )
@@ -262,6 +263,19 @@ def test_local_checkpoint_directory(tmp_path):
     assert tokenizer.convert_tokens_to_ids(["w3", "w5"]) == [3, 5]
 
 
+def test_local_tokenizer_is_the_targets_own_or_none(tmp_path):
+    """A loaded target's tokenizer is found where it was loaded from, without the Hub; a model built from a config, or
+    a folder without a tokenizer, has none."""
+    save_chat_checkpoint(tmp_path)
+    model, tokenizer = load_target(tmp_path / "target")
+    found = local_tokenizer(model.config.name_or_path)
+    assert found is not None and found.get_vocab() == tokenizer.get_vocab()
+    assert found.chat_template == tokenizer.chat_template
+    assert local_tokenizer("") is None
+    assert local_tokenizer(tmp_path / "head") is None  # a checkpoint without a tokenizer
+    assert local_tokenizer(tmp_path / "nothing-here") is None
+
+
 # ----------------------------------------------------------------------------------------------- real model
 SMOLLM2_HEAD = shipped_head_path("smollm2")
 PROMPTS = ["What is the capital of France?", "Write a Python function that reverses a string.", "What is 12 * 7?"]
@@ -280,6 +294,10 @@ def test_smollm2_materialises_and_answers(smollm2):
     output = model.generate(**inputs, max_new_tokens=30, do_sample=False)[0, inputs["input_ids"].shape[1] :]
     assert "Paris" in tokenizer.decode(output)
     assert output[-1] == tokenizer.eos_token_id and len(output) < 30  # stops at the end of its turn
+    # The automatic tree finds the same tokenizer by the target's name (its calibration requests need it).
+    found = local_tokenizer(model.config.name_or_path)
+    assert found.get_vocab() == tokenizer.get_vocab() and found.chat_template == tokenizer.chat_template
+    assert found.eos_token == "<|im_end|>" and chat_inputs(found, PROMPTS[0])["input_ids"].equal(inputs["input_ids"])
 
 
 @pytest.mark.real_model

@@ -113,7 +113,8 @@ def main(argv: list[str]) -> int:
         "num_assistant_tokens": args.num_assistant_tokens,
     }
     knobs = {name: value for name, value in knobs.items() if value is not None}
-    eagle3 = {**greedy, "assistant_model": draft, **knobs}
+    # The tokenizer encodes the automatic tree's calibration requests.
+    eagle3 = {**greedy, "assistant_model": draft, "tokenizer": tokenizer, **knobs}
     prompts = args.prompts or DEFAULT_PROMPTS
 
     def chat(prompt: str):
@@ -122,7 +123,7 @@ def main(argv: list[str]) -> int:
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
         ).to(args.device)
 
-    # On the first run on a device the warm-up also measures the tree that fits it, on the first prompt.
+    # On the first run on a device the warm-up also measures the tree that fits it.
     logger.info("Warming up ...")
     warm_up = chat(prompts[0])
     target.generate(**warm_up, do_sample=False, max_new_tokens=4)

@@ -200,7 +200,7 @@ def tune_batch_tree_shape(
 
     def calibration() -> tuple[list[torch.LongTensor], str]:
         if prompts is not None:
-            return list(prompts), f"{len(prompts)} prompts given to tune_batch_tree_shape"
+            return list(prompts), "the prompts given to tune_batch_tree_shape"
         first_rows = partial(unpadded_first_rows, input_ids, attention_mask, CALIBRATION_ROWS)
         return calibration_prompts(model, requests, tokenizer, first_rows)
 

@@ -108,7 +108,7 @@ def calibration_prompts(
                 "this machine to encode them. Pass the target's tokenizer to `generate` (tokenizer=...), or give "
                 "token ids to hf_eagle3.decoding.tree_shape.tune_tree_shape before generating."
             )
-        return render_requests(tokenizer, requests), f"{len(requests)} requests of eagle3_calibration_prompts"
+        return render_requests(tokenizer, requests), "the requests of eagle3_calibration_prompts"
     if tokenizer is None:
         logger.warning(
             f"EAGLE-3 found no tokenizer of the target {model.config.name_or_path!r} to encode its built-in calibration "

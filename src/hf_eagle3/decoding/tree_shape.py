@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -258,6 +259,11 @@ class _UnionTreeDecoder(DynamicTreeDecoder):
         return self.tree
 
 
+def calibration_seed(prompt: torch.LongTensor) -> int:
+    """The seed of a prompt's sampled calibration decodes: a digest of its ids."""
+    return zlib.crc32(prompt.cpu().numpy().tobytes())
+
+
 @torch.no_grad()
 def calibrate_acceptance(
     model: PreTrainedModel,
@@ -272,8 +278,9 @@ def calibrate_acceptance(
     Every prompt `(1, length)` is decoded for `new_tokens` tokens (past EOS: only acceptance is counted) along the
     path `rule` accepts through the union of the shapes' trees of one top_k; every step adds each shape's expected
     accepted drafts from the step's root. The prompts are pooled: tau counts every prompt's steps alike, so each
-    prompt weighs by the steps its decode took. A sampled path is drawn from generators of its own, seeded per prompt
-    (every device's): a prompt's draws do not depend on the others, and the caller's random streams stay as they were.
+    prompt weighs by the steps its decode took. A sampled path is drawn from generators of its own (every device's),
+    seeded by the prompt (`calibration_seed`): a prompt's draws do not depend on the prompts beside it, and the
+    caller's random streams stay as they were.
     """
     totals = {shape: 0.0 for shape in shapes}
     steps = {shape: 0 for shape in shapes}
@@ -284,8 +291,8 @@ def calibrate_acceptance(
             depths = tuple(sorted({shape.depth for shape in group}))
             max_total = max(shape.total_tokens for shape in group)
             full = expansion_size(depths[-1], top_k)
-            for seed, prompt in enumerate(prompts):
-                torch.manual_seed(seed)
+            for prompt in prompts:
+                torch.manual_seed(calibration_seed(prompt))
                 steps_of_prompt = union_steps(
                     model, draft_model, prompt, new_tokens, full, depths, top_k, max_total, group, rule
                 )
@@ -644,7 +651,7 @@ def tune_tree_shape(
 
     def calibration() -> tuple[list[torch.LongTensor], str]:
         if prompts is not None:
-            return list(prompts), f"{len(prompts)} prompts given to tune_tree_shape"
+            return list(prompts), "the prompts given to tune_tree_shape"
         found = target_tokenizer(model, tokenizer)
         if found is None:
             raise ValueError(
