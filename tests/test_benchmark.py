@@ -519,3 +519,36 @@ def test_measure_batch_warms_up_on_the_widest_batch(tiny, tmp_path, monkeypatch)
     assert len(timed) == 2 and timed[0] < timed[1]
     # Per method: the warm-up (the widest batch alone), then the timed batches.
     assert calls == [[max(timed)], timed, [max(timed)], timed]
+
+
+def test_calibration_check_compares_what_each_set_of_prompts_chooses(tiny, tmp_path, monkeypatch):
+    """`calibration_check.py`: every set's choice under one step-time model (here a cached file's), its expected and
+    reference tau, the tokens/s the reference predicts for it against the reference's best, and its decoded tau."""
+    spec = importlib.util.spec_from_file_location("calibration_check", SCRIPT.parent / "calibration_check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    grid = tree_shape.ShapeGrid(total_tokens=(3, 4, 6), depths=(2, 3), top_ks=(2, 3), calibration_tokens=6)
+    monkeypatch.setitem(check.GRIDS, "cpu", grid)
+    timings = [tree_shape.StepTiming(shape, 0.001 * shape.depth, 0.002 * shape.nodes) for shape in grid.shapes()]
+    step_times = tmp_path / "step_times.json"
+    step_times.write_text(json.dumps({"timings": tree_shape.timing_rows(timings)}))
+    root, prompts = tiny
+    argv = ["--target", str(root / "target"), "--head", str(root / "head"), "--prompts", str(prompts)]
+    argv += ["--limit", "2", "--stride", "1", "--offset", "0", "--first_limit", "3", "--first_stride", "1"]
+    argv += ["--first_tokens", "8", "--reference_tokens", "6", "--decode_tokens", "4", "--device", "cpu"]
+    argv += ["--top_ks", "2", "--step_times", str(step_times), "--output_dir", str(tmp_path), "--name", "check"]
+    assert check.main(argv) == 0
+    payload = json.loads((tmp_path / "check.json").read_text())
+    rows = {row["calibration"]: row for row in payload["rows"]}
+    assert list(rows) == ["built-in", "first prompt", "reference"]
+    assert rows["built-in"]["prompts"] == len(check.CALIBRATION_REQUESTS) and rows["built-in"]["new_tokens"] == 6
+    assert rows["first prompt"]["prompts"] == 1 and rows["reference"]["prompts"] == 2
+    shapes = {str(shape) for shape in grid.shapes() if shape.top_k == 2}
+    assert set(payload["taus"]["reference"]) == shapes and payload["best_by_reference"] in shapes
+    assert rows["reference"]["chose"] == payload["best_by_reference"] and rows["reference"]["of_best"] == 1
+    for row in rows.values():
+        assert row["chose"] in shapes and row["of_best"] <= 1 and row["decoded_tau"] >= 1
+        assert row["expected_tau"] == round(payload["taus"][row["calibration"]][row["chose"]], 3)
+        assert row["reference_tau"] == round(payload["taus"]["reference"][row["chose"]], 3)
+    table = (tmp_path / "check.md").read_text()
+    assert f"| built-in | {len(check.CALIBRATION_REQUESTS)} x 6 |" in table

@@ -1,12 +1,13 @@
 """The prompts `eagle3_tree="auto"` calibrates a head's acceptance on.
 
-How many drafts a head gets accepted depends on the text: far more on a long, predictable prompt than on everyday
-requests (on an H200 one long prompt predicted tau 7.6 where MT-bench gave 2.98, and the tree chosen from it was far
-too deep). So the automatic tree is calibrated on a fixed set of short, varied requests (`CALIBRATION_REQUESTS`:
-advice, explanation, code, arithmetic, rewriting, summarising, planning, verse), each rendered as one user turn with
-the target's chat template (a tokenizer without one: the text alone, as a base model continues it). The choice then
-does not depend on which prompt came first, and is the same on every run. The acceptance of every shape is pooled
-over all their decoded steps (`tree_shape.calibrate_acceptance`).
+How many drafts a head gets accepted depends on the text: far more on a prompt the target answers predictably (or
+with a repetition loop) than on everyday requests; on an H200 one such prompt predicted tau 7.6 where MT-bench gave
+2.98, and the tree chosen from it was far too deep. So the automatic tree is calibrated on a fixed set of short,
+varied requests (`CALIBRATION_REQUESTS`: advice, explanation, code, arithmetic, rewriting, summarising, planning,
+verse), each rendered as one user turn with the target's chat template (a tokenizer without one: the text alone, as a
+base model continues it). The choice then does not depend on which prompt came first, and is the same on every run.
+The acceptance of every shape is pooled over all their decoded steps (`tree_shape.calibrate_acceptance`), so a
+request the head predicts unusually well takes few steps and weighs less than its tokens.
 
 The requests of one's own workload go in `eagle3_calibration_prompts` (text, rendered alike) or as token ids to
 `tree_shape.tune_tree_shape(target, head, prompts)`. Text is rendered with the tokenizer `generate` was given
@@ -43,8 +44,8 @@ CALIBRATION_REQUESTS: tuple[str, ...] = (
     "I have a job interview tomorrow morning for a junior accountant position and I get nervous talking to "
     "strangers. What can I do tonight and tomorrow to feel better prepared?",
     "Explain in simple terms how a refrigerator keeps food cold, and why the back of it feels warm.",
-    "Write a Python function that takes a list of words and returns a dictionary grouping the words by their first "
-    "letter. Include a docstring and a short example of its use.",
+    "Write a Python function that checks whether a sentence is a palindrome, ignoring spaces, punctuation and capital "
+    "letters. Include a docstring and two examples.",
     "A train leaves at 9:40 and travels 210 km at an average speed of 84 km/h. At what time does it arrive? Show your "
     "reasoning step by step.",
     "Rewrite this message so that it sounds polite and professional: 'hey, the report you sent is missing the march "

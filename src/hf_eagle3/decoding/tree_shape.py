@@ -561,7 +561,8 @@ def check_shape(stored: Any) -> TreeShape:
     return shape
 
 
-def _timings_of(record: dict[str, Any]) -> list[StepTiming]:
+def timings_of_record(record: dict[str, Any]) -> list[StepTiming]:
+    """The step times a cache record holds (`timing_rows`); a ValueError, KeyError or TypeError if it holds none."""
     timings = [
         StepTiming(TreeShape(**row["shape"]), float(row["draft_ms"]) / 1000, float(row["verify_ms"]) / 1000)
         for row in record["timings"]
@@ -574,7 +575,7 @@ def _timings_of(record: dict[str, Any]) -> list[StepTiming]:
 def read_cached_record(
     key: dict[str, Any], check: Callable[[dict[str, Any]], Any] = lambda record: check_shape(record["shape"])
 ) -> dict[str, Any] | None:
-    """The record stored for `key` (checked by `check`: by default its `shape`; `_timings_of` for a `step_times_key`), or None when there is none; an
+    """The record stored for `key` (checked by `check`: by default its `shape`; `timings_of_record` for a `step_times_key`), or None when there is none; an
     unreadable file is reported and ignored."""
     path = cache_file(key)
     if not path.is_file():
@@ -624,9 +625,9 @@ def step_times(
 ) -> list[StepTiming]:
     """Step times of `shapes` on the path of `key`: cached (shared by every acceptance rule), else `time_shapes`."""
     timing_key = step_times_key(key)
-    record = None if refresh else read_cached_record(timing_key, _timings_of)
+    record = None if refresh else read_cached_record(timing_key, timings_of_record)
     if record is not None:
-        return _timings_of(record)
+        return timings_of_record(record)
     timings = time_shapes(model, draft_model, prompt, shapes, static_cache, compile=False, new_tokens=new_tokens)
     write_cached_shape(timing_key, {"timings": timing_rows(timings)})
     return timings
