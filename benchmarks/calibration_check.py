@@ -12,8 +12,8 @@ calibrated (`tree_shape.calibrate_acceptance`, greedy) on three sets of prompts:
 - `reference`: the task's prompts (`--limit`, `--stride`, `--offset`), `--reference_tokens` each: the workload's own
   expected tau.
 
-Each set's choice under one step-time model (timed here on the dynamic path, or read from a tree cache's step-time file
-with `--step_times`, e.g. one recorded on a GPU) is reported with its expected tau, its reference tau and the tokens/s
+Each set's choice under one step-time model (timed here on the path `generate` takes by default, or read from a tree
+cache's step-time file with `--step_times`, e.g. one recorded on a GPU) is reported with its expected tau, its reference tau and the tokens/s
 the reference predicts for it, beside the reference's own best shape. `--decode_tokens N` also decodes the reference
 prompts with each chosen shape: the tau and tokens/s actually seen.
 
@@ -106,7 +106,9 @@ def check(args: argparse.Namespace) -> dict:
     else:
         built_in = sets["built-in"][0][0].to(target.device)
         timed = tree_shape.timing_shapes(grid)
-        timings = tree_shape.time_shapes(target, head, built_in, timed, False, False, grid.timing_tokens)
+        # The path `generate` takes by default: static caches (CUDA graphs) on CUDA, else the dynamic cache.
+        static = target.device.type == "cuda"
+        timings = tree_shape.time_shapes(target, head, built_in, timed, static, False, grid.timing_tokens)
     step_time = tree_shape.StepTimeModel(timings)
 
     reference = calibrated["reference"]["taus"]
