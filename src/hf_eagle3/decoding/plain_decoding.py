@@ -5,8 +5,9 @@ On the static path (`static_tree.use_static_tree`) the baseline a user compares 
 generate (`cache_implementation="static"`), whose decoding forward transformers compiles by itself on CUDA
 (`_valid_auto_compile_criteria`); elsewhere it is the default dynamic cache. `decode_without_drafts` decodes the
 call that way and `time_plain_steps` times the same decoding, so a batch falls back to exactly what it was compared
-with. Both leave the decoding to transformers: the cache is made by its `_prepare_cache_for_generation` (its sizing,
-`max_cache_len` and reuse across calls included), the tokens by its `_sample`.
+with. Both leave the decoding to transformers: the cache is made by its `_prepare_cache_for_generation` (its sizing
+included: `max_cache_len`, and the longest length of earlier calls, which spares a recompilation), the tokens by its
+`_sample`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .._compat import CACHE_NAME
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel, StoppingCriteriaList
+    from transformers.generation import GenerateDecoderOnlyOutput
     from transformers.generation.streamers import BaseStreamer
 
 
@@ -34,7 +36,7 @@ def decode_without_drafts(
     streamer: BaseStreamer | None,
     model_kwargs: dict[str, Any],
     static_cache: bool,
-):
+) -> GenerateDecoderOnlyOutput | torch.LongTensor:
     """`_sample` on the call's prepared inputs, processors and stopping criteria: the output `generate` gives without
     an assistant, with `cache_implementation="static"` on the static path (a static cache in place of the call's
     empty dynamic one, compiled on CUDA as transformers compiles it)."""
