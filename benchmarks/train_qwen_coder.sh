@@ -52,7 +52,7 @@ elif [ "$STAGE" = train ]; then
   resume=()
   if compgen -G "$RUN_DIR/head/checkpoint-*" > /dev/null; then resume=(--resume_from_checkpoint latest); fi
   "${BENCH[@]}" train "${TARGET[@]}" --data "$RUN_DIR/data" --eval_data "$RUN_DIR/data/eval" --eval_strategy epoch \
-    --output_dir "$RUN_DIR/head" --head_intermediate_size "${HEAD_MLP:-768}" --num_train_epochs "${EPOCHS:-3}" \
+    --output_dir "$RUN_DIR/head" --head_intermediate_size "${HEAD_MLP:-768}" --num_train_epochs "${EPOCHS:-4}" \
     --per_device_train_batch_size "${BATCH:-16}" --learning_rate "${LR:-3e-4}" --lr_scheduler_type cosine \
     --warmup_steps 0.03 --max_grad_norm 0.5 --bf16 true --logging_steps 20 --save_steps 200 --save_total_limit 2 \
     --dataloader_num_workers 2 --report_to none "${resume[@]}" "${train_args[@]}"

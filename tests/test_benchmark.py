@@ -451,9 +451,9 @@ def test_measure_batch_times_each_batch_size(tiny, tmp_path, monkeypatch):
     assert rows[(1, methods[3])]["tree_shapes"][0] in {"3/2/2", "4/2/2"}
     assert rows[(3, methods[3])]["tree_shapes"][0] in {"2/1/2", "3/1/2", "2/2/2", "3/2/2", "no drafts"}
     assert rows[(3, "plain_compiled")]["speedup"] == 1.0 and rows[(3, "plain_compiled")]["tree_shapes"] == []
-    assert (
-        len(list((tmp_path / "trees" / "tree_shapes").glob("*.json"))) == 4
-    )  # batch 1 (choice, step times), batch 3, acceptance
+    # Batch 1: the choice and step times; batch 3: the choice, the step times of the shapes and without drafts; and
+    # the batch acceptance.
+    assert len(list((tmp_path / "trees" / "tree_shapes").glob("*.json"))) == 6
     table = (tmp_path / "target_batch.md").read_text()
     assert "| 3 | eagle3_tree_t8_d3_k2 | 3 |" in table and " | 8/3/2 | yes | " in table
 

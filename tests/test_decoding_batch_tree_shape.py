@@ -7,11 +7,14 @@ import json
 
 import pytest
 import torch
+from conftest import make_head, make_target
 from lossless import assert_rows_lossless, left_pad, make_friendly_pair, prompt_reaching_eos
-from transformers import GenerationConfig
+from transformers import CompileConfig, GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers.cache_utils import StaticCache
 from tree_decoding import make_oracle_pair, prompt
 
-from hf_eagle3.decoding import batch_tree_shape, tree_shape
+from hf_eagle3._compat import CACHE_NAME
+from hf_eagle3.decoding import batch_tree_shape, plain_decoding, tree_shape
 from hf_eagle3.decoding.batch_tree_shape import choose_batch_shape, tune_batch_tree_shape
 from hf_eagle3.decoding.calibration import CALIBRATION_REQUESTS, render_requests
 from hf_eagle3.decoding.config import DEFAULT_EAGLE3_KNOBS, Eagle3DecodingConfig
@@ -106,7 +109,7 @@ def _spy(monkeypatch) -> list[str]:
     calls = []
     for module, name in (
         (batch_tree_shape, "calibrate_acceptance"),
-        (batch_tree_shape, "time_shapes"),
+        (tree_shape, "time_shapes"),
         (batch_tree_shape, "time_plain_steps"),
     ):
         original = getattr(module, name)
@@ -138,7 +141,8 @@ def test_cache_per_batch_size_and_shared_acceptance(cache_dir, monkeypatch):
     tune_batch_tree_shape(target, head, input_ids, attention_mask, static_cache=True)
     assert calls[5:] == ["time_shapes", "time_plain_steps"], "another path times again"
     stored = [json.loads(path.read_text()) for path in cache_dir.glob("*.json")]
-    assert sorted(record["key"].get("batch_size", 0) for record in stored) == [0, 2, 3, 3]
+    # Per batch size and path: the choice, the shapes' step times and plain decoding's.
+    assert sorted(record["key"].get("batch_size", 0) for record in stored) == [0] + [2] * 3 + [3] * 6
     (acceptance,) = [record for record in stored if "taus" in record]
     assert {TreeShape(**entry["shape"]) for entry in acceptance["taus"]} == set(TINY_BATCH_GRID.shapes())
 
@@ -161,7 +165,8 @@ def test_batch_with_the_automatic_tree_is_lossless(arch, static_cache, cache_dir
     prompts = [prompt_reaching_eos(target, 4, length=5), prompt_reaching_eos(target, 40, length=9)]
     prompts.append(prompt_reaching_eos(target, 13, length=3))
     output = assert_rows_lossless(target, head, prompts, max_new_tokens=20, eagle3_static_cache=static_cache)
-    (choice,) = [json.loads(path.read_text()) for path in cache_dir.glob("*.json") if "batch_size" in path.read_text()]
+    stored = [json.loads(path.read_text()) for path in cache_dir.glob("*.json")]
+    (choice,) = [record for record in stored if "batch_size" in record["key"] and "shape" in record]
     stats = output.eagle3_stats
     assert not stats.plain_fallback and stats.static_cache == static_cache
     assert stats.tree_shape == tuple(choice["shape"].values())
@@ -170,27 +175,125 @@ def test_batch_with_the_automatic_tree_is_lossless(arch, static_cache, cache_dir
     assert again.eagle3_stats.tree_shape == stats.tree_shape
 
 
-def test_batch_that_no_tree_speeds_up_decodes_without_drafts(cache_dir, monkeypatch, caplog):
-    """Where decoding without drafts is the fastest, the batch is the target's own decoding: lossless, said in the
-    log and in the statistics; an explicit tree still decodes with drafts."""
+class StopAfter(StoppingCriteria):
+    """Stops a row once it holds `token` (a criterion of the caller's own, per row)."""
+
+    def __init__(self, token: int):
+        self.token = token
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return input_ids[:, -1] == self.token
+
+
+@pytest.mark.parametrize("static_cache", [False, True], ids=["dynamic", "static"])
+def test_batch_that_no_tree_speeds_up_decodes_without_drafts(arch, static_cache, cache_dir, monkeypatch, caplog):
+    """Where decoding without drafts is the fastest, the batch is the target's own decoding as `generate` without an
+    assistant gives it: on the static path transformers' static-cache generate (which it compiles on CUDA), exactly,
+    with the call's processors, stopping criteria, `max_new_tokens` and outputs; said in the log and the statistics.
+    An explicit tree still decodes with drafts."""
     monkeypatch.setattr(batch_tree_shape, "time_plain_steps", lambda *args: 0.0)
-    target, head = make_friendly_pair("qwen2")
-    prompts = [prompt_reaching_eos(target, 3), prompt_reaching_eos(target, 30, length=7)]
+    target = make_target(arch)
+    head = make_head(target)
+    generator = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 96, (1, length), generator=generator).to(target.device) for length in (6, 11, 4)]
+    input_ids, attention_mask = left_pad(prompts, target.config.pad_token_id)
+    # A token the second row emits early on: it stops there.
+    penalized = dict(do_sample=False, repetition_penalty=1.3)
+    early = int(target.generate(input_ids, attention_mask=attention_mask, max_new_tokens=3, **penalized)[1, -1])
+    call = dict(
+        max_new_tokens=10,
+        repetition_penalty=penalized["repetition_penalty"],
+        stopping_criteria=StoppingCriteriaList([StopAfter(early)]),
+        output_scores=True,
+        output_logits=True,
+        eagle3_static_cache=static_cache,
+    )
     with caplog.at_level("WARNING"):
-        output = assert_rows_lossless(target, head, prompts, max_new_tokens=12, output_scores=True)
+        output = assert_rows_lossless(target, head, prompts, **call)
     stats = output.eagle3_stats
     assert stats.plain_fallback and stats.tree_shape is None and stats.target_forwards == 0
-    assert len(output.scores) == 12
-    assert "decodes without drafts" in caplog.text and "none (decoding without drafts)" in caplog.text
-    knobs = dict(eagle3_total_tokens=4, eagle3_depth=2, eagle3_top_k=2)
+    assert stats.static_cache == static_cache
+    # (The warning of the call itself comes once per process.)
+    assert "none (decoding without drafts)" in caplog.text
+    cache = getattr(output, CACHE_NAME)
+    assert isinstance(cache, StaticCache) == static_cache
+    plain_call = {name: value for name, value in call.items() if not name.startswith("eagle3_")}
+    if static_cache:
+        plain_call["cache_implementation"] = "static"
+    plain = target.generate(
+        input_ids, attention_mask=attention_mask, do_sample=False, return_dict_in_generate=True, **plain_call
+    )
+    assert torch.equal(output.sequences, plain.sequences)
+    second = output.sequences[1, input_ids.shape[1] :]
+    emitted = int((second != target.config.pad_token_id).sum())
+    assert emitted <= 3 and int(second[emitted - 1]) == early
+    for name in ("scores", "logits"):
+        assert len(getattr(output, name)) == 10
+        assert torch.equal(torch.stack(getattr(output, name)), torch.stack(getattr(plain, name)))
+    knobs = dict(eagle3_total_tokens=4, eagle3_depth=2, eagle3_top_k=2, eagle3_static_cache=static_cache)
     output = assert_rows_lossless(target, head, prompts, max_new_tokens=12, **knobs)
     assert not output.eagle3_stats.plain_fallback and output.eagle3_stats.tree_shape == (4, 2, 2)
 
 
+def test_decoding_without_drafts_compiles_where_transformers_would(cache_dir, monkeypatch):
+    """The static path's fallback takes transformers' compiled decoding forward wherever transformers compiles it (on
+    CUDA; on the CPU when a `compile_config` asks for every device) and stays token-identical."""
+    monkeypatch.setattr(batch_tree_shape, "time_plain_steps", lambda *args: 0.0)
+    target, head = make_friendly_pair("llama")
+    compile_config = CompileConfig(backend="eager", mode=None)
+    compile_config._compile_all_devices = True
+    compiled = []
+    get_compiled_call = target.get_compiled_call
+    monkeypatch.setattr(
+        target, "get_compiled_call", lambda config: compiled.append(config) or get_compiled_call(config)
+    )
+    prompts = [prompt_reaching_eos(target, 3), prompt_reaching_eos(target, 30, length=7)]
+    output = assert_rows_lossless(
+        target, head, prompts, max_new_tokens=8, eagle3_static_cache=True, compile_config=compile_config
+    )
+    assert output.eagle3_stats.plain_fallback and compiled[0] is compile_config
+
+
+def test_trees_are_compared_with_plain_decoding_on_their_path(cache_dir, monkeypatch):
+    """Decoding without drafts is timed as the path would decode it (`generate` with `cache_implementation="static"`
+    on the static path, the dynamic cache elsewhere), and each path's trees are compared with that path's time."""
+    target, head = make_friendly_pair("llama")
+    _, input_ids, attention_mask = _batch(target, rows=2)
+    caches = []
+    generate = target.generate
+
+    def recording(*args, **kwargs):
+        caches.append(kwargs.get("cache_implementation"))
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(target, "generate", recording)
+    for static_cache in (False, True):
+        del caches[:]
+        plain_decoding.time_plain_steps(target, input_ids, attention_mask, 4, rounds=1, static_cache=static_cache)
+        assert caches == ["static" if static_cache else None] * 2
+
+    # The dynamic path's plain decoding is slower than any tree, the static path's faster than every one.
+    plain_seconds = {False: float("inf"), True: 1e-9}
+    timed = []
+
+    def time_plain_steps(model, input_ids, attention_mask, new_tokens, rounds, static_cache):
+        timed.append(static_cache)
+        return plain_seconds[static_cache]
+
+    monkeypatch.setattr(batch_tree_shape, "time_plain_steps", time_plain_steps)
+    dynamic, record = tune_batch_tree_shape(target, head, input_ids, attention_mask, static_cache=False)
+    assert dynamic is not None and record["plain_step_ms"] == float("inf")
+    static, record = tune_batch_tree_shape(target, head, input_ids, attention_mask, static_cache=True)
+    assert static is None and record["plain_step_ms"] == pytest.approx(1e-6)
+    assert timed == [False, True]
+
+
 def test_sampled_batches_choose_from_sampled_acceptance(cache_dir, monkeypatch):
     """A sampling batch left to the automatic tree calibrates each row's acceptance under the call's own sampling
-    (the single-prompt rule, `tree_shape.acceptance_rule`), in records of its own beside the greedy ones."""
+    (the single-prompt rule, `tree_shape.acceptance_rule`), in records of its own beside the greedy ones. The step
+    times, of the shapes and of decoding without drafts, do not depend on the sampling: measured once for both."""
     monkeypatch.setattr(batch_tree_shape, "time_plain_steps", lambda *args: float("inf"))
+    calls = _spy(monkeypatch)
     rules = []
     original = batch_tree_shape.calibrate_acceptance
 
@@ -202,7 +305,7 @@ def test_sampled_batches_choose_from_sampled_acceptance(cache_dir, monkeypatch):
     target, head = make_friendly_pair("llama")
     _, input_ids, attention_mask = _batch(target, rows=2)
     target.generate(input_ids, attention_mask=attention_mask, assistant_model=head, do_sample=False, max_new_tokens=4)
-    target.generate(
+    sampled = target.generate(
         input_ids,
         attention_mask=attention_mask,
         assistant_model=head,
@@ -210,12 +313,18 @@ def test_sampled_batches_choose_from_sampled_acceptance(cache_dir, monkeypatch):
         temperature=0.7,
         top_k=5,
         max_new_tokens=4,
+        return_dict_in_generate=True,
     )
     assert [rule.do_sample for rule in rules] == [False, True]
     assert {type(processor).__name__ for processor in rules[1].logits_processor} >= {"TemperatureLogitsWarper"}
+    assert calls == ["calibrate_acceptance", "time_shapes", "time_plain_steps", "calibrate_acceptance"]
     stored = [json.loads(path.read_text()) for path in cache_dir.glob("*.json")]
-    assert len(stored) == 4  # an acceptance record and a batch-2 choice per rule
-    assert len({json.dumps(record["key"]["acceptance"], sort_keys=True) for record in stored}) == 2
+    # An acceptance record and a batch-2 choice per rule; the step times of the shapes and without drafts for both.
+    assert len(stored) == 6
+    rules_stored = [json.dumps(record["key"]["acceptance"], sort_keys=True) for record in stored]
+    assert sorted(rules_stored).count("null") == 2 and len(set(rules_stored)) == 3
+    (choice,) = [r for r in stored if "shape" in r and r["key"]["acceptance"] and r["key"]["acceptance"]["do_sample"]]
+    assert sampled.eagle3_stats.tree_shape == tuple(choice["shape"].values())
 
 
 def test_batch_acceptance_is_calibrated_on_the_built_in_requests(chatml, cache_dir, monkeypatch):

@@ -4,20 +4,23 @@ A batch verifies every row's tree in one target forward over batch x nodes token
 of nodes about as fast as one, a batch of 32 may not, and on a small CPU no tree may pay at all. What a step emits per
 row does not depend on the batch (each row accepts exactly what it would alone), so the acceptance (tau) of every
 shape of the batch grid, greedy or under the call's sampling (`tree_shape.acceptance_rule`), is measured once per
-device, target, head, dtype and acceptance rule
-(`tree_shape.calibrate_acceptance`, on the same requests as a single prompt's, see `calibration`) and kept for every
-batch size. What
-depends on the batch is the step time: it is measured once per batch size and path, by short greedy decodes of the
-call's batch with a few shapes (`tree_shape.time_shapes`, fitted by `tree_shape.StepTimeModel`). The batch decodes
-with the shape of most expected tokens/s per row, tau / step seconds.
+device, target, head, dtype and acceptance rule (`tree_shape.calibrate_acceptance`, on the same requests as a single
+prompt's, see `calibration`) and kept for every batch size. What depends on the batch is the step time: it is measured once per batch
+size and path, by short greedy decodes of the call's batch with a few shapes (`tree_shape.step_times`, fitted by
+`tree_shape.StepTimeModel`), and shared by every acceptance rule as for one prompt. The batch decodes with the shape
+of most expected tokens/s per row, tau / step seconds.
 
-The target decoding alone (`generate` without drafts, one forward per token) is timed on the same batch. Where no
-tree is expected to beat it, the batch is decoded that way: transformers' own loop on the call's inputs, lossless by
-construction, logged, and flagged in `Eagle3GenerationStats.plain_fallback`.
+The target decoding alone is timed on the same batch and path, once per batch size and path too: as `generate`
+decodes it without an assistant (`plain_decoding`), transformers' static-cache generate on the static path (compiled
+by transformers on CUDA), the dynamic cache elsewhere. Where no tree is expected to beat it, the batch is decoded that
+way (`plain_decoding.decode_without_drafts`): lossless by construction, logged, and flagged in
+`Eagle3GenerationStats.plain_fallback`.
 
 The compiled path (`eagle3_compile=True`) is timed on the uncompiled static path (CUDA graphs on CUDA): compiling
 every timed shape at every batch size would cost minutes, and the choice assumes that compilation speeds the shapes'
-steps up alike. Choices are cached on disk beside the single-prompt ones (`tree_shape.tree_shape_cache_dir`).
+steps up alike. Against the compiled plain step this leans towards decoding without drafts: a tree is kept where it
+beats compiled plain decoding uncompiled. Choices are cached on disk beside the single-prompt ones
+(`tree_shape.tree_shape_cache_dir`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 from transformers.utils import logging
 
 from .calibration import calibration_prompts, requests_key
+from .plain_decoding import time_plain_steps
 from .static_tree import use_static_tree
 from .tree_shape import (
     GREEDY,
@@ -46,7 +50,8 @@ from .tree_shape import (
     check_shape,
     choose_shape,
     read_cached_record,
-    time_shapes,
+    step_times,
+    step_times_key,
     timing_rows,
     timing_shapes,
     tree_shape_cache_dir,
@@ -121,33 +126,29 @@ def batch_acceptance(
     return {TreeShape(**entry["shape"]): entry["tau"] for entry in record["taus"]}
 
 
-@torch.no_grad()
-def time_plain_steps(
-    model: PreTrainedModel, input_ids: torch.LongTensor, attention_mask: torch.LongTensor, new_tokens: int, rounds: int
+def _check_plain_steps(record: dict[str, Any]) -> None:
+    if not isinstance(record["plain_step_ms"], float) or record["plain_step_ms"] <= 0:
+        raise ValueError(f"its step time {record['plain_step_ms']!r} is not a positive number")
+
+
+def plain_step_seconds(
+    model: PreTrainedModel,
+    key: dict[str, Any],
+    input_ids: torch.LongTensor,
+    attention_mask: torch.LongTensor,
+    static_cache: bool,
+    new_tokens: int,
+    refresh: bool,
 ) -> float:
-    """Seconds per step of the target's own greedy decoding of the batch (no drafts): the fastest of `rounds` pairs of
-    decodes, one of `new_tokens` tokens less one of a single token (the prefill)."""
-
-    def seconds(max_new_tokens: int) -> tuple[float, int]:
-        if model.device.type == "cuda":
-            torch.cuda.synchronize(model.device)
-        start = time.perf_counter()
-        output = model.generate(
-            input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=max_new_tokens
-        )
-        if model.device.type == "cuda":
-            torch.cuda.synchronize(model.device)
-        return time.perf_counter() - start, output.shape[1] - input_ids.shape[1]
-
-    fastest = float("inf")
-    for _ in range(rounds):
-        prefill, _ = seconds(1)
-        total, steps = seconds(new_tokens)
-        if steps > 1:
-            fastest = min(fastest, max(total - prefill, 0.0) / (steps - 1))
-    if fastest == float("inf"):
-        raise RuntimeError("timing plain decoding of the batch decoded one token at most: every row ends at once.")
-    return fastest
+    """Seconds per step of the batch decoded without drafts on the path of `key` (`plain_decoding.time_plain_steps`):
+    cached beside the shapes' step times, shared by every acceptance rule."""
+    plain_key = {**step_times_key(key), "record": "plain steps"}
+    record = None if refresh else read_cached_record(plain_key, _check_plain_steps)
+    if record is None:
+        seconds = time_plain_steps(model, input_ids, attention_mask, new_tokens, TIMING_ROUNDS, static_cache)
+        record = {"plain_step_ms": 1000 * seconds}
+        write_cached_shape(plain_key, record)
+    return record["plain_step_ms"] / 1000
 
 
 def choose_batch_shape(
@@ -190,11 +191,13 @@ def tune_batch_tree_shape(
     if record is not None:
         return (TreeShape(**record["shape"]) if record["shape"] else None), record
     timed = timing_shapes(grid)
+    plain_path = "transformers' static-cache generate" if static_cache else "the dynamic cache"
     logger.warning(
         f"EAGLE-3 is measuring which draft tree fits a batch of {batch_size} on {key['device']} ({key['path']} "
-        f"path): step time of {len(timed)} shapes and of decoding without drafts, and (once for every batch size) "
-        f"acceptance of {len(grid.shapes())} shapes. Once for this batch size, device, target, head, path and "
-        f"sampling settings; the choice is kept in {tree_shape_cache_dir()}."
+        f"path): step time of {len(timed)} shapes and of decoding without drafts ({plain_path}; once for this "
+        f"batch size and path), and acceptance of {len(grid.shapes())} shapes (once, for every batch size and path), "
+        f"unless measured already. The choice, per batch size, device, target, head, path and sampling settings, is "
+        f"kept in {tree_shape_cache_dir()}."
     )
     start = time.perf_counter()
 
@@ -205,10 +208,10 @@ def tune_batch_tree_shape(
         return calibration_prompts(model, requests, tokenizer, first_rows)
 
     taus = batch_acceptance(model, draft_model, calibration, grid, refresh, rule, requests_key(requests))
-    timings = time_shapes(
-        model, draft_model, input_ids, timed, static_cache, False, grid.timing_tokens, attention_mask=attention_mask
+    timings = step_times(
+        model, draft_model, key, input_ids, timed, static_cache, grid.timing_tokens, refresh, attention_mask
     )
-    plain = time_plain_steps(model, input_ids, attention_mask, grid.timing_tokens, TIMING_ROUNDS)
+    plain = plain_step_seconds(model, key, input_ids, attention_mask, static_cache, grid.timing_tokens, refresh)
     shape, table = choose_batch_shape(taus, StepTimeModel(timings), plain)
     record = {
         "shape": asdict(shape) if shape is not None else None,

@@ -10,10 +10,10 @@ The path of `assistant_model` from `generate` to the verification forward:
 3. `generate` calls `_assisted_decoding`; its hook runs `eagle3_assisted_decoding`: the call's settings are resolved
    once into an `Eagle3DecodingConfig` and the inputs checked once (`checks.check_eagle3_inputs`), the automatic tree
    shape filled in (`tree_shape.resolve_auto_tree`, for a batch `batch_tree_shape.resolve_batch_tree`: measured the
-   first time, then cached; a batch that no tree speeds up decodes without drafts, in `_sample`); then tree mode runs
-   `tree_loop.tree_assisted_decoding` (whose backend's `verify` is the target forward over the draft tree), and chain
-   mode runs transformers' own loop with an `Eagle3CandidateGenerator`, which the hook on `_get_candidate_generator`
-   hands it.
+   first time, then cached; a batch that no tree speeds up decodes without drafts, as `generate` would without an
+   assistant: `plain_decoding`); then tree mode runs `tree_loop.tree_assisted_decoding` (whose backend's `verify` is
+   the target forward over the draft tree), and chain mode runs transformers' own loop with an
+   `Eagle3CandidateGenerator`, which the hook on `_get_candidate_generator` hands it.
 
 Why hooks and not a public seam: transformers picks the decoding method and the candidate generator in private
 `GenerationMixin` methods, without a registry. `generate(custom_generate=callable)` would have to be passed on every
@@ -49,7 +49,9 @@ from .config import (
     UNUSED_ASSISTED_KNOBS,
     Eagle3DecodingConfig,
 )
+from .plain_decoding import decode_without_drafts
 from .sdpa_backends import shape_stable_attention
+from .static_tree import use_static_tree
 from .stats import Eagle3GenerationStats
 from .tree_loop import tree_assisted_decoding
 from .tree_shape import resolve_auto_tree
@@ -101,6 +103,7 @@ def eagle3_assisted_decoding(
     check_eagle3_inputs(model, draft, config, input_ids, generation_config, synced_gpus, model_kwargs)
     if not draft.has_target_embeddings:
         draft.attach_target(model)
+    requested_static = config.static_cache
     if config.mode == "tree" and config.tree == "auto":
         resolve = resolve_batch_tree if input_ids.shape[0] > 1 else resolve_auto_tree
         config = resolve(
@@ -117,8 +120,17 @@ def eagle3_assisted_decoding(
             "eagle3_total_tokens, eagle3_depth and eagle3_top_k to decode with drafts anyway."
         )
         stats.plain_fallback = True
-        result = model._sample(
-            input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer, **model_kwargs
+        stats.static_cache = use_static_tree(requested_static, model, draft, input_ids.device, model_kwargs)
+        result = decode_without_drafts(
+            model,
+            input_ids,
+            logits_processor,
+            stopping_criteria,
+            generation_config,
+            synced_gpus,
+            streamer,
+            model_kwargs,
+            static_cache=stats.static_cache,
         )
     elif config.mode == "tree":
         result = tree_assisted_decoding(

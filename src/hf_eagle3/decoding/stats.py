@@ -20,8 +20,8 @@ class Eagle3GenerationStats:
     decoding ran on static caches (see `eagle3_static_cache`), `compiled` whether their steps ran compiled (see
     `eagle3_compile`), `tree_shape` the `(total_tokens, depth, top_k)` tree mode decoded with (see `eagle3_tree`).
     `plain_fallback` tells that the call decoded without drafts (the target alone, as `generate` without an
-    assistant): a batch left to the automatic tree where no tree pays (see `batch_tree_shape`); the counts then stay
-    zero.
+    assistant, on transformers' static cache where `static_cache` is set): a batch left to the automatic tree where no
+    tree pays (see `batch_tree_shape`); the counts then stay zero.
 
     For a batch of several prompts, `rows` holds each row's own counts and the call's counts are their sums: each
     verification forward counts once for every row it served, so `mean_accept_len` stays the tokens a row gets per

@@ -622,13 +622,24 @@ def step_times(
     static_cache: bool,
     new_tokens: int,
     refresh: bool,
+    attention_mask: torch.LongTensor | None = None,
 ) -> list[StepTiming]:
-    """Step times of `shapes` on the path of `key`: cached (shared by every acceptance rule), else `time_shapes`."""
+    """Step times of `shapes` on the path of `key`: cached (shared by every acceptance rule), else `time_shapes` of
+    `prompt` (a left-padded batch with its `attention_mask`: seconds per batch step)."""
     timing_key = step_times_key(key)
     record = None if refresh else read_cached_record(timing_key, timings_of_record)
     if record is not None:
         return timings_of_record(record)
-    timings = time_shapes(model, draft_model, prompt, shapes, static_cache, compile=False, new_tokens=new_tokens)
+    timings = time_shapes(
+        model,
+        draft_model,
+        prompt,
+        shapes,
+        static_cache,
+        compile=False,
+        new_tokens=new_tokens,
+        attention_mask=attention_mask,
+    )
     write_cached_shape(timing_key, {"timings": timing_rows(timings)})
     return timings
 
