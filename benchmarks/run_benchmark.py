@@ -361,6 +361,8 @@ def result_row(
         # Caches and graphs the decoding loop built inside the timed calls, all prompts together: about 0 once the
         # warm-up built them (a `setup` phase is recorded where the loop has one).
         "setup_s": round(tally.phase_seconds["setup"], 4) if timed and "setup" in tally.phase_seconds else None,
+        # The prompts' prefills, all prompts together: with `setup_s`, what a call spends before its first draft.
+        "prefill_s": round(tally.phase_seconds["prefill"], 4) if timed and "prefill" in tally.phase_seconds else None,
         # The untimed calls before timing: compilation or graph capture for the compiled methods.
         "warmup_s": round(warmup_s, 3) if warmup_s is not None else None,
         "recompilations": tally.compiled_graphs,
@@ -813,23 +815,28 @@ def markdown_table(payload: dict) -> str:
             "## Where one step's time goes",
             "",
             "Tree methods, per verification step: draft, verify and accept = time of each phase as the decoding "
-            "loop records it (`phase_seconds`: device time on CUDA; - where it records none); rest = the wall time "
-            "per verification step outside the three (the prefill's share, `generate`'s own setup and loop). "
-            "ms/step counts the prefill among the forwards, so it is a little less than the four together.",
+            "loop records it (`phase_seconds`: device time on CUDA; - where it records none); prefill = the prompts' "
+            "prefills (and the static path's setup) spread over the verification steps; rest = the wall time per "
+            "verification step outside these (`generate`'s own work before and after the loop, our checks and "
+            "tree lookup; with the prefill where it was not recorded). ms/step counts the prefill among the "
+            "forwards, so it is a little less than the five together.",
             "",
-            "| temperature | task | method | tau | ms/step | draft ms | verify ms | accept ms | rest ms |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| temperature | task | method | tau | ms/step | draft ms | verify ms | accept ms | prefill ms | rest ms |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in tree_rows:
             phases = [row.get(f"{phase}_ms") for phase in PHASES]
-            rest = None
+            prefill = rest = None
             if None not in phases and row["mean_accept_len"]:
                 # Phases are per verification step; the prompts' first tokens came from their prefills.
                 verifications = (row["new_tokens"] - row["prompts"]) / row["mean_accept_len"]
-                rest = 1000 * row["seconds"] / verifications - sum(phases)
+                if row.get("prefill_s") is not None:
+                    prefill = 1000 * (row["prefill_s"] + (row.get("setup_s") or 0.0)) / verifications
+                rest = 1000 * row["seconds"] / verifications - sum(phases) - (prefill or 0.0)
             lines.append(
                 f"| {row['temperature']:g} | {row['task']} | {row['method']} | {_cell(row['mean_accept_len'])} | "
-                f"{row['ms_per_step']:.1f} | {' | '.join(_cell(ms) for ms in phases)} | {_cell(rest)} |"
+                f"{row['ms_per_step']:.1f} | {' | '.join(_cell(ms) for ms in phases)} | {_cell(prefill)} | "
+                f"{_cell(rest)} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -206,10 +206,11 @@ def test_step_breakdown_from_phase_times(full_run):
     outputs = [torch.zeros(15, dtype=torch.long)] * 2
     tally = run_benchmark.Tally(new_tokens=30, seconds=0.5, decode_tokens=28, decode_forwards=10, outputs=outputs)
     for _ in outputs:
-        tally.add_phases({"setup": 0.0001, "draft": 0.01, "verify": 0.02, "accept": 0.005})
+        tally.add_phases({"setup": 0.0001, "prefill": 0.0049, "draft": 0.01, "verify": 0.02, "accept": 0.005})
     row = run_benchmark.result_row(method, "task", 0.0, tally, plain=None, warmup_s=3.0)
     # Per verification step: 10 steps over both prompts; ms/step counts the 2 prefills as well.
     assert [row[key] for key in PHASE_KEYS] == [2.0, 4.0, 1.0] and row["setup_s"] == 0.0002
+    assert row["prefill_s"] == 0.0098
     assert row["ms_per_step"] == 41.667 and row["warmup_s"] == 3.0 and row["draft_forwards_per_step"] is None
     # A call without phase times leaves the breakdown empty rather than wrong.
     tally.add_phases({})
@@ -217,11 +218,12 @@ def test_step_breakdown_from_phase_times(full_run):
     assert [run_benchmark.result_row(method, "task", 0.0, tally, None)[key] for key in PHASE_KEYS] == [None] * 3
     # Rows of earlier runs, without the newer keys, still make a table with the new rows.
     _, payload, _ = full_run
-    newer = {*PHASE_KEYS, "setup_s", "warmup_s", "speedup_vs_plain_compiled", "prompt_tokens"}
+    newer = {*PHASE_KEYS, "setup_s", "prefill_s", "warmup_s", "speedup_vs_plain_compiled", "prompt_tokens"}
     old = {key: value for key, value in payload["results"][0].items() if key not in newer}
     table = run_benchmark.markdown_table({**payload, "results": [old, row]})
-    # rest: 500 ms over 10 verification steps, less the 7 ms of the phases.
-    assert "| 0 | task | eagle3_tree_graph | 2.80 | 41.7 | 2.00 | 4.00 | 1.00 | 43.00 |" in table
+    # prefill: 10 ms of prefills and setup over 10 verification steps; rest: 500 ms over them, less the 8 ms of the
+    # phases and the prefill.
+    assert "| 0 | task | eagle3_tree_graph | 2.80 | 41.7 | 2.00 | 4.00 | 1.00 | 1.00 | 42.00 |" in table
     assert f"| {old['ms_per_step']:.1f} | - |" in table and f"| {old['prompts']} | - |" in table
 
 
