@@ -158,3 +158,37 @@ def test_eager_paths_keep_cudnn_attention_out(mode):
             handle.remove()
     assert len(seen) > 2 and not any(seen)
     assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_static_path_encodes_prompts_without_cudnn_attention(rows):
+    """The static path's steps keep fixed shapes, but its prompt encoding meets a new length at almost every call:
+    the prefill's forwards (target and head) leave cuDNN's attention out, and the call gives it back."""
+    target = make_target("llama")
+    head = make_head(target)
+    calls = []
+
+    def record(module, args):
+        calls.append((module, torch.backends.cuda.cudnn_sdp_enabled()))
+
+    input_ids = torch.cat([prompt(seed) for seed in range(rows)])
+    handles = [model.register_forward_pre_hook(record) for model in (target, head)]
+    try:
+        target.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            assistant_model=head,
+            eagle3_static_cache=True,
+            eagle3_total_tokens=8,
+            eagle3_depth=3,
+            eagle3_top_k=2,
+            max_new_tokens=6,
+            do_sample=False,
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    first_target = next(enabled for module, enabled in calls if module is target)
+    first_head = next(enabled for module, enabled in calls if module is head)
+    assert not first_target and not first_head
+    assert torch.backends.cuda.cudnn_sdp_enabled()

@@ -5,7 +5,8 @@ combination of input shapes and keeps it for reuse. Plain decoding meets a few s
 ones at almost every forward (the dynamic cache grows by a different number of tokens each step, and the head's tree
 levels and the verified tree change width), so the plans are built again and again, and the time goes into planning
 rather than attention. Flash and memory-efficient attention need no plan per shape. The static-cache path keeps fixed
-shapes and is left alone.
+shapes in its captured steps, which are left alone; its eager prompt encoding meets a new length at almost every call,
+and runs in this context too.
 """
 
 from __future__ import annotations

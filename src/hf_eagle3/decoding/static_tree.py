@@ -57,6 +57,7 @@ from .._compat import CACHE_NAME, cache_kwargs
 from .acceptance import StepResult, TreePath, greedy_path, sampled_path
 from .draft_tree import DraftTree, additive_mask, grow_draft_tree
 from .kv_cache import keep_static_cache_positions, set_cache_length, static_cache_problem
+from .sdpa_backends import shape_stable_attention
 from .tree_processors import capturable, processor_settings
 
 if TYPE_CHECKING:
@@ -234,28 +235,30 @@ class GraphRunner:
         set_cache_length(self.head_cache, 0)
         # `generate` passes `logits_to_keep` where the model takes it.
         logits_to_keep = {"logits_to_keep": 1} if "logits_to_keep" in model_kwargs else {}
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=additive_mask(allowed, self.model.dtype),
-            position_ids=position_ids,
-            use_cache=True,
-            return_dict=True,
-            **logits_to_keep,
-            **cache_kwargs(self.target_cache),
-        )
-        features = self.capture.pop()
-        # The head encodes every prompt position but the last, whose successor (the first new token) is not known
-        # yet: the first draft encodes it as a block with one new entry.
-        if input_ids.shape[1] > 1:
-            self.draft_model(
-                input_ids=input_ids[:, 1:],
-                target_hidden_states=features[:, :-1],
-                attention_mask=allowed[:, None, :-1],
-                position_ids=position_ids[:, :-1],
-                past_key_values=self.head_cache,
+        # The prompt's length is new at almost every call: no kernel that plans per shape (see `sdpa_backends`).
+        with shape_stable_attention():
+            outputs = self.model(
+                input_ids=input_ids,
+                attention_mask=additive_mask(allowed, self.model.dtype),
+                position_ids=position_ids,
                 use_cache=True,
-                logits_to_keep=1,
+                return_dict=True,
+                **logits_to_keep,
+                **cache_kwargs(self.target_cache),
             )
+            features = self.capture.pop()
+            # The head encodes every prompt position but the last, whose successor (the first new token) is not
+            # known yet: the first draft encodes it as a block with one new entry.
+            if input_ids.shape[1] > 1:
+                self.draft_model(
+                    input_ids=input_ids[:, 1:],
+                    target_hidden_states=features[:, :-1],
+                    attention_mask=allowed[:, None, :-1],
+                    position_ids=position_ids[:, :-1],
+                    past_key_values=self.head_cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
         return outputs.logits[:, -1].float(), features
 
     def _warm_up_state(self) -> None:
