@@ -201,6 +201,23 @@ def test_each_method_warms_up_right_before_its_timed_calls(full_run):
     assert modes == [{(None, None)}] * 3 + [{("chain", None)}, {("tree", False)}, {("tree", True)}]
 
 
+def test_warm_up_on_every_prompt(tiny, generate_calls, tmp_path):
+    """`--warm_up every_prompt`: after the longest prompt, an untimed call on each prompt of the run, then the timed
+    ones, so that costs paid once per input shape fall outside the timing for every method alike."""
+    generate_calls.clear()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run_benchmark, "EAGER_WARMUP_TOKENS", EAGER_WARMUP_TOKENS)
+        payload = measure(
+            tiny, tmp_path, "--methods", "plain", "--temperatures", "0", "--no_plot", "--warm_up", "every_prompt"
+        )
+    lengths = [call["prompt_length"] for call in generate_calls]
+    tokens = [call["max_new_tokens"] for call in generate_calls]
+    timed = lengths[-2:]
+    assert lengths == [LONGEST_PROMPT, *timed, *timed] and LONGEST_PROMPT in timed
+    assert tokens == [EAGER_WARMUP_TOKENS] * 3 + [8, 8]
+    assert payload["settings"]["warm_up"] == "every_prompt" and payload["results"][0]["warmup_s"] > 0
+
+
 def test_step_breakdown_from_phase_times(full_run):
     method = run_benchmark.parse_method("eagle3_tree_graph")
     outputs = [torch.zeros(15, dtype=torch.long)] * 2
@@ -521,6 +538,10 @@ def test_measure_batch_warms_up_on_the_widest_batch(tiny, tmp_path, monkeypatch)
     assert len(timed) == 2 and timed[0] < timed[1]
     # Per method: the warm-up (the widest batch alone), then the timed batches.
     assert calls == [[max(timed)], timed, [max(timed)], timed]
+    # `--warm_up every_prompt`: the widest batch, then every timed batch untimed, then the timed ones.
+    calls.clear()
+    assert run_benchmark.main([*argv, "--warm_up", "every_prompt"]) == 0
+    assert calls == [[max(timed)], timed, timed] * 2
 
 
 def test_calibration_check_compares_what_each_set_of_prompts_chooses(tiny, tmp_path, monkeypatch):
