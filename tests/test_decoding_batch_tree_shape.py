@@ -10,7 +10,7 @@ import torch
 from conftest import make_head, make_target
 from lossless import assert_rows_lossless, left_pad, make_friendly_pair, prompt_reaching_eos
 from transformers import CompileConfig, GenerationConfig, StoppingCriteria, StoppingCriteriaList
-from transformers.cache_utils import StaticCache
+from transformers.cache_utils import DynamicCache, StaticCache
 from tree_decoding import make_oracle_pair, prompt
 
 from hf_eagle3._compat import CACHE_NAME
@@ -18,7 +18,14 @@ from hf_eagle3.decoding import batch_tree_shape, plain_decoding, tree_shape
 from hf_eagle3.decoding.batch_tree_shape import choose_batch_shape, tune_batch_tree_shape
 from hf_eagle3.decoding.calibration import CALIBRATION_REQUESTS, render_requests
 from hf_eagle3.decoding.config import DEFAULT_EAGLE3_KNOBS, Eagle3DecodingConfig
-from hf_eagle3.decoding.tree_shape import ShapeGrid, StepTimeModel, StepTiming, TreeShape, timing_shapes
+from hf_eagle3.decoding.tree_shape import (
+    ShapeGrid,
+    StepTimeModel,
+    StepTiming,
+    TreeShape,
+    choose_shape,
+    timing_shapes,
+)
 
 # Small enough to measure in a few seconds on the tiny models; down to a root and one draft.
 TINY_BATCH_GRID = ShapeGrid(total_tokens=(2, 3, 5), depths=(1, 2), top_ks=(2,), calibration_tokens=16, timing_tokens=6)
@@ -286,6 +293,54 @@ def test_trees_are_compared_with_plain_decoding_on_their_path(cache_dir, monkeyp
     static, record = tune_batch_tree_shape(target, head, input_ids, attention_mask, static_cache=True)
     assert static is None and record["plain_step_ms"] == pytest.approx(1e-6)
     assert timed == [False, True]
+
+
+def test_compiled_batches_time_the_best_tree_compiled_before_giving_it_up(cache_dir, monkeypatch):
+    """Trees are timed uncompiled, plain decoding as transformers compiles it: on the compiled path a best tree that
+    loses uncompiled is compiled and timed once more, and kept where it wins compiled; choices are kept apart."""
+    target, head = make_friendly_pair("llama")
+    _, input_ids, attention_mask = _batch(target, rows=2)
+    grid = TINY_BATCH_GRID.for_head(head)
+    taus = {shape: _tau(shape) for shape in grid.shapes()}
+    timings = [StepTiming(shape, 0.001 * shape.depth, 0.002 + 1e-4 * shape.nodes) for shape in timing_shapes(grid)]
+    monkeypatch.setattr(batch_tree_shape, "batch_acceptance", lambda *args, **kwargs: taus)
+    monkeypatch.setattr(batch_tree_shape, "step_times", lambda *args, **kwargs: timings)
+    best_shape, table = choose_shape(taus, StepTimeModel(timings))
+    step, tau = table[0]["step_ms"] / 1000, table[0]["tau"]
+    # Plain decoding makes 1.25 tokens in the time the best tree makes its tau uncompiled.
+    monkeypatch.setattr(batch_tree_shape, "time_plain_steps", lambda *args: 0.8 * step / tau)
+    speedup = {"compiled": 2.0}
+    timed = []
+
+    def time_shapes(model, draft_model, prompt, shapes, static_cache, compile, new_tokens, rounds, attention_mask):
+        timed.append((shapes, static_cache, compile))
+        return [StepTiming(shapes[0], 0.0, step / speedup["compiled"])]
+
+    monkeypatch.setattr(batch_tree_shape, "time_shapes", time_shapes)
+    tune = lambda **kwargs: tune_batch_tree_shape(target, head, input_ids, attention_mask, static_cache=True, **kwargs)  # noqa: E731
+    shape, record = tune()
+    assert shape is None and record["compiled_best_step_ms"] is None and timed == []
+    shape, record = tune(compiled=True)
+    assert shape == best_shape and timed == [([best_shape], True, True)]
+    assert record["compiled_best_step_ms"] == pytest.approx(1000 * step / 2) and record["key"]["compiled"]
+    # Both choices are cached, each under its own key.
+    assert tune()[0] is None and tune(compiled=True)[0] == best_shape and len(timed) == 1
+    # Compiled steps only 1.1x faster: the tree loses compiled too.
+    speedup["compiled"] = 1.1
+    assert tune(compiled=True, refresh=True)[0] is None and len(timed) == 2
+    with pytest.raises(ValueError, match="static_cache=True"):
+        tune_batch_tree_shape(target, head, input_ids, attention_mask, compiled=True)
+
+    # `generate`'s resolution asks for the compiled check exactly where the call compiles static steps.
+    asked = []
+    monkeypatch.setattr(
+        batch_tree_shape, "tune_batch_tree_shape", lambda *args, **kwargs: asked.append(kwargs) or (None, {})
+    )
+    for compile_steps in (False, True):
+        config = Eagle3DecodingConfig(static_cache=True, compile=compile_steps)
+        model_kwargs = {"attention_mask": attention_mask, CACHE_NAME: DynamicCache()}
+        assert batch_tree_shape.resolve_batch_tree(target, head, config, input_ids, model_kwargs) is None
+    assert [(kwargs["static_cache"], kwargs["compiled"]) for kwargs in asked] == [(True, False), (True, True)]
 
 
 def test_sampled_batches_choose_from_sampled_acceptance(cache_dir, monkeypatch):

@@ -17,10 +17,11 @@ way (`plain_decoding.decode_without_drafts`): lossless by construction, logged, 
 `Eagle3GenerationStats.plain_fallback`.
 
 The compiled path (`eagle3_compile=True`) is timed on the uncompiled static path (CUDA graphs on CUDA): compiling
-every timed shape at every batch size would cost minutes, and the choice assumes that compilation speeds the shapes'
-steps up alike. Against the compiled plain step this leans towards decoding without drafts: a tree is kept where it
-beats compiled plain decoding uncompiled. Choices are cached on disk beside the single-prompt ones
-(`tree_shape.tree_shape_cache_dir`).
+every timed shape at every batch size would cost minutes, and the choice among trees assumes that compilation speeds
+the shapes' steps up alike. Against plain decoding, which transformers compiles too, uncompiled step times would lean
+towards decoding without drafts; so where the best tree loses uncompiled, it is compiled and timed once more
+(`compiled_step_seconds`: one compilation more, once per batch size), and kept if it wins compiled. Choices are
+cached on disk beside the single-prompt ones (`tree_shape.tree_shape_cache_dir`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from .tree_shape import (
     read_cached_record,
     step_times,
     step_times_key,
+    time_shapes,
     timing_rows,
     timing_shapes,
     tree_shape_cache_dir,
@@ -151,6 +153,43 @@ def plain_step_seconds(
     return record["plain_step_ms"] / 1000
 
 
+def _check_compiled_step(record: dict[str, Any]) -> None:
+    check_shape(record["shape"])
+    if not isinstance(record["step_ms"], float) or record["step_ms"] <= 0:
+        raise ValueError(f"its step time {record['step_ms']!r} is not a positive number")
+
+
+def compiled_step_seconds(
+    model: PreTrainedModel,
+    draft_model: Eagle3DraftModel,
+    key: dict[str, Any],
+    input_ids: torch.LongTensor,
+    attention_mask: torch.LongTensor,
+    shape: TreeShape,
+    new_tokens: int,
+    refresh: bool,
+) -> float:
+    """Seconds per step of the batch decoded with `shape`'s compiled static steps (draft and verify, the fastest of a
+    few decodes after the one that compiles): cached per shape beside the uncompiled step times."""
+    compiled_key = {**step_times_key(key), "record": "compiled step", "shape": asdict(shape)}
+    record = None if refresh else read_cached_record(compiled_key, _check_compiled_step)
+    if record is None:
+        (timing,) = time_shapes(
+            model,
+            draft_model,
+            input_ids,
+            [shape],
+            static_cache=True,
+            compile=True,
+            new_tokens=new_tokens,
+            rounds=TIMING_ROUNDS,
+            attention_mask=attention_mask,
+        )
+        record = {"shape": asdict(shape), "step_ms": 1000 * (timing.draft + timing.verify)}
+        write_cached_shape(compiled_key, record)
+    return record["step_ms"] / 1000
+
+
 def choose_batch_shape(
     taus: dict[TreeShape, float], step_time: StepTimeModel, plain_step_seconds: float
 ) -> tuple[TreeShape | None, list[dict]]:
@@ -174,20 +213,27 @@ def tune_batch_tree_shape(
     prompts: list[torch.LongTensor] | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
     requests: Sequence[str] | None = None,
+    compiled: bool = False,
 ) -> tuple[TreeShape | None, dict[str, Any]]:
     """The shape a batch of `input_ids.shape[0]` rows decodes with on this path under the acceptance `rule` (None:
     without drafts), and the cache record (step times, plain decoding's, every shape's figures). Unless cached for its
     size: step times measured on this left-padded batch, acceptance (once for every batch size) on `prompts`
     (`(1, length)` ids each), by default on the `requests` (text; default the built-in ones) rendered with `tokenizer`
-    (by default the target's own; without one, the batch's first rows). Then cached: call it before `generate` to
-    measure on a batch and prompts of your choosing; `refresh` measures again."""
+    (by default the target's own; without one, the batch's first rows). `compiled` (static path only): the batch
+    decodes with compiled steps, so a best tree that loses to plain decoding uncompiled is timed compiled before it
+    is given up. Then cached: call it before `generate` to measure on a batch and prompts of your choosing; `refresh`
+    measures again."""
     batch_size = input_ids.shape[0]
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if compiled and not static_cache:
+        raise ValueError("Compiled steps are static-path steps: pass static_cache=True with compiled=True.")
     grid = (grid or default_batch_grid(model.device)).for_head(draft_model)
     path = "static" if static_cache else "dynamic"
+    # Step times are the uncompiled path's, shared by both choices; the choice itself is kept per compilation.
     key = {**cache_key(model, draft_model, path, grid, rule, requests_key(requests)), "batch_size": batch_size}
-    record = None if refresh else read_cached_record(key, _check_choice)
+    choice_key = {**key, "compiled": True} if compiled else key
+    record = None if refresh else read_cached_record(choice_key, _check_choice)
     if record is not None:
         return (TreeShape(**record["shape"]) if record["shape"] else None), record
     timed = timing_shapes(grid)
@@ -213,21 +259,32 @@ def tune_batch_tree_shape(
     )
     plain = plain_step_seconds(model, key, input_ids, attention_mask, static_cache, grid.timing_tokens, refresh)
     shape, table = choose_batch_shape(taus, StepTimeModel(timings), plain)
+    best = table[0]
+    compiled_step = None
+    if compiled and shape is None:
+        best_shape = TreeShape(**best["shape"])
+        compiled_step = compiled_step_seconds(
+            model, draft_model, key, input_ids, attention_mask, best_shape, grid.timing_tokens, refresh
+        )
+        if best["tau"] / compiled_step > 1 / max(plain, 1e-9):
+            shape = best_shape
     record = {
         "shape": asdict(shape) if shape is not None else None,
         "seconds": round(time.perf_counter() - start, 2),
         "plain_step_ms": 1000 * plain,
+        "compiled_best_step_ms": 1000 * compiled_step if compiled_step is not None else None,
         "timings": timing_rows(timings),
         "candidates": table,
     }
-    path = write_cached_shape(key, record)
-    best = table[0]
+    path = write_cached_shape(choice_key, record)
+    compiled_part = "" if compiled_step is None else f", {1000 * compiled_step:.1f} ms compiled"
     logger.warning(
         f"EAGLE-3 tree for a batch of {batch_size}: {shape or 'none (decoding without drafts)'} (best tree "
-        f"{TreeShape(**best['shape'])}: expected tau {best['tau']:.2f} per row, {best['step_ms']:.1f} ms per step; "
-        f"without drafts {1000 * plain:.1f} ms per token), measured in {record['seconds']:.0f} s, kept in {path}."
+        f"{TreeShape(**best['shape'])}: expected tau {best['tau']:.2f} per row, {best['step_ms']:.1f} ms per step"
+        f"{compiled_part}; without drafts {1000 * plain:.1f} ms per token), measured in {record['seconds']:.0f} s, "
+        f"kept in {path}."
     )
-    return shape, {"key": key, **record}
+    return shape, {"key": choice_key, **record}
 
 
 def resolve_batch_tree(
@@ -255,6 +312,7 @@ def resolve_batch_tree(
         rule=rule,
         tokenizer=tokenizer,
         requests=config.calibration_prompts,
+        compiled=static and config.compile,
     )
     if shape is None:
         return None
