@@ -15,6 +15,7 @@ from hf_eagle3.cli.prepare_data import main as prepare_data_main
 from hf_eagle3.data import (
     build_vocab_maps,
     count_loss_tokens,
+    coverage_by_size,
     filter_prompts,
     generate_texts,
     get_assistant_mask_template,
@@ -164,6 +165,12 @@ def test_vocab_maps_invert_and_cover():
     kept = torch.arange(3) + d2t
     assert kept.tolist() == [1, 3, 5] and t2d.nonzero().flatten().tolist() == [1, 3, 5]
     assert coverage == pytest.approx(17 / 20)
+    # Coverage as the vocabulary grows, on the counts it was chosen on and on others (ranked by the first).
+    assert coverage_by_size(counts, [1, 3, 6, 8]) == pytest.approx({1: 9 / 20, 3: 17 / 20, 6: 1.0, 8: 1.0})
+    other = torch.tensor([4, 0, 0, 1, 0, 0, 0, 5])
+    assert coverage_by_size(counts, [2, 6, 8], other) == pytest.approx({2: 0.1, 6: 0.5, 8: 1.0})
+    with pytest.raises(ValueError, match="No loss-masked tokens"):
+        coverage_by_size(counts, [2], torch.zeros(8, dtype=torch.long))
     # Fewer distinct ids than draft ids: padded with the lowest unused ids, still ascending.
     d2t, t2d, coverage = build_vocab_maps({3: 4, 6: 1}, draft_vocab_size=4, vocab_size=8)
     assert (torch.arange(4) + d2t).tolist() == [0, 1, 3, 6] and coverage == 1.0
@@ -335,6 +342,9 @@ def test_prepare_data_with_smollm2_from_nothing(tmp_path, capsys):
     pytest.importorskip("gguf", reason="loading a GGUF target needs the `gguf` package")
     from datasets import load_from_disk
 
+    from hf_eagle3.cli import setup_logging
+
+    setup_logging()  # as `hf-eagle3 prepare-data` does: the progress messages on stderr
     output_dir = tmp_path / "smollm2-data"
     options = ["--synthesize", "2", "--batch_size", "2", "--max_prompt_tokens", "64", "--max_new_tokens", "24"]
     prepare_data_main(["--target", "smollm2", "--output_dir", str(output_dir), "--dtype", "float32", *options])
@@ -397,6 +407,12 @@ def test_prepare_data_holds_out_an_evaluation_set(tmp_path, chatml, chatty_targe
     assert summary["eval_coverage"] == vocab_coverage(held_out, t2d) < summary["coverage"]
     out = capsys.readouterr().out
     assert "Held out 3 conversations" in out and f"{summary['eval_coverage']:.2%} of the held-out ones" in out
+    # Half, twice and four times the draft vocabulary, per part; at its own size the figures above.
+    by_size = summary["coverage_by_size"]
+    assert list(by_size["train"]) == list(by_size["eval"]) == ["2", "4", "8", "16"]
+    assert by_size["train"]["4"] == summary["coverage"] and by_size["eval"]["4"] == summary["eval_coverage"]
+    assert all(list(part.values()) == sorted(part.values()) for part in by_size.values())
+    assert f"4: {summary['coverage']:.2%} / {summary['eval_coverage']:.2%}," in out
     # The same seed draws the same split; another seed another one.
     prepare(tmp_path / "again", "--eval_size", "3")
     assert load_from_disk(str(tmp_path / "again" / "eval")).to_dict() == held_out.to_dict()

@@ -23,8 +23,11 @@ def main(argv: list[str]) -> int:
         f"tokens, {summary['loss_tokens']} to learn."
     )
     vocabulary = f"Draft vocabulary: {summary['draft_vocab_size']} of {summary['vocab_size']} ids cover "
+    by_size = summary["coverage_by_size"]
     if "split" not in summary:
         print(f"{vocabulary}{summary['coverage']:.2%} of the tokens to learn. Saved to {args.output_dir}.")
+        sizes = ", ".join(f"{size}: {share:.2%}" for size, share in by_size["train"].items())
+        print(f"Coverage by draft vocabulary size (--draft_vocab_size): {sizes}.")
         return 0
     split = summary["split"]
     print(
@@ -35,4 +38,6 @@ def main(argv: list[str]) -> int:
         f"{vocabulary}{summary['coverage']:.2%} of the training tokens to learn (chosen on them) and "
         f"{summary['eval_coverage']:.2%} of the held-out ones."
     )
+    sizes = ", ".join(f"{size}: {share:.2%} / {by_size['eval'][size]:.2%}" for size, share in by_size["train"].items())
+    print(f"Coverage by draft vocabulary size (--draft_vocab_size), training / held-out: {sizes}.")
     return 0

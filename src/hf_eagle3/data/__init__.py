@@ -12,7 +12,15 @@ from .chat import (
 from .document_tasks import DocumentPrompt, document_prompts
 from .documents import Document, load_documents, synthesize_documents
 from .generation import filter_prompts, generate_texts, regenerate_conversations, synthesize_prompts, user_turn_prefix
-from .vocab import VOCAB_MAP_NAME, build_vocab_maps, count_loss_tokens, load_vocab_map, save_vocab_map, vocab_coverage
+from .vocab import (
+    VOCAB_MAP_NAME,
+    build_vocab_maps,
+    count_loss_tokens,
+    coverage_by_size,
+    load_vocab_map,
+    save_vocab_map,
+    vocab_coverage,
+)
 
 __all__ = [
     "VOCAB_MAP_NAME",
@@ -20,6 +28,7 @@ __all__ = [
     "DocumentPrompt",
     "build_vocab_maps",
     "count_loss_tokens",
+    "coverage_by_size",
     "document_prompts",
     "filter_prompts",
     "generate_texts",

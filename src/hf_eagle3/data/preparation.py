@@ -13,7 +13,8 @@ What `--output_dir` holds:
 - `long_prompts.jsonl` with long-prompt conversations: where each one's document came from (`source`, `kind`,
   `license`) and what its user turn asks (`category`), in the order of the last rows of `conversations.jsonl`;
 - `prepare_data_summary.json`: counts, coverage of the draft vocabulary (`coverage` on the training part;
-  with `--eval_size`, `eval_coverage` on the held-out one and the `split`) and the arguments used.
+  with `--eval_size`, `eval_coverage` on the held-out one and the `split`), `coverage_by_size` (the same at half,
+  twice and four times the size, per part) and the arguments used.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from .chat import load_chat_dataset, to_messages, tokenize_conversations
 from .document_tasks import DocumentPrompt, document_prompts
 from .documents import BUILTIN_SOURCES, document_origin, load_documents, split_document, synthesize_documents
 from .generation import regenerate_conversations, synthesize_prompts
-from .vocab import build_vocab_maps, save_vocab_map, vocab_coverage
+from .vocab import build_vocab_maps, count_loss_tokens, coverage_by_size, save_vocab_map, vocab_coverage
 
 logger = logging.get_logger(__name__)
 
@@ -374,8 +375,18 @@ def prepare_data(args: PrepareDataArguments) -> dict:
         dataset = parts["train"]
         parts["test"].save_to_disk(held_out)
     dataset.save_to_disk(args.output_dir)
-    d2t, t2d, coverage = build_vocab_maps(dataset, draft_vocab_size, vocab_size)
+    token_counts = count_loss_tokens(dataset, vocab_size)
+    d2t, t2d, coverage = build_vocab_maps(token_counts, draft_vocab_size, vocab_size)
     save_vocab_map(args.output_dir, d2t, t2d)
+    # Half, twice and four times the size: what a smaller or larger head would cover.
+    sizes = sorted(
+        {
+            size
+            for size in (draft_vocab_size // 2, draft_vocab_size, 2 * draft_vocab_size, 4 * draft_vocab_size)
+            if 0 < size <= vocab_size
+        }
+    )
+    by_size = {"train": coverage_by_size(token_counts, sizes)}
     split = {}
     if args.eval_size is not None:
         split = {
@@ -388,12 +399,14 @@ def prepare_data(args: PrepareDataArguments) -> dict:
             },
             "eval_coverage": vocab_coverage(parts["test"], t2d),
         }
+        by_size["eval"] = coverage_by_size(token_counts, sizes, count_loss_tokens(parts["test"], vocab_size))
     summary = {
         **counts,
         "draft_vocab_size": draft_vocab_size,
         "vocab_size": vocab_size,
         "coverage": coverage,
         **split,
+        "coverage_by_size": by_size,
         **({"long_prompts": _long_prompt_counts(prompts_over_documents)} if long_prompts else {}),
         "arguments": dataclasses.asdict(args),
     }

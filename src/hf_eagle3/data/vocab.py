@@ -113,6 +113,21 @@ def vocab_coverage(dataset: Iterable[Mapping[str, list[int]]], t2d: torch.Tensor
     return int(counts[t2d].sum()) / total
 
 
+def coverage_by_size(
+    counts: torch.Tensor, sizes: Iterable[int], measured_counts: torch.Tensor | None = None
+) -> dict[int, float]:
+    """For each size `n`: the share of `measured_counts`' tokens (default `counts`' own) that the `n` ids most frequent
+    in `counts` keep, as `build_vocab_maps` would choose them; how coverage grows with the draft vocabulary, each
+    extra id costing a row of the head's output layer."""
+    ranked = torch.argsort(-counts, stable=True)
+    measured = counts if measured_counts is None else measured_counts
+    cumulative = measured[ranked].cumsum(0)
+    total = int(cumulative[-1])
+    if total == 0:
+        raise ValueError("No loss-masked tokens were counted: coverage is undefined.")
+    return {size: int(cumulative[min(size, ranked.numel()) - 1]) / total for size in sizes}
+
+
 def _vocab_map_file(path: str | os.PathLike) -> str:
     return os.path.join(path, VOCAB_MAP_NAME) if os.path.isdir(path) else os.fspath(path)
 
