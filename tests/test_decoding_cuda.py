@@ -65,6 +65,8 @@ def assert_graph_path(output, head, compiled: bool = False, batched: bool = Fals
     if output.sequences.device.type == "cuda":
         steps = (runner._draft_step, runner._verify_step, runner._commit_step)
         assert all(step.graph is not None for step in steps), "the tree step was not captured as CUDA graphs"
+        encodings = runner.prompt_encoder.encodings.values()
+        assert encodings and all(encoding.graph is not None for encoding in encodings), "prompts were not captured"
     return runner
 
 
@@ -104,6 +106,21 @@ def check_float32_identity(arch: str, head_kind: str, device=CUDA, **knobs):
 @pytest.mark.parametrize("head_kind", ["oracle", "random"])
 def test_float32_greedy_is_token_identical(arch, head_kind, compiled):
     check_float32_identity(arch, head_kind, eagle3_compile=compiled)
+
+
+def test_prompts_are_encoded_by_one_graph_per_padded_length():
+    """Prompts of 5 and 9 tokens replay one captured encoding (padded to 64), 70 tokens a second one (128); the
+    logits a call returns for its first token stay its own when a later call replays the same graph."""
+    target, head = make_pair("llama", "oracle", CUDA)
+    kwargs = dict(max_new_tokens=8, output_logits=True)
+    first = assert_greedy_lossless(target, head, prompt(0, length=5, device=CUDA), **kwargs)
+    kept = first.logits[0].clone()
+    second = assert_greedy_lossless(target, head, prompt(1, length=9, device=CUDA), **kwargs)
+    runner = assert_graph_path(second, head)
+    assert list(runner.prompt_encoder.encodings) == [(1, 64)]
+    assert torch.equal(first.logits[0], kept)
+    third = assert_greedy_lossless(target, head, prompt(2, length=70, device=CUDA), **kwargs)
+    assert list(assert_graph_path(third, head).prompt_encoder.encodings) == [(1, 64), (1, 128)]
 
 
 def bfloat16_agreement(arch: str, device=CUDA, prompts: int = 8, max_new_tokens: int = 48, **knobs):

@@ -220,7 +220,7 @@ class BatchedStaticTreeRunner(GraphRunner):
         queries = torch.arange(prompt_length, device=input_ids.device)[:, None]
         # Padding queries see themselves only: their rows of the mask are never empty.
         allowed = (self.valid[:, None, :] & (self.columns <= queries)) | (self.columns == queries)
-        logits, features = self._encode_prompts(input_ids, allowed, position_ids, model_kwargs)
+        logits, features = self._prompt_encoder()(input_ids, allowed, position_ids, model_kwargs)
         self.head_features[:, :1].copy_(features[:, -1:])
         self.head_positions[:, :1].copy_(position_ids[:, -1:])
         self.root_positions.copy_(position_ids[:, -1] + 1)

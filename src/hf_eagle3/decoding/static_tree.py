@@ -11,7 +11,8 @@ processes the verified tree's logits with the call's processors and warpers and 
 built by the first sampled step for the processors' settings, in a memory pool of its own since greedy steps skip it;
 random draws replay from the default generator's graph-safe philox state). Processors that read the sequence or the
 host run eagerly before the step instead, which then only draws (`_sample`). Off CUDA the same functions are simply
-called, which is how the CPU tests cover all of their logic.
+called, which is how the CPU tests cover all of their logic. A call's prompts, whose length changes from call to call,
+are encoded by `prompt_encoding.PromptEncoder`: padded to a few lengths, each captured once on CUDA.
 
 Captured as they are, the steps replay eager kernels: hundreds of small unfused launches per forward. With
 `eagle3_compile=True` each step function is first compiled whole by torch.compile (inductor, which fuses norms,
@@ -57,7 +58,7 @@ from .._compat import CACHE_NAME, cache_kwargs
 from .acceptance import StepResult, TreePath, greedy_path, sampled_path
 from .draft_tree import DraftTree, additive_mask, grow_draft_tree
 from .kv_cache import keep_static_cache_positions, set_cache_length, static_cache_problem
-from .sdpa_backends import shape_stable_attention
+from .prompt_encoding import PromptEncoder
 from .tree_processors import capturable, processor_settings
 
 if TYPE_CHECKING:
@@ -200,7 +201,9 @@ class GraphRunner:
     max_cache_len: int
     compiled: bool
     length: torch.Tensor  # a device buffer of the runner: where its graphs run
+    columns: torch.LongTensor  # every cache position, `(max_cache_len,)`
     _steps: tuple[StepFunction, ...]
+    prompt_encoder: PromptEncoder | None = None  # made at the first prompt
 
     def _allocate_caches(self, batch_size: int) -> None:
         """The target's and the head's static caches of `max_cache_len` positions, allocated before capture."""
@@ -221,45 +224,14 @@ class GraphRunner:
         """Bind a `generate` call: its feature hooks, its acceptance path, whether it keeps logits beyond a step."""
         self.capture, self.batched_greedy, self.keep_logits = capture, batched_greedy, keep_logits
 
-    def _encode_prompts(
-        self,
-        input_ids: torch.LongTensor,
-        allowed: torch.BoolTensor,
-        position_ids: torch.LongTensor,
-        model_kwargs: dict[str, Any],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode the prompts eagerly into both caches from their start (their length varies from call to call; each
-        query sees the cache positions `allowed` `(batch, prompt, max_cache_len)` marks): the target's float logits at
-        the last position `(batch, vocab)` and its features."""
-        set_cache_length(self.target_cache, 0)
-        set_cache_length(self.head_cache, 0)
-        # `generate` passes `logits_to_keep` where the model takes it.
-        logits_to_keep = {"logits_to_keep": 1} if "logits_to_keep" in model_kwargs else {}
-        # The prompt's length is new at almost every call: no kernel that plans per shape (see `sdpa_backends`).
-        with shape_stable_attention():
-            outputs = self.model(
-                input_ids=input_ids,
-                attention_mask=additive_mask(allowed, self.model.dtype),
-                position_ids=position_ids,
-                use_cache=True,
-                return_dict=True,
-                **logits_to_keep,
-                **cache_kwargs(self.target_cache),
+    def _prompt_encoder(self) -> PromptEncoder:
+        """What encodes a call's prompts into both caches from their start (see `prompt_encoding`), made at the first
+        prompt."""
+        if self.prompt_encoder is None:
+            self.prompt_encoder = PromptEncoder(
+                self.model, self.draft_model, self.target_cache, self.head_cache, self.columns, lambda: self.capture
             )
-            features = self.capture.pop()
-            # The head encodes every prompt position but the last, whose successor (the first new token) is not
-            # known yet: the first draft encodes it as a block with one new entry.
-            if input_ids.shape[1] > 1:
-                self.draft_model(
-                    input_ids=input_ids[:, 1:],
-                    target_hidden_states=features[:, :-1],
-                    attention_mask=allowed[:, None, :-1],
-                    position_ids=position_ids[:, :-1],
-                    past_key_values=self.head_cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
-        return outputs.logits[:, -1].float(), features
+        return self.prompt_encoder
 
     def _warm_up_state(self) -> None:
         """Put the buffers in a state the steps can run from (what they leave lies beyond the prefill's lengths)."""
@@ -463,11 +435,11 @@ class StaticTreeRunner(GraphRunner):
 
     # ------------------------------------------------------------------ the TreeDecoder interface
     def prefill(self, input_ids: torch.LongTensor, model_kwargs: dict[str, Any]) -> torch.Tensor:
-        """Encode the prompt eagerly into both caches (its length varies from call to call)."""
+        """Encode the prompt into both caches (its length varies from call to call: see `prompt_encoding`)."""
         prompt_length = input_ids.shape[1]
         positions = torch.arange(prompt_length, device=input_ids.device)
         causal = self.columns <= positions[:, None]
-        logits, features = self._encode_prompts(input_ids, causal[None], positions[None], model_kwargs)
+        logits, features = self._prompt_encoder()(input_ids, causal[None], positions[None], model_kwargs)
         self.head_features[:, :1].copy_(features[:, -1:])
         self.num_new.fill_(1)
         self.length.fill_(prompt_length)
