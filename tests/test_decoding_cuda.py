@@ -14,6 +14,8 @@ did (a capture failure would fall back to the dynamic cache with a warning, and 
   acceptance drawn on the device by a captured step of its own; with top-p and a repetition penalty too, on the
   static and the dynamic path.
 - statistics: `static_cache` and the draft / verify / accept phase times.
+- prompts: encoded by a captured graph per padded length (`prompt_encoding`), the logits a call returns for its
+  first token kept when a later call replays the same graph.
 - a padded batch (the automatic choice decodes it on the batch runner's graphs, with the automatic tree shape):
   every row token-identical to its prompt alone and to plain batched `generate` (float32), and sampled rows with
   their exact distributions. The CPU suite of batches runs on CUDA too with `HF_EAGLE3_TEST_DEVICE=cuda`
