@@ -2,10 +2,11 @@
 
 `dispatch` routes `generate(assistant_model=<Eagle3DraftModel>)` here and holds the path from `generate` to the target's
 verification forward; `config` and `checks` are a call's settings and input checks; `draft_tree`, `acceptance`,
-`tree_processors`, `tree_decoder`, `dynamic_tree`, `static_tree` and `tree_loop` are tree mode, `tree_shape` the
-automatic tree (`calibration` the prompts its acceptance is calibrated on), `batched_tree` (eager) and
-`batched_static_tree` (static caches) tree mode for a padded batch of prompts, `batch_tree_shape` a batch's automatic
-tree and `plain_decoding` its decoding without drafts where no tree pays; `candidate_generator` is chain mode.
+`tree_processors`, `tree_decoder`, `dynamic_tree`, `static_tree` (with `prompt_encoding`, how its runners encode a
+call's prompts) and `tree_loop` are tree mode, `tree_shape` the automatic tree (`calibration` the prompts its
+acceptance is calibrated on), `batched_tree` (eager) and `batched_static_tree` (static caches) tree mode for a padded
+batch of prompts, `batch_tree_shape` a batch's automatic tree and `plain_decoding` its decoding without drafts where no
+tree pays; `candidate_generator` is chain mode.
 """
 
 from .candidate_generator import Eagle3CandidateGenerator
