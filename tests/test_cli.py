@@ -15,9 +15,9 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 HEAVY = ("torch", "transformers", "datasets", "peft", "accelerate", "trl")
 
 
-def _run_python(code: str) -> str:
-    """Run `code` in a fresh interpreter on this checkout and return what it printed."""
-    env = {"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"}
+def _run_python(code: str, **env_vars: str) -> str:
+    """Run `code` in a fresh interpreter on this checkout (with `env_vars` set) and return what it printed."""
+    env = {"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin", **env_vars}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
@@ -55,17 +55,19 @@ def test_first_name_installs_the_generate_hook():
     assert installed == "False True"
 
 
-def test_a_head_built_through_submodule_imports_drafts():
-    """No name taken from `hf_eagle3` itself: building the head installs the hook, and generate uses it."""
+def test_a_head_built_through_submodule_imports_drafts(tmp_path):
+    """No name taken from `hf_eagle3` itself: building the head installs the hook, and generate uses it (the
+    automatic tree measured into a cache of the test's own, on seeded weights)."""
     output = _run_python(
-        "import torch; from transformers import LlamaConfig, LlamaForCausalLM; "
+        "import torch; from transformers import LlamaConfig, LlamaForCausalLM; torch.manual_seed(0); "
         "from hf_eagle3.configuration_eagle3 import Eagle3Config; from hf_eagle3.modeling_eagle3 import Eagle3DraftModel; "
         "config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, "
         "num_attention_heads=4, num_key_value_heads=2); target = LlamaForCausalLM(config).eval(); "
         "head = Eagle3DraftModel(Eagle3Config.from_target_config(config)).eval().attach_target(target); "
         "ids = torch.tensor([[5, 6, 7]]); plain = target.generate(ids, max_new_tokens=6, do_sample=False); "
         "out = target.generate(ids, assistant_model=head, max_new_tokens=6, do_sample=False, return_dict_in_generate=True); "
-        "print(torch.equal(out.sequences, plain), out.eagle3_stats.target_forwards > 0)"
+        "print(torch.equal(out.sequences, plain), out.eagle3_stats.target_forwards > 0)",
+        HF_EAGLE3_CACHE=str(tmp_path),
     )
     assert output.splitlines()[-1] == "True True"
 

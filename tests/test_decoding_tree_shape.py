@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lossless import assert_greedy_lossless
+from lossless import assert_greedy_lossless, make_friendly_pair, prompt_reaching_eos
 from transformers.cache_utils import DynamicCache
 from tree_decoding import (
     PLAIN_SAMPLING,
@@ -713,3 +713,16 @@ def test_built_in_requests_render_as_one_user_turn(chatml):
     (plain,) = render_requests(chatml, CALIBRATION_REQUESTS[:1])
     assert chatml.decode(plain[0]) == CALIBRATION_REQUESTS[0]
     assert 6 <= len(CALIBRATION_REQUESTS) <= 8 and len(set(CALIBRATION_REQUESTS)) == len(CALIBRATION_REQUESTS)
+
+
+def test_a_prompt_that_ends_the_text_at_once_is_timed_on_a_prefix():
+    """The automatic tree may time on the call's own prompt: where its first new token is EOS, a prefix stands in
+    (a step's time does not depend on the prompt); a one-token prompt that ends at once is a clear error."""
+    target, head = make_friendly_pair("llama")
+    ending = prompt_reaching_eos(target, 0, length=6)
+    assert int(target.generate(ending, max_new_tokens=2, do_sample=False)[0, -1]) == target.config.eos_token_id
+    shapes = [TreeShape(4, 2, 2), TreeShape(6, 3, 2)]
+    timings = tree_shape.time_shapes(target, head, ending, shapes, static_cache=False, compile=False, new_tokens=8)
+    assert [timing.shape for timing in timings] == shapes and all(timing.verify > 0 for timing in timings)
+    with pytest.raises(RuntimeError, match="ends the text at once"):
+        tree_shape.time_shapes(target, head, ending[:, -1:], shapes, static_cache=False, compile=False, new_tokens=8)

@@ -389,7 +389,8 @@ def time_shapes(
     """Draft and verify seconds per step of each shape, the fastest of `rounds` greedy decodes of `prompt` on the
     given path (a left-padded batch with its `attention_mask`: seconds per batch step). The dynamic path takes the
     shapes in turn every round, so that a busy spell of a shared CPU does not fall on one shape; the static one
-    decodes each shape `rounds` times in a row (its runner is built per shape)."""
+    decodes each shape `rounds` times in a row (its runner is built per shape). A single prompt whose text ends at
+    once (its first new token is EOS) is timed on its longest prefix that does not."""
     order = (
         [(r, s) for s in shapes for r in range(rounds)]
         if static_cache
@@ -397,20 +398,27 @@ def time_shapes(
     )
     fastest: dict[TreeShape, StepTiming] = {}
     for _, shape in order:
-        model.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt) if attention_mask is None else attention_mask,
-            assistant_model=draft_model,
-            do_sample=False,
-            max_new_tokens=new_tokens,
-            eagle3_mode="tree",
-            eagle3_static_cache=static_cache,
-            eagle3_compile=compile,
-            **shape.generate_kwargs(),
-        )
-        stats = draft_model.last_generation_stats
+        while True:
+            model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt) if attention_mask is None else attention_mask,
+                assistant_model=draft_model,
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                eagle3_mode="tree",
+                eagle3_static_cache=static_cache,
+                eagle3_compile=compile,
+                **shape.generate_kwargs(),
+            )
+            stats = draft_model.last_generation_stats
+            if stats.target_forwards or attention_mask is not None or prompt.shape[1] == 1:
+                break
+            # The text ends at once after this prompt: time on its prefix (a step's time does not depend on it).
+            prompt = prompt[:, :-1]
         if stats.target_forwards == 0:
-            raise RuntimeError(f"timing the tree {shape} decoded no step: the prompt ends the text at once.")
+            raise RuntimeError(
+                f"timing the tree {shape} decoded no step: the prompt (and each of its prefixes) ends the text at once."
+            )
         # A batch's statistics count each verification once per row it served.
         phases, steps = stats.phase_seconds, stats.batch_forwards or stats.target_forwards
         draft, verify = phases["draft"] / steps, (phases["verify"] + phases["accept"]) / steps
