@@ -190,13 +190,18 @@ def compiled_step_seconds(
     return record["step_ms"] / 1000
 
 
+def beats_plain(tokens_per_s: float, plain_step_seconds: float) -> bool:
+    """Whether a tree's expected tokens/s per row beats plain decoding's one token per `plain_step_seconds`."""
+    return tokens_per_s > 1 / max(plain_step_seconds, 1e-9)
+
+
 def choose_batch_shape(
     taus: dict[TreeShape, float], step_time: StepTimeModel, plain_step_seconds: float
 ) -> tuple[TreeShape | None, list[dict]]:
     """The shape of most expected tokens/s per row (see `tree_shape.choose_shape`), or None where none beats plain
     decoding's one token per `plain_step_seconds`; and the table of every shape's figures, best first."""
     shape, table = choose_shape(taus, step_time)
-    if table[0]["tokens_per_s"] <= 1 / max(plain_step_seconds, 1e-9):
+    if not beats_plain(table[0]["tokens_per_s"], plain_step_seconds):
         return None, table
     return shape, table
 
@@ -266,7 +271,7 @@ def tune_batch_tree_shape(
         compiled_step = compiled_step_seconds(
             model, draft_model, key, input_ids, attention_mask, best_shape, grid.timing_tokens, refresh
         )
-        if best["tau"] / compiled_step > 1 / max(plain, 1e-9):
+        if beats_plain(best["tau"] / compiled_step, plain):
             shape = best_shape
     record = {
         "shape": asdict(shape) if shape is not None else None,
