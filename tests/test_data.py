@@ -276,6 +276,16 @@ def test_synthesized_prompts_start_with_the_openers_in_turn(chatml, chatty_targe
         synthesize_prompts(chatty_target, chatml, 2, openers=["Write", " "])
 
 
+def test_synthesized_prompts_skip_the_excluded_ones(chatml, tiny_target):
+    """Prompts added to earlier conversations do not repeat theirs (case and spacing ignored)."""
+    torch.manual_seed(0)
+    openers = ["Write a\n\nstory", "Solve\n\nit", "Explain why\n\nnow"]
+    common = dict(max_new_tokens=3, batch_size=3, min_length=1, openers=openers, first_paragraph=True, max_rounds=1)
+    assert synthesize_prompts(tiny_target, chatml, 3, **common) == ["Write a", "Solve", "Explain why"]
+    kept = synthesize_prompts(tiny_target, chatml, 3, exclude=["write  A", "other"], **common)
+    assert kept == ["Solve", "Explain why"]
+
+
 def test_synthesized_prompts_cut_at_their_first_blank_line(chatml, tiny_target):
     """A model that writes its request, a blank line and then an answer (or never ends the turn) still gives
     prompts: the first paragraphs, kept though the turn is unfinished."""
@@ -325,6 +335,13 @@ def test_prepare_data_cli_end_to_end(tmp_path, chatml, chatty_target, capsys):
     conversations = str(output_dir / "conversations.jsonl")
     assert prepare_data_main([*common[:2], "--output_dir", str(retokenised), "--data", conversations]) == 0
     assert load_from_disk(str(retokenised)).to_dict() == dataset.to_dict()
+    # Added to them with the same seed, the synthesis would write the same prompts again; it writes others.
+    added = tmp_path / "added"
+    more = ["--output_dir", str(added), "--data", conversations, "--max_new_tokens", "5", "--batch_size", "2"]
+    assert prepare_data_main([*generated[:2], *more, *generated[4:], "--temperature", "1"]) == 0
+    prompts = [json.loads(line)["messages"][0]["content"] for line in (added / "conversations.jsonl").open()]
+    assert len(prompts) == 6 and prompts[:3] == [json.loads(line)["messages"][0]["content"] for line in lines]
+    assert len({" ".join(prompt.lower().split()) for prompt in prompts}) == 6
 
     with pytest.raises(ValueError, match="exceeds the target's vocab_size"):
         prepare_data_main([*common[:-1], str(len(chatml) + 1), "--data", str(data_file)])

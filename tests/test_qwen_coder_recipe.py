@@ -3,6 +3,7 @@ tokenises), and what a rerun skips."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,10 +60,19 @@ def test_qwen_coder_recipe_stages(tmp_path):
     (tokenising,) = run_stage(tmp_path, "data", **environment)
     assert "--synthesize" not in tokenising and option(tokenising, "--data") == str(data / "conversations.jsonl")
     assert tokenising[tokenising.index("--output_dir") :] == synthesis[synthesis.index("--output_dir") :]
-    # Conversations brought along replace the synthesis.
+    # Conversations brought along replace the synthesis; with SYNTHESIZE set, new ones are added to them.
+    old = "old/conversations.jsonl.gz"
+    shutil.rmtree(data)
+    without_synthesis = {name: value for name, value in environment.items() if name != "SYNTHESIZE"}
+    (given,) = run_stage(tmp_path, "data", CONVERSATIONS=old, **without_synthesis)
+    assert "--synthesize" not in given and option(given, "--data") == old and option(given, "--eval_size") == "3"
+    shutil.rmtree(data)
+    (added,) = run_stage(tmp_path, "data", CONVERSATIONS=old, SEED="7", **environment)
+    assert option(added, "--synthesize") == "10" and option(added, "--data") == old and option(added, "--seed") == "7"
+    # Interrupted after writing them all: a rerun tokenises what was written, the old ones among them.
     (data / "prepare_data_summary.json").unlink()
-    (given,) = run_stage(tmp_path, "data", CONVERSATIONS="old/conversations.jsonl.gz", **environment)
-    assert option(given, "--data") == "old/conversations.jsonl.gz" and option(given, "--eval_size") == "3"
+    (again,) = run_stage(tmp_path, "data", CONVERSATIONS=old, SEED="7", **environment)
+    assert "--synthesize" not in again and option(again, "--data") == str(data / "conversations.jsonl")
 
     (first,) = run_stage(tmp_path, "train", TRAIN_ARGS="--max_steps 2")
     assert first[0] == "train" and option(first, "--data") == str(data)

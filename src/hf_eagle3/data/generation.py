@@ -9,7 +9,7 @@ turn and the model writes a plausible user question, which it then answers.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -191,6 +191,7 @@ def synthesize_prompts(
     max_rounds: int | None = None,
     openers: Sequence[str] | None = None,
     first_paragraph: bool = False,
+    exclude: Iterable[str] = (),
 ) -> list[str]:
     """Let an instruct target write `num_prompts` distinct user prompts (Magpie).
 
@@ -208,6 +209,9 @@ def synthesize_prompts(
     finished even if the turn goes on: some models write a request and then answer it inside the user turn
     (Qwen2.5-Coder-0.5B-Instruct: "Write a Python function that ...", a blank line, the code), which would
     otherwise make the answer part of the prompt, or leave the turn unfinished and the prompt discarded.
+
+    Prompts equal to one in `exclude` (ignoring case and spacing) are discarded too: new conversations added to
+    earlier ones must not repeat them, or a held-out split would hold prompts also trained on.
     """
     if num_prompts <= 0:
         raise ValueError(f"num_prompts must be positive, got {num_prompts}.")
@@ -218,7 +222,7 @@ def synthesize_prompts(
         raise ValueError("Prompt openers must not be empty.")
     prefix = user_turn_prefix(tokenizer)
     max_rounds = max_rounds if max_rounds is not None else 4 * math.ceil(num_prompts / batch_size)
-    seen: set[str] = set()
+    seen = {_normalise(text) for text in exclude}
     prompts: list[str] = []
     progress = tqdm(total=num_prompts, desc="Writing prompts", unit="prompt")
     for round_index in range(max_rounds):

@@ -81,7 +81,11 @@ class PrepareDataArguments:
         default=False, metadata={"help": "Replace the assistant turns with the target's own answers."}
     )
     synthesize: int = field(
-        default=0, metadata={"help": "Have the (instruct) target write this many prompts (Magpie) and answer them."}
+        default=0,
+        metadata={
+            "help": "Have the (instruct) target write this many prompts (Magpie) and answer them; with --data, added "
+            "to its conversations, none repeating one of their user messages."
+        },
     )
     max_new_tokens: int = field(default=1024, metadata={"help": "Longest generated answer."})
     max_prompt_tokens: int = field(default=128, metadata={"help": "Longest synthesised prompt."})
@@ -324,6 +328,8 @@ def prepare_data(args: PrepareDataArguments) -> dict:
                 min_length=args.min_prompt_length,
                 openers=_read_openers(args.prompt_openers),
                 first_paragraph=args.prompt_first_paragraph,
+                # Added to --data's conversations, the new ones ask something else.
+                exclude=[m["content"] for messages in conversations for m in messages if m["role"] == "user"],
             )
             logger.info(f"Synthesised {len(prompts)} distinct prompts.")
             conversations += regenerate_conversations(
