@@ -422,6 +422,7 @@ def test_prepare_data_holds_out_an_evaluation_set(tmp_path, chatml, chatty_targe
     }
     assert learned["eval"] - learned["train"] and not t2d[sorted(learned["eval"] - learned["train"])].any()
     assert summary["eval_coverage"] == vocab_coverage(held_out, t2d) < summary["coverage"]
+    assert vocab_coverage(count_loss_tokens(held_out, len(chatml)), t2d) == summary["eval_coverage"]  # counted once
     out = capsys.readouterr().out
     assert "Held out 3 conversations" in out and f"{summary['eval_coverage']:.2%} of the held-out ones" in out
     # Half, twice and four times the draft vocabulary, per part; at its own size the figures above.

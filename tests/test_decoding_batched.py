@@ -14,6 +14,7 @@ from lossless import (
     make_friendly_pair,
     prompt_reaching_eos,
 )
+from transformers import StoppingCriteria, StoppingCriteriaList
 from tree_decoding import CollectingStreamer
 from tree_decoding import prompt as tiny_prompt
 
@@ -127,6 +128,38 @@ def test_scores_hold_each_rows_own_steps(batched, path, request):
             got = torch.stack(getattr(output, name))[:, row]
             torch.testing.assert_close(got[:steps], torch.cat(getattr(alone, name)), atol=1e-4, rtol=1e-4)
             assert bool((got[steps:] == 0).all())
+
+
+class StopAtToken(StoppingCriteria):
+    """Stops a row once it emits `token`: a criterion of the caller's own, which the host cannot decide."""
+
+    def __init__(self, token: int):
+        self.token = token
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return input_ids[:, -1] == self.token
+
+
+def test_batched_greedy_rows_are_decided_on_the_host(arch, batched_greedy, path, monkeypatch):
+    """With every row's greedy path read in one transfer and only the EOS and length criteria, each row's step is
+    decided from host lists (no per-row tensors); with a criterion of the caller's own, each row's sequence grows on
+    the device as before. Lossless both ways."""
+    target, head = make_friendly_pair(arch)
+    prompts = [prompt_reaching_eos(target, 4, length=5), prompt_reaching_eos(target, 40, length=9)]
+    per_row = []
+    accept_greedy = batched_tree.accept_greedy
+    monkeypatch.setattr(
+        batched_tree, "accept_greedy", lambda *args, **kwargs: per_row.append(1) or accept_greedy(*args, **kwargs)
+    )
+    output = assert_rows_lossless(target, head, prompts, max_new_tokens=20, **path, **SMALL_TREE)
+    assert not per_row and output.eagle3_stats.batch_forwards > 1
+
+    stop_token = int(output.sequences[1, -8])  # emitted by the second row only, mid-way
+    criteria = StoppingCriteriaList([StopAtToken(stop_token)])
+    stopped = assert_rows_lossless(
+        target, head, prompts, max_new_tokens=20, stopping_criteria=criteria, **path, **SMALL_TREE
+    )
+    assert per_row and stopped.sequences.shape[1] < output.sequences.shape[1]
 
 
 def test_rows_finishing_at_the_first_token(path):

@@ -403,9 +403,10 @@ def prepare_data(args: PrepareDataArguments) -> dict:
                 "how": f"datasets.Dataset.train_test_split(test_size={args.eval_size}, seed={args.seed}) of the "
                 "kept conversations",
             },
-            "eval_coverage": vocab_coverage(parts["test"], t2d),
         }
-        by_size["eval"] = coverage_by_size(token_counts, sizes, count_loss_tokens(parts["test"], vocab_size))
+        held_out_counts = count_loss_tokens(parts["test"], vocab_size)
+        split["eval_coverage"] = vocab_coverage(held_out_counts, t2d)
+        by_size["eval"] = coverage_by_size(token_counts, sizes, held_out_counts)
     summary = {
         **counts,
         "draft_vocab_size": draft_vocab_size,

@@ -103,10 +103,10 @@ def build_vocab_maps(
     return d2t, t2d, coverage
 
 
-def vocab_coverage(dataset: Iterable[Mapping[str, list[int]]], t2d: torch.Tensor) -> float:
-    """The share of a dataset's loss-masked tokens whose id the draft vocabulary `t2d` keeps: measured on data the
-    vocabulary was not chosen on, the figure a head will meet."""
-    counts = count_loss_tokens(dataset, t2d.numel())
+def vocab_coverage(dataset: torch.Tensor | Iterable[Mapping[str, list[int]]], t2d: torch.Tensor) -> float:
+    """The share of a dataset's loss-masked tokens (or of tokens counted per id, `count_loss_tokens`) whose id the
+    draft vocabulary `t2d` keeps: measured on data the vocabulary was not chosen on, the figure a head will meet."""
+    counts = dataset if isinstance(dataset, torch.Tensor) else count_loss_tokens(dataset, t2d.numel())
     total = int(counts.sum())
     if total == 0:
         raise ValueError("No loss-masked tokens were counted: coverage is undefined.")

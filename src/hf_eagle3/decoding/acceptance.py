@@ -16,7 +16,7 @@ from transformers.generation import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 
 from .draft_tree import DraftTree
-from .stopping import HostStopRule, first_stop
+from .stopping import HostStopRule, first_stop, host_stop
 from .tree_processors import process_tree_logits, processes_rows_independently
 
 
@@ -224,21 +224,44 @@ def accept_path(
     width = visited_index.numel()
     if host is None:
         host = torch.cat([num_visited.view(1), visited_index, emitted]).tolist()
-    num_visited = host[0]
-    visited, tokens = host[1 : 1 + num_visited], host[1 + width : 1 + width + num_visited]
+    visited, tokens = _host_path(host, width)
 
-    new_ids = emitted[None, :num_visited]
+    new_ids = emitted[None, : len(tokens)]
     new_scores = [processed[node : node + 1] for node in visited]
-    stop = first_stop(stopping_criteria, stop_rule, input_ids, new_ids, tokens, scores, new_scores)
-    num_emitted, finished = (len(tokens), False) if stop is None else (stop + 1, True)
+    step = _step(
+        visited, tokens, first_stop(stopping_criteria, stop_rule, input_ids, new_ids, tokens, scores, new_scores)
+    )
+    num_emitted = len(step.tokens)
     input_ids = torch.cat([input_ids, new_ids[:, :num_emitted]], dim=-1)
     if scores is not None:
         scores += tuple(new_scores[:num_emitted])
     if raw_logits is not None:
         raw_logits += tuple(logits[node : node + 1] for node in visited[:num_emitted])
-    # Every emitted token but the full path's last (drawn at the last node) matched a drafted child.
-    step = StepResult(tokens[:num_emitted], visited[:num_emitted], min(num_emitted, len(visited) - 1), finished)
     return step, visited_index[:num_emitted], input_ids, scores, raw_logits
+
+
+def accept_host_path(host: list[int], width: int, length: int, stop_rule: HostStopRule) -> StepResult:
+    """`accept_path`'s step from a path read on the host already (`host`: `[num_visited, *visited, *emitted]`, of
+    `width` each), for a row of `length` tokens so far whose stopping the host decides: no device work at all.
+
+    Where nothing else needs the device (no scores or logits kept, no processor reading the sequence), a batch's rows
+    are decided this way and their tokens joined to the sequences once, at the end.
+    """
+    visited, tokens = _host_path(host, width)
+    return _step(visited, tokens, host_stop(stop_rule, length, tokens))
+
+
+def _host_path(host: list[int], width: int) -> tuple[list[int], list[int]]:
+    """The visited nodes and the tokens emitted at them, from a path read on the host."""
+    num_visited = host[0]
+    return host[1 : 1 + num_visited], host[1 + width : 1 + width + num_visited]
+
+
+def _step(visited: list[int], tokens: list[int], stop: int | None) -> StepResult:
+    """The step that emits `tokens` up to the one generation stops after (`stop`, None: all of them)."""
+    num_emitted, finished = (len(tokens), False) if stop is None else (stop + 1, True)
+    # Every emitted token but the full path's last (drawn at the last node) matched a drafted child.
+    return StepResult(tokens[:num_emitted], visited[:num_emitted], min(num_emitted, len(visited) - 1), finished)
 
 
 def accept_greedy(
@@ -302,6 +325,7 @@ __all__ = [
     "TreePath",
     "accept",
     "accept_greedy",
+    "accept_host_path",
     "accept_on_device",
     "accept_path",
     "greedy_path",

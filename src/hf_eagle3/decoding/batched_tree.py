@@ -33,7 +33,7 @@ from transformers.generation.stopping_criteria import MaxLengthCriteria, Stoppin
 from .._compat import CACHE_NAME, cache_kwargs
 from ..target_features import TargetFeatureCapture
 from . import static_tree
-from .acceptance import StepResult, TreePath, accept, accept_greedy, greedy_path
+from .acceptance import StepResult, TreePath, accept, accept_greedy, accept_host_path, greedy_path
 from .batched_static_tree import BatchedStaticTreeRunner, batched_static_tree_runner
 from .draft_tree import DraftTree, additive_mask, gather_rows, grow_draft_trees
 from .dynamic_tree import prefill_forward
@@ -263,6 +263,10 @@ def batched_tree_decoding(
     scores: list[tuple | None] = [() if keep_scores else None for _ in range(batch)]
     raw_logits: list[tuple | None] = [() if keep_logits else None for _ in range(batch)]
     stats.rows = [Eagle3GenerationStats() for _ in range(batch)]
+    # Greedy paths read in one transfer, stopping decided on the host, no scores or logits kept: each row's step is
+    # decided from host lists alone, and its tokens (`new_tokens`) join its sequence once, at the end.
+    on_host = batched_greedy and stop_rule is not None and not keep_scores and not keep_logits
+    new_tokens: list[list[int]] = [[] for _ in range(batch)]
 
     def accept_row(row: int, logits: torch.Tensor, tree: DraftTree) -> StepResult:
         step, sequences[row], scores[row], raw_logits[row] = accept(
@@ -292,6 +296,13 @@ def batched_tree_decoding(
         num_visited, visited, emitted = path
         # Every row's path reaches the host in one transfer.
         hosts = torch.cat([num_visited[:, None], visited, emitted], dim=1).tolist()
+        if on_host:
+            steps = []
+            for index, row in zip(slots, active, strict=True):
+                length = sequences[row].shape[1] + len(new_tokens[row])
+                steps.append(accept_host_path(hosts[index], visited.shape[1], length, stop_rule))
+                new_tokens[row] += steps[-1].tokens
+            return steps
         steps = []
         for index, row in zip(slots, active, strict=True):
             path = (num_visited[index], visited[index], emitted[index])
@@ -358,6 +369,11 @@ def batched_tree_decoding(
     stats.phase_seconds = timer.seconds()
     stats.static_cache = static
     stats.compiled = static and decoding_config.compile
+    if on_host:
+        sequences = [
+            torch.cat([sequence, sequence.new_tensor([tokens])], dim=1) if tokens else sequence
+            for sequence, tokens in zip(sequences, new_tokens, strict=True)
+        ]
     output_ids = _pad_rows(sequences, generation_config)
     if not return_dict:
         return output_ids

@@ -33,6 +33,15 @@ def host_stop_rule(stopping_criteria: StoppingCriteriaList) -> HostStopRule | No
     return max_length, frozenset(eos_ids)
 
 
+def host_stop(stop_rule: HostStopRule, length: int, new_tokens: Sequence[int]) -> int | None:
+    """Index of the first of `new_tokens`, following a sequence of `length` tokens, that `stop_rule` stops at."""
+    max_length, eos_ids = stop_rule
+    for index, token in enumerate(new_tokens):
+        if length + index + 1 >= max_length or token in eos_ids:
+            return index
+    return None
+
+
 def first_stop(
     stopping_criteria: StoppingCriteriaList,
     stop_rule: HostStopRule | None,
@@ -51,11 +60,7 @@ def first_stop(
             scores of each new token (only read by criteria that look at scores).
     """
     if stop_rule is not None:
-        max_length, eos_ids = stop_rule
-        for index, token in enumerate(new_tokens):
-            if input_ids.shape[1] + index + 1 >= max_length or token in eos_ids:
-                return index
-        return None
+        return host_stop(stop_rule, input_ids.shape[1], new_tokens)
     done = []
     for index in range(len(new_tokens)):
         if scores is not None:
