@@ -13,9 +13,9 @@
 # GEN_BATCH at a time), EVAL_HOLDOUT of them drawn with SEED and tokenised into RUN_DIR/data/eval, the others into
 # RUN_DIR/data with a draft vocabulary of the DRAFT_VOCAB ids they use most (its coverage of both parts is printed).
 # A rerun does nothing once the folder is complete, and only tokenises (the same split) when the synthesis finished
-# but the tokenising did not. CONVERSATIONS (a conversations JSONL, .gz too, e.g. one brought back from an earlier
-# run) replaces the synthesis; with SYNTHESIZE set too, SYNTHESIZE new ones are added to it (prompts it holds are not
-# written again; give another SEED than its run's).
+# but the tokenising did not. CONVERSATIONS (conversations JSONL files, .gz too, e.g. ones brought back from earlier
+# runs; several are read in order) replace the synthesis; with SYNTHESIZE set too, SYNTHESIZE new ones are added to
+# them (prompts they hold are not written again; give another SEED than their runs').
 # train: a new head whose MLP is HEAD_MLP wide (the target's is 4864), EPOCHS epochs at LR, BATCH rows per step,
 # checkpoints every 200 steps; evaluated on RUN_DIR/data/eval after every epoch.
 #
@@ -33,17 +33,18 @@ if [ -n "${GGUF:-}" ]; then read -r -a pieces <<< "$GGUF" && TARGET+=(--gguf "${
 
 if [ "$STAGE" = data ]; then
   read -r -a data_args <<< "${DATA_ARGS:-}"
+  read -r -a conversations <<< "${CONVERSATIONS:-}"
   # prepare-data writes its summary last: without it the folder is not complete.
   if [ ! -f "$RUN_DIR/data/prepare_data_summary.json" ]; then
     if [ -f "$RUN_DIR/data/conversations.jsonl" ]; then
       texts=(--data "$RUN_DIR/data/conversations.jsonl")  # generated (written once complete), not yet tokenised
     elif [ -n "${CONVERSATIONS:-}" ] && [ -z "${SYNTHESIZE:-}" ]; then
-      texts=(--data "$CONVERSATIONS")
+      texts=(--data "${conversations[@]}")
     else
       texts=(--synthesize "${SYNTHESIZE:-10240}" --prompt_first_paragraph true
         --prompt_openers "${PROMPT_OPENERS:-$(dirname "$0")/data/qwen_coder_selfdistill/prompt_openers.txt}"
         --max_new_tokens "${MAX_NEW_TOKENS:-512}" --batch_size "${GEN_BATCH:-2048}" --dtype bfloat16
-        ${CONVERSATIONS:+--data "$CONVERSATIONS"})
+        ${CONVERSATIONS:+--data "${conversations[@]}"})
     fi
     "${BENCH[@]}" prepare-data "${TARGET[@]}" "${texts[@]}" --output_dir "$RUN_DIR/data" \
       --eval_size "${EVAL_HOLDOUT:-256}" --draft_vocab_size "${DRAFT_VOCAB:-8192}" --seed "$SEED" --num_proc 8 \

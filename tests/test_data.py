@@ -335,6 +335,20 @@ def test_prepare_data_cli_end_to_end(tmp_path, chatml, chatty_target, capsys):
     conversations = str(output_dir / "conversations.jsonl")
     assert prepare_data_main([*common[:2], "--output_dir", str(retokenised), "--data", conversations]) == 0
     assert load_from_disk(str(retokenised)).to_dict() == dataset.to_dict()
+    # Several sources are read in order, --max_samples counting across them; a bad row is named with its source.
+    both = [*common[:2], "--output_dir", str(tmp_path / "both"), "--data", conversations, str(data_file)]
+    assert prepare_data_main(both) == 0
+    rows = load_from_disk(str(tmp_path / "both"))["input_ids"]
+    assert (
+        rows[:3] == dataset["input_ids"] and rows[3] == tokenize_conversation(chatml, CONVERSATION, None)["input_ids"]
+    )
+    assert (
+        prepare_data_main([*both, "--max_samples", "4"]) == 0 and load_from_disk(str(tmp_path / "both")).num_rows == 4
+    )
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps({"conversations": "not turns"}) + "\n")
+    with pytest.raises(ValueError, match=f"--data {broken}, row 0 'conversations' must be a list"):
+        prepare_data_main([*both, str(broken)])
     # Added to them with the same seed, the synthesis would write the same prompts again; it writes others.
     added = tmp_path / "added"
     more = ["--output_dir", str(added), "--data", conversations, "--max_new_tokens", "5", "--batch_size", "2"]

@@ -67,6 +67,9 @@ def test_qwen_coder_recipe_stages(tmp_path):
     (given,) = run_stage(tmp_path, "data", CONVERSATIONS=old, **without_synthesis)
     assert "--synthesize" not in given and option(given, "--data") == old and option(given, "--eval_size") == "3"
     shutil.rmtree(data)
+    (several,) = run_stage(tmp_path, "data", CONVERSATIONS=f"{old} new.jsonl", **without_synthesis)
+    assert several[several.index("--data") + 1 : several.index("--data") + 3] == [old, "new.jsonl"]
+    shutil.rmtree(data)
     (added,) = run_stage(tmp_path, "data", CONVERSATIONS=old, SEED="7", **environment)
     assert option(added, "--synthesize") == "10" and option(added, "--data") == old and option(added, "--seed") == "7"
     # Interrupted after writing them all: a rerun tokenises what was written, the old ones among them.

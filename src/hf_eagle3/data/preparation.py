@@ -54,12 +54,12 @@ class PrepareDataArguments:
         }
     )
     output_dir: str = field(metadata={"help": "Where the dataset (save_to_disk) and vocab_map.safetensors go."})
-    data: str | None = field(
+    data: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Chat data: .jsonl/.json/.parquet file, dataset folder or Hub id, with 'messages' (role/content), "
-            "ShareGPT 'conversations' (from/value) or 'prompt' (+ 'completion'; prompt-only rows need --regenerate). "
-            "Optional with --synthesize."
+            "help": "Chat data: .jsonl/.json/.parquet files, dataset folders or Hub ids (several are taken in order), "
+            "with 'messages' (role/content), ShareGPT 'conversations' (from/value) or 'prompt' (+ 'completion'; "
+            "prompt-only rows need --regenerate). Optional with --synthesize."
         },
     )
     split: str = field(default="train", metadata={"help": "Split of a dataset folder or Hub dataset."})
@@ -168,6 +168,11 @@ class PrepareDataArguments:
     device: str = field(
         default="auto", metadata={"help": "Device the target generates on; auto picks cuda when present."}
     )
+
+    def __post_init__(self):
+        # One source given in code as a string, as on the command line.
+        if isinstance(self.data, str):
+            self.data = [self.data]
 
 
 def _load_target(args: PrepareDataArguments, with_model: bool):
@@ -305,11 +310,14 @@ def prepare_data(args: PrepareDataArguments) -> dict:
 
     conversations = []
     prompts_over_documents: list[DocumentPrompt] = []
-    if args.data is not None:
-        rows = load_chat_dataset(args.data, args.split)
+    for source in args.data or []:
+        rows = load_chat_dataset(source, args.split)
         if args.max_samples is not None:
-            rows = rows.select(range(min(args.max_samples, len(rows))))
-        conversations = [to_messages(row, index) for index, row in enumerate(rows)]
+            rows = rows.select(range(min(args.max_samples - len(conversations), len(rows))))
+        try:
+            conversations += [to_messages(row, index) for index, row in enumerate(rows)]
+        except ValueError as error:
+            raise ValueError(f"--data {source}, {error}") from error
     if generated:
         generation = dict(batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p)
         if args.regenerate:
