@@ -70,4 +70,4 @@ def first_stop(
     return stops.index(True) if True in stops else None
 
 
-__all__ = ["HostStopRule", "first_stop", "host_stop_rule"]
+__all__ = ["HostStopRule", "first_stop", "host_stop", "host_stop_rule"]
