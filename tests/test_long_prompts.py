@@ -288,6 +288,50 @@ def test_long_recipe_commands_and_mix(tmp_path):
     assert (run / "train_conversations.jsonl").read_text() == first
 
 
+def test_long_recipe_adds_sampled_chat_without_its_prompts_twice(tmp_path):
+    (sampled,) = run_recipe(tmp_path, "sampled", SAMPLE_FROM="chat.jsonl.gz", SAMPLED="40")
+    assert sampled[0] == "prepare-data" and "--regenerate" in sampled
+    assert (option(sampled, "--data"), option(sampled, "--max_samples"), option(sampled, "--temperature")) == (
+        "chat.jsonl.gz",
+        "40",
+        "1",
+    )
+    assert option(sampled, "--output_dir") == str(tmp_path / "run" / "sampled_data")
+    assert run_recipe(tmp_path, "sampled") == [sampled]  # done once
+
+    def write(path, prefix, count, answer=None):
+        with gzip.open(path, "wt") if path.suffix == ".gz" else path.open("w") as file:
+            for i in range(count):
+                messages = [{"role": "user", "content": f"{prefix}{i}"}]
+                if answer:
+                    messages.append({"role": "assistant", "content": answer})
+                file.write(json.dumps({"messages": messages}) + "\n")
+
+    write(tmp_path / "long.jsonl", "L", 10)
+    write(tmp_path / "chat.jsonl.gz", "C", 50, answer="greedy")
+    # The sampled stage answered the first 12 chat prompts again: the greedy draw leaves those out.
+    (tmp_path / "run" / "sampled_data").mkdir(exist_ok=True)
+    write(tmp_path / "run" / "sampled_data" / "conversations.jsonl", "C", 12, answer="sampled")
+    environment = dict(LONG_CONVERSATIONS=str(tmp_path / "long.jsonl"), CHAT=str(tmp_path / "chat.jsonl.gz"))
+    run_recipe(tmp_path, "train", EVAL_HOLDOUT="2", CHAT_PER_LONG="5", **environment)
+    rows = {
+        name: [json.loads(line)["messages"] for line in (tmp_path / "run" / f"{name}_conversations.jsonl").open()]
+        for name in ("train", "eval")
+    }
+    assert len(rows["eval"]) == 6 and len(rows["train"]) == 10 + 12 + 38 - 6
+    everything = rows["train"] + rows["eval"]
+    sampled_prompts = {m[0]["content"] for m in everything if m[1:] and m[1]["content"] == "sampled"}
+    greedy_prompts = {m[0]["content"] for m in everything if m[1:] and m[1]["content"] == "greedy"}
+    assert len(sampled_prompts) == 12 and len(greedy_prompts) == 38 and not sampled_prompts & greedy_prompts
+
+    # Named but missing: an error naming the file, not a mix without it.
+    for name in ("data", "eval_data"):
+        (tmp_path / "run" / name / "vocab_map.safetensors").unlink()
+    with pytest.raises(subprocess.CalledProcessError) as error:
+        run_recipe(tmp_path, "train", SAMPLED_CONVERSATIONS=str(tmp_path / "missing.jsonl"), **environment)
+    assert "missing.jsonl" in error.value.stderr.decode()
+
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 spec = importlib.util.spec_from_file_location("build_long_prompts", BENCHMARKS / "build_long_prompts.py")
 build_long_prompts = importlib.util.module_from_spec(spec)
