@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_head, make_target, save_chat_checkpoint
-from transformers import GenerationMixin
+from conftest import make_head, make_rows, make_target, save_chat_checkpoint
+from transformers import AutoModelForCausalLM, GenerationMixin
 
 from hf_eagle3 import Eagle3DraftModel
 from hf_eagle3.decoding import static_tree, tree_shape
@@ -575,3 +575,35 @@ def test_calibration_check_compares_what_each_set_of_prompts_chooses(tiny, tmp_p
         assert row["reference_tau"] == round(payload["taus"]["reference"][row["chose"]], 3)
     table = (tmp_path / "check.md").read_text()
     assert f"| built-in | {len(check.CALIBRATION_REQUESTS)} x 6 |" in table
+
+
+def test_held_out_heads_scores_every_head_on_the_same_tokens(tiny, tmp_path):
+    """`held_out_heads.py`: each head's TTT metrics on each prepared set; a head scored twice scores the same, and the
+    table gives each head's difference against the first."""
+    spec = importlib.util.spec_from_file_location("held_out_heads", SCRIPT.parent / "held_out_heads.py")
+    held_out = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(held_out)
+    root, _ = tiny
+    target = AutoModelForCausalLM.from_pretrained(root / "target")
+    make_head(target, draft_vocab_size=64, seed=1).save_pretrained(tmp_path / "other")
+    sets = {}
+    for name, seed in (("chat", 0), ("long", 1)):
+        sets[name] = tmp_path / name
+        sets[name].mkdir()
+        rows = make_rows(4, length=10 + 6 * seed, seed=seed)
+        (sets[name] / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    argv = ["--target", str(root / "target"), "--heads", f"first={root / 'head'}", f"again={root / 'head'}"]
+    argv += [f"other={tmp_path / 'other'}", "--data", *(f"{name}={path}" for name, path in sets.items())]
+    argv += ["--output_dir", str(tmp_path), "--name", "held"]
+    assert held_out.main(argv) == 0
+    result = json.loads((tmp_path / "held.json").read_text())
+    assert list(result["metrics"]) == ["first", "again", "other"] and result["tokens"] == {"chat": 37, "long": 61}
+    for name in sets:
+        assert result["metrics"]["again"][name] == result["metrics"]["first"][name]
+        assert result["metrics"]["other"][name] != result["metrics"]["first"][name]
+        assert result["metrics"]["first"][name]["eval_acceptance_length"] >= 1
+    table = (tmp_path / "held.md").read_text()
+    assert "| set | tokens | first | again | other | again - first | other - first |" in table
+    assert table.count("| +0.000 |") == 2
+    with pytest.raises(SystemExit, match="--heads 'first': give NAME=PATH"):
+        held_out.main(["--target", "t", "--heads", "first", "--data", "a=b", "--name", "x"])
