@@ -12,12 +12,14 @@
 # document came from, under which license).
 # sampled: the first SAMPLED conversations of SAMPLE_FROM (default the shipped openers set) answered again by the
 # target sampling at temperature 1, so that the head also learns from the contexts sampling decodes in (greedy
-# self-distillation never shows it a sampled token); RUN_DIR/sampled_data/conversations.jsonl. Needs no GPU time
-# beside `data` on one GPU: both are bound by the host's launches, so they can run at the same time.
+# self-distillation never shows it a sampled token); RUN_DIR/sampled_data/conversations.jsonl. It can run beside
+# `data` on one GPU: both are bound by the host's kernel launches.
 # train: LONG_CONVERSATIONS (default that file; a .jsonl.gz works too) and SAMPLED_CONVERSATIONS (default the
 # sampled stage's file, if it exists) mixed with CHAT_PER_LONG greedy chat conversations per long one drawn from CHAT
 # (default the shipped self-distilled sets), EVAL_HOLDOUT of each kind kept out and evaluated after every epoch, then
 # HEAD (default the shipped head, its draft vocabulary kept unless REMAP_VOCAB=1) trained EPOCHS more epochs at LR.
+# The shipped head is itself the result of this recipe (benchmarks/README.md, "The long-prompt head"): to make it
+# again, pass as HEAD the chat head it started from, the package's head at commit 98d65f3.
 #
 # Environment: GGUF (the GGUF file, its pieces or a folder holding it), SEED, DRAFT_VOCAB (for the data's own
 # vocabulary map, default 16384 as the shipped head), BATCH (training rows per step), BENCH (the command run as
