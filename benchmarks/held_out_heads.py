@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         "name": args.name,
         **environment(),
         "dtype": args.dtype,
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "command": shlex.join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "heads": heads,
         "data": sets,
         "tokens": {name: sum(len(ids) for ids in data["input_ids"]) for name, data in rows.items()},
