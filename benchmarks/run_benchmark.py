@@ -577,6 +577,9 @@ def run_batches(target, tokenizer, head, method: Method, batches: list[list[str]
     if method.uses_head:
         kwargs.update(assistant_model=head, tokenizer=tokenizer)
     seconds, new_tokens, outputs, accept_lens, static, graphs, trees = 0.0, 0, [], [], [], 0, set()
+    # Where a head's calls spent their time: each phase summed over the calls (GPU time on CUDA), and their steps.
+    phases: dict[str, float] = {}
+    batch_steps = 0
     for prompts in batches:
         inputs = encode_batch(tokenizer, prompts, target.device)
         before = compiled_graphs()
@@ -594,6 +597,9 @@ def run_batches(target, tokenizer, head, method: Method, batches: list[list[str]
             accept_lens += [row.mean_accept_len for row in stats.rows or [stats] if row.target_forwards]
             static.append(stats.static_cache)
             trees.add("no drafts" if stats.plain_fallback else "/".join(map(str, stats.tree_shape)))
+            for phase, phase_seconds in stats.phase_seconds.items():
+                phases[phase] = phases.get(phase, 0.0) + phase_seconds
+            batch_steps += stats.batch_forwards or stats.target_forwards
     return {
         "seconds": seconds,
         "new_tokens": new_tokens,
@@ -605,6 +611,8 @@ def run_batches(target, tokenizer, head, method: Method, batches: list[list[str]
         "recompilations": graphs,
         # The trees the calls decoded with, `total_tokens/depth/top_k`, or "no drafts" (`plain_fallback`).
         "tree_shapes": sorted(trees),
+        "phase_seconds": phases,
+        "batch_steps": batch_steps,
     }
 
 
@@ -675,15 +683,37 @@ def measure_batch(args: argparse.Namespace) -> dict:
                 if result["mean_accept_len"] is not None
                 else None,
                 "greedy_identical": all(torch.equal(output, expected) for output, expected in pairs),
+                "rows_identical": sum(torch.equal(output, expected) for output, expected in pairs),
+                "greedy_prefix_match": round(sum(_prefix_match(o, r) for o, r in pairs) / len(pairs), 4),
                 "static_cache": result["static_cache"],
                 "tree_shapes": result["tree_shapes"],
                 "warmup_s": round(warmup_s, 3),
                 "recompilations": result["recompilations"],
+                # Per call: milliseconds in each phase and outside them; per step: milliseconds in the step phases.
+                "phase_ms_per_call": {
+                    phase: round(1000 * value / len(batches), 3) for phase, value in result["phase_seconds"].items()
+                },
+                "outside_phases_ms_per_call": round(
+                    1000 * (result["seconds"] - sum(result["phase_seconds"].values())) / len(batches), 3
+                )
+                if result["phase_seconds"]
+                else None,
+                "steps_per_call": round(result["batch_steps"] / len(batches), 2) if method.uses_head else None,
+                "step_ms": round(
+                    1000
+                    * sum(result["phase_seconds"].get(phase, 0.0) for phase in ("draft", "verify", "accept"))
+                    / result["batch_steps"],
+                    3,
+                )
+                if result["batch_steps"]
+                else None,
                 "generate_kwargs": method.generate_kwargs,
             }
             _progress(
                 f"    {row['tokens_per_s']:.1f} tokens/s, speedup {row['speedup']}, tau {row['mean_accept_len_per_row']}, "
-                f"trees {row['tree_shapes']}, warm-up {row['warmup_s']} s, recompilations {row['recompilations']}"
+                f"trees {row['tree_shapes']}, warm-up {row['warmup_s']} s, recompilations {row['recompilations']}, "
+                f"steps per call {row['steps_per_call']}, step {row['step_ms']} ms, per call {row['phase_ms_per_call']} "
+                f"+ {row['outside_phases_ms_per_call']} ms outside"
             )
             payload["results"].append(row)
             write_batch_results(payload, args.output_dir, (args.name or payload["target"]) + "_batch")
@@ -702,20 +732,31 @@ def batch_markdown_table(payload: dict) -> str:
         "",
         "Rows of a batch are the prompts cycled, left-padded; tokens/s counts each row's tokens up to its EOS; "
         "speedup = over the first method at the same batch size; tau = tokens per target forward, mean over rows; "
-        "identical = every row's greedy tokens equal the first method's; tree = the trees decoded with "
+        "identical = rows whose greedy tokens equal the first method's, of all rows; prefix = share of the first "
+        "method's tokens reproduced before a row's first difference, mean over rows; tree = the trees decoded with "
         "(total tokens/depth/top-k per row, or no drafts); warm-up = the untimed call before timing (compilation, "
         "graph capture, measuring the automatic tree), seconds; recompiled = graphs torch.compile compiled inside "
-        "the timed calls.",
+        "the timed calls; steps = the head's batch steps per call; step = milliseconds per step in draft, verify and "
+        "accept (GPU time on CUDA); outside = milliseconds per call outside every phase (setup, prefill, draft, verify, accept): "
+        "generate's own work around the loop.",
         "",
-        "| batch | method | rows | tokens/s | speedup | tau per row | tree | identical | warm-up | recompiled |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| batch | method | rows | tokens/s | speedup | tau per row | tree | identical | prefix | warm-up | recompiled "
+        "| steps | step ms | prefill ms | outside ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in payload["results"]:
         trees = ", ".join(row.get("tree_shapes") or []) or "-"
+        identical = (
+            f"{row['rows_identical']}/{row['rows']}" if "rows_identical" in row else _cell(row["greedy_identical"])
+        )
         lines.append(
             f"| {row['batch_size']} | {row['method']} | {row['rows']} | {row['tokens_per_s']:.1f} | "
             f"{_cell(row['speedup'])} | {_cell(row['mean_accept_len_per_row'])} | {trees} | "
-            f"{_cell(row['greedy_identical'])} | {_cell(row.get('warmup_s'), 1)} | {_cell(row.get('recompilations'))} |"
+            f"{identical} | {_cell(row.get('greedy_prefix_match'))} | {_cell(row.get('warmup_s'), 1)} | "
+            f"{_cell(row.get('recompilations'))} | "
+            f"{_cell(row.get('steps_per_call'), 1)} | {_cell(row.get('step_ms'), 2)} | "
+            f"{_cell((row.get('phase_ms_per_call') or {}).get('prefill'), 1)} | "
+            f"{_cell(row.get('outside_phases_ms_per_call'), 1)} |"
         )
     return "\n".join(lines) + "\n"
 

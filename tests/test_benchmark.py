@@ -465,8 +465,14 @@ def test_measure_batch_times_each_batch_size(tiny, tmp_path, monkeypatch):
         assert row["static_cache"] == static
         # Nothing compiles on the CPU, so nothing recompiles inside the timed calls either.
         assert row["recompilations"] == 0 and row["warmup_s"] > 0
+        assert row["rows_identical"] == batch_size and row["greedy_prefix_match"] == 1.0
         if method in methods[1:3]:
             assert row["tree_shapes"] == ["8/3/2"]
+            # Where a call's time went: its steps, their time, the prefill and what lies outside every phase.
+            assert row["steps_per_call"] > 0 and row["step_ms"] > 0 and row["outside_phases_ms_per_call"] >= 0
+            assert {"prefill", "draft", "verify", "accept"} <= set(row["phase_ms_per_call"])
+        if method == "plain_compiled":
+            assert row["steps_per_call"] is None and row["step_ms"] is None and row["phase_ms_per_call"] == {}
     assert rows[(1, methods[3])]["tree_shapes"][0] in {"3/2/2", "4/2/2"}
     assert rows[(3, methods[3])]["tree_shapes"][0] in {"2/1/2", "3/1/2", "2/2/2", "3/2/2", "no drafts"}
     assert rows[(3, "plain_compiled")]["speedup"] == 1.0 and rows[(3, "plain_compiled")]["tree_shapes"] == []
@@ -474,7 +480,7 @@ def test_measure_batch_times_each_batch_size(tiny, tmp_path, monkeypatch):
     # the batch acceptance.
     assert len(list((tmp_path / "trees" / "tree_shapes").glob("*.json"))) == 6
     table = (tmp_path / "target_batch.md").read_text()
-    assert "| 3 | eagle3_tree_t8_d3_k2 | 3 |" in table and " | 8/3/2 | yes | " in table
+    assert "| 3 | eagle3_tree_t8_d3_k2 | 3 |" in table and " | 8/3/2 | 3/3 | 1.00 | " in table
 
 
 def test_batch_rows_cycle_the_prompts_into_whole_batches():
