@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from hf_eagle3 import Eagle3Config, Eagle3DraftModel
-from hf_eagle3.decoding import static_tree, tree_loop
+from hf_eagle3.decoding import cuda_graphs, tree_loop
 from hf_eagle3.decoding.config import DEFAULT_EAGLE3_KNOBS
 from hf_eagle3.decoding.tree_processors import processes_rows_independently
 
@@ -206,7 +206,7 @@ def device_acceptance(monkeypatch) -> list:
 def aot_eager(monkeypatch):
     """Compile the step functions with dynamo and AOT autograd only: no inductor code generation, so compiling is
     quick."""
-    monkeypatch.setitem(static_tree.COMPILE_OPTIONS, "backend", "aot_eager")
+    monkeypatch.setitem(cuda_graphs.COMPILE_OPTIONS, "backend", "aot_eager")
 
 
 # ------------------------------------------------------------------------------------------ chat tokenizers

@@ -14,7 +14,7 @@ from conftest import make_head, make_rows, make_target, save_chat_checkpoint
 from transformers import AutoModelForCausalLM, GenerationMixin
 
 from hf_eagle3 import Eagle3DraftModel
-from hf_eagle3.decoding import static_tree, tree_shape
+from hf_eagle3.decoding import cuda_graphs, static_tree, tree_shape
 from hf_eagle3.offline_models import default_cache_dir
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run_benchmark.py"
@@ -283,7 +283,7 @@ def test_compiled_tree_method(tiny, tmp_path, monkeypatch):
         "eagle3_depth": 3,
         "eagle3_top_k": 2,
     }
-    monkeypatch.setitem(static_tree.COMPILE_OPTIONS, "backend", "aot_eager")
+    monkeypatch.setitem(cuda_graphs.COMPILE_OPTIONS, "backend", "aot_eager")
     payload = measure(tiny, tmp_path, "--methods", "plain", method.name, "--temperatures", "0", "--no_plot")
     row = payload["results"][1]
     assert row["method"] == method.name and row["greedy_identical"] and row["warmup_s"] > 0
@@ -295,7 +295,7 @@ def test_compiled_tree_method(tiny, tmp_path, monkeypatch):
 def test_recompilations_inside_timed_calls_are_counted(tiny, tmp_path, monkeypatch):
     """A compiled method whose timed calls compile again (here: torch.compile forgets its graphs and the head its
     runner after the warm-up) reports it."""
-    monkeypatch.setitem(static_tree.COMPILE_OPTIONS, "backend", "aot_eager")
+    monkeypatch.setitem(cuda_graphs.COMPILE_OPTIONS, "backend", "aot_eager")
     warm_up = run_benchmark.run_method
     calls = []
 

@@ -45,7 +45,7 @@ from lossless import (
 )
 from tree_decoding import assert_sampling_matches_target_distribution, make_oracle_pair, prompt
 
-from hf_eagle3.decoding import static_tree
+from hf_eagle3.decoding import cuda_graphs, static_tree
 
 pytestmark = pytest.mark.gpu
 
@@ -68,7 +68,9 @@ def assert_graph_path(output, head, compiled: bool = False, batched: bool = Fals
         steps = (runner._draft_step, runner._verify_step, runner._commit_step)
         assert all(step.graph is not None for step in steps), "the tree step was not captured as CUDA graphs"
         encodings = runner.prompt_encoder.encodings.values()
-        assert encodings and all(encoding.graph is not None for encoding in encodings), "prompts were not captured"
+        assert encodings and all(encoding.step.graph is not None for encoding in encodings), (
+            "prompts were not captured"
+        )
     return runner
 
 
@@ -224,7 +226,7 @@ def test_sample_step_is_captured_again_when_the_temperature_changes(compiled):
     target, head = make_oracle_pair("llama", 0.5, vocab_size=8, eos_token_id=None, num_hidden_layers=4, device=CUDA)
     input_ids = torch.tensor([[3, 5, 4, 6]], device=CUDA)
 
-    def sample_step(temperature: float) -> static_tree.StepFunction:
+    def sample_step(temperature: float) -> cuda_graphs.StepFunction:
         output = target.generate(
             input_ids,
             assistant_model=head,

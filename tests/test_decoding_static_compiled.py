@@ -24,7 +24,7 @@ from tree_decoding import (
     tree_generate,
 )
 
-from hf_eagle3.decoding import static_tree
+from hf_eagle3.decoding import cuda_graphs, static_tree
 
 COMPILED = dict(eagle3_static_cache=True, eagle3_compile=True)
 SMALL_TREE = dict(eagle3_total_tokens=8, eagle3_depth=3, eagle3_top_k=2)
@@ -99,7 +99,7 @@ def test_sampling_matches_target_distribution(aot_eager):
 @pytest.mark.slow
 def test_inductor_the_default_backend():
     """Inductor's C++ kernels: the same greedy text, no recompilation on later calls."""
-    assert static_tree.COMPILE_OPTIONS["backend"] == "inductor"
+    assert cuda_graphs.COMPILE_OPTIONS["backend"] == "inductor"
     target = make_target("llama", num_hidden_layers=4)
     assert_lossless_without_recompiling(
         target,

@@ -41,7 +41,7 @@ from tree_decoding import (
     tree_generate,
 )
 
-from hf_eagle3.decoding import static_tree, tree_processors
+from hf_eagle3.decoding import cuda_graphs, static_tree, tree_processors
 from hf_eagle3.decoding.acceptance import accept, accept_on_device, sampled_path
 from hf_eagle3.decoding.static_tree import StaticTreeRunner
 from hf_eagle3.decoding.stopping import host_stop_rule
@@ -313,7 +313,7 @@ def test_one_host_transfer_per_sampled_step(device_acceptance, monkeypatch, stat
 def test_static_sample_step_that_cannot_be_compiled_runs_eagerly(device_acceptance, aot_eager, monkeypatch, caplog):
     """A sample step that fails to compile is drawn eagerly, with a warning; the other steps stay compiled. Its
     buffer outlives an inference-mode call."""
-    compile_step = static_tree._compile_step
+    compile_step = cuda_graphs._compile_step
 
     def failing_sample(method):
         if method.__func__ is not StaticTreeRunner._sample:
@@ -324,7 +324,7 @@ def test_static_sample_step_that_cannot_be_compiled_runs_eagerly(device_acceptan
 
         return fail
 
-    monkeypatch.setattr(static_tree, "_compile_step", failing_sample)
+    monkeypatch.setattr(cuda_graphs, "_compile_step", failing_sample)
     target, head = make_oracle_pair("llama", 0.3, eos_token_id=None)
     kwargs = dict(max_new_tokens=10, do_sample=True, static_cache=True, compile=True, **PROCESSED_TOP_P)
     with caplog.at_level("WARNING"), torch.inference_mode():

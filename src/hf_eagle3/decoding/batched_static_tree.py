@@ -26,9 +26,10 @@ import torch
 
 from .._compat import cache_kwargs
 from .acceptance import StepResult, greedy_path
+from .cuda_graphs import StepFunction
 from .draft_tree import DraftTree, additive_mask, gather_rows, grow_draft_trees
 from .kv_cache import keep_static_cache_positions, set_cache_length
-from .static_tree import GraphRunner, StepFunction, bound_runner, runner_cache_length, runner_key, tree_size
+from .static_tree import GraphRunner, bound_runner, runner_cache_length, runner_key, tree_size
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

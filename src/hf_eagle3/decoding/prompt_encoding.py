@@ -26,6 +26,7 @@ import torch
 from transformers.utils import logging
 
 from .._compat import cache_kwargs
+from .cuda_graphs import StepFunction, capture_steps
 from .draft_tree import additive_mask
 from .kv_cache import set_cache_length
 from .sdpa_backends import shape_stable_attention
@@ -56,7 +57,8 @@ def pads_prompts(device: torch.device) -> bool:
 
 
 class _PaddedEncoding:
-    """The buffers of one padded length and the encoding over them: run directly, or replayed once captured."""
+    """The buffers of one padded length and the encoding over them (`step`: run directly, or replayed once
+    captured)."""
 
     # Normal tensors even when built inside `torch.inference_mode()`: a later call outside it updates them in place.
     @torch.inference_mode(False)
@@ -68,8 +70,7 @@ class _PaddedEncoding:
         self.allowed = torch.zeros(batch_size, length, encoder.max_cache_len, dtype=torch.bool, device=device)
         self.last = torch.zeros(1, dtype=torch.long, device=device)
         self.encoder = encoder
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.step = StepFunction(self.run)
 
     def fill(self, input_ids: torch.LongTensor, allowed: torch.BoolTensor, position_ids: torch.LongTensor) -> None:
         """Copy the prompts in; padding queries see every position up to their own."""
@@ -89,23 +90,13 @@ class _PaddedEncoding:
         return self.encoder.encode(self.input_ids, self.allowed, self.position_ids, self.last)
 
     def capture(self) -> None:
-        """Warm up on a side stream, then record the encoding (running nothing) in a memory pool of its own."""
-        with torch.cuda.device(self.input_ids.device):
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(WARMUP_RUNS):
-                    self.run()
-            torch.cuda.current_stream().wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=torch.cuda.graph_pool_handle()):
-                self.outputs = self.run()
+        """Record the encoding (running nothing) after a few warm-up runs, in a memory pool of its own."""
 
-    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.graph is None:
-            return self.run()
-        self.graph.replay()
-        return self.outputs
+        def warm_up() -> None:
+            for _ in range(WARMUP_RUNS):
+                self.run()
+
+        capture_steps(self.input_ids.device, warm_up, [self.step])
 
 
 class PromptEncoder:
@@ -198,7 +189,7 @@ class PromptEncoder:
                 self.padded = False
                 return self.encode(input_ids, allowed, position_ids, 1)
         self.encodings[key] = encoding
-        logits, features = encoding()
+        logits, features = encoding.step()
         set_cache_length(self.target_cache, prompt_length)
         set_cache_length(self.head_cache, prompt_length - 1)
         # The next replay of this length overwrites the graph's logits; the call may keep them (`output_logits`).

@@ -15,9 +15,9 @@ called, which is how the CPU tests cover all of their logic. A call's prompts, w
 are encoded by `prompt_encoding.PromptEncoder`: padded to a few lengths, each captured once on CUDA.
 
 Captured as they are, the steps replay eager kernels: hundreds of small unfused launches per forward. With
-`eagle3_compile=True` each step function is first compiled whole by torch.compile (inductor, which fuses norms,
-rotary embeddings, MLPs and softmaxes into Triton kernels on CUDA and C++ on the CPU, and leaves CUDA graphs to the
-runner), warmed up, and the compiled function is captured instead. The feature hooks are traced into the verify
+`eagle3_compile=True` each step function is first compiled whole by torch.compile (`cuda_graphs.COMPILE_OPTIONS`:
+inductor, which fuses norms, rotary embeddings, MLPs and softmaxes into Triton kernels on CUDA and C++ on the CPU,
+and leaves CUDA graphs to the runner), warmed up, and the compiled function is captured instead. The feature hooks are traced into the verify
 graph: dynamo guards on them by position (their code, and that they close over the runner's `capture`), so the hooks
 a later call registers pass the guards and the compiled code works on that call's capture. A host read does not fail
 the trace: dynamo turns `int(tensor)` into a guard on the value, which recompiles whenever the value changes and, on
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -56,6 +55,7 @@ from transformers.utils import logging
 
 from .._compat import CACHE_NAME, cache_kwargs
 from .acceptance import StepResult, TreePath, greedy_path, sampled_path
+from .cuda_graphs import StepFunction, capture_steps
 from .draft_tree import DraftTree, additive_mask, grow_draft_tree
 from .kv_cache import keep_static_cache_positions, set_cache_length, static_cache_problem
 from .prompt_encoding import PromptEncoder
@@ -73,10 +73,6 @@ logger = logging.get_logger(__name__)
 # Cache lengths are rounded up to a multiple of this: later calls with a little more room reuse the runner, and the
 # masks' last dimension stays aligned for the fused attention kernels.
 CACHE_LENGTH_MULTIPLE = 256
-# How `eagle3_compile=True` compiles each step: whole (a graph break would put Python between kernels, and a host read
-# there would break capture), with the runner's fixed shapes (automatic dynamic shapes would only add guards), in
-# inductor's default mode, which captures no CUDA graphs of its own: the runner captures the compiled step.
-COMPILE_OPTIONS: dict[str, Any] = {"backend": "inductor", "fullgraph": True, "dynamic": False}
 # Where decoding keeps its runner on a head (as an attribute, so that it goes with the head).
 RUNNER_STATE_ATTRIBUTE = "_eagle3_static_tree"
 
@@ -152,44 +148,6 @@ class StaticTreeCaptureError(RuntimeError):
     """The static tree step could not be compiled or captured on this target; the dynamic path still decodes it."""
 
 
-def _compile_step(method: Callable[[], Any]) -> Callable[[], Any]:
-    """A runner's bound step function compiled with `COMPILE_OPTIONS`, from a copy of its code made for this runner.
-
-    Dynamo keeps compiled code and its guards per code object. With a copy each runner's entries are its own: runners
-    for other targets, tree shapes or cache lengths never add up to dynamo's recompile limit (which fails a fullgraph
-    function outright), and the entries go away with the runner.
-    """
-    function = method.__func__
-    code = function.__code__.replace()
-    copy = types.FunctionType(
-        code, function.__globals__, function.__name__, function.__defaults__, function.__closure__
-    )
-    return torch.compile(types.MethodType(copy, method.__self__), **COMPILE_OPTIONS)
-
-
-class StepFunction:
-    """A function of the runner's buffers: called (compiled or not), or replayed from the CUDA graph it was captured
-    into."""
-
-    def __init__(self, function: Callable[[], Any], compiled: bool):
-        self.function = _compile_step(function) if compiled else function
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.outputs: Any = None
-
-    def capture(self, pool: Any) -> None:
-        """Record the function (running nothing); its outputs become the tensors each replay refreshes."""
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.outputs = self.function()
-
-    def __call__(self) -> Any:
-        if self.graph is None:
-            self.outputs = self.function()
-        else:
-            self.graph.replay()
-        return self.outputs
-
-
 class GraphRunner:
     """What the static runners share: step functions of fixed shapes (`_steps`, in replay order) warmed up, then
     captured as CUDA graphs; bound to one `generate` call at a time (`begin`)."""
@@ -248,17 +206,8 @@ class GraphRunner:
 
     @torch.no_grad()
     def capture_graphs(self) -> None:
-        """Warm up on a side stream, then record the steps as CUDA graphs sharing one memory pool."""
-        with torch.cuda.device(self.length.device):
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self.warm_up()
-            torch.cuda.current_stream().wait_stream(stream)
-            pool = torch.cuda.graph_pool_handle()
-            for step in self._steps:
-                step.capture(pool)
-        # Capture runs nothing.
+        """Warm up, then record the steps as CUDA graphs sharing one memory pool (see `cuda_graphs.capture_steps`)."""
+        capture_steps(self.length.device, self.warm_up, self._steps)
 
 
 class StaticTreeRunner(GraphRunner):
@@ -505,16 +454,15 @@ class StaticTreeRunner(GraphRunner):
 
     def _build_sample_step(self, function: Callable[[], Any]) -> StepFunction:
         step = StepFunction(function, self.compiled)
+
+        def warm_up() -> None:
+            for _ in range(self._warmup_steps):
+                step()
+
         try:
             if self.length.device.type == "cuda":
-                with torch.cuda.device(self.length.device):
-                    stream = torch.cuda.Stream()
-                    stream.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(stream):
-                        for _ in range(self._warmup_steps):
-                            step()
-                    torch.cuda.current_stream().wait_stream(stream)
-                    step.capture(torch.cuda.graph_pool_handle())
+                # A pool of its own: greedy steps never replay it.
+                capture_steps(self.length.device, warm_up, [step])
             elif self.compiled:
                 step()  # compile now, so that a failure falls back here
         except RuntimeError as error:
@@ -700,7 +648,6 @@ __all__ = [
     "GraphRunner",
     "StaticTreeCaptureError",
     "StaticTreeRunner",
-    "StepFunction",
     "bound_runner",
     "cached_runner",
     "runner_cache_length",
