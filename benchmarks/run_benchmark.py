@@ -616,6 +616,21 @@ def run_batches(target, tokenizer, head, method: Method, batches: list[list[str]
     }
 
 
+def call_timing(result: dict, calls: int, uses_head: bool) -> dict:
+    """Where the head's `calls` spent their time (`run_batches`' result): milliseconds per call in each phase and
+    outside every phase, steps per call, milliseconds per step in draft, verify and accept; None without a head."""
+    phases, steps = result["phase_seconds"], result["batch_steps"]
+    step_seconds = sum(phases.get(phase, 0.0) for phase in ("draft", "verify", "accept"))
+    return {
+        "phase_ms_per_call": {phase: round(1000 * seconds / calls, 3) for phase, seconds in phases.items()},
+        "outside_phases_ms_per_call": round(1000 * (result["seconds"] - sum(phases.values())) / calls, 3)
+        if phases
+        else None,
+        "steps_per_call": round(steps / calls, 2) if uses_head else None,
+        "step_ms": round(1000 * step_seconds / steps, 3) if steps else None,
+    }
+
+
 def measure_batch(args: argparse.Namespace) -> dict:
     """Greedy tokens/s of each method at each batch size; every row of a batch is a prompt of the task, cycled."""
     from hf_eagle3 import Eagle3DraftModel
@@ -689,24 +704,7 @@ def measure_batch(args: argparse.Namespace) -> dict:
                 "tree_shapes": result["tree_shapes"],
                 "warmup_s": round(warmup_s, 3),
                 "recompilations": result["recompilations"],
-                # Per call: milliseconds in each phase and outside them; per step: milliseconds in the step phases.
-                "phase_ms_per_call": {
-                    phase: round(1000 * value / len(batches), 3) for phase, value in result["phase_seconds"].items()
-                },
-                "outside_phases_ms_per_call": round(
-                    1000 * (result["seconds"] - sum(result["phase_seconds"].values())) / len(batches), 3
-                )
-                if result["phase_seconds"]
-                else None,
-                "steps_per_call": round(result["batch_steps"] / len(batches), 2) if method.uses_head else None,
-                "step_ms": round(
-                    1000
-                    * sum(result["phase_seconds"].get(phase, 0.0) for phase in ("draft", "verify", "accept"))
-                    / result["batch_steps"],
-                    3,
-                )
-                if result["batch_steps"]
-                else None,
+                **call_timing(result, len(batches), method.uses_head),
                 "generate_kwargs": method.generate_kwargs,
             }
             _progress(
