@@ -16,12 +16,13 @@ are encoded by `prompt_encoding.PromptEncoder`: padded to a few lengths, each ca
 
 Captured as they are, the steps replay eager kernels: hundreds of small unfused launches per forward. With
 `eagle3_compile=True` each step function is first compiled whole by torch.compile (`cuda_graphs.COMPILE_OPTIONS`:
-inductor, which fuses norms, rotary embeddings, MLPs and softmaxes into Triton kernels on CUDA and C++ on the CPU,
-and leaves CUDA graphs to the runner), warmed up, and the compiled function is captured instead. The feature hooks are traced into the verify
-graph: dynamo guards on them by position (their code, and that they close over the runner's `capture`), so the hooks
-a later call registers pass the guards and the compiled code works on that call's capture. A host read does not fail
-the trace: dynamo turns `int(tensor)` into a guard on the value, which recompiles whenever the value changes and, on
-CUDA, reads the device during capture. The CPU tests check that calls after the first compile nothing.
+inductor, which fuses norms, rotary embeddings, MLPs and softmaxes into Triton kernels on CUDA and C++ on the CPU, and
+leaves CUDA graphs to the runner), warmed up, and the compiled function is captured instead. The feature hooks are
+traced into the verify graph: dynamo guards on them by position (their code, and that they close over the runner's
+`capture`), so the hooks a later call registers pass the guards and the compiled code works on that call's capture. A
+host read does not fail the trace: dynamo turns `int(tensor)` into a guard on the value, which recompiles whenever the
+value changes and, on CUDA, reads the device during capture. The CPU tests check that calls after the first compile
+nothing.
 
 What must hold for capture (the CUDA tests check it; nothing here enforces it):
 - the step functions read nothing on the host: no `.item()`, `.tolist()`, `bool(tensor)`, Python branches on
