@@ -735,8 +735,8 @@ def batch_markdown_table(payload: dict) -> str:
         "(total tokens/depth/top-k per row, or no drafts); warm-up = the untimed call before timing (compilation, "
         "graph capture, measuring the automatic tree), seconds; recompiled = graphs torch.compile compiled inside "
         "the timed calls; steps = the head's batch steps per call; step = milliseconds per step in draft, verify and "
-        "accept (GPU time on CUDA); outside = milliseconds per call outside every phase (setup, prefill, draft, verify, accept): "
-        "generate's own work around the loop.",
+        "accept (GPU time on CUDA); outside = milliseconds per call outside every phase (setup, prefill, draft, "
+        "verify, accept): generate's own work around the loop.",
         "",
         "| batch | method | rows | tokens/s | speedup | tau per row | tree | identical | prefix | warm-up | recompiled "
         "| steps | step ms | prefill ms | outside ms |",

@@ -1,6 +1,6 @@
-"""Training data for EAGLE-3 heads: chat tokenisation with assistant-only loss masks, target-written
-answers and prompts, long-prompt conversations over documents, and the draft vocabulary. Heavy optional imports (`datasets`, `trl`) stay inside
-the functions that use them."""
+"""Training data for EAGLE-3 heads: chat tokenisation with assistant-only loss masks, target-written answers and
+prompts, long-prompt conversations over documents, and the draft vocabulary. Heavy optional imports (`datasets`, `trl`)
+stay inside the functions that use them."""
 
 from .chat import (
     get_assistant_mask_template,

@@ -2,13 +2,13 @@
 
 A batch verifies every row's tree in one target forward over batch x nodes tokens: where one prompt verifies hundreds
 of nodes about as fast as one, a batch of 32 may not, and on a small CPU no tree may pay at all. What a step emits per
-row does not depend on the batch (each row accepts exactly what it would alone), so the acceptance (tau) of every
-shape of the batch grid, greedy or under the call's sampling (`tree_shape.acceptance_rule`), is measured once per
-device, target, head, dtype and acceptance rule (`tree_shape.calibrate_acceptance`, on the same requests as a single
-prompt's, see `calibration`) and kept for every batch size. What depends on the batch is the step time: it is measured once per batch
-size and path, by short greedy decodes of the call's batch with a few shapes (`tree_shape.step_times`, fitted by
-`tree_shape.StepTimeModel`), and shared by every acceptance rule as for one prompt. The batch decodes with the shape
-of most expected tokens/s per row, tau / step seconds.
+row does not depend on the batch (each row accepts exactly what it would alone), so the acceptance (tau) of every shape
+of the batch grid, greedy or under the call's sampling (`tree_shape.acceptance_rule`), is measured once per device,
+target, head, dtype and acceptance rule (`tree_shape.calibrate_acceptance`, on the same requests as a single prompt's,
+see `calibration`) and kept for every batch size. What depends on the batch is the step time: it is measured once per
+batch size and path, by short greedy decodes of the call's batch with a few shapes (`tree_shape.step_times`, fitted by
+`tree_shape.StepTimeModel`), and shared by every acceptance rule as for one prompt. The batch decodes with the shape of
+most expected tokens/s per row, tau / step seconds.
 
 The target decoding alone is timed on the same batch and path, once per batch size and path too: as `generate`
 decodes it without an assistant (`plain_decoding`), transformers' static-cache generate on the static path (compiled

@@ -20,8 +20,8 @@ Why hooks and not a public seam: transformers picks the decoding method and the 
 call, and it hands the callable neither `assistant_model` nor `streamer`; chain mode reuses `_assisted_decoding`, which
 asks `_get_candidate_generator` for its generator. Each hook calls transformers' method unchanged unless the assistant
 is an `Eagle3DraftModel` (or, for the first, `eagle3_*` kwargs are present). The first name used from `hf_eagle3`
-installs them (`enable_eagle3_generation`); `disable_eagle3_generation()` puts transformers' methods back but for a guard that
-refuses an EAGLE-3 assistant by name and says how to turn the hooks on again.
+installs them (`enable_eagle3_generation`); `disable_eagle3_generation()` puts transformers' methods back but for a
+guard that refuses an EAGLE-3 assistant by name and says how to turn the hooks on again.
 """
 
 from __future__ import annotations

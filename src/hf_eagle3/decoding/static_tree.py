@@ -1,18 +1,19 @@
 """Static-shape tree decoding: the EAGLE-3 tree step on preallocated caches, replayed as CUDA graphs.
 
-In eager mode a small target's forward costs about the same for 1 or 128 tokens (kernel launches and Python
-dominate), and so does each head forward. With the tree shape fixed, every tensor of a step can have a fixed shape: both KV caches are static (`max_cache_len` positions, their lengths in device tensors that
-`StaticLayer.update` writes at), the masks span every position, and whatever varies from step to step (the length,
-the tokens accepted) is a device scalar. A step is then three functions on fixed buffers, each captured once as a
-CUDA graph and replayed: `_draft` (the head encodes the tokens emitted last step, then grows the tree), `_verify`
-(the target over the tree, and greedy acceptance on the device) and `_commit` (keep the accepted path in the target
-cache, prepare the next head input). A greedy step reads the device once. A sampled one too: a fourth step function
-processes the verified tree's logits with the call's processors and warpers and draws the path (`_process_and_sample`,
-built by the first sampled step for the processors' settings, in a memory pool of its own since greedy steps skip it;
-random draws replay from the default generator's graph-safe philox state). Processors that read the sequence or the
-host run eagerly before the step instead, which then only draws (`_sample`). Off CUDA the same functions are simply
-called, which is how the CPU tests cover all of their logic. A call's prompts, whose length changes from call to call,
-are encoded by `prompt_encoding.PromptEncoder`: padded to a few lengths, each captured once on CUDA.
+In eager mode a small target's forward costs about the same for 1 or 128 tokens (kernel launches and Python dominate),
+and so does each head forward. With the tree shape fixed, every tensor of a step can have a fixed shape: both KV caches
+are static (`max_cache_len` positions, their lengths in device tensors that `StaticLayer.update` writes at), the masks
+span every position, and whatever varies from step to step (the length, the tokens accepted) is a device scalar. A step
+is then three functions on fixed buffers, each captured once as a CUDA graph and replayed: `_draft` (the head encodes
+the tokens emitted last step, then grows the tree), `_verify` (the target over the tree, and greedy acceptance on the
+device) and `_commit` (keep the accepted path in the target cache, prepare the next head input). A greedy step reads
+the device once. A sampled one too: a fourth step function processes the verified tree's logits with the call's
+processors and warpers and draws the path (`_process_and_sample`, built by the first sampled step for the processors'
+settings, in a memory pool of its own since greedy steps skip it; random draws replay from the default generator's
+graph-safe philox state). Processors that read the sequence or the host run eagerly before the step instead, which then
+only draws (`_sample`). Off CUDA the same functions are simply called, which is how the CPU tests cover all of their
+logic. A call's prompts, whose length changes from call to call, are encoded by `prompt_encoding.PromptEncoder`: padded
+to a few lengths, each captured once on CUDA.
 
 Captured as they are, the steps replay eager kernels: hundreds of small unfused launches per forward. With
 `eagle3_compile=True` each step function is first compiled whole by torch.compile (`cuda_graphs.COMPILE_OPTIONS`:

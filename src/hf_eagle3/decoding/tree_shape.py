@@ -583,8 +583,8 @@ def timings_of_record(record: dict[str, Any]) -> list[StepTiming]:
 def read_cached_record(
     key: dict[str, Any], check: Callable[[dict[str, Any]], Any] = lambda record: check_shape(record["shape"])
 ) -> dict[str, Any] | None:
-    """The record stored for `key` (checked by `check`: by default its `shape`; `timings_of_record` for a `step_times_key`), or None when there is none; an
-    unreadable file is reported and ignored."""
+    """The record stored for `key` (checked by `check`: by default its `shape`; `timings_of_record` for a
+    `step_times_key`), or None when there is none; an unreadable file is reported and ignored."""
     path = cache_file(key)
     if not path.is_file():
         return None
