@@ -618,7 +618,8 @@ def run_batches(target, tokenizer, head, method: Method, batches: list[list[str]
 
 def call_timing(result: dict, calls: int, uses_head: bool) -> dict:
     """Where the head's `calls` spent their time (`run_batches`' result): milliseconds per call in each phase and
-    outside every phase, steps per call, milliseconds per step in draft, verify and accept; None without a head."""
+    outside every phase, steps per call, milliseconds per step in draft, verify and accept; without a head no phases
+    and None for the rest."""
     phases, steps = result["phase_seconds"], result["batch_steps"]
     step_seconds = sum(phases.get(phase, 0.0) for phase in ("draft", "verify", "accept"))
     return {

@@ -18,6 +18,8 @@ import torch
 # there would break capture), with the runner's fixed shapes (automatic dynamic shapes would only add guards), in
 # inductor's default mode, which captures no CUDA graphs of its own: the runner captures the compiled step.
 COMPILE_OPTIONS: dict[str, Any] = {"backend": "inductor", "fullgraph": True, "dynamic": False}
+# Runs of each function before it is captured: compilation, lazy initialisations and library workspaces happen there.
+WARMUP_RUNS = 2
 
 
 def _compile_step(method: Callable[[], Any]) -> Callable[[], Any]:
@@ -58,19 +60,30 @@ class StepFunction:
         return self.outputs
 
 
-def capture_steps(device: torch.device, warm_up: Callable[[], None], steps: Sequence[StepFunction]) -> None:
-    """Run `warm_up` on a side stream (compilation, lazy initialisations and library workspaces stay out of the
-    graphs, as torch.cuda.graph requires), then record `steps`, in replay order, as CUDA graphs sharing one new memory
-    pool."""
+def warm_up_steps(steps: Sequence[StepFunction]) -> None:
+    """Run `steps`, in order, `WARMUP_RUNS` times."""
+    for _ in range(WARMUP_RUNS):
+        for step in steps:
+            step()
+
+
+def capture_steps(
+    device: torch.device, steps: Sequence[StepFunction], prepare: Callable[[], None] | None = None
+) -> None:
+    """On a side stream, `prepare` the buffers (when given) and warm `steps` up (`warm_up_steps`: compilation, lazy
+    initialisations and library workspaces stay out of the graphs, as torch.cuda.graph requires); then record `steps`,
+    in replay order, as CUDA graphs sharing one new memory pool."""
     with torch.cuda.device(device):
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            warm_up()
+            if prepare is not None:
+                prepare()
+            warm_up_steps(steps)
         torch.cuda.current_stream().wait_stream(stream)
         pool = torch.cuda.graph_pool_handle()
         for step in steps:
             step.capture(pool)
 
 
-__all__ = ["COMPILE_OPTIONS", "StepFunction", "capture_steps"]
+__all__ = ["COMPILE_OPTIONS", "WARMUP_RUNS", "StepFunction", "capture_steps", "warm_up_steps"]

@@ -41,8 +41,6 @@ if TYPE_CHECKING:
 logger = logging.get_logger(__name__)
 
 MIN_PADDED_LENGTH = 64
-# Untimed runs before a padded length is captured: lazy initialisations and library workspaces.
-WARMUP_RUNS = 2
 
 
 def padded_length(length: int, max_cache_len: int) -> int:
@@ -91,12 +89,7 @@ class _PaddedEncoding:
 
     def capture(self) -> None:
         """Record the encoding (running nothing) after a few warm-up runs, in a memory pool of its own."""
-
-        def warm_up() -> None:
-            for _ in range(WARMUP_RUNS):
-                self.run()
-
-        capture_steps(self.input_ids.device, warm_up, [self.step])
+        capture_steps(self.input_ids.device, [self.step])
 
 
 class PromptEncoder:

@@ -57,7 +57,7 @@ from transformers.utils import logging
 
 from .._compat import CACHE_NAME, cache_kwargs
 from .acceptance import StepResult, TreePath, greedy_path, sampled_path
-from .cuda_graphs import StepFunction, capture_steps
+from .cuda_graphs import StepFunction, capture_steps, warm_up_steps
 from .draft_tree import DraftTree, additive_mask, grow_draft_tree
 from .kv_cache import keep_static_cache_positions, set_cache_length, static_cache_problem
 from .prompt_encoding import PromptEncoder
@@ -154,7 +154,6 @@ class GraphRunner:
     """What the static runners share: step functions of fixed shapes (`_steps`, in replay order) warmed up, then
     captured as CUDA graphs; bound to one `generate` call at a time (`begin`)."""
 
-    _warmup_steps = 2
     key: tuple
     model: PreTrainedModel
     draft_model: Eagle3DraftModel
@@ -202,14 +201,12 @@ class GraphRunner:
         """Run a few steps from a valid state: compilation, lazy initialisations, library workspaces. Within a call
         (see `begin`)."""
         self._warm_up_state()
-        for _ in range(self._warmup_steps):
-            for step in self._steps:
-                step()
+        warm_up_steps(self._steps)
 
     @torch.no_grad()
     def capture_graphs(self) -> None:
         """Warm up, then record the steps as CUDA graphs sharing one memory pool (see `cuda_graphs.capture_steps`)."""
-        capture_steps(self.length.device, self.warm_up, self._steps)
+        capture_steps(self.length.device, self._steps, prepare=self._warm_up_state)
 
 
 class StaticTreeRunner(GraphRunner):
@@ -456,15 +453,10 @@ class StaticTreeRunner(GraphRunner):
 
     def _build_sample_step(self, function: Callable[[], Any]) -> StepFunction:
         step = StepFunction(function, self.compiled)
-
-        def warm_up() -> None:
-            for _ in range(self._warmup_steps):
-                step()
-
         try:
             if self.length.device.type == "cuda":
                 # A pool of its own: greedy steps never replay it.
-                capture_steps(self.length.device, warm_up, [step])
+                capture_steps(self.length.device, [step])
             elif self.compiled:
                 step()  # compile now, so that a failure falls back here
         except RuntimeError as error:
